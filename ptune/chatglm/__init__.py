@@ -1,0 +1,1 @@
+"""ChatGLM2-6B / ChatGLM3-6B support."""
