@@ -1,0 +1,200 @@
+"""Prefix checkpoints on disk: written atomically, self-describing, verified when read.
+
+A checkpoint folder `checkpoint-N/` holds
+  prefix.safetensors      the prefix encoder's weights (all a user needs to ship)
+  prefix_config.json      the prefix spec, the base model it was trained on, the prompt template, the step
+  trainer_state.json      step, data position and anything else needed to resume
+  optimizer.safetensors   optimizer moments (resume only)
+  manifest.json           SHA-256 and size of every file above; written last, so its presence marks a
+                          complete checkpoint
+It is built in a hidden temporary folder, flushed, and renamed into place, so a crash mid-save leaves
+the previous checkpoint untouched and nothing half-written that `latest` or a sweep could pick.
+Only safetensors and JSON are written; nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+PREFIX_FILE = "prefix.safetensors"
+CONFIG_FILE = "prefix_config.json"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete, corrupt, or does not fit what it is loaded into."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def optimizer_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split a torch optimizer state dict into named tensors (safetensors) and plain JSON."""
+    tensors, scalars = {}, {}
+    for pid, slots in state["state"].items():
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, prefix_state: dict[str, torch.Tensor], prefix_config: dict,
+                    trainer_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write `run_dir/checkpoint-<step>` atomically and return its path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"checkpoint-{step}"
+    tmp = run_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in prefix_state.items()}, tmp / PREFIX_FILE,
+              metadata={"format": "ptune-prefix"})
+    _write_json(tmp / CONFIG_FILE, {**prefix_config, "step": step, "format_version": FORMAT_VERSION})
+    if trainer_state is not None:
+        state = dict(trainer_state)
+        if optimizer_state is not None:
+            tensors, meta = optimizer_to_tensors(optimizer_state)
+            save_file(tensors, tmp / OPTIMIZER_FILE)
+            state["optimizer"] = meta
+        _write_json(tmp / STATE_FILE, {**state, "step": step})
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        _fsync(tmp / name)
+    _write_json(tmp / MANIFEST_FILE, {
+        name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files
+    })
+    _fsync(tmp / MANIFEST_FILE)
+    if final.exists():
+        # Re-saving a step (e.g. after a resume): move the old one aside first so a crash between the two
+        # renames still leaves one complete copy.
+        old = run_dir / f".checkpoint-{step}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync(run_dir)
+    return final
+
+
+def is_complete(ckpt: Path) -> bool:
+    return (ckpt / MANIFEST_FILE).is_file() and (ckpt / PREFIX_FILE).is_file() and (ckpt / CONFIG_FILE).is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete `checkpoint-N` folders of a run, oldest first; temporary and partial ones are ignored."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name)) and is_complete(p)]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints; returns what was removed."""
+    found = list_checkpoints(run_dir)
+    doomed = found[:-keep_last] if keep_last > 0 else []
+    for p in doomed:
+        shutil.rmtree(p)
+    return doomed
+
+
+def verify(ckpt: str | Path, files: list[str] | None = None) -> None:
+    """Check the listed files (default: all) against the manifest's sizes and SHA-256."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint not found: {ckpt}")
+    manifest_path = ckpt / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{ckpt} is not a complete ptune checkpoint (no {MANIFEST_FILE}); it may be a save "
+                              "that was interrupted")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    for name in files or sorted(manifest):
+        entry = manifest.get(name)
+        path = ckpt / name
+        if entry is None:
+            raise CheckpointError(f"{path}: not listed in {manifest_path}")
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {manifest_path})")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"{path}: {size} bytes, manifest says {entry['bytes']}; the file is truncated or "
+                                  "was changed")
+        actual = _sha256(path)
+        if actual != entry["sha256"]:
+            raise CheckpointError(f"{path}: SHA-256 {actual} does not match the manifest's {entry['sha256']}")
+
+
+def read_prefix_config(ckpt: str | Path) -> dict:
+    path = Path(ckpt) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; is {ckpt} a ptune checkpoint?")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_prefix_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    ckpt = Path(ckpt)
+    verify(ckpt, [PREFIX_FILE, CONFIG_FILE])
+    try:
+        return load_file(ckpt / PREFIX_FILE)
+    except SafetensorError as e:
+        raise CheckpointError(f"{ckpt / PREFIX_FILE}: unreadable safetensors file ({e})") from None
+
+
+def load_trainer_state(ckpt: str | Path) -> tuple[dict, dict | None]:
+    """The resumable state and the optimizer state dict (None if the checkpoint has none)."""
+    ckpt = Path(ckpt)
+    verify(ckpt)
+    path = ckpt / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} holds no training state ({STATE_FILE}); it can be evaluated but not resumed")
+    state = json.loads(path.read_text(encoding="utf-8"))
+    meta = state.pop("optimizer", None)
+    if meta is None:
+        return state, None
+    return state, optimizer_from_tensors(load_file(ckpt / OPTIMIZER_FILE), meta)

@@ -1,0 +1,243 @@
+"""Rows in, token ids and loss labels out: read, validate, build prompts, tokenize, mask, batch.
+
+Files are read and checked here line by line (rather than handed straight to a JSON parser) so that a
+bad row is reported as `file:line` with what is wrong; the validated rows then become a `datasets`
+table for tokenization.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+class DataError(ValueError):
+    """A data file that cannot be used, with the place and the reason."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    prompt: str
+    response: str
+    history: str | None = None
+
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        # utf-8-sig drops a byte-order mark that Windows editors like to add.
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file as UTF-8") from None
+
+
+def read_rows(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs from a JSON-lines file or a JSON array file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    text = _decode(path)
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        # A JSON array gives no per-row line numbers; report the row's position instead.
+        numbered = list(enumerate(rows, start=1))
+    else:
+        numbered = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    for lineno, row in numbered:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object per row, got {type(row).__name__}")
+    if not numbered:
+        raise DataError(f"{path}: no rows")
+    return numbered
+
+
+def _check_history(value, where: str) -> list[tuple[str, str]]:
+    if value is None:
+        return []
+    ok = isinstance(value, list) and all(
+        isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in value
+    )
+    if not ok:
+        raise DataError(f"{where}: history must be a list of [question, answer] string pairs")
+    return [tuple(turn) for turn in value]
+
+
+def load_examples(path: str | Path, columns: Columns) -> Dataset:
+    """Validated rows as a table of prompt / response / history; rows with an empty side are skipped."""
+    numbered = read_rows(path)
+    present = sorted({k for _, row in numbered for k in row})
+    required = [columns.prompt, columns.response] + ([columns.history] if columns.history else [])
+    for name in required:
+        if name != columns.history and all(name not in row for _, row in numbered):
+            raise DataError(f"{path}: column {name!r} not found; columns present: {present}")
+    prompts, responses, histories, skipped = [], [], [], 0
+    for lineno, row in numbered:
+        where = f"{path}:{lineno}"
+        for name in (columns.prompt, columns.response):
+            if name not in row:
+                raise DataError(f"{where}: missing column {name!r}; this row has {sorted(row)}")
+            if row[name] is not None and not isinstance(row[name], str):
+                raise DataError(f"{where}: column {name!r} must be a string, got {type(row[name]).__name__}")
+        prompt, response = row[columns.prompt], row[columns.response]
+        history = _check_history(row.get(columns.history), where) if columns.history else []
+        if not prompt or not prompt.strip() or not response or not response.strip():
+            skipped += 1
+            continue
+        prompts.append(prompt)
+        responses.append(response)
+        histories.append([list(t) for t in history])
+    if skipped:
+        log.warning("%s: skipped %d of %d rows with an empty prompt or response", path, skipped, len(numbered))
+    if not prompts:
+        raise DataError(f"{path}: every row has an empty prompt or response")
+    return Dataset.from_dict({"prompt": prompts, "response": responses, "history": histories})
+
+
+def chatglm2_prompt(query: str, history) -> str:
+    """ChatGLM2's round format: earlier turns, then the open question."""
+    text = ""
+    for i, (q, a) in enumerate(history, start=1):
+        text += f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n"
+    return text + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
+
+
+def prompt_ids(tokenizer, query: str, history, template: str) -> list[int]:
+    """Token ids of the prompt, special tokens included, ready for the response to follow."""
+    if template == "chatglm2":
+        return tokenizer.encode(chatglm2_prompt(query, history), add_special_tokens=True)
+    if template == "chat_template":
+        messages = []
+        for q, a in history:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": query})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    if template == "plain":
+        context = "".join(f"{q}\n{a}\n" for q, a in history)
+        return tokenizer.encode(context + query, add_special_tokens=True)
+    raise ValueError(f"unknown prompt template {template!r}; expected chatglm2, chat_template or plain")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    template: str
+    max_source_length: int
+    max_target_length: int
+    truncate_source_from: str = "right"
+
+
+def encode_example(tokenizer, enc: Encoding, prompt: str, response: str, history) -> dict:
+    """input_ids = prompt + response + EOS, labels = -100 over the prompt."""
+    source = prompt_ids(tokenizer, prompt, history, enc.template)
+    if len(source) > enc.max_source_length:
+        keep = enc.max_source_length
+        source = source[:keep] if enc.truncate_source_from == "right" else source[-keep:]
+    target = tokenizer.encode(response, add_special_tokens=False)[: enc.max_target_length]
+    target = target + [tokenizer.eos_token_id]
+    return {"input_ids": source + target, "labels": [IGNORE] * len(source) + target}
+
+
+def tokenize(dataset: Dataset, tokenizer, enc: Encoding) -> Dataset:
+    def fn(batch):
+        out = {"input_ids": [], "labels": []}
+        for p, r, h in zip(batch["prompt"], batch["response"], batch["history"]):
+            row = encode_example(tokenizer, enc, p, r, h)
+            out["input_ids"].append(row["input_ids"])
+            out["labels"].append(row["labels"])
+        return out
+
+    return dataset.map(fn, batched=True, remove_columns=dataset.column_names, desc="tokenize")
+
+
+def collate(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad a training batch to its own longest row (rounded up to a multiple, for tensor cores)."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad prompts for generation so every row's next token sits in the last column."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, longest - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+class BatchPlan:
+    """Which rows make up each optimizer step, as a pure function of (seed, step).
+
+    The order is an endless stream of seeded epoch permutations, so resuming at step N needs nothing
+    but N; each global batch is split into micro-batches per rank and per accumulation step. Sorting a
+    global batch by length before splitting it changes nothing mathematically (the loss is normalised
+    by the global batch's target tokens) but removes most of the padding.
+    """
+
+    def __init__(self, lengths: list[int], num_target_tokens: list[int], micro_batch: int, accumulation: int,
+                 world_size: int, seed: int, sort_by_length: bool = True):
+        self.lengths = lengths
+        self.targets = num_target_tokens
+        self.micro_batch = micro_batch
+        self.accumulation = accumulation
+        self.world_size = world_size
+        self.seed = seed
+        self.sort_by_length = sort_by_length
+        self.global_batch = micro_batch * accumulation * world_size
+        self._epochs: dict[int, list[int]] = {}
+
+    def _epoch(self, epoch: int) -> list[int]:
+        if epoch not in self._epochs:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            # A global batch spans at most two epochs; older permutations are never asked for again.
+            self._epochs = {e: p for e, p in self._epochs.items() if e == epoch - 1}
+            self._epochs[epoch] = torch.randperm(len(self.lengths), generator=g).tolist()
+        return self._epochs[epoch]
+
+    def global_rows(self, step: int) -> list[int]:
+        n = len(self.lengths)
+        start = step * self.global_batch
+        rows = [self._epoch((start + i) // n)[(start + i) % n] for i in range(self.global_batch)]
+        if self.sort_by_length:
+            rows.sort(key=lambda r: self.lengths[r])
+        return rows
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """This rank's micro-batches for one optimizer step."""
+        rows = self.global_rows(step)
+        chunks = [rows[i:i + self.micro_batch] for i in range(0, len(rows), self.micro_batch)]
+        # Interleave ranks over the length-sorted chunks so every rank gets a similar amount of work.
+        return chunks[rank::self.world_size]
+
+    def target_tokens(self, step: int) -> int:
+        # Every target token counts once, shifted: labels[1:] of each row are the predicted positions.
+        return sum(self.targets[r] for r in self.global_rows(step))

@@ -1,0 +1,64 @@
+"""Batched generation with a prefix: left-padded prompts, KV cache, per-row stop at EOS.
+
+transformers' `generate` refuses forward keyword arguments it does not know, and the prefix travels
+as one; this loop is small enough to own, and it computes the prefix keys/values once per batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from ptune.prefix import PREFIX_KWARG, PrefixLM, position_ids_from_mask
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
+    probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest set of tokens whose mass reaches top_p (the first token always stays).
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        choice = torch.multinomial(sorted_p, 1, generator=generator)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+             eos_token_ids: list[int], pad_token_id: int, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, generator: torch.Generator | None = None, on_token=None) -> torch.Tensor:
+    """New tokens `(B, n)` for left-padded prompts; rows that finished are filled with `pad_token_id`.
+
+    `model` is a PrefixLM or a bare transformers model. `on_token(tokens)` is called with each new
+    column, for streaming.
+    """
+    base = model.base if isinstance(model, PrefixLM) else model
+    extra = {PREFIX_KWARG: model.prefix(1)} if isinstance(model, PrefixLM) else {}
+    cache = DynamicCache(config=base.config)
+    eos = torch.tensor(eos_token_ids, device=input_ids.device)
+    mask = attention_mask
+    positions = position_ids_from_mask(mask)
+    step_ids = input_ids
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    out = []
+    for _ in range(max_new_tokens):
+        logits = base(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                      use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
+        if do_sample:
+            token = _sample(logits, temperature, top_p, generator)
+        else:
+            token = logits.argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        done |= torch.isin(token, eos)
+        if bool(done.all()):
+            break
+        step_ids = token.unsqueeze(1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+    if not out:
+        return input_ids.new_zeros((input_ids.shape[0], 0))
+    return torch.stack(out, dim=1)

@@ -1,0 +1,71 @@
+"""Console logging, the JSON-lines metrics log and TensorBoard, for rank 0 of a run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+def setup_logging(log_file: Path | None = None, main_process: bool = True) -> None:
+    """Plain console logging (warnings only on other ranks) plus an optional log file."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fmt = logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    root.setLevel(logging.INFO if main_process else logging.WARNING)
+    if log_file is not None and main_process:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    for noisy in ("httpx", "urllib3", "datasets", "jieba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to `train_log.jsonl` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int = 0):
+        self.path = run_dir / "train_log.jsonl"
+        if self.path.exists():
+            # Entries past the checkpoint we resume from were made by the interrupted run and will be
+            # logged again; keep the file a single, consistent history.
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logging.getLogger(__name__).warning("tensorboard is not installed; logging to %s only", self.path)
+            else:
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

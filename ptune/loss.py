@@ -1,0 +1,48 @@
+"""Next-token cross-entropy over the response tokens, without materialising logits for the whole batch.
+
+Only positions that predict a labelled token are projected onto the vocabulary, in chunks, and each
+chunk is recomputed in the backward pass; peak memory is one chunk of fp32 logits instead of
+batch x length x vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ptune.data import IGNORE
+
+
+def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None):
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_size: int = 1024,
+                softcap: float | None = None) -> tuple[torch.Tensor, int]:
+    """(sum of token losses, number of tokens) for hidden states `(B, T, H)` and labels `(B, T)`.
+
+    Position t predicts label t+1. The caller divides by the token count of the whole global batch, so
+    micro-batches, accumulation steps and data-parallel ranks all weigh every token equally.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    h = hidden[:, :-1][keep]
+    y = targets[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, y.numel(), chunk_size):
+        hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            total = total + checkpoint(_chunk_loss, hc, yc, head, softcap, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(hc, yc, head, softcap)
+    return total, int(y.numel())
+
+
+def output_softcap(config) -> float | None:
+    """Final-logit soft-capping of Gemma-2-style models, which the output layer alone does not apply."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "final_logit_softcapping", None)

@@ -1,0 +1,159 @@
+"""Load a frozen base model and its tokenizer from a local folder, and put a prefix in front of it.
+
+`load_for_inference(checkpoint)` is the one way evaluate, sweep, chat and serve get a tuned model:
+base + prefix, checked against each other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ptune import checkpoint as ckpt_io
+from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec, attention_shape
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model folder that cannot be loaded, or a prefix that does not fit it."""
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on a GPU that has it, fp16 on an older GPU, fp32 on the CPU."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise ModelError(f"model.dtype={name!r}: expected auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def _is_chatglm(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    return json.loads(cfg.read_text(encoding="utf-8")).get("model_type") == "chatglm"
+
+
+def load_tokenizer(path: str | Path):
+    path = Path(path)
+    if (path / "tokenizer.model").is_file() and (_is_chatglm(path) or not (path / "tokenizer_config.json").is_file()):
+        from ptune.chatglm.tokenizer import load_tokenizer as load_chatglm_tokenizer
+
+        return load_chatglm_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.pad_token_id is None:
+        # Padding positions are masked out everywhere, so any id works; EOS is always in the vocabulary.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(model_cfg, device: torch.device | str = "cpu"):
+    """(model, tokenizer) from `model_cfg.path`, frozen, in eval mode, on `device`."""
+    device = torch.device(device)
+    path = Path(str(model_cfg.path)).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"model.path={path}: no such folder. Point model.path at a local model folder "
+                         "(config.json + weights + tokenizer); ptune downloads nothing at run time.")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.path={path}: no config.json in it; expected a transformers model folder")
+    dtype = resolve_dtype(str(model_cfg.dtype), device)
+    if _is_chatglm(path):
+        from ptune.chatglm.convert import load_chatglm
+
+        model = load_chatglm(path, dtype=dtype, device=device)
+        model.set_attn_implementation(model_cfg.attn_implementation)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=model_cfg.attn_implementation, local_files_only=True,
+                trust_remote_code=bool(model_cfg.trust_remote_code),
+            )
+        except (OSError, ValueError) as e:
+            raise ModelError(f"model.path={path}: could not load the model: {e}") from None
+        model.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    return model, load_tokenizer(path)
+
+
+def build_prefix(model, prefix_cfg) -> PrefixEncoder:
+    spec = PrefixSpec.for_model(model.config, int(prefix_cfg.length), bool(prefix_cfg.projection),
+                                prefix_cfg.projection_hidden_size)
+    return PrefixEncoder(spec, dropout=float(prefix_cfg.dropout))
+
+
+def base_identity(model, path) -> dict:
+    """What a checkpoint records about its base, to refuse a base it does not fit."""
+    cfg = model.config.get_text_config()
+    return {"path": str(path), "model_type": cfg.model_type, "vocab_size": cfg.vocab_size, **attention_shape(cfg)}
+
+
+def check_fits(prefix_config: dict, model, where: str) -> None:
+    """Raise naming both sides when a checkpoint's prefix does not fit the base model's attention layers."""
+    spec = prefix_config["prefix"]
+    have = attention_shape(model.config)
+    wanted = {k: spec[k] for k in ("num_layers", "num_kv_heads", "head_dim")}
+    mismatch = {k: (wanted[k], have[k]) for k in wanted if wanted[k] != have[k]}
+    if mismatch:
+        detail = ", ".join(f"{k}: checkpoint {a} vs base {b}" for k, (a, b) in mismatch.items())
+        trained_on = prefix_config.get("base", {}).get("path", "?")
+        raise ckpt_io.CheckpointError(f"{where}: prefix does not fit the base model ({detail}); it was trained on "
+                                      f"{trained_on}")
+    base = prefix_config.get("base", {})
+    if base.get("model_type") not in (None, model.config.get_text_config().model_type):
+        log.warning("%s was trained on a %s model, loading into a %s model of the same shape", where,
+                    base.get("model_type"), model.config.get_text_config().model_type)
+
+
+def attach_checkpoint(model, checkpoint, prefix_lm: PrefixLM | None = None) -> PrefixLM:
+    """A PrefixLM for `model` with the checkpoint's prefix; reuses `prefix_lm` when only weights change."""
+    checkpoint = Path(checkpoint)
+    config = ckpt_io.read_prefix_config(checkpoint)
+    check_fits(config, model, str(checkpoint))
+    spec = PrefixSpec(**config["prefix"])
+    weights = ckpt_io.load_prefix_weights(checkpoint)
+    if prefix_lm is None or prefix_lm.prefix.spec != spec:
+        prefix_lm = PrefixLM(model, PrefixEncoder(spec).to(next(model.parameters()).device))
+    expected = set(prefix_lm.prefix.state_dict())
+    if set(weights) != expected:
+        raise ckpt_io.CheckpointError(f"{checkpoint}: prefix tensors {sorted(weights)} do not match the prefix spec "
+                                      f"{sorted(expected)}")
+    for name, tensor in prefix_lm.prefix.state_dict().items():
+        if weights[name].shape != tensor.shape:
+            raise ckpt_io.CheckpointError(f"{checkpoint}: {name} has shape {tuple(weights[name].shape)}, the prefix "
+                                          f"spec needs {tuple(tensor.shape)}")
+    prefix_lm.prefix.load_state_dict(weights)
+    prefix_lm.eval()
+    return prefix_lm
+
+
+def load_for_inference(checkpoint, model_cfg=None, device="cpu"):
+    """(PrefixLM or bare base, tokenizer, prefix_config) for a checkpoint; `checkpoint=None` gives the base alone.
+
+    The base is the one the checkpoint records unless `model_cfg.path` names another.
+    """
+    config = ckpt_io.read_prefix_config(checkpoint) if checkpoint else None
+    if model_cfg is None or model_cfg.get("path") in (None, "", "???"):
+        if config is None:
+            raise ModelError("no checkpoint and no model.path: nothing to load")
+        from omegaconf import OmegaConf
+
+        model_cfg = OmegaConf.merge(OmegaConf.create(config["model"]), model_cfg or {})
+        model_cfg.path = config["base"]["path"]
+    model, tokenizer = load_base(model_cfg, device)
+    if checkpoint is None:
+        return model, tokenizer, None
+    return attach_checkpoint(model, checkpoint), tokenizer, config

@@ -1,0 +1,232 @@
+"""The P-Tuning v2 prefix: a trainable encoder and the way its keys/values reach every attention layer.
+
+The prefix never goes through the model's KV cache. transformers drops the cache under gradient
+checkpointing (and its rotary code would rotate cached prefix keys by real-token positions), which is
+why PEFT's prefix tuning breaks there. Instead every attention call of the base model goes through a
+thin wrapper, registered as an attention implementation, that prepends this layer's prefix keys and
+values *after* rotary embedding, so the prefix carries no position and real tokens start at 0, exactly
+as ChatGLM2's own P-tuning does. The per-layer tensors travel as a keyword argument of the model's
+forward, which transformers hands down to the attention function unchanged; gradient checkpointing
+(non-reentrant) recomputes through it like through any other input.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+PREFIX_KWARG = "ptune_prefix"
+_WRAPPED_PREFIX = "ptune_"
+
+
+@dataclass(frozen=True)
+class PrefixSpec:
+    """Everything needed to rebuild a prefix encoder and to check that it fits a base model."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    length: int
+    projection: bool = False
+    projection_hidden_size: int | None = None
+
+    @property
+    def kv_size(self) -> int:
+        # One virtual token's keys and values for all layers, laid out layer-major, then key/value,
+        # then head, then dim -- the layout ChatGLM2's own prefix encoder uses, so its checkpoints load.
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def for_model(cls, config, length: int, projection: bool = False, projection_hidden_size: int | None = None):
+        shape = attention_shape(config)
+        if projection and projection_hidden_size is None:
+            projection_hidden_size = shape["hidden_size"]
+        return cls(
+            num_layers=shape["num_layers"],
+            num_kv_heads=shape["num_kv_heads"],
+            head_dim=shape["head_dim"],
+            length=length,
+            projection=projection,
+            projection_hidden_size=projection_hidden_size if projection else None,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def attention_shape(config) -> dict:
+    """Layer count and key/value head shape of a transformers model config (multi-query, grouped or multi-head)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {
+        "num_layers": config.num_hidden_layers,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_size": config.hidden_size,
+    }
+
+
+class PrefixEncoder(nn.Module):
+    """`length` virtual tokens turned into per-layer keys and values.
+
+    Without projection the keys/values are the embedding itself; with projection a two-layer tanh MLP
+    maps the embedding to them (reparameterisation that makes optimisation steadier on small data).
+    Parameter names (`embedding.weight`, `trans.0.*`, `trans.2.*`) follow ChatGLM2's encoder so that its
+    checkpoints map onto this one by a name prefix.
+    """
+
+    def __init__(self, spec: PrefixSpec, dropout: float = 0.0):
+        super().__init__()
+        self.spec = spec
+        self.embedding = nn.Embedding(spec.length, spec.kv_size)
+        if spec.projection:
+            hidden = spec.projection_hidden_size
+            self.trans = nn.Sequential(nn.Linear(spec.kv_size, hidden), nn.Tanh(), nn.Linear(hidden, spec.kv_size))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, batch_size: int = 1) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Per layer `(key, value)`, each `(batch, kv_heads, length, head_dim)`.
+
+        Outside training the batch dimension is 1 and the attention wrapper broadcasts it, so one
+        encoder call serves any batch (beam search included). In training each row gets its own dropout
+        mask, as in the reference, so the batch is materialised.
+        """
+        s = self.spec
+        flat = self.embedding.weight
+        if s.projection:
+            flat = self.trans(flat)
+        rows = batch_size if (self.training and self.dropout.p > 0) else 1
+        flat = self.dropout(flat.unsqueeze(0).expand(rows, -1, -1))
+        kv = flat.view(rows, s.length, s.num_layers * 2, s.num_kv_heads, s.head_dim).permute(2, 0, 3, 1, 4)
+        return tuple((kv[2 * i], kv[2 * i + 1]) for i in range(s.num_layers))
+
+
+def _inner_attention(name: str, module: nn.Module):
+    if name == "eager":
+        # transformers keeps each family's eager attention in its modeling file, not in the registry.
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _prefixed_mask(mask, batch: int, q_len: int, kv_len: int, prefix_len: int, device) -> torch.Tensor:
+    """The attention mask with `prefix_len` always-visible columns in front.
+
+    A missing mask means "causal, no padding" (SDPA skips building it); the causal part is then aligned
+    bottom-right so it also holds when cached tokens precede the queries during generation.
+    """
+    if mask is None:
+        q = torch.arange(q_len, device=device).unsqueeze(1)
+        k = torch.arange(kv_len, device=device).unsqueeze(0)
+        mask = (k <= q + (kv_len - q_len)).view(1, 1, q_len, kv_len)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"prefix attention supports tensor masks only, got {type(mask).__name__}")
+    if mask.dtype == torch.bool:
+        visible = torch.ones((*mask.shape[:-1], prefix_len), dtype=torch.bool, device=mask.device)
+    else:  # additive float mask: 0 means visible
+        visible = torch.zeros((*mask.shape[:-1], prefix_len), dtype=mask.dtype, device=mask.device)
+    return torch.cat([visible, mask[..., :kv_len]], dim=-1)
+
+
+def _make_prefixed_attention(inner_name: str):
+    def prefixed_attention(module, query, key, value, attention_mask, **kwargs):
+        prefix = kwargs.pop(PREFIX_KWARG, None)
+        inner = _inner_attention(inner_name, module)
+        if prefix is None:
+            return inner(module, query, key, value, attention_mask, **kwargs)
+        layer = getattr(module, "layer_idx", None)
+        if layer is None:
+            raise RuntimeError(f"{type(module).__name__} has no layer_idx; ptune cannot route the prefix to it")
+        pk, pv = prefix[layer]
+        batch = key.shape[0]
+        pk = pk.to(key.dtype).expand(batch, -1, -1, -1)
+        pv = pv.to(value.dtype).expand(batch, -1, -1, -1)
+        mask = _prefixed_mask(attention_mask, batch, query.shape[2], key.shape[2], pk.shape[2], query.device)
+        kwargs.pop("is_causal", None)
+        return inner(module, query, torch.cat([pk, key], 2), torch.cat([pv, value], 2), mask, **kwargs)
+
+    return prefixed_attention
+
+
+def enable_prefix_attention(model) -> None:
+    """Route the model's attention through the prefix wrapper of its current implementation (idempotent)."""
+    current = model.config._attn_implementation or "eager"
+    if current.startswith(_WRAPPED_PREFIX):
+        return
+    if current not in ("eager", "sdpa"):
+        raise ValueError(f"prefix attention supports attn_implementation 'sdpa' or 'eager', not {current!r}")
+    name = _WRAPPED_PREFIX + current
+    ALL_ATTENTION_FUNCTIONS.register(name, _make_prefixed_attention(current))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
+    model.set_attn_implementation(name)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens from 0 whatever the padding side; padding gets position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class PrefixLM(nn.Module):
+    """A frozen base model with a trainable prefix in front of every attention layer."""
+
+    def __init__(self, base: nn.Module, prefix: PrefixEncoder):
+        super().__init__()
+        expected = PrefixSpec.for_model(base.config, prefix.spec.length)
+        if (expected.num_layers, expected.num_kv_heads, expected.head_dim) != (
+            prefix.spec.num_layers, prefix.spec.num_kv_heads, prefix.spec.head_dim
+        ):
+            raise ValueError(
+                f"prefix shape (layers={prefix.spec.num_layers}, kv_heads={prefix.spec.num_kv_heads}, "
+                f"head_dim={prefix.spec.head_dim}) does not fit the base model (layers={expected.num_layers}, "
+                f"kv_heads={expected.num_kv_heads}, head_dim={expected.head_dim})"
+            )
+        enable_prefix_attention(base)
+        base.requires_grad_(False)
+        self.base = base
+        self.prefix = prefix
+        self.train(False)
+
+    def train(self, mode: bool = True):
+        # The base stays in eval mode: its dropout would add noise to a frozen model for no gain.
+        self.training = mode
+        self.prefix.train(mode)
+        self.base.eval()
+        # transformers checkpoints a layer only while that layer is in training mode; flip just the layer
+        # wrappers so activation recomputation works while every dropout inside stays off.
+        if getattr(self.base, "is_gradient_checkpointing", False):
+            for m in self.base.modules():
+                if isinstance(m, GradientCheckpointingLayer):
+                    m.training = mode
+        return self
+
+    @property
+    def config(self):
+        return self.base.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        if position_ids is None and attention_mask is not None:
+            position_ids = position_ids_from_mask(attention_mask)
+        kwargs[PREFIX_KWARG] = self.prefix(input_ids.shape[0])
+        kwargs.setdefault("use_cache", False)
+        return self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+    def decoder(self, input_ids, attention_mask=None, position_ids=None):
+        """Last hidden states only, so the loss can apply the output layer in chunks."""
+        if position_ids is None and attention_mask is not None:
+            position_ids = position_ids_from_mask(attention_mask)
+        body = self.base.get_decoder()
+        out = body(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **{PREFIX_KWARG: self.prefix(input_ids.shape[0])},
+        )
+        return out.last_hidden_state

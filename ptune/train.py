@@ -1,0 +1,229 @@
+"""P-Tuning v2 training: `python -m ptune.train +experiment=adgen_60steps [key=value ...]`.
+
+Also `torchrun --nproc_per_node N -m ptune.train ...`: every rank takes its share of each global batch,
+prefix gradients are summed across ranks, and rank 0 alone writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from accelerate import Accelerator
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from ptune import checkpoint as ckpt_io
+from ptune.config import require
+from ptune.data import Columns, Encoding, BatchPlan, IGNORE, collate, load_examples, tokenize
+from ptune.logs import MetricsLog, peak_memory_gib, setup_logging
+from ptune.loss import lm_loss_sum, output_softcap
+from ptune.models import base_identity, build_prefix, load_base
+from ptune.prefix import PrefixLM
+
+log = logging.getLogger("ptune.train")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def lr_at(step: int, optim, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then linear decay or constant."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return optim.lr
+    if optim.schedule == "linear":
+        span = max(1, max_steps - optim.warmup_steps)
+        return optim.lr * max(0.0, 1 - (step - optim.warmup_steps) / span)
+    raise ValueError(f"optim.schedule={optim.schedule!r}: expected linear or constant")
+
+
+def run_dir(accelerator: Accelerator) -> Path:
+    """Hydra's output folder for this job, as rank 0 sees it (ranks may resolve ${now} a second apart)."""
+    mine = Path(HydraConfig.get().runtime.output_dir)
+    chosen = [str(mine)]
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(chosen, src=0)
+    chosen = Path(chosen[0])
+    if chosen != mine and mine.is_dir() and not any(mine.iterdir()):
+        mine.rmdir()
+    return chosen
+
+
+def find_resume(resume, out: Path) -> Path | None:
+    if resume in (None, "", False):
+        return None
+    if resume == "latest":
+        found = ckpt_io.latest_checkpoint(out)
+        if found is None:
+            log.info("resume=latest: no complete checkpoint in %s, starting fresh", out)
+        return found
+    path = Path(str(resume))
+    if not ckpt_io.is_complete(path):
+        raise TrainingError(f"resume={resume}: not a complete checkpoint folder")
+    return path
+
+
+def sum_across_ranks(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    return accelerator.reduce(tensor, reduction="sum") if accelerator.num_processes > 1 else tensor
+
+
+def train(cfg: DictConfig) -> Path:
+    accelerator = Accelerator()
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    out = run_dir(accelerator)
+    setup_logging(out / "train.log", accelerator.is_main_process)
+    require(cfg, "model.path", "data.train_file")
+    t = cfg.trainer
+
+    model, tokenizer = load_base(cfg.model, device)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    examples = load_examples(cfg.data.train_file, Columns(cfg.data.prompt_column, cfg.data.response_column,
+                                                          cfg.data.history_column))
+    encoding = Encoding(cfg.model.template, cfg.data.max_source_length, cfg.data.max_target_length,
+                        cfg.data.truncate_source_from)
+    rows = tokenize(examples, tokenizer, encoding)
+    plan = BatchPlan([len(ids) for ids in rows["input_ids"]],
+                     [sum(1 for x in lab[1:] if x != IGNORE) for lab in rows["labels"]],
+                     t.per_device_batch_size, t.gradient_accumulation_steps, world, cfg.seed, t.sort_by_length)
+
+    torch.manual_seed(cfg.seed)
+    lm = PrefixLM(model, build_prefix(model, cfg.prefix).to(device))
+    params = [p for p in lm.prefix.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    # Loss scaling only matters for an fp16 base; bf16 and fp32 have the exponent range to do without.
+    scaler = torch.amp.GradScaler(device.type, enabled=model.dtype == torch.float16)
+    softcap = output_softcap(model.config)
+    head = model.get_output_embeddings()
+    prefix_config = {
+        "prefix": lm.prefix.spec.to_dict(), "dropout": cfg.prefix.dropout,
+        "base": base_identity(model, cfg.model.path),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "data": {k: cfg.data[k] for k in ("prompt_column", "response_column", "history_column",
+                                          "max_source_length", "max_target_length", "truncate_source_from")},
+    }
+
+    start, skipped = 0, 0
+    resume_from = find_resume(cfg.resume, out)
+    if resume_from is not None:
+        state, optim_state = ckpt_io.load_trainer_state(resume_from)
+        lm.prefix.load_state_dict(ckpt_io.load_prefix_weights(resume_from))
+        optimizer.load_state_dict(optim_state)
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start, skipped = state["step"], state.get("skipped_steps", 0)
+        log.info("resumed from %s at step %d", resume_from, start)
+
+    if accelerator.is_main_process:
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    metrics = MetricsLog(out, t.tensorboard, resume_step=start) if accelerator.is_main_process else None
+    stop = {"signal": None}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stop.update(signal=signum))
+
+    def save(step: int) -> None:
+        if accelerator.is_main_process:
+            trainer_state = {"seed": cfg.seed, "world_size": world, "global_batch": plan.global_batch,
+                             "skipped_steps": skipped, "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+            path = ckpt_io.save_checkpoint(out, step, lm.prefix.state_dict(), prefix_config, trainer_state,
+                                           optimizer.state_dict())
+            log.info("saved %s", path)
+            if t.keep_last:
+                ckpt_io.prune(out, t.keep_last)
+        accelerator.wait_for_everyone()
+
+    log.info("training %s: %d rows, %d trainable prefix parameters, global batch %d (%d x %d x %d ranks), %d steps",
+             out, len(rows), sum(p.numel() for p in params), plan.global_batch, t.per_device_batch_size,
+             t.gradient_accumulation_steps, world, t.max_steps)
+    lm.train()
+    bar = tqdm(total=t.max_steps, initial=start, desc="train", disable=not (accelerator.is_main_process and t.progress_bar))
+    window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
+    for step in range(start, t.max_steps):
+        # Dropout masks depend on (seed, step, rank) alone, so a resumed run draws what an unbroken one would.
+        torch.manual_seed(cfg.seed + 1_000_003 * (step + 1) + rank)
+        lr = lr_at(step, cfg.optim, t.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        global_targets = plan.target_tokens(step)
+        loss_sum = torch.zeros((), device=device)
+        tokens = torch.zeros((), device=device)
+        for micro in plan.micro_batches(step, rank):
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in micro], tokenizer.pad_token_id,
+                                                          t.pad_to_multiple_of).items()}
+            hidden = lm.decoder(batch["input_ids"], batch["attention_mask"])
+            micro_loss, _ = lm_loss_sum(hidden, batch["labels"], head, t.loss_chunk_size, softcap)
+            scaler.scale(micro_loss / global_targets).backward()
+            loss_sum += micro_loss.detach()
+            tokens += batch["attention_mask"].sum()
+        for p in params:
+            if world > 1:
+                torch.distributed.all_reduce(p.grad)
+        scaler.unscale_(optimizer)
+        max_norm = cfg.optim.max_grad_norm or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        loss = float(sum_across_ranks(accelerator, loss_sum)) / global_targets
+        if scaler.is_enabled():
+            scale_before = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            if scaler.get_scale() < scale_before:
+                skipped += 1
+                log.warning("step %d: fp16 overflow, update skipped (loss scale now %g; %d skipped so far)",
+                            step + 1, scaler.get_scale(), skipped)
+        elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise TrainingError(
+                f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                f"(loss={loss}, grad_norm={grad_norm}); the last checkpoint in {out} is intact. Try a lower optim.lr, "
+                "optim.max_grad_norm=1.0, or model.dtype=bfloat16 instead of float16.")
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        window["loss"] += loss
+        window["tokens"] += int(sum_across_ranks(accelerator, tokens))
+        window["steps"] += 1
+        done = step + 1
+        bar.update(1)
+        if done % t.log_steps == 0 or done == t.max_steps:
+            elapsed = time.perf_counter() - window["time"]
+            record = {"step": done, "loss": round(window["loss"] / window["steps"], 6), "lr": lr,
+                      "grad_norm": round(grad_norm, 6), "tokens_per_s": round(window["tokens"] / elapsed, 1),
+                      "peak_mem_gib": round(peak_memory_gib(device), 3), "skipped_steps": skipped}
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}",
+                            tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['peak_mem_gib']:.2f}G")
+            if metrics is not None:
+                metrics.write(record)
+            log.info("step %d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f peak_mem %.2f GiB", done,
+                     record["loss"], lr, grad_norm, record["tokens_per_s"], record["peak_mem_gib"])
+            window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
+        if done % t.save_steps == 0 or done == t.max_steps:
+            save(done)
+        elif stop["signal"] is not None:
+            save(done)
+        if stop["signal"] is not None:
+            log.warning("stopped by signal %d after step %d; resume with resume=latest output_dir=%s",
+                        stop["signal"], done, out)
+            break
+    bar.close()
+    if metrics is not None:
+        metrics.close()
+    return out
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Tiny real models and a real tokenizer, built in fixtures: no downloads, seconds on two CPU cores."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def sample_rows(n: int | None = None) -> list[dict]:
+    from ptune.config import asset_path
+
+    rows = [json.loads(line) for line in Path(asset_path("adgen_sample.jsonl")).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    return rows[:n] if n else rows
+
+
+def build_tokenizer(out: Path):
+    """A character-level fast tokenizer over the sample's characters plus ASCII, with a chat template."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted({c for r in sample_rows() for c in r["content"] + r["summary"]} | {chr(i) for i in range(32, 127)})
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + [c for c in chars if c not in SPECIALS])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>", additional_special_tokens=["<|user|>", "<|assistant|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    return tok
+
+
+def tiny_config(family: str, vocab_size: int):
+    import transformers as T
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    if family == "llama":
+        return T.LlamaConfig(num_key_value_heads=2, **common)
+    if family == "glm":  # the ChatGLM2-6B shape: multi-query groups, partial interleaved rotary
+        return T.GlmConfig(num_key_value_heads=2, head_dim=8, **common)
+    if family == "qwen2":
+        return T.Qwen2Config(num_key_value_heads=2, **common)
+    if family == "gemma2":
+        return T.Gemma2Config(num_key_value_heads=1, head_dim=8, **common)
+    if family == "gpt2":
+        return T.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512, bos_token_id=2,
+                            eos_token_id=3, pad_token_id=0)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "glm", "qwen2", "gemma2", "gpt2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """`tiny_model_dir(family)` -> folder with config, safetensors weights and tokenizer (cached per session)."""
+    from transformers import AutoModelForCausalLM
+
+    made: dict[str, Path] = {}
+
+    def make(family: str = "llama") -> Path:
+        if family not in made:
+            out = tmp_path_factory.mktemp(f"tiny-{family}")
+            tok = build_tokenizer(out)
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok)))
+            model.save_pretrained(out, safe_serialization=True)
+            made[family] = out
+        return made[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def sample_file(tmp_path_factory) -> Path:
+    """64 AdvertiseGen-format rows as JSON lines."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sample_rows(64)), encoding="utf-8")
+    return path
