@@ -40,6 +40,8 @@ ptuning_{noproj,proj}.safetensors
     P-tuning v2 with pre_seq_len=8: prefix encoder weights, loss on a labelled
     batch, the gradient of every prefix encoder parameter, prefix logits, and
     20 greedy tokens generated with the prefix.
+real_param_shapes.json
+    names and shapes of every tensor of the real ChatGLM2-6B / ChatGLM3-6B state dicts.
 ptuning_checkpoint/{config.json,model.safetensors}
     a prefix checkpoint as the original P-tuning scripts save it (only the
     transformer.prefix_encoder.* keys), for the projection-free case.
@@ -382,6 +384,18 @@ def dump_one_per_line(obj: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def make_real_shapes() -> None:
+    """Parameter names and shapes of the real 6B models (built on the meta device: no memory)."""
+    out = {}
+    for name in ("chatglm2-6b", "chatglm3-6b"):
+        real = json.loads((SHARED / "chatglm" / name / "config.json").read_text())
+        cfg = ChatGLMConfig(**{k: v for k, v in real.items() if k not in ("auto_map", "architectures")})
+        with torch.device("meta"):
+            model = ChatGLMForConditionalGeneration(cfg, empty_init=False)
+        out[name] = {k: list(v.shape) for k, v in model.state_dict().items()}
+    (OUT / "real_param_shapes.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
 def main() -> int:
     if not TOKENIZER_MODEL.is_file() or not ADGEN.is_file():
         print(f"needs {TOKENIZER_MODEL} and {ADGEN}", file=sys.stderr)
@@ -397,6 +411,7 @@ def main() -> int:
     base_sd = make_tiny(prompt_ids)
     make_ptuning(base_sd, projection=False, tok_prompt=prompt_ids)
     make_ptuning(base_sd, projection=True, tok_prompt=prompt_ids)
+    make_real_shapes()
     meta = {
         "made_by": "tests/golden/make_chatglm_golden.py",
         "versions": {"torch": torch.__version__, "transformers": version("transformers"),

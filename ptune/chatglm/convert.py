@@ -1,0 +1,470 @@
+"""Run ChatGLM2-6B / ChatGLM3-6B checkpoints in transformers' own ``GlmForCausalLM``.
+
+No remote code is imported or executed: the published ``config.json`` is read as data, its fields
+are mapped onto a ``GlmConfig``, and the weights are renamed and split tensor by tensor.
+
+Architecture correspondence (checked against the original code by tests/test_chatglm_convert.py):
+
+============================================  ==============================================
+ChatGLM2/3 (``transformer.`` prefix)          GlmForCausalLM
+============================================  ==============================================
+``embedding.word_embeddings``                 ``model.embed_tokens``
+``encoder.layers.N.input_layernorm``          ``model.layers.N.input_layernorm``
+``encoder.layers.N.self_attention.            ``model.layers.N.self_attn.q_proj / k_proj /
+query_key_value`` (fused, bias)               v_proj`` (rows split [heads*d | groups*d | groups*d])
+``encoder.layers.N.self_attention.dense``     ``model.layers.N.self_attn.o_proj``
+``encoder.layers.N.post_attention_layernorm`` ``model.layers.N.post_attention_layernorm``
+``encoder.layers.N.mlp.dense_h_to_4h``        ``model.layers.N.mlp.gate_up_proj`` (same layout:
+                                              first half gate -> silu, second half up)
+``encoder.layers.N.mlp.dense_4h_to_h``        ``model.layers.N.mlp.down_proj``
+``encoder.final_layernorm``                   ``model.norm``
+``output_layer``                              ``lm_head`` (not tied)
+``rotary_pos_emb.inv_freq``                   dropped (recomputed from the config)
+============================================  ==============================================
+
+Rotary embedding: ChatGLM2/3 rotate only the first half of every head (``kv_channels // 2``
+dims) in interleaved pairs ``(x[2i], x[2i+1])`` with frequencies ``base ** (-2i / (head_dim/2))``,
+``base = 10000 * rope_ratio`` (``rope_ratio`` exists only in the long-context variants' configs).
+That is exactly GLM's rotary in transformers with ``partial_rotary_factor=0.5`` and
+``rope_theta = 10000 * rope_ratio``.  ``multi_query_group_num`` is the number of key/value heads
+(grouped-query attention); ``kv_channels`` is ``head_dim``.  ``apply_query_key_layer_scaling``
+changes nothing numerically (it divides and multiplies by the same layer number), so it is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import GlmConfig, GlmForCausalLM
+
+from ptune.chatglm import integrity
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ChatGLMConversionError",
+    "is_chatglm_dir",
+    "read_chatglm_config",
+    "glm_config_from_chatglm",
+    "convert_state_dict",
+    "convert_tensor",
+    "weight_files",
+    "load_chatglm",
+    "save_converted",
+    "load_converted",
+    "CONVERTED_MARKER",
+]
+
+CONVERTED_MARKER = "ptune_converted.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_IGNORED_SUFFIXES = ("rotary_pos_emb.inv_freq",)
+_PREFIX_ENCODER = "transformer.prefix_encoder."
+
+
+class ChatGLMConversionError(ValueError):
+    """A ChatGLM folder or state dict that cannot be turned into a GlmForCausalLM."""
+
+
+# ----------------------------------------------------------------------------------- config
+
+
+def read_chatglm_config(path: str | os.PathLike) -> dict:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"no config.json in {path}")
+    return json.loads(cfg_file.read_text(encoding="utf-8"))
+
+
+def is_chatglm_dir(path: str | os.PathLike) -> bool:
+    """True for a folder whose config.json is a ChatGLM one (``model_type: chatglm``)."""
+    try:
+        cfg = read_chatglm_config(path)
+    except (FileNotFoundError, NotADirectoryError, ValueError, OSError):
+        return False
+    return cfg.get("model_type") == "chatglm"
+
+
+def _require(cfg: dict, key: str, wanted, why: str) -> None:
+    have = cfg.get(key, wanted)
+    if have != wanted:
+        raise ChatGLMConversionError(f"ChatGLM config has {key}={have!r}; only {wanted!r} is supported ({why})")
+
+
+def glm_config_from_chatglm(cfg: dict, dtype: torch.dtype | str | None = None) -> GlmConfig:
+    """The ``GlmConfig`` of the same network as a ChatGLM2/3 ``config.json`` (a dict)."""
+    if "padded_vocab_size" not in cfg or "kv_channels" not in cfg:
+        if "position_encoding_2d" in cfg or "inner_hidden_size" in cfg:
+            raise ChatGLMConversionError(
+                "this is a first-generation ChatGLM-6B config (2D positions, GLM-130B style blocks); only "
+                "ChatGLM2-6B / ChatGLM3-6B (and GLM-4-9B with the same code) can be converted")
+        raise ChatGLMConversionError("not a ChatGLM2/3 config: padded_vocab_size / kv_channels missing")
+    if cfg.get("quantization_bit", 0):
+        raise ChatGLMConversionError(
+            f"quantization_bit={cfg['quantization_bit']}: the -int4/-int8 checkpoints store packed integer weights; "
+            "use the full-precision checkpoint")
+    _require(cfg, "rmsnorm", True, "GLM uses RMSNorm")
+    _require(cfg, "post_layer_norm", True, "GLM has a final norm")
+    _require(cfg, "apply_residual_connection_post_layernorm", False, "GLM adds the residual before the norm")
+    _require(cfg, "add_bias_linear", False, "GLM's output and MLP projections have no bias")
+    _require(cfg, "fp32_residual_connection", False, "not representable in GLM")
+
+    num_heads = int(cfg["num_attention_heads"])
+    head_dim = int(cfg["kv_channels"])
+    kv_heads = int(cfg.get("multi_query_group_num", 1)) if cfg.get("multi_query_attention", False) else num_heads
+    if num_heads % kv_heads:
+        raise ChatGLMConversionError(f"num_attention_heads={num_heads} is not a multiple of multi_query_group_num={kv_heads}")
+    rope_ratio = float(cfg.get("rope_ratio", 1.0) or 1.0)
+    eos = cfg.get("eos_token_id", 2)
+    if dtype is None:
+        dtype = cfg.get("torch_dtype", "float16")
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    return GlmConfig(
+        vocab_size=int(cfg["padded_vocab_size"]),
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["ffn_hidden_size"]),
+        num_hidden_layers=int(cfg["num_layers"]),
+        num_attention_heads=num_heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_act="silu",
+        attention_dropout=float(cfg.get("attention_dropout", 0.0) or 0.0),
+        max_position_embeddings=int(cfg.get("seq_length", 2048)),
+        rms_norm_eps=float(cfg.get("layernorm_epsilon", 1e-5)),
+        use_cache=True,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * rope_ratio, "partial_rotary_factor": 0.5},
+        pad_token_id=cfg.get("pad_token_id", 0),
+        eos_token_id=eos,
+        bos_token_id=None,
+        attention_bias=bool(cfg.get("add_qkv_bias", False)),
+        dtype=dtype,
+        architectures=["GlmForCausalLM"],
+    )
+
+
+# ----------------------------------------------------------------------------------- weights
+
+
+def _qkv_sizes(config: GlmConfig) -> list[int]:
+    d = config.head_dim
+    return [config.num_attention_heads * d, config.num_key_value_heads * d, config.num_key_value_heads * d]
+
+
+def _split_qkv(tensor: torch.Tensor, config: GlmConfig) -> tuple[torch.Tensor, ...]:
+    sizes = _qkv_sizes(config)
+    if tensor.shape[0] != sum(sizes):
+        raise ChatGLMConversionError(
+            f"query_key_value has {tensor.shape[0]} rows, the config implies {sum(sizes)} "
+            f"({config.num_attention_heads} heads + 2 x {config.num_key_value_heads} key/value groups of {config.head_dim})")
+    if config.num_key_value_heads == config.num_attention_heads:
+        # Without multi-query attention the fused rows are laid out per head: [head][q|k|v][dim].
+        h, d = config.num_attention_heads, config.head_dim
+        per_head = tensor.reshape(h, 3, d, *tensor.shape[1:])
+        return tuple(per_head[:, j].reshape(h * d, *tensor.shape[1:]).contiguous() for j in range(3))
+    return tuple(t.contiguous() for t in torch.split(tensor, sizes, dim=0))
+
+
+_LAYER_MAP = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.dense.weight": "self_attn.o_proj.weight",
+    "mlp.dense_h_to_4h.weight": "mlp.gate_up_proj.weight",
+    "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight",
+}
+_TOP_MAP = {
+    "transformer.embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "transformer.encoder.final_layernorm.weight": "model.norm.weight",
+    "transformer.output_layer.weight": "lm_head.weight",
+}
+_LAYER_PREFIX = "transformer.encoder.layers."
+
+
+def convert_tensor(name: str, tensor: torch.Tensor, config: GlmConfig) -> list[tuple[str, torch.Tensor]] | None:
+    """Native ``(name, tensor)`` pairs for one ChatGLM parameter; ``[]`` for one that is dropped,
+    ``None`` for a name that is not a ChatGLM2/3 parameter at all."""
+    if name in _TOP_MAP:
+        return [(_TOP_MAP[name], tensor)]
+    if name.endswith(_IGNORED_SUFFIXES):
+        return []
+    if name.startswith(_LAYER_PREFIX):
+        idx, _, rest = name[len(_LAYER_PREFIX):].partition(".")
+        if not idx.isdigit():
+            return None
+        base = f"model.layers.{idx}."
+        if rest in _LAYER_MAP:
+            return [(base + _LAYER_MAP[rest], tensor)]
+        if rest in ("self_attention.query_key_value.weight", "self_attention.query_key_value.bias"):
+            kind = rest.rsplit(".", 1)[1]
+            q, k, v = _split_qkv(tensor, config)
+            return [(f"{base}self_attn.q_proj.{kind}", q), (f"{base}self_attn.k_proj.{kind}", k),
+                    (f"{base}self_attn.v_proj.{kind}", v)]
+    return None
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor], config: GlmConfig | dict,
+                       strict: bool = True) -> dict[str, torch.Tensor]:
+    """A ChatGLM2/3 state dict (reference names) as a ``GlmForCausalLM`` state dict.
+
+    ``config`` is the ``GlmConfig`` (or the ChatGLM config dict).  P-tuning prefix encoder weights
+    (``transformer.prefix_encoder.*``) are not part of the base model and are skipped with a warning.
+    With ``strict``, unknown names raise, listing them.
+    """
+    if isinstance(config, dict):
+        config = glm_config_from_chatglm(config)
+    out: dict[str, torch.Tensor] = {}
+    unexpected, prefix = [], []
+    for name, tensor in state_dict.items():
+        if name.startswith(_PREFIX_ENCODER):
+            prefix.append(name)
+            continue
+        pairs = convert_tensor(name, tensor, config)
+        if pairs is None:
+            unexpected.append(name)
+            continue
+        out.update(pairs)
+    if prefix:
+        log.warning("skipped %d P-tuning prefix encoder tensors in the base checkpoint (%s ...); a prefix is "
+                    "loaded from a ptune checkpoint, not from the base", len(prefix), prefix[0])
+    if unexpected and strict:
+        raise ChatGLMConversionError(f"unexpected keys in the ChatGLM checkpoint: {sorted(unexpected)}")
+    return out
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The weight files of a ChatGLM folder, in load order.  Raises naming any shard an index lists
+    but the folder lacks."""
+    path = Path(path)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_file = path / index_name
+        if index_file.is_file():
+            try:
+                weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise ChatGLMConversionError(f"{index_file} is not a valid shard index: {e}") from None
+            names = sorted(set(weight_map.values()))
+            missing = [n for n in names if not (path / n).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{path}: shard(s) listed in {index_name} are missing: {', '.join(missing)}. "
+                    "Download them into the folder (all shards are needed).")
+            return [path / n for n in names]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).is_file():
+            return [path / single]
+    shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if shards:
+        return shards
+    raise FileNotFoundError(f"{path}: no weights found (model.safetensors, pytorch_model.bin, or an index with shards)")
+
+
+def _iter_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of one weight file; a .bin shard is memory-mapped, so only what is used gets read."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+        return
+    try:
+        sd = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise ChatGLMConversionError(f"cannot read {file.name}: {e}. The file may be damaged: run "
+                                         f"`python -m ptune.verify_model {file.parent} --full`") from None
+        sd = torch.load(str(file), map_location="cpu", weights_only=True)  # old (non-zip) serialisation
+    except Exception as e:  # noqa: BLE001 - a damaged pickle raises anything
+        raise ChatGLMConversionError(f"cannot read {file.name}: {e}. The file may be damaged: run "
+                                     f"`python -m ptune.verify_model {file.parent} --full`") from None
+    try:
+        yield from sd.items()
+    finally:
+        del sd
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = module._parameters.get(leaf)
+    if old is None:
+        raise ChatGLMConversionError(f"{name} is not a parameter of GlmForCausalLM")
+    if tuple(old.shape) != tuple(tensor.shape):
+        raise ChatGLMConversionError(f"{name}: checkpoint tensor has shape {tuple(tensor.shape)}, the config "
+                                     f"implies {tuple(old.shape)}")
+    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+
+
+def _resolve_dtype(dtype, cfg: dict) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        dtype = cfg.get("torch_dtype", "float32")
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    return dtype
+
+
+def _generation_eos(path: Path, cfg: dict):
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():
+        try:
+            eos = json.loads(gen_file.read_text(encoding="utf-8")).get("eos_token_id")
+            if eos is not None:
+                return eos
+        except ValueError:
+            pass
+    return cfg.get("eos_token_id", 2)
+
+
+def load_chatglm(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    *,
+    verify: str = integrity.DEFAULT_LEVEL,
+    cache_dir: str | os.PathLike | None = None,
+    attn_implementation: str | None = None,
+) -> GlmForCausalLM:
+    """A ``GlmForCausalLM`` holding the weights of a ChatGLM2/3 folder (``.bin`` or safetensors,
+    one file or shards).
+
+    The model is built on the meta device and every converted tensor is materialised (cast to
+    ``dtype``, moved to ``device``) as its shard is read, so host memory peaks at about one shard
+    beyond the model.  ``dtype`` defaults to the checkpoint's ``torch_dtype``.
+
+    ``verify`` is the integrity check run first (see :mod:`ptune.chatglm.integrity`): ``"size"``,
+    ``"first-use"`` (default: SHA-256 of files with a published hash, once; remembered by size and
+    mtime), ``"full"`` or ``"none"``.  With ``cache_dir``, the converted model is saved there as
+    safetensors on first load and reloaded from there afterwards (while the source is unchanged).
+    """
+    path = Path(path)
+    cfg = read_chatglm_config(path)
+    torch_dtype = _resolve_dtype(dtype, cfg)
+    device = torch.device(device)
+
+    if cache_dir is not None and _cache_matches(Path(cache_dir), path):
+        log.info("loading converted ChatGLM model from %s", cache_dir)
+        return load_converted(cache_dir, dtype=torch_dtype, device=device, attn_implementation=attn_implementation)
+
+    files = weight_files(path)
+    if verify != "none":
+        integrity.verify_dir(path, level=verify, raise_on_error=True)
+    config = glm_config_from_chatglm(cfg, dtype=torch_dtype)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = GlmForCausalLM(config)
+    expected = {n for n, _ in model.named_parameters()}
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    prefix_keys = 0
+    for file in files:
+        for name, tensor in _iter_file(file):
+            if name.startswith(_PREFIX_ENCODER):
+                prefix_keys += 1
+                continue
+            pairs = convert_tensor(name, tensor, config)
+            if pairs is None:
+                unexpected.append(f"{name} ({file.name})")
+                continue
+            for native, t in pairs:
+                if native in loaded:
+                    raise ChatGLMConversionError(f"{native} appears twice (second time from {name} in {file.name})")
+                try:
+                    _set_tensor(model, native, t.to(device=device, dtype=torch_dtype, copy=True))
+                except ChatGLMConversionError as e:
+                    raise ChatGLMConversionError(f"{name} in {file.name} -> {e}; does config.json belong to "
+                                                 "these weights?") from None
+                loaded.add(native)
+            del tensor, pairs
+    missing = sorted(expected - loaded)
+    if unexpected or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing keys (no tensor in {len(files)} file(s)): {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys: {sorted(unexpected)}")
+        raise ChatGLMConversionError(f"{path} does not match its config.json: " + "; ".join(parts))
+    if prefix_keys:
+        log.warning("skipped %d P-tuning prefix encoder tensors in %s", prefix_keys, path)
+
+    # Non-persistent buffers (the rotary frequencies) were created on the meta device.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
+    model.generation_config.eos_token_id = _generation_eos(path, cfg)
+    model.generation_config.pad_token_id = cfg.get("pad_token_id", 0)
+    model.generation_config.bos_token_id = None
+    model.eval()
+    log.info("converted %s to GlmForCausalLM in %.1fs", path, time.perf_counter() - t0)
+
+    if cache_dir is not None:
+        save_converted(model, cache_dir, source=path)
+    return model
+
+
+# ----------------------------------------------------------------------------------- cache
+
+
+def _source_fingerprint(path: Path) -> dict:
+    files = weight_files(path) + [path / "config.json"]
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+
+def _cache_matches(cache_dir: Path, source: Path) -> bool:
+    marker = cache_dir / CONVERTED_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+        return (info.get("source") == str(source.resolve())
+                and info.get("source_files") == _source_fingerprint(source))
+    except (OSError, ValueError, FileNotFoundError):
+        return False
+
+
+def save_converted(model: GlmForCausalLM, out_dir: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+    """Save a converted model as a native transformers folder (config.json + safetensors) that
+    ``GlmForCausalLM.from_pretrained`` or :func:`load_converted` reloads without any conversion.
+
+    The ChatGLM ``tokenizer.model`` of ``source`` is copied along, and a manifest of the written
+    files (size and SHA-256) lets ``python -m ptune.verify_model`` check the cache later.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONVERTED_MARKER).unlink(missing_ok=True)  # invalid until complete
+    model.save_pretrained(out, safe_serialization=True)
+    info = {"format": "GlmForCausalLM", "converted_by": "ptune.chatglm.convert"}
+    if source is not None:
+        source = Path(source)
+        if (source / "tokenizer.model").is_file():
+            shutil.copyfile(source / "tokenizer.model", out / "tokenizer.model")
+        for extra in ("tokenizer_config.json", "MODEL_LICENSE", "LICENSE"):
+            if (source / extra).is_file() and extra != "tokenizer_config.json":
+                shutil.copyfile(source / extra, out / extra)
+        info["source"] = str(source.resolve())
+        info["source_files"] = _source_fingerprint(source)
+    integrity.write_manifest(out, name=f"converted:{out.name}")
+    (out / CONVERTED_MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def load_converted(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                   device: torch.device | str = "cpu", attn_implementation: str | None = None) -> GlmForCausalLM:
+    """Reload a folder written by :func:`save_converted` (plain ``from_pretrained``)."""
+    kwargs = {"dtype": _resolve_dtype(dtype, {"torch_dtype": "float32"}) if dtype is not None else "auto",
+              "local_files_only": True}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = GlmForCausalLM.from_pretrained(path, **kwargs)
+    return model.to(torch.device(device)).eval()

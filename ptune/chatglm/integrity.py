@@ -1,0 +1,353 @@
+"""Check downloaded model files before loading them.
+
+A hand-downloaded checkpoint with one truncated or corrupted shard loads "fine" and only shows up
+later as garbage output, a very slow first inference or an index error.  This module checks the
+files of a model folder against a manifest (expected SHA-256 and, where known, size):
+
+* the published hashes of well-known checkpoints ship in ``ptune/chatglm/manifests/*.json`` and are
+  picked by the folder's ``config.json`` (its ``_name_or_path``, else its shape);
+* folders that ptune writes itself (a converted model cache) get a ``ptune_manifest.json`` with the
+  size and SHA-256 of every file.
+
+Levels, cheapest first:
+
+``size``
+    every file exists, has the recorded size where one is known, and is structurally whole (a
+    safetensors header that accounts for the whole file, a readable zip directory for ``.bin``).
+``first-use`` (the default)
+    ``size``, plus the SHA-256 of every file that has an expected hash and has not been verified
+    before.  A verified result is remembered in ``.ptune_verified.json`` next to the files (or under
+    ``~/.cache/ptune/verified/`` when the folder is read-only), keyed by size and mtime, so later
+    loads skip the hashing until a file changes.
+``full``
+    SHA-256 of every weight file now, whatever is remembered.
+
+``python -m ptune.verify_model <dir> [--full]`` prints the result per file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+import zipfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+__all__ = [
+    "IntegrityError", "FileCheck", "LEVELS", "DEFAULT_LEVEL", "OWN_MANIFEST", "VERIFIED_CACHE",
+    "sha256_file", "bundled_manifests", "find_manifest", "write_manifest", "verify_dir", "format_table",
+]
+
+LEVELS = ("none", "size", "first-use", "full")
+DEFAULT_LEVEL = "first-use"
+OWN_MANIFEST = "ptune_manifest.json"
+VERIFIED_CACHE = ".ptune_verified.json"
+WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth")
+_CHUNK = 8 * 1024 * 1024
+
+
+class IntegrityError(ValueError):
+    """One or more model files are missing, truncated or do not match their published hash."""
+
+    def __init__(self, message: str, checks: list[FileCheck]):
+        super().__init__(message)
+        self.checks = checks
+
+
+@dataclass
+class FileCheck:
+    name: str
+    size: int | None = None
+    expected_size: int | None = None
+    expected_sha256: str | None = None
+    sha256: str | None = None
+    status: str = "unchecked"  # ok | size ok | present | MISSING | WRONG SIZE | DAMAGED | HASH MISMATCH
+    detail: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("MISSING", "WRONG SIZE", "DAMAGED", "HASH MISMATCH")
+
+
+# ----------------------------------------------------------------------------------- hashing
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _structure_problem(path: Path) -> str | None:
+    """A reason the file is visibly incomplete, without reading all of it; None if it looks whole."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    if path.suffix == ".safetensors":
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    return f"safetensors header claims {n} bytes, the file has {size}"
+                header = json.loads(f.read(n))
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            return f"unreadable safetensors header ({e})"
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            return f"safetensors data should end at byte {8 + n + end}, the file has {size} (truncated download?)"
+        return None
+    if path.suffix in (".bin", ".pt", ".pth"):
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"PK\x03\x04":
+            return None  # legacy (non-zip) torch serialisation: nothing cheap to check
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.infolist()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"the zip directory at the end of the file is unreadable ({e}; truncated download?)"
+    return None
+
+
+# ----------------------------------------------------------------------------------- manifests
+
+
+def bundled_manifests() -> list[dict]:
+    out = []
+    folder = resources.files("ptune.chatglm") / "manifests"
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".json"):
+            out.append(json.loads(entry.read_text(encoding="utf-8")))
+    return out
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _manifest_matches(manifest: dict, cfg: dict, present: set[str]) -> bool:
+    match = manifest.get("match", {})
+    if not any(name in present for name in manifest.get("files", {})):
+        return False  # e.g. a re-saved safetensors copy of the same model: the manifest does not apply
+    names = [n.lower() for n in match.get("_name_or_path", [])]
+    own_name = str(cfg.get("_name_or_path", "")).lower()
+    if own_name and own_name in names:
+        return True
+    if own_name.count("/") == 1 and not os.path.exists(own_name):
+        return False  # names another published model
+    for key, want in match.get("config", {}).items():
+        if cfg.get(key) != want:
+            return False
+    return bool(match.get("config"))
+
+
+def find_manifest(path: str | os.PathLike) -> dict | None:
+    """The manifest for a model folder: its own ``ptune_manifest.json``, else a bundled one whose
+    identity matches the folder's config.json."""
+    path = Path(path)
+    own = path / OWN_MANIFEST
+    if own.is_file():
+        return json.loads(own.read_text(encoding="utf-8"))
+    cfg = _read_config(path)
+    present = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    for manifest in bundled_manifests():
+        if _manifest_matches(manifest, cfg, present):
+            return manifest
+    return None
+
+
+def _listed_files(path: Path) -> list[str]:
+    names = {p.name for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES}
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            try:
+                names |= set(json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].values())
+            except (ValueError, KeyError):
+                pass
+    return sorted(names)
+
+
+def write_manifest(path: str | os.PathLike, name: str | None = None) -> Path:
+    """Record size and SHA-256 of the weight, config and tokenizer files of a folder ptune wrote."""
+    path = Path(path)
+    files = {}
+    cache = _VerifiedCache(path)
+    for fname in _listed_files(path) + ["config.json", "generation_config.json", "tokenizer.model"]:
+        f = path / fname
+        if not f.is_file() or fname in files:
+            continue
+        digest = sha256_file(f)
+        files[fname] = {"size": f.stat().st_size, "sha256": digest}
+        cache.remember(f, digest)
+    manifest = {"name": name or path.name, "written_by": "ptune", "files": files,
+                "how_to_fix": "delete this folder and let ptune convert the model again"}
+    out = path / OWN_MANIFEST
+    out.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    cache.save()
+    return out
+
+
+# ----------------------------------------------------------------------------------- verified cache
+
+
+class _VerifiedCache:
+    """SHA-256 results already computed, valid while a file keeps its size and mtime."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.local = folder / VERIFIED_CACHE
+        digest = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:16]
+        self.fallback = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ptune" / "verified" / f"{digest}.json"
+        self.entries: dict = {}
+        for candidate in (self.local, self.fallback):
+            try:
+                self.entries = json.loads(candidate.read_text(encoding="utf-8")).get("files", {})
+                break
+            except (OSError, ValueError):
+                continue
+        self.dirty = False
+
+    def lookup(self, f: Path) -> str | None:
+        entry = self.entries.get(f.name)
+        if not entry:
+            return None
+        st = f.stat()
+        if entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+            return entry.get("sha256")
+        return None
+
+    def remember(self, f: Path, digest: str) -> None:
+        st = f.stat()
+        self.entries[f.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest,
+                                "checked": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        text = json.dumps({"note": "SHA-256 results of ptune's integrity check, keyed by size and mtime",
+                           "files": self.entries}, indent=2) + "\n"
+        for target in (self.local, self.fallback):
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(target.name + ".tmp")
+                tmp.write_text(text, encoding="utf-8")
+                os.replace(tmp, target)
+                self.dirty = False
+                return
+            except OSError:
+                continue
+
+
+# ----------------------------------------------------------------------------------- verify
+
+
+def verify_dir(path: str | os.PathLike, level: str = DEFAULT_LEVEL, manifest: dict | None = None,
+               raise_on_error: bool = False) -> list[FileCheck]:
+    """Check the files of a model folder; one :class:`FileCheck` per file.
+
+    With ``raise_on_error``, any failure raises :class:`IntegrityError` naming each bad file, what
+    was expected, what was found and what to do.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"level {level!r}: expected one of {LEVELS}")
+    path = Path(path)
+    if level == "none":
+        return []
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder")
+    manifest = manifest if manifest is not None else find_manifest(path)
+    expected = (manifest or {}).get("files", {})
+    cache = _VerifiedCache(path)
+    checks = []
+    for name in sorted(set(_listed_files(path)) | set(expected)):
+        f = path / name
+        spec = expected.get(name, {})
+        c = FileCheck(name, expected_size=spec.get("size"), expected_sha256=(spec.get("sha256") or "").lower() or None)
+        checks.append(c)
+        if not f.is_file():
+            c.status, c.detail = "MISSING", "the file is not in the folder"
+            continue
+        c.size = f.stat().st_size
+        if c.expected_size is not None and c.size != c.expected_size:
+            c.status = "WRONG SIZE"
+            c.detail = f"expected {c.expected_size} bytes, found {c.size}"
+            continue
+        problem = _structure_problem(f)
+        if problem:
+            c.status, c.detail = "DAMAGED", problem
+            continue
+        cached = cache.lookup(f)
+        must_hash = level == "full" or (level == "first-use" and c.expected_sha256 and cached != c.expected_sha256)
+        if must_hash:
+            c.sha256 = sha256_file(f)
+            cache.remember(f, c.sha256)
+            c.notes.append("hashed now")
+        elif cached:
+            c.sha256 = cached
+            c.notes.append("hash remembered")
+        if c.expected_sha256 and c.sha256:
+            if c.sha256 == c.expected_sha256:
+                c.status = "ok"
+            else:
+                c.status = "HASH MISMATCH"
+                c.detail = f"SHA-256 expected {c.expected_sha256}, found {c.sha256}"
+        elif c.expected_sha256:
+            c.status = "size ok" if c.expected_size is not None else "present"
+            c.notes.append("not hashed yet (--full)")
+        else:
+            c.status = "size ok" if c.expected_size is not None else "present"
+            if manifest is not None or c.sha256:
+                c.notes.append("no published hash" if c.sha256 else "no published hash or size")
+    cache.save()
+    if raise_on_error:
+        bad = [c for c in checks if c.failed]
+        if bad:
+            raise IntegrityError(_error_message(path, bad, manifest), checks)
+    return checks
+
+
+def _error_message(path: Path, bad: list[FileCheck], manifest: dict | None) -> str:
+    fix = (manifest or {}).get("how_to_fix", "download this file again")
+    lines = [f"{len(bad)} file(s) in {path} failed the integrity check:"]
+    for c in bad:
+        lines.append(f"  {c.name}: {c.status}: {c.detail}")
+    lines.append(f"What to do: {fix} -- only the file(s) named above; the others are fine. Then run "
+                 f"`python -m ptune.verify_model {path} --full` to confirm.")
+    if manifest is not None and manifest.get("written_by") != "ptune":
+        lines.append(f"(Expected values are the published ones for {manifest.get('name')}. If you deliberately use "
+                     "other weights under the same name, load with verify='size'.)")
+    return "\n".join(lines)
+
+
+def format_table(checks: list[FileCheck]) -> str:
+    rows = [("file", "size", "expected size", "sha256", "status", "notes")]
+    for c in checks:
+        rows.append((
+            c.name,
+            "-" if c.size is None else str(c.size),
+            "-" if c.expected_size is None else str(c.expected_size),
+            (c.sha256 or "-")[:16],
+            c.status,
+            "; ".join(c.notes),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for n, r in enumerate(rows):
+        out.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    for c in checks:
+        if c.failed:
+            out.append(f"{c.name}: {c.detail}")
+    return "\n".join(out)

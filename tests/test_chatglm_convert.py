@@ -1,0 +1,329 @@
+"""ChatGLM2/3 checkpoints in transformers' GlmForCausalLM, against the original code's outputs.
+
+The reference logits, generations and parameter shapes were recorded from the original ChatGLM3
+modeling code by tests/golden/make_chatglm_golden.py on a tiny random ChatGLM2-shaped model whose
+weights (reference names, reference config.json) are in tests/golden/chatglm/tiny_chatglm2/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import GlmForCausalLM
+from transformers.models.glm import modeling_glm
+
+from ptune.chatglm import convert
+from ptune.chatglm.convert import (
+    ChatGLMConversionError,
+    convert_state_dict,
+    glm_config_from_chatglm,
+    is_chatglm_dir,
+    load_chatglm,
+    load_converted,
+    save_converted,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+GOLDEN = ROOT / "tests" / "golden" / "chatglm"
+TINY = GOLDEN / "tiny_chatglm2"
+needs_shared = pytest.mark.skipif(not (SHARED / "chatglm").is_dir(),
+                                  reason=f"needs the real ChatGLM configs in {SHARED / 'chatglm'}")
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> None:
+    scale = expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= rel * scale, f"max abs error {err:.3g} > {rel:g} x max |ref| {scale:.3g}"
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict[str, torch.Tensor]:
+    return load_file(str(GOLDEN / "tiny_logits.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> GlmForCausalLM:
+    return load_chatglm(TINY, dtype=torch.float32, verify="size")
+
+
+@pytest.fixture
+def tiny_copy(tmp_path) -> Path:
+    dst = tmp_path / "tiny"
+    shutil.copytree(TINY, dst)
+    return dst
+
+
+def write_bin_shards(src: Path, dst: Path, n_shards: int = 2) -> list[str]:
+    """The tiny checkpoint as pytorch_model-0000k-of-0000n.bin shards + index, as the real one ships."""
+    dst.mkdir(parents=True, exist_ok=True)
+    sd = load_file(str(src / "model.safetensors"))
+    keys = list(sd)
+    per = -(-len(keys) // n_shards)
+    names, weight_map = [], {}
+    for k in range(n_shards):
+        name = f"pytorch_model-{k + 1:05d}-of-{n_shards:05d}.bin"
+        part = {key: sd[key] for key in keys[k * per:(k + 1) * per]}
+        torch.save(part, dst / name)
+        weight_map.update(dict.fromkeys(part, name))
+        names.append(name)
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    (dst / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    shutil.copyfile(src / "config.json", dst / "config.json")
+    return names
+
+
+# ----------------------------------------------------------------------------------- config
+
+
+def test_is_chatglm_dir(tmp_path):
+    assert is_chatglm_dir(TINY)
+    assert not is_chatglm_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert not is_chatglm_dir(tmp_path)
+    assert not is_chatglm_dir(tmp_path / "nope")
+
+
+@needs_shared
+@pytest.mark.shared
+@pytest.mark.parametrize("name, seq_length", [("chatglm2-6b", 32768), ("chatglm3-6b", 8192)])
+def test_real_config_maps_to_glm(name, seq_length):
+    cfg = json.loads((SHARED / "chatglm" / name / "config.json").read_text())
+    glm = glm_config_from_chatglm(cfg)
+    assert (glm.num_hidden_layers, glm.hidden_size, glm.intermediate_size) == (28, 4096, 13696)
+    assert (glm.num_attention_heads, glm.num_key_value_heads, glm.head_dim) == (32, 2, 128)
+    assert glm.vocab_size == 65024 and glm.max_position_embeddings == seq_length
+    assert glm.rope_parameters["partial_rotary_factor"] == 0.5
+    assert glm.rope_parameters["rope_theta"] == 10000.0
+    assert glm.attention_bias is True and glm.tie_word_embeddings is False
+    assert glm.rms_norm_eps == 1e-5 and glm.eos_token_id == 2 and glm.pad_token_id == 0
+
+
+def test_rope_ratio_scales_the_base():
+    cfg = json.loads((TINY / "config.json").read_text())
+    assert glm_config_from_chatglm({**cfg, "rope_ratio": 50}).rope_parameters["rope_theta"] == 500000.0
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"quantization_bit": 4}, "int4"),
+    ({"add_bias_linear": True}, "add_bias_linear"),
+    ({"apply_residual_connection_post_layernorm": True}, "apply_residual"),
+    ({"rmsnorm": False}, "rmsnorm"),
+])
+def test_unsupported_configs_are_refused(change, match):
+    cfg = json.loads((TINY / "config.json").read_text())
+    with pytest.raises(ChatGLMConversionError, match=match):
+        glm_config_from_chatglm({**cfg, **change})
+
+
+def test_first_generation_chatglm_is_refused():
+    v1 = {"model_type": "chatglm", "vocab_size": 130528, "hidden_size": 4096, "num_layers": 28,
+          "inner_hidden_size": 16384, "position_encoding_2d": True}
+    with pytest.raises(ChatGLMConversionError, match="first-generation"):
+        glm_config_from_chatglm(v1)
+
+
+def _chatglm_rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary as ChatGLM2/3 describe it: the first half of each head, interleaved pairs."""
+    d = x.shape[-1]
+    rot = d // 2
+    theta = 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))  # rot/2 frequencies
+    ang = positions[:, None].float() * theta[None, :]  # [seq, rot/2]
+    cos, sin = ang.cos()[None, None], ang.sin()[None, None]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    even, odd = x_rot[..., 0::2], x_rot[..., 1::2]
+    out = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+    return torch.cat([out, x_pass], dim=-1)
+
+
+@pytest.mark.parametrize("head_dim, rope_ratio", [(128, 1.0), (16, 1.0), (128, 50.0)])
+def test_glm_rotary_is_chatglm_rotary(head_dim, rope_ratio):
+    cfg = json.loads((TINY / "config.json").read_text())
+    cfg.update(kv_channels=head_dim, hidden_size=head_dim * 4, rope_ratio=rope_ratio, seq_length=4096)
+    glm = glm_config_from_chatglm(cfg, dtype=torch.float32)
+    rotary = modeling_glm.GlmRotaryEmbedding(glm)
+    positions = torch.tensor([0, 1, 2, 7, 100, 4000])
+    q = torch.randn(1, 4, len(positions), head_dim, generator=torch.Generator().manual_seed(0))
+    cos, sin = rotary(q, positions[None])
+    q_glm, _ = modeling_glm.apply_rotary_pos_emb(q, q, cos, sin)
+    torch.testing.assert_close(q_glm, _chatglm_rotary(q, positions, 10000.0 * rope_ratio), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- weights
+
+
+@needs_shared
+@pytest.mark.shared
+@pytest.mark.parametrize("name", ["chatglm2-6b", "chatglm3-6b"])
+def test_real_checkpoint_names_and_shapes_convert(name):
+    """Every tensor of the real 6B state dict (names and shapes recorded from the reference code,
+    here as meta tensors) lands on a GlmForCausalLM parameter of the same shape, and all are covered."""
+    shapes = json.loads((GOLDEN / "real_param_shapes.json").read_text())[name]
+    cfg = json.loads((SHARED / "chatglm" / name / "config.json").read_text())
+    glm = glm_config_from_chatglm(cfg)
+    with torch.device("meta"):
+        model = GlmForCausalLM(glm)
+        sd = {k: torch.empty(v) for k, v in shapes.items()}
+    native = convert_state_dict(sd, glm)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in native.items()} == expected
+
+
+def test_logits_match_reference(tiny_model, golden):
+    with torch.no_grad():
+        out = tiny_model(input_ids=golden["plain_input_ids"]).logits
+    assert_close_rel(out, golden["plain_logits"])
+
+
+def test_left_padded_logits_match_reference(tiny_model, golden):
+    mask = golden["padded_attention_mask"]
+    with torch.no_grad():
+        out = tiny_model(input_ids=golden["padded_input_ids"], attention_mask=mask,
+                         position_ids=golden["padded_position_ids"]).logits
+    real = mask.bool()  # the reference's rows at pad positions are meaningless
+    assert_close_rel(out[real], golden["padded_logits"][real])
+
+
+def test_eager_attention_matches_too(golden):
+    model = load_chatglm(TINY, dtype=torch.float32, verify="size", attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        out = model(input_ids=golden["plain_input_ids"]).logits
+    assert_close_rel(out, golden["plain_logits"])
+
+
+def test_rope_ratio_logits_match(tiny_copy):
+    ref = load_file(str(GOLDEN / "tiny_rope_ratio.safetensors"))
+    cfg = json.loads((tiny_copy / "config.json").read_text())
+    cfg["rope_ratio"] = float(ref["rope_ratio"].item())
+    (tiny_copy / "config.json").write_text(json.dumps(cfg))
+    model = load_chatglm(tiny_copy, dtype=torch.float32, verify="size")
+    with torch.no_grad():
+        out = model(input_ids=ref["plain_input_ids"]).logits
+    assert_close_rel(out, ref["plain_logits"])
+
+
+def test_greedy_generation_matches_reference(tiny_model, golden):
+    prompt = golden["gen_prompt"]
+    out = tiny_model.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.tolist() == golden["gen_output"].tolist()
+
+
+def test_convert_state_dict_into_a_plain_model(golden):
+    cfg = json.loads((TINY / "config.json").read_text())
+    glm = glm_config_from_chatglm(cfg, dtype=torch.float32)
+    sd = load_file(str(TINY / "model.safetensors"))
+    sd["transformer.prefix_encoder.embedding.weight"] = torch.zeros(8, 128)  # skipped, not an error
+    model = GlmForCausalLM(glm).eval()
+    model.load_state_dict(convert_state_dict(sd, cfg), strict=True)
+    with torch.no_grad():
+        out = model(input_ids=golden["plain_input_ids"]).logits
+    assert_close_rel(out, golden["plain_logits"])
+    with pytest.raises(ChatGLMConversionError, match="transformer.bogus.weight"):
+        convert_state_dict({**sd, "transformer.bogus.weight": torch.zeros(1)}, glm)
+
+
+def test_bin_shards_load_identically(tmp_path, tiny_model, golden):
+    write_bin_shards(TINY, tmp_path / "bins")
+    model = load_chatglm(tmp_path / "bins", dtype=torch.float32, verify="size")
+    ref_sd = tiny_model.state_dict()
+    sd = model.state_dict()
+    assert set(sd) == set(ref_sd)
+    assert all(torch.equal(sd[k], ref_sd[k]) for k in sd)
+    with torch.no_grad():
+        out = model(input_ids=golden["plain_input_ids"]).logits
+    assert_close_rel(out, golden["plain_logits"])
+
+
+def test_missing_shard_is_named(tmp_path):
+    names = write_bin_shards(TINY, tmp_path / "bins")
+    (tmp_path / "bins" / names[1]).unlink()
+    with pytest.raises(FileNotFoundError, match=names[1]):
+        load_chatglm(tmp_path / "bins", dtype=torch.float32, verify="size")
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = load_file(str(TINY / "model.safetensors"))
+    del sd["transformer.encoder.layers.1.mlp.dense_4h_to_h.weight"]
+    sd["transformer.encoder.layers.0.extra.weight"] = torch.zeros(2)
+    d = tmp_path / "broken"
+    d.mkdir()
+    save_file(sd, str(d / "model.safetensors"))
+    shutil.copyfile(TINY / "config.json", d / "config.json")
+    with pytest.raises(ChatGLMConversionError) as e:
+        load_chatglm(d, dtype=torch.float32, verify="size")
+    assert "model.layers.1.mlp.down_proj.weight" in str(e.value)
+    assert "transformer.encoder.layers.0.extra.weight" in str(e.value)
+
+
+def test_config_that_does_not_fit_the_weights(tiny_copy):
+    cfg = json.loads((tiny_copy / "config.json").read_text())
+    cfg["ffn_hidden_size"] = 128
+    (tiny_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ChatGLMConversionError, match=r"mlp.*checkpoint tensor has shape"):
+        load_chatglm(tiny_copy, dtype=torch.float32, verify="size")
+
+
+def test_no_remote_code_is_run(tiny_copy, tmp_path):
+    marker = tmp_path / "imported"
+    for name in ("modeling_chatglm.py", "configuration_chatglm.py", "tokenization_chatglm.py"):
+        (tiny_copy / name).write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    cfg = json.loads((tiny_copy / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
+    (tiny_copy / "config.json").write_text(json.dumps(cfg))
+    model = load_chatglm(tiny_copy, dtype=torch.float32, verify="size")
+    assert isinstance(model, GlmForCausalLM)
+    assert not marker.exists()
+
+
+def test_dtype_and_buffers(tiny_copy):
+    model = load_chatglm(tiny_copy, dtype=torch.bfloat16, verify="size")
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert not any(p.is_meta for p in model.parameters())
+    assert not any(b.is_meta for b in model.buffers())
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------- cache
+
+
+def test_converted_cache_reloads_identically(tmp_path, tiny_model, golden):
+    out = save_converted(tiny_model, tmp_path / "native", source=TINY)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "glm" and "auto_map" not in cfg
+    again = load_converted(out, dtype=torch.float32)
+    plain = GlmForCausalLM.from_pretrained(out, dtype=torch.float32)  # any transformers user can load it
+    for m in (again, plain):
+        sd, ref_sd = m.state_dict(), tiny_model.state_dict()
+        assert set(sd) == set(ref_sd) and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
+        with torch.no_grad():
+            assert torch.equal(m.eval()(input_ids=golden["plain_input_ids"]).logits,
+                               tiny_model(input_ids=golden["plain_input_ids"]).logits)
+
+
+def test_load_with_cache_dir_converts_once(tiny_copy, tmp_path, monkeypatch, golden):
+    cache = tmp_path / "cache"
+    first = load_chatglm(tiny_copy, dtype=torch.float32, verify="size", cache_dir=cache)
+    assert (cache / convert.CONVERTED_MARKER).is_file() and (cache / "model.safetensors").is_file()
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again although the cache is valid")
+
+    monkeypatch.setattr(convert, "_iter_file", no_conversion)
+    second = load_chatglm(tiny_copy, dtype=torch.float32, cache_dir=cache)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    with torch.no_grad():
+        assert_close_rel(second(input_ids=golden["plain_input_ids"]).logits, golden["plain_logits"])
+    # a changed source invalidates the cache
+    cfg_file = tiny_copy / "config.json"
+    cfg_file.write_text(cfg_file.read_text() + "\n")
+    with pytest.raises(AssertionError, match="converted again"):
+        load_chatglm(tiny_copy, dtype=torch.float32, verify="size", cache_dir=cache)
