@@ -1,0 +1,227 @@
+"""Integrity checks of model files: a damaged shard is refused, naming the file and what to do."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ptune import verify_model
+from ptune.chatglm import integrity
+from ptune.chatglm.convert import load_chatglm, save_converted
+from ptune.chatglm.integrity import IntegrityError, verify_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "golden" / "chatglm" / "tiny_chatglm2"
+SHARED = ROOT.parent / "shared"
+
+
+def make_bin_folder(dst: Path) -> list[str]:
+    """The tiny ChatGLM2 checkpoint as two .bin shards + index + config, like a real download."""
+    dst.mkdir(parents=True)
+    sd = load_file(str(TINY / "model.safetensors"))
+    keys = list(sd)
+    names, weight_map = [], {}
+    for k, part_keys in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"pytorch_model-{k + 1:05d}-of-00002.bin"
+        torch.save({key: sd[key] for key in part_keys}, dst / name)
+        weight_map.update(dict.fromkeys(part_keys, name))
+        names.append(name)
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copyfile(TINY / "config.json", dst / "config.json")
+    return names
+
+
+def manifest_for(folder: Path, with_sizes: bool = True) -> dict:
+    files = {}
+    for f in sorted(folder.glob("*.bin")):
+        entry = {"sha256": integrity.sha256_file(f)}
+        if with_sizes:
+            entry["size"] = f.stat().st_size
+        files[f.name] = entry
+    return {"name": "tiny/test", "how_to_fix": "download it again", "files": files}
+
+
+def flip_byte(path: Path, offset_from_end: int = 200) -> None:
+    """Corrupt one byte inside the tensor data, keeping size (and mtime, as a copy tool might)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    pos = len(data) - offset_from_end if offset_from_end else len(data) // 2
+    data[pos] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+
+
+@pytest.fixture
+def folder(tmp_path) -> tuple[Path, list[str]]:
+    d = tmp_path / "model"
+    names = make_bin_folder(d)
+    return d, names
+
+
+def test_intact_folder_passes(folder):
+    d, names = folder
+    m = manifest_for(d)
+    checks = verify_dir(d, level="full", manifest=m, raise_on_error=True)
+    assert {c.name for c in checks} == set(names)
+    assert all(c.status == "ok" for c in checks)
+
+
+def test_flipped_byte_is_rejected_naming_the_file(folder):
+    d, names = folder
+    m = manifest_for(d)
+    flip_byte(d / names[1], offset_from_end=0)  # a byte in the middle: tensor data, size unchanged
+    assert (d / names[1]).stat().st_size == m["files"][names[1]]["size"]
+    verify_dir(d, level="size", manifest=m, raise_on_error=True)  # same size: only a hash can tell
+    with pytest.raises(IntegrityError) as e:
+        verify_dir(d, level="full", manifest=m, raise_on_error=True)
+    msg = str(e.value)
+    assert names[1] in msg and names[0] not in msg.split("What to do")[0].replace(names[1], "")
+    assert m["files"][names[1]]["sha256"] in msg  # expected
+    assert integrity.sha256_file(d / names[1]) in msg  # actual
+    assert "download it again" in msg and "only the file(s) named above" in msg
+    bad = [c for c in e.value.checks if c.failed]
+    assert [c.name for c in bad] == [names[1]] and bad[0].status == "HASH MISMATCH"
+
+
+def test_first_use_hashes_once_and_remembers(folder, monkeypatch):
+    d, names = folder
+    m = manifest_for(d, with_sizes=False)  # published hashes only, as for chatglm2-6b
+    calls = []
+    real = integrity.sha256_file
+    monkeypatch.setattr(integrity, "sha256_file", lambda p: calls.append(Path(p).name) or real(p))
+    checks = verify_dir(d, level="first-use", manifest=m, raise_on_error=True)
+    assert sorted(calls) == sorted(names) and all(c.status == "ok" for c in checks)
+    cache = json.loads((d / integrity.VERIFIED_CACHE).read_text())
+    assert set(cache["files"]) == set(names)
+    calls.clear()
+    checks = verify_dir(d, level="first-use", manifest=m, raise_on_error=True)
+    assert calls == [] and all(c.status == "ok" and "hash remembered" in c.notes for c in checks)
+    # a changed file (new mtime) is hashed again and caught
+    flip_byte(d / names[0], offset_from_end=0)
+    with pytest.raises(IntegrityError, match=names[0]):
+        verify_dir(d, level="first-use", manifest=m, raise_on_error=True)
+    assert calls == [names[0]]
+
+
+def test_truncated_shard_fails_the_cheap_check(folder):
+    d, names = folder
+    m = manifest_for(d, with_sizes=False)
+    data = (d / names[0]).read_bytes()
+    (d / names[0]).write_bytes(data[: len(data) - 1000])
+    with pytest.raises(IntegrityError, match=names[0]) as e:
+        verify_dir(d, level="size", manifest=m, raise_on_error=True)
+    assert "DAMAGED" in str(e.value)
+
+
+def test_wrong_size_fails_the_cheap_check(folder):
+    d, names = folder
+    m = manifest_for(d)  # with sizes
+    f = d / names[1]
+    f.write_bytes(f.read_bytes() + b"\0" * 10)
+    with pytest.raises(IntegrityError, match=f"{names[1]}: WRONG SIZE"):
+        verify_dir(d, level="size", manifest=m, raise_on_error=True)
+
+
+def test_truncated_safetensors_is_damaged(tmp_path):
+    d = tmp_path / "st"
+    shutil.copytree(TINY, d)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+    checks = verify_dir(d, level="size")
+    assert [c.status for c in checks if c.name == "model.safetensors"] == ["DAMAGED"]
+
+
+def test_missing_shard_reported(folder):
+    d, names = folder
+    m = manifest_for(d)
+    (d / names[0]).unlink()
+    with pytest.raises(IntegrityError, match=f"{names[0]}: MISSING"):
+        verify_dir(d, level="size", manifest=m, raise_on_error=True)
+
+
+def test_load_refuses_a_corrupt_shard(folder, monkeypatch):
+    d, names = folder
+    m = manifest_for(d)
+    (d / integrity.OWN_MANIFEST).write_text(json.dumps(m))
+    assert load_chatglm(d, dtype=torch.float32) is not None  # first use: hashed, passes
+    flip_byte(d / names[1], offset_from_end=0)
+    with pytest.raises(IntegrityError, match=names[1]):
+        load_chatglm(d, dtype=torch.float32)
+
+
+def test_read_only_folder_remembers_elsewhere(folder, tmp_path, monkeypatch):
+    d, names = folder
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    m = manifest_for(d)
+    os.chmod(d, 0o555)
+    try:
+        if os.access(d, os.W_OK):  # running as root: the folder stays writable, nothing to test
+            pytest.skip("folder permissions are not enforced for this user")
+        verify_dir(d, level="first-use", manifest=m, raise_on_error=True)
+        assert list((tmp_path / "xdg" / "ptune" / "verified").glob("*.json"))
+    finally:
+        os.chmod(d, 0o755)
+
+
+def test_converted_cache_has_its_own_manifest(tmp_path):
+    model = load_chatglm(TINY, dtype=torch.float32, verify="size")
+    out = save_converted(model, tmp_path / "native", source=TINY)
+    manifest = json.loads((out / integrity.OWN_MANIFEST).read_text())
+    assert manifest["files"]["model.safetensors"]["size"] == (out / "model.safetensors").stat().st_size
+    assert all(c.status == "ok" for c in verify_dir(out, level="full", raise_on_error=True))
+    flip_byte(out / "model.safetensors", offset_from_end=100)
+    with pytest.raises(IntegrityError, match="model.safetensors"):
+        verify_dir(out, level="full", raise_on_error=True)
+
+
+def test_bundled_chatglm2_manifest_matches_by_config(tmp_path):
+    manifests = {m["name"]: m for m in integrity.bundled_manifests()}
+    m = manifests["THUDM/chatglm2-6b"]
+    assert len(m["files"]) == 7 and all(len(f["sha256"]) == 64 for f in m["files"].values())
+    d = tmp_path / "chatglm2-6b"
+    d.mkdir()
+    cfg = {"_name_or_path": "THUDM/chatglm2-6b", "model_type": "chatglm"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "pytorch_model-00001-of-00007.bin").write_bytes(b"not the real shard")
+    assert integrity.find_manifest(d)["name"] == "THUDM/chatglm2-6b"
+    checks = verify_dir(d, level="first-use")
+    by_name = {c.name: c for c in checks}
+    assert by_name["pytorch_model-00001-of-00007.bin"].status == "HASH MISMATCH"
+    assert by_name["pytorch_model-00002-of-00007.bin"].status == "MISSING"
+    # ChatGLM3-6B ships shards with the same names but other hashes: it must not match
+    (d / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "THUDM/chatglm3-6b"}))
+    assert integrity.find_manifest(d) is None
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not (SHARED / "chatglm" / "chatglm2-6b" / "config.json").is_file(),
+                    reason="needs the real chatglm2-6b config.json in ../shared")
+def test_real_chatglm2_config_selects_the_manifest(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copyfile(SHARED / "chatglm" / "chatglm2-6b" / "config.json", d / "config.json")
+    (d / "pytorch_model-00003-of-00007.bin").write_bytes(b"x")
+    assert integrity.find_manifest(d)["name"] == "THUDM/chatglm2-6b"
+    shutil.copyfile(SHARED / "chatglm" / "chatglm3-6b" / "config.json", d / "config.json")
+    assert integrity.find_manifest(d) is None
+
+
+def test_cli_prints_a_table_and_fails_on_damage(folder, capsys):
+    d, names = folder
+    (d / integrity.OWN_MANIFEST).write_text(json.dumps(manifest_for(d)))
+    assert verify_model.main([str(d), "--full"]) == 0
+    out = capsys.readouterr().out
+    assert all(n in out for n in names) and "all files passed" in out
+    assert verify_model.main([str(d)]) == 0 and "all files passed" in capsys.readouterr().out  # remembered
+    flip_byte(d / names[0], offset_from_end=0)
+    assert verify_model.main([str(d)]) == 0  # quick check: same size, and a changed file's old hash is not trusted
+    capsys.readouterr()
+    assert verify_model.main([str(d), "--full"]) == 1
+    out = capsys.readouterr().out
+    assert "HASH MISMATCH" in out and names[0] in out and "download it again" in out.lower()
