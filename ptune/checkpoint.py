@@ -153,7 +153,10 @@ def verify(ckpt: str | Path, files: list[str] | None = None) -> None:
     if not manifest_path.is_file():
         raise CheckpointError(f"{ckpt} is not a complete ptune checkpoint (no {MANIFEST_FILE}); it may be a save "
                               "that was interrupted")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{manifest_path}: unreadable ({e}); the checkpoint is damaged") from None
     for name in files or sorted(manifest):
         entry = manifest.get(name)
         path = ckpt / name

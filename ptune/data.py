@@ -32,10 +32,12 @@ class Columns:
 
 def _decode(path: Path) -> str:
     raw = path.read_bytes()
+    # Drop a byte-order mark (Windows editors add one) so error offsets count from the file's real start.
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
     try:
-        # utf-8-sig drops a byte-order mark that Windows editors like to add.
-        return raw.decode("utf-8-sig")
+        return raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
+        e.start += bom
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file as UTF-8") from None
 
@@ -55,7 +57,9 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
         numbered = list(enumerate(rows, start=1))
     else:
         numbered = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        # Split on newlines only: str.splitlines also breaks at U+2028/U+0085, which JSON keeps unescaped.
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            line = line.rstrip("\r")
             if not line.strip():
                 continue
             try:
@@ -150,7 +154,7 @@ def encode_example(tokenizer, enc: Encoding, prompt: str, response: str, history
     source = prompt_ids(tokenizer, prompt, history, enc.template)
     if len(source) > enc.max_source_length:
         keep = enc.max_source_length
-        source = source[:keep] if enc.truncate_source_from == "right" else source[-keep:]
+        source = source[:keep] if enc.truncate_source_from == "right" else source[len(source) - keep:]
     target = tokenizer.encode(response, add_special_tokens=False)[: enc.max_target_length]
     target = target + [tokenizer.eos_token_id]
     return {"input_ids": source + target, "labels": [IGNORE] * len(source) + target}
@@ -217,7 +221,8 @@ class BatchPlan:
 
     def _epoch(self, epoch: int) -> list[int]:
         if epoch not in self._epochs:
-            g = torch.Generator().manual_seed(self.seed + epoch)
+            # Seed and epoch mixed so that seed s+1 is not seed s shifted by one epoch.
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             # A global batch spans at most two epochs; older permutations are never asked for again.
             self._epochs = {e: p for e, p in self._epochs.items() if e == epoch - 1}
             self._epochs[epoch] = torch.randperm(len(self.lengths), generator=g).tolist()

@@ -52,6 +52,8 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.eos_token_id is None:
+        raise ModelError(f"{path}: the tokenizer defines no EOS token; ptune appends EOS to every response")
     if tok.pad_token_id is None:
         # Padding positions are masked out everywhere, so any id works; EOS is always in the vocabulary.
         tok.pad_token = tok.eos_token

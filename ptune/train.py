@@ -77,7 +77,8 @@ def sum_across_ranks(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Te
 
 
 def train(cfg: DictConfig) -> Path:
-    accelerator = Accelerator()
+    # accelerate sets up gloo for several CPU processes only when told it runs on the CPU.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     out = run_dir(accelerator)
     setup_logging(out / "train.log", accelerator.is_main_process)

@@ -268,8 +268,6 @@ def test_verify_without_manifest_says_incomplete(tmp_path):
         verify(tmp_path / "checkpoint-404")
 
 
-@pytest.mark.xfail(strict=True, reason="verify() calls json.loads on manifest.json unguarded: a damaged manifest "
-                                       "raises json.JSONDecodeError, not CheckpointError")
 def test_verify_damaged_manifest_raises_checkpoint_error(tmp_path):
     ckpt = full_save(tmp_path, 5)
     path = ckpt / MANIFEST_FILE

@@ -154,8 +154,6 @@ def test_read_rows_non_utf8_names_line(tmp_path):
     assert "0xd6" in str(e.value)  # the first GBK byte of 中
 
 
-@pytest.mark.xfail(strict=True, reason="_decode: with a BOM, UnicodeDecodeError.start counts from after the BOM "
-                                       "but is applied to the raw bytes, so the line and byte reported are off")
 def test_read_rows_non_utf8_after_bom_names_line(tmp_path):
     path = tmp_path / "d.jsonl"
     # The bad byte sits right after the first newline: 3 bytes of BOM shift is enough to miss the newline.
@@ -164,9 +162,6 @@ def test_read_rows_non_utf8_after_bom_names_line(tmp_path):
         read_rows(path)
 
 
-@pytest.mark.xfail(strict=True, reason="read_rows splits JSON lines with str.splitlines(), which also breaks on "
-                                       "U+2028/U+2029/U+0085 that json.dumps(ensure_ascii=False) leaves raw inside "
-                                       "strings; should split on '\\n' only")
 def test_read_rows_unicode_line_separator_inside_string(tmp_path):
     rows = [{"a": "one\u2028two"}, {"a": "three\u0085four"}, {"a": "five\u2029six"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)

@@ -1,0 +1,165 @@
+"""The prefix reaches every attention layer correctly, for several model families."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import FAMILIES, tiny_config
+from ptune.loss import lm_loss_sum, output_softcap
+from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec
+
+VOCAB = 97
+
+
+def make_lm(family: str, length: int = 5, projection: bool = False, layers: int = 2, attn: str = "sdpa", seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, VOCAB)
+    cfg.num_hidden_layers = layers
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).float()
+    spec = PrefixSpec.for_model(model.config, length, projection=projection, projection_hidden_size=24 if projection else None)
+    prefix = PrefixEncoder(spec)
+    with torch.no_grad():  # the default init is too small to make the prefix matter in a check
+        for p in prefix.parameters():
+            p.normal_(0, 0.5)
+    return PrefixLM(model, prefix)
+
+
+def reference_layer(lm: PrefixLM, input_ids: torch.Tensor) -> torch.Tensor:
+    """One decoder layer by hand: prefix keys/values (no rotary) before the real ones, positions from 0, causal
+    among real tokens, every real token seeing the whole prefix. Returns the final normed hidden states."""
+    body = lm.base.model
+    layer = body.layers[0]
+    attn = layer.self_attn
+    modeling = importlib.import_module(type(attn).__module__)
+    b, t = input_ids.shape
+    x = body.embed_tokens(input_ids)
+    h = layer.input_layernorm(x)
+    hd = attn.head_dim
+    q = attn.q_proj(h).view(b, t, -1, hd).transpose(1, 2)
+    k = attn.k_proj(h).view(b, t, -1, hd).transpose(1, 2)
+    v = attn.v_proj(h).view(b, t, -1, hd).transpose(1, 2)
+    pos = torch.arange(t).unsqueeze(0).expand(b, t)
+    cos, sin = body.rotary_emb(x, pos)
+    q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin)
+    (pk, pv), = [lm.prefix(1)[0]]
+    pk, pv = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)
+    k = torch.cat([pk, k], 2)
+    v = torch.cat([pv, v], 2)
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    p = pk.shape[2]
+    allowed = torch.ones(t, p + t, dtype=torch.bool)
+    allowed[:, p:] = torch.ones(t, t).tril().bool()
+    scores = (q @ k.transpose(-1, -2)) / hd**0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1)
+    x = x + attn.o_proj(out)
+    x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return body.norm(x)
+
+
+@pytest.mark.parametrize("family", ["llama", "glm"])
+@pytest.mark.parametrize("projection", [False, True])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_matches_hand_written_reference(family, projection, attn):
+    lm = make_lm(family, projection=projection, layers=1, attn=attn)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        got = lm.decoder(ids)
+        want = reference_layer(lm, ids)
+        without_prefix = lm.base.model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # The check has teeth: the prefix changes the output well beyond the tolerance.
+    assert (got - without_prefix).abs().max() > 1e-2
+
+
+def loss_and_grad(lm: PrefixLM, batch):
+    lm.prefix.zero_grad(set_to_none=True)
+    hidden = lm.decoder(batch["input_ids"], batch["attention_mask"])
+    total, n = lm_loss_sum(hidden, batch["labels"], lm.base.get_output_embeddings(), 4, output_softcap(lm.config))
+    loss = total / n
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in lm.prefix.named_parameters()}
+
+
+def toy_batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 6:] = 0
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_same_loss_and_gradient(family):
+    batch = toy_batch()
+    lm = make_lm(family, projection=True)
+    lm.train()
+    loss_off, grad_off = loss_and_grad(lm, batch)
+    lm.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.train()
+    assert any(getattr(m, "gradient_checkpointing", False) and m.training for m in lm.base.modules())
+    loss_on, grad_on = loss_and_grad(lm, batch)
+    torch.testing.assert_close(loss_on, loss_off, atol=1e-5, rtol=0)
+    for name in grad_off:
+        assert grad_off[name].abs().sum() > 0, name
+        rel = (grad_on[name] - grad_off[name]).norm() / grad_off[name].norm()
+        assert rel < 1e-4, (name, float(rel))
+    assert all(p.grad is None for p in lm.base.parameters())
+    assert not any(p.requires_grad for p in lm.base.parameters())
+    assert not lm.base.training
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_does_not_change_per_row_loss(family):
+    lm = make_lm(family)
+    batch = toy_batch(2)
+    head, softcap = lm.base.get_output_embeddings(), output_softcap(lm.config)
+    with torch.no_grad():
+        hidden = lm.decoder(batch["input_ids"], batch["attention_mask"])
+        for i in range(3):
+            n = int(batch["attention_mask"][i].sum())
+            alone = lm.decoder(batch["input_ids"][i:i + 1, :n])
+            got, count = lm_loss_sum(hidden[i:i + 1], batch["labels"][i:i + 1], head, 4, softcap)
+            want, count_alone = lm_loss_sum(alone, batch["labels"][i:i + 1, :n], head, 4, softcap)
+            assert count == count_alone > 0
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_layout_is_layer_major_key_then_value():
+    spec = PrefixSpec(num_layers=3, num_kv_heads=2, head_dim=4, length=5)
+    enc = PrefixEncoder(spec)
+    kv = enc(1)
+    flat = enc.embedding.weight.view(5, 3, 2, 2, 4)  # token, layer, key/value, head, dim
+    for layer in range(3):
+        torch.testing.assert_close(kv[layer][0][0], flat[:, layer, 0].permute(1, 0, 2))
+        torch.testing.assert_close(kv[layer][1][0], flat[:, layer, 1].permute(1, 0, 2))
+
+
+def test_prefix_shape_mismatch_is_refused():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB))
+    spec = PrefixSpec(num_layers=3, num_kv_heads=2, head_dim=8, length=4)
+    with pytest.raises(ValueError, match=r"layers=3.*layers=2"):
+        PrefixLM(model, PrefixEncoder(spec))
+
+
+def test_training_dropout_per_row_and_off_in_eval():
+    spec = PrefixSpec(num_layers=1, num_kv_heads=1, head_dim=8, length=16)
+    enc = PrefixEncoder(spec, dropout=0.5)
+    enc.train()
+    k, _ = enc(2)[0]
+    assert k.shape[0] == 2 and not torch.equal(k[0], k[1])
+    enc.eval()
+    k, _ = enc(2)[0]
+    assert k.shape[0] == 1
+    torch.testing.assert_close(k[0].permute(1, 0, 2).reshape(16, -1), enc.embedding.weight.view(16, 2, 8)[:, 0])

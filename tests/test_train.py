@@ -1,0 +1,106 @@
+"""The trainer end to end, through its command line, on tiny real models."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ptune.checkpoint import list_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_train(*overrides: str, check: bool = True, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable, "-m"]) + ["ptune.train", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def logged(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_adgen_60steps_writes_checkpoint_and_loss_falls(tiny_model_dir, sample_file, tmp_path):
+    out = tmp_path / "run"
+    run_train("+experiment=adgen_60steps", f"model.path={tiny_model_dir('llama')}", f"data.train_file={sample_file}",
+              f"output_dir={out}")
+    ckpt = out / "checkpoint-60"
+    weights = load_file(ckpt / "prefix.safetensors")
+    assert weights["embedding.weight"].shape == (128, 2 * 2 * 2 * 8)  # length x layers*2*kv_heads*head_dim
+    config = json.loads((ckpt / "prefix_config.json").read_text())
+    assert config["step"] == 60 and config["prefix"]["length"] == 128
+    losses = [r["loss"] for r in logged(out)]
+    assert [r["step"] for r in logged(out)] == [10, 20, 30, 40, 50, 60]
+    # A random tiny base leaves the prefix little to learn, but the loss must go down at every log.
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.02, losses
+    assert list_checkpoints(out) == [ckpt]
+    assert (out / "config.yaml").is_file() and (out / "tensorboard").is_dir()
+
+
+def small_run(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [f"model.path={model_dir}", f"data.train_file={data}", f"output_dir={out}", "prefix.length=4",
+            "trainer.max_steps=6", "trainer.log_steps=1", "trainer.save_steps=3", "trainer.per_device_batch_size=2",
+            "trainer.gradient_accumulation_steps=2", "trainer.progress_bar=false", "trainer.tensorboard=false",
+            "optim.lr=0.05", *extra]
+
+
+def test_resume_is_bitwise_exact(tiny_model_dir, sample_file, tmp_path):
+    model = tiny_model_dir("llama")
+    out = tmp_path / "run"
+    run_train(*small_run(model, sample_file, out))
+    straight = load_file(out / "checkpoint-6" / "prefix.safetensors")["embedding.weight"]
+    straight_log = logged(out)
+    # As if the run died after saving step 3: drop the later checkpoint, then resume.
+    shutil.rmtree(out / "checkpoint-6")
+    run_train(*small_run(model, sample_file, out, "resume=latest"))
+    resumed = load_file(out / "checkpoint-6" / "prefix.safetensors")["embedding.weight"]
+    assert torch.equal(straight, resumed)
+    assert not torch.equal(straight, load_file(out / "checkpoint-3" / "prefix.safetensors")["embedding.weight"])
+    assert [r["step"] for r in logged(out)] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in logged(out)] == [r["loss"] for r in straight_log]
+
+
+def test_torchrun_two_gloo_processes_match_one_process(tiny_model_dir, sample_file, tmp_path):
+    model = tiny_model_dir("glm")
+    common = ["prefix.dropout=0", "trainer.max_steps=5", "trainer.save_steps=5", "trainer.sort_by_length=true"]
+    one = tmp_path / "one"
+    run_train(*small_run(model, sample_file, one, *common, "trainer.per_device_batch_size=4"))
+    two = tmp_path / "two"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m"]
+    run_train(*small_run(model, sample_file, two, *common, "trainer.per_device_batch_size=2"), launcher=launcher)
+    a = load_file(one / "checkpoint-5" / "prefix.safetensors")["embedding.weight"]
+    b = load_file(two / "checkpoint-5" / "prefix.safetensors")["embedding.weight"]
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    assert not torch.equal(a, load_file(one / "checkpoint-5" / "prefix.safetensors")["embedding.weight"] * 0)
+    assert [p.name for p in list_checkpoints(two)] == ["checkpoint-5"]
+    assert sorted(p.name for p in two.iterdir()) == ["checkpoint-5", "config.yaml", "train.log", "train_log.jsonl"]
+    assert [r["step"] for r in logged(two)] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in logged(two)] == pytest.approx([r["loss"] for r in logged(one)], abs=1e-5)
+
+
+def test_gradient_checkpointing_run(tiny_model_dir, sample_file, tmp_path):
+    model = tiny_model_dir("qwen2")
+    run_train(*small_run(model, sample_file, tmp_path / "off", "prefix.dropout=0", "trainer.max_steps=2"))
+    run_train(*small_run(model, sample_file, tmp_path / "on", "prefix.dropout=0", "trainer.max_steps=2",
+                         "trainer.gradient_checkpointing=true"))
+    a = load_file(tmp_path / "off" / "checkpoint-2" / "prefix.safetensors")["embedding.weight"]
+    b = load_file(tmp_path / "on" / "checkpoint-2" / "prefix.safetensors")["embedding.weight"]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_missing_model_path_is_a_clear_error(sample_file, tmp_path):
+    proc = run_train(f"model.path={tmp_path / 'nope'}", f"data.train_file={sample_file}",
+                     f"output_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode != 0
+    assert f"model.path={tmp_path / 'nope'}: no such folder" in proc.stderr
