@@ -145,17 +145,21 @@ def attach_checkpoint(model, checkpoint, prefix_lm: PrefixLM | None = None) -> P
 def load_for_inference(checkpoint, model_cfg=None, device="cpu"):
     """(PrefixLM or bare base, tokenizer, prefix_config) for a checkpoint; `checkpoint=None` gives the base alone.
 
-    The base is the one the checkpoint records unless `model_cfg.path` names another.
+    The model settings are the ones the checkpoint recorded, overridden by the non-null values of
+    `model_cfg` (e.g. `model.path` when the base has moved).
     """
-    config = ckpt_io.read_prefix_config(checkpoint) if checkpoint else None
-    if model_cfg is None or model_cfg.get("path") in (None, "", "???"):
-        if config is None:
-            raise ModelError("no checkpoint and no model.path: nothing to load")
-        from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
-        model_cfg = OmegaConf.merge(OmegaConf.create(config["model"]), model_cfg or {})
-        model_cfg.path = config["base"]["path"]
-    model, tokenizer = load_base(model_cfg, device)
+    config = ckpt_io.read_prefix_config(checkpoint) if checkpoint else None
+    overrides = {k: v for k, v in (OmegaConf.to_container(model_cfg) if model_cfg is not None else {}).items()
+                 if v is not None}
+    recorded = dict(config["model"]) if config else {}
+    if config:
+        recorded["path"] = config["base"]["path"]
+    merged = OmegaConf.create({**recorded, **overrides})
+    if merged.get("path") is None:
+        raise ModelError("no checkpoint and no model.path: nothing to load")
+    model, tokenizer = load_base(merged, device)
     if checkpoint is None:
         return model, tokenizer, None
     return attach_checkpoint(model, checkpoint), tokenizer, config

@@ -35,13 +35,14 @@ def sample_rows(n: int | None = None) -> list[dict]:
 
 def build_tokenizer(out: Path):
     """A character-level fast tokenizer over the sample's characters plus ASCII, with a chat template."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = sorted({c for r in sample_rows() for c in r["content"] + r["summary"]} | {chr(i) for i in range(32, 127)})
     vocab = {tok: i for i, tok in enumerate(SPECIALS + [c for c in chars if c not in SPECIALS])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()  # characters back together, no spaces between them
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
                                   eos_token="</s>", additional_special_tokens=["<|user|>", "<|assistant|>"])
     tok.chat_template = CHAT_TEMPLATE

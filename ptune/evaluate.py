@@ -1,0 +1,149 @@
+"""Score a checkpoint: `python -m ptune.evaluate checkpoint=outputs/<run>/checkpoint-N [data.eval_file=...]`.
+
+Generates for every eval row in large left-padded batches (longest prompts first, so the batch size
+that fits the first batch fits all), writes `generated_predictions.jsonl` and `metrics.json`, and prints
+the ROUGE/BLEU table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from ptune.data import Columns, left_pad, load_examples, prompt_ids
+from ptune.generate import generate
+from ptune.logs import peak_memory_gib, setup_logging
+from ptune.metrics import compute_metrics
+from ptune.models import load_for_inference
+from ptune.prefix import PrefixLM, attention_shape
+
+log = logging.getLogger("ptune.evaluate")
+
+
+@dataclass
+class EvalSet:
+    prompts: list[list[int]]
+    labels: list[str]
+    texts: list[str]
+
+
+def build_eval_set(path, tokenizer, data_cfg: dict, template: str, limit: int | None = None) -> EvalSet:
+    """Prompt ids and reference texts; labels are cut to max_target_length tokens like the training targets."""
+    examples = load_examples(path, Columns(data_cfg["prompt_column"], data_cfg["response_column"],
+                                           data_cfg.get("history_column")))
+    if limit:
+        examples = examples.select(range(min(limit, len(examples))))
+    prompts, labels = [], []
+    for row in examples:
+        ids = prompt_ids(tokenizer, row["prompt"], row["history"], template)
+        keep = data_cfg["max_source_length"]
+        ids = ids[:keep] if data_cfg.get("truncate_source_from", "right") == "right" else ids[len(ids) - keep:]
+        prompts.append(ids)
+        target = tokenizer.encode(row["response"], add_special_tokens=False)[: data_cfg["max_target_length"]]
+        labels.append(tokenizer.decode(target, skip_special_tokens=True))
+    return EvalSet(prompts, labels, list(examples["prompt"]))
+
+
+def auto_batch_size(model, prompt_len: int, new_tokens: int, device: torch.device, cap: int) -> int:
+    """Rows whose KV cache fills half the free GPU memory; 16 on the CPU, where memory is not the limit."""
+    if device.type != "cuda":
+        return min(16, cap)
+    shape = attention_shape(model.config)
+    prefix = model.prefix.spec.length if isinstance(model, PrefixLM) else 0
+    elem = torch.finfo(next(model.parameters()).dtype).bits // 8
+    per_row = shape["num_layers"] * 2 * shape["num_kv_heads"] * shape["head_dim"] * (prefix + prompt_len + new_tokens)
+    # Logits of one step and activations of the prefill cost about as much again as the cache.
+    per_row = per_row * elem * 2 + model.config.get_text_config().vocab_size * 4
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(cap, int(free * 0.5 // per_row)))
+
+
+def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_size: int | str, device,
+            progress: bool = True) -> tuple[list[str], dict]:
+    """Generated texts in input order, and throughput figures."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    if batch_size == "auto":
+        batch_size = auto_batch_size(model, len(prompts[order[0]]), gen.max_new_tokens, device, len(prompts))
+    eos = [tokenizer.eos_token_id] + list(gen.get("extra_eos_token_ids") or [])
+    generator = torch.Generator(device=device).manual_seed(int(gen.seed)) if gen.do_sample else None
+    texts: list[str | None] = [None] * len(prompts)
+    new_tokens, start = 0, time.perf_counter()
+    bar = tqdm(total=len(prompts), desc="generate", disable=not progress)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], tokenizer.pad_token_id).items()}
+        out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=gen.max_new_tokens,
+                       eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, do_sample=gen.do_sample,
+                       temperature=gen.temperature, top_p=gen.top_p, generator=generator)
+        for row, i in zip(out.tolist(), idx):
+            texts[i] = tokenizer.decode(row, skip_special_tokens=True)
+            new_tokens += sum(1 for t in row if t not in eos and t != tokenizer.pad_token_id)
+        bar.update(len(idx))
+    bar.close()
+    wall = time.perf_counter() - start
+    stats = {"batch_size": batch_size, "wall_s": round(wall, 3), "new_tokens": new_tokens,
+             "tokens_per_s": round(new_tokens / wall, 1), "peak_mem_gib": round(peak_memory_gib(device), 3)}
+    return texts, stats
+
+
+def score(texts: list[str], labels: list[str]) -> dict:
+    return compute_metrics(texts, labels)
+
+
+def write_results(out_dir: Path, evalset: EvalSet, texts: list[str], metrics: dict, extra: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "generated_predictions.jsonl", "w", encoding="utf-8") as f:
+        for prompt, label, text in zip(evalset.texts, evalset.labels, texts):
+            f.write(json.dumps({"prompt": prompt, "label": label, "predict": text.strip()}, ensure_ascii=False) + "\n")
+    tmp = out_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps({**metrics, **extra}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(out_dir / "metrics.json")
+
+
+def format_table(rows: list[dict], keys=("rouge-1", "rouge-2", "rouge-l", "bleu-4")) -> str:
+    head = "| name | " + " | ".join(keys) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 1)]
+    for r in rows:
+        lines.append(f"| {r['name']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer, prefix_config = load_for_inference(cfg.checkpoint, cfg.model, device)
+    recorded = (prefix_config or {}).get("data", {})
+    data_cfg = {**recorded, **{k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
+                               if v is not None}}
+    template = cfg.model.get("template") or (prefix_config or {}).get("model", {}).get("template")
+    if not data_cfg.get("eval_file"):
+        raise SystemExit("config error: data.eval_file is not set; pass data.eval_file=/path/to/dev.json")
+    evalset = build_eval_set(data_cfg["eval_file"], tokenizer, data_cfg, template, cfg.limit)
+    texts, stats = predict(model, tokenizer, evalset.prompts, cfg.generation, cfg.batch_size, device)
+    metrics = score(texts, evalset.labels)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else (Path(cfg.checkpoint) / "eval" if cfg.checkpoint
+                                                            else Path("outputs/eval-base"))
+    write_results(out_dir, evalset, texts, metrics,
+                  {"generation": {**OmegaConf.to_container(cfg.generation), **stats},
+                   "checkpoint": str(cfg.checkpoint), "eval_file": str(data_cfg["eval_file"])})
+    log.info("%d rows in %.1f s (%s tokens/s, batch %s, peak %.2f GiB); wrote %s", len(texts), stats["wall_s"],
+             stats["tokens_per_s"], stats["batch_size"], stats["peak_mem_gib"], out_dir)
+    print(format_table([{"name": str(cfg.checkpoint or "base"), **metrics}]))
+    return metrics
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    setup_logging()
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
