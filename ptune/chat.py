@@ -1,0 +1,260 @@
+"""Talk to a tuned model in the terminal: `python -m ptune.chat checkpoint=outputs/<run>/checkpoint-N`.
+
+`checkpoint=null model.path=<dir>` talks to the base model alone. Lines are read from standard input
+one at a time, so the chat can also be driven through a pipe; `clear` forgets the history, `stop` (or
+end of input) quits. Replies stream as they are generated.
+
+The pieces shared with `ptune.serve` live here too: loading the model with its prompt template, building
+a prompt (with an optional system message), and turning a stream of token ids into a stream of text.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ptune.data import prompt_ids
+from ptune.generate import generate
+from ptune.logs import setup_logging
+from ptune.models import load_for_inference
+
+log = logging.getLogger("ptune.chat")
+
+COMMAND_CLEAR = "clear"
+COMMAND_STOP = "stop"
+
+
+@dataclass
+class ChatModel:
+    """A loaded model with everything needed to prompt it and to stop its replies."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    template: str
+    device: torch.device
+    eos_token_ids: list[int]
+    checkpoint: str | None
+    base_path: str
+    step: int | None = None
+    prefix_config: dict | None = field(default=None, repr=False)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def describe(self) -> str:
+        what = self.checkpoint if self.checkpoint else f"{self.base_path} (base model, no prefix)"
+        return f"{what}, template {self.template}, on {self.device.type}"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_chat_model(cfg: DictConfig) -> ChatModel:
+    """The model named by `cfg.checkpoint` / `cfg.model`, as `ptune.evaluate` loads it."""
+    device = resolve_device(str(cfg.device))
+    checkpoint = str(Path(str(cfg.checkpoint)).expanduser()) if cfg.checkpoint else None
+    model, tokenizer, prefix_config = load_for_inference(checkpoint, cfg.model, device)
+    template = cfg.model.get("template") or (prefix_config or {}).get("model", {}).get("template")
+    if not template:
+        # A bare base with no template given: its own chat template when it has one.
+        template = "chat_template" if getattr(tokenizer, "chat_template", None) else "plain"
+    eos = [tokenizer.eos_token_id] + [int(t) for t in (cfg.generation.get("extra_eos_token_ids") or [])]
+    base_path = (prefix_config or {}).get("base", {}).get("path") or str(cfg.model.path)
+    if cfg.model.get("path"):
+        base_path = str(cfg.model.path)
+    return ChatModel(model=model, tokenizer=tokenizer, template=template, device=device, eos_token_ids=eos,
+                     checkpoint=checkpoint, base_path=base_path,
+                     step=(prefix_config or {}).get("step"), prefix_config=prefix_config)
+
+
+def build_prompt(tokenizer, template: str, query: str, history, system: str | None = None) -> list[int]:
+    """Prompt ids for `query` after `history` ([question, answer] pairs), as training and evaluation build them.
+
+    Without a system message this is exactly `ptune.data.prompt_ids`. With one, the chat_template
+    template passes it as a system turn; the chatglm2 and plain templates have no such turn, so the
+    system text goes in front of the first question, separated by a blank line.
+    """
+    history = [(str(q), str(a)) for q, a in (history or [])]
+    if not system:
+        return prompt_ids(tokenizer, query, history, template)
+    if template == "chat_template":
+        messages = [{"role": "system", "content": system}]
+        for q, a in history:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": query})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    if history:
+        history = [(f"{system}\n\n{history[0][0]}", history[0][1])] + history[1:]
+    else:
+        query = f"{system}\n\n{query}"
+    return prompt_ids(tokenizer, query, history, template)
+
+
+def fit_history(tokenizer, template: str, query: str, history, max_prompt_tokens: int | None,
+                system: str | None = None) -> tuple[list[int], list]:
+    """(prompt ids, kept history): the oldest turns are dropped until the prompt fits `max_prompt_tokens`."""
+    history = list(history or [])
+    while True:
+        ids = build_prompt(tokenizer, template, query, history, system)
+        if not max_prompt_tokens or len(ids) <= max_prompt_tokens or not history:
+            return ids, history
+        history = history[1:]
+
+
+class StreamDecoder:
+    """Text of a reply as its tokens arrive: re-decodes the reply so far and hands out the new suffix.
+
+    A suffix that ends in U+FFFD (an incomplete UTF-8 sequence of a byte-level tokenizer) is held back
+    until the next token completes the character.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.emitted = ""
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        self.tokens.append(int(token))
+        text = self.text()
+        if text.endswith("\ufffd") or not text.startswith(self.emitted):
+            return ""
+        new, self.emitted = text[len(self.emitted):], text
+        return new
+
+    def flush(self) -> str:
+        """What is left to show once the reply is complete (an incomplete character, if any)."""
+        text = self.text()
+        if not text.startswith(self.emitted):
+            return ""
+        new, self.emitted = text[len(self.emitted):], text
+        return new
+
+
+def generation_kwargs(gen: DictConfig) -> dict:
+    return {"do_sample": bool(gen.do_sample), "temperature": float(gen.temperature), "top_p": float(gen.top_p)}
+
+
+def reply(cm: ChatModel, prompt: list[int], gen: DictConfig, on_text=None, generator=None) -> str:
+    """Generate one reply to `prompt`, calling `on_text(new_text)` as it grows; the full reply is returned."""
+    batch = torch.tensor([prompt], dtype=torch.long, device=cm.device)
+    decoder = StreamDecoder(cm.tokenizer)
+    eos = set(cm.eos_token_ids)
+    finished = False
+
+    def on_token(col):
+        nonlocal finished
+        token = int(col[0])
+        if finished or token in eos:
+            finished = True
+            return
+        new = decoder.push(token)
+        if new and on_text is not None:
+            on_text(new)
+
+    generate(cm.model, batch, torch.ones_like(batch), max_new_tokens=int(gen.max_new_tokens),
+             eos_token_ids=cm.eos_token_ids, pad_token_id=cm.pad_token_id, generator=generator,
+             on_token=on_token, **generation_kwargs(gen))
+    rest = decoder.flush()
+    if rest and on_text is not None:
+        on_text(rest)
+    return decoder.text()
+
+
+def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
+    """The read-reply loop; returns the exit code."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    interactive = stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and arrow-key history for input())
+        except ImportError:
+            pass
+    gen = cfg.generation
+    generator = None
+    if gen.do_sample:
+        generator = torch.Generator(device=cm.device).manual_seed(int(gen.seed))
+    history: list[tuple[str, str]] = []
+    user, bot = cfg.user_name, cfg.assistant_name
+
+    def out(text: str) -> None:
+        stdout.write(text)
+        stdout.flush()
+
+    out(f"Chatting with {cm.describe()}.\nType a message; '{COMMAND_CLEAR}' forgets the history, "
+        f"'{COMMAND_STOP}' quits.\n")
+    while True:
+        prompt_label = f"\n{user}: "
+        try:
+            if interactive and stdin is sys.stdin and stdout is sys.stdout:
+                line = input(prompt_label)
+            else:
+                out(prompt_label)
+                line = stdin.readline()
+                if not line:
+                    raise EOFError
+        except EOFError:
+            out("\n")
+            return 0
+        except KeyboardInterrupt:
+            out("\n")
+            return 0
+        query = line.rstrip("\r\n")
+        command = query.strip().lower()
+        if not query.strip():
+            continue
+        if command == COMMAND_STOP:
+            return 0
+        if command == COMMAND_CLEAR:
+            history = []
+            out("History cleared.\n")
+            continue
+        prompt, kept = fit_history(cm.tokenizer, cm.template, query, history, cfg.max_prompt_tokens)
+        if len(kept) < len(history):
+            out(f"[dropped the {len(history) - len(kept)} oldest turn(s) to fit max_prompt_tokens="
+                f"{cfg.max_prompt_tokens}]\n")
+            history = kept
+        if cfg.max_prompt_tokens and len(prompt) > cfg.max_prompt_tokens:
+            out(f"[this message is {len(prompt)} tokens; the prompt may have at most max_prompt_tokens="
+                f"{cfg.max_prompt_tokens}]\n")
+            continue
+        if cfg.show_prompt:
+            out(f"[turn {len(history) + 1}: history {len(history)} turn(s), prompt {len(prompt)} tokens]\n")
+        out(f"{bot}: ")
+        try:
+            answer = reply(cm, prompt, gen, on_text=out, generator=generator)
+        except KeyboardInterrupt:
+            out("\n[interrupted; this turn is not kept]\n")
+            continue
+        out("\n")
+        history.append((query, answer))
+
+
+@hydra.main(config_path="../conf", config_name="chat", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    setup_logging()
+    if not cfg.checkpoint and not cfg.model.get("path"):
+        raise SystemExit("config error: pass checkpoint=<run>/checkpoint-N, or checkpoint=null model.path=<dir> "
+                         "to chat with the base model alone")
+    log.info("loading %s", cfg.checkpoint or cfg.model.path)
+    cm = load_chat_model(cfg)
+    log.debug("config: %s", OmegaConf.to_yaml(cfg))
+    sys.exit(chat_loop(cm, cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,627 @@
+"""Serve a tuned model over HTTP: `python -m ptune.serve checkpoint=outputs/<run>/checkpoint-N [port=8000]`.
+
+Endpoints (one FastAPI app, bound to 127.0.0.1 unless `host` says otherwise):
+
+* `POST /` — ChatGLM2-6B's api.py shape: `{"prompt", "history", "max_length", "top_p", "temperature"}`
+  in, `{"response", "history", "status", "time"}` out. `max_length` is a total budget (prompt + reply)
+  as there. Its defaults are api.py's (top_p 0.7, temperature 0.95: sampled); temperature 0 is greedy.
+* `POST /v1/chat/completions` — OpenAI-compatible, `stream: true` answers with server-sent events.
+  Without a temperature (or with one <= 0) the reply is greedy.
+* `GET /v1/models`, `GET /health`, and a chat page at `GET /` (also `/chat`).
+
+One worker thread owns the model. Requests wait in a queue; the worker takes every compatible request
+that arrived within `batch_wait_ms` (up to `max_batch_size`) and generates them together, left-padded,
+with `ptune.generate.generate`; streamed requests share those batches and get their text as it comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import hmac
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Literal
+
+import hydra
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from ptune.chat import ChatModel, StreamDecoder, build_prompt, load_chat_model
+from ptune.data import left_pad
+from ptune.generate import generate
+from ptune.logs import setup_logging
+
+log = logging.getLogger("ptune.serve")
+
+API_KEY_ENV = "PTUNE_API_KEY"
+WEB_FILES = {"chat.js": "text/javascript; charset=utf-8", "chat.css": "text/css; charset=utf-8"}
+
+
+# ---------------------------------------------------------------------------------------------- the worker
+
+
+class _AllFinished(Exception):
+    """Raised from the token callback to end a batch whose rows are all finished or abandoned."""
+
+
+@dataclass
+class Result:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS) or "length"
+
+
+@dataclass
+class Job:
+    prompt: list[int]
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    seed: int | None = None
+    on_text: Callable[[str], None] | None = None  # streaming: called from the worker thread with new text
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    cancelled: bool = False
+
+    def batch_key(self):
+        """Jobs with equal keys can share a batch (generate takes one set of sampling settings)."""
+        if not self.do_sample:
+            return ("greedy",)
+        if self.seed is not None:
+            # A seeded request is reproducible only alone: rows of a batch share one random stream.
+            return ("seeded", id(self))
+        return ("sample", self.temperature, self.top_p)
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class Engine:
+    """Owns the model; a single thread runs the queued jobs in batches."""
+
+    def __init__(self, cm: ChatModel, max_batch_size: int = 8, batch_wait_ms: float = 5.0, max_queue: int = 256,
+                 seed: int = 42):
+        self.cm = cm
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.batch_wait = max(0.0, float(batch_wait_ms)) / 1000.0
+        self.max_queue = int(max_queue)
+        self.queue: queue.Queue[Job | None] = queue.Queue()
+        self.generator = torch.Generator(device=cm.device).manual_seed(int(seed))
+        self.batches = 0           # counters for /health and the tests
+        self.largest_batch = 0
+        self.served = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ptune-serve-worker", daemon=True)
+        self._thread.start()
+
+    # -- called from request handlers
+
+    def submit(self, job: Job) -> Job:
+        if self.queue.qsize() >= self.max_queue:
+            raise QueueFull(f"{self.queue.qsize()} requests are waiting (max_queue={self.max_queue}); retry later")
+        self.queue.put(job)
+        return job
+
+    def pending(self) -> int:
+        return self.queue.qsize()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.queue.put(None)
+        self._thread.join(timeout=30)
+
+    # -- the worker thread
+
+    def _loop(self) -> None:
+        waiting: deque[Job] = deque()
+        while not self._stop.is_set():
+            if not waiting:
+                job = self.queue.get()
+                if job is None:
+                    break
+                waiting.append(job)
+            # Let the requests that arrive within batch_wait join this batch.
+            deadline = time.monotonic() + self.batch_wait
+            while True:
+                key = waiting[0].batch_key()
+                if sum(1 for j in waiting if j.batch_key() == key) >= self.max_batch_size:
+                    break
+                timeout = deadline - time.monotonic()
+                try:
+                    job = self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._stop.set()
+                    break
+                waiting.append(job)
+            if self._stop.is_set():
+                break
+            key = waiting[0].batch_key()
+            batch, rest = [], deque()
+            for j in waiting:
+                if j.batch_key() == key and len(batch) < self.max_batch_size:
+                    # Once running, a future can no longer be cancelled; a cancelled one is dropped here.
+                    if not j.cancelled and j.future.set_running_or_notify_cancel():
+                        batch.append(j)
+                    elif not j.future.done():
+                        j.future.cancel()
+                else:
+                    rest.append(j)
+            waiting = rest
+            if batch:
+                self._run(batch)
+        for j in waiting:
+            j.future.cancel()
+
+    def _run(self, batch: list[Job]) -> None:
+        cm = self.cm
+        try:
+            self._generate(batch)
+        except Exception as e:  # a failed batch fails its requests, not the server
+            log.exception("generation failed for a batch of %d", len(batch))
+            for j in batch:
+                if not j.future.done():
+                    j.future.set_exception(e)
+        finally:
+            if cm.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _generate(self, batch: list[Job]) -> None:
+        cm = self.cm
+        eos = set(cm.eos_token_ids)
+        first = batch[0]
+        tokens: list[list[int]] = [[] for _ in batch]
+        reasons: list[str | None] = [None] * len(batch)
+        decoders = [StreamDecoder(cm.tokenizer) if j.on_text else None for j in batch]
+
+        def on_token(col):
+            for i, token in enumerate(col.tolist()):
+                if reasons[i] is not None:
+                    continue
+                if token in eos:
+                    reasons[i] = "stop"
+                    continue
+                tokens[i].append(token)
+                job = batch[i]
+                if decoders[i] is not None and not job.cancelled:
+                    new = decoders[i].push(token)
+                    if new:
+                        job.on_text(new)
+                if len(tokens[i]) >= job.max_new_tokens:
+                    reasons[i] = "length"
+            if all(reasons[i] is not None or j.cancelled for i, j in enumerate(batch)):
+                raise _AllFinished
+
+        enc = left_pad([j.prompt for j in batch], cm.pad_token_id)
+        enc = {k: v.to(cm.device) for k, v in enc.items()}
+        generator = self.generator
+        if first.do_sample and first.seed is not None:
+            generator = torch.Generator(device=cm.device).manual_seed(int(first.seed))
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+        try:
+            generate(cm.model, enc["input_ids"], enc["attention_mask"],
+                     max_new_tokens=max(j.max_new_tokens for j in batch), eos_token_ids=cm.eos_token_ids,
+                     pad_token_id=cm.pad_token_id, do_sample=first.do_sample, temperature=first.temperature,
+                     top_p=first.top_p, generator=generator if first.do_sample else None, on_token=on_token)
+        except _AllFinished:
+            pass
+        for i, job in enumerate(batch):
+            if decoders[i] is not None and not job.cancelled:
+                rest = decoders[i].flush()
+                if rest:
+                    job.on_text(rest)
+            text = cm.tokenizer.decode(tokens[i], skip_special_tokens=True)
+            self.served += 1
+            job.future.set_result(Result(text, len(job.prompt), len(tokens[i]), reasons[i] or "length"))
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ApiRequest(_Strict):
+    """ChatGLM2-6B api.py's request."""
+
+    prompt: StrictStr
+    history: list[tuple[StrictStr, StrictStr]] | None = None
+    max_length: StrictInt | None = Field(None, ge=1)
+    top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    temperature: float | None = Field(None, allow_inf_nan=False)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Strict):
+    """The part of OpenAI's chat completion request that applies here; other fields are ignored."""
+
+    model: StrictStr | None = None
+    messages: list[Message] = Field(min_length=1)
+    temperature: float | None = Field(None, allow_inf_nan=False)
+    top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    stream: StrictBool = False
+    n: StrictInt = Field(1, ge=1, le=1)
+    seed: StrictInt | None = None
+
+
+class RequestError(Exception):
+    """A request that is well-formed JSON but cannot be served; becomes a 4xx with this message."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def messages_to_turns(messages: list[Message]) -> tuple[str | None, list[tuple[str, str]], str]:
+    """(system, history, query) from OpenAI messages.
+
+    System messages are joined into one system text. The rest must end with a user message; user and
+    assistant messages pair up into [question, answer] turns (consecutive messages of one role are
+    joined by newlines, an answer with no question before it gets an empty question).
+    """
+    system = "\n".join(m.text() for m in messages if m.role == "system") or None
+    turns: list[list[str]] = []  # [role, text] runs of one role
+    for m in messages:
+        if m.role == "system":
+            continue
+        if turns and turns[-1][0] == m.role:
+            turns[-1][1] += "\n" + m.text()
+        else:
+            turns.append([m.role, m.text()])
+    if not turns or turns[-1][0] != "user":
+        raise RequestError(400, "messages must end with a message whose role is 'user'", "messages",
+                           "invalid_messages")
+    query = turns.pop()[1]
+    history, question = [], None
+    for role, text in turns:
+        if role == "user":
+            question = text
+        else:
+            history.append((question or "", text))
+            question = None
+    if question is not None:  # a user message answered by nothing: keep it with an empty answer
+        history.append((question, ""))
+    return system, history, query
+
+
+def is_greedy(temperature: float | None) -> bool:
+    return temperature is None or temperature <= 0
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+
+class BodyLimit:
+    """Pure ASGI middleware: refuse request bodies over `limit` bytes with 413, before any parsing."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, int(limit)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = scope.get("headers") or []
+        if scope.get("method") == "POST":
+            # Every POST body here is JSON; read it as such whatever Content-Type says, as api.py did
+            # (`curl -d` labels its data as a form).
+            headers = [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")]
+            scope = {**scope, "headers": headers}
+        length = dict(headers).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send)
+        chunks, size = [], 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                chunks.append(message)
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._refuse(send)
+            chunks.append(message)
+            more = message.get("more_body", False)
+        body = b"".join(m.get("body", b"") for m in chunks if m["type"] == "http.request")
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send):
+        payload = json.dumps(error_body(f"request body is larger than max_body_bytes={self.limit} bytes",
+                                        "request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def error_body(message: str, code: str | None = None, param: str | None = None) -> dict:
+    """Errors in OpenAI's shape, plus FastAPI's `detail` so either kind of client finds the message."""
+    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code},
+            "detail": message}
+
+
+def _describe_validation(errors: list[dict]) -> tuple[str, str | None]:
+    parts, first = [], None
+    for e in errors:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "json_invalid":
+            ctx = e.get("ctx") or {}
+            parts.append(f"the body is not valid JSON ({ctx.get('error', e.get('msg'))})")
+            continue
+        name = ".".join(loc) or "body"
+        first = first or (loc[0] if loc else None)
+        parts.append(f"{name}: {e.get('msg')}")
+    return "; ".join(parts), first
+
+
+def default_model_name(cm: ChatModel) -> str:
+    """`<run folder>/checkpoint-N` for a checkpoint, the base model's folder name without one."""
+    if cm.checkpoint:
+        path = Path(cm.checkpoint).resolve()
+        return f"{path.parent.name}/{path.name}"
+    return Path(cm.base_path).resolve().name
+
+
+def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
+    """The FastAPI app around a loaded model (the tests build it in-process)."""
+    engine = engine or Engine(cm, cfg.max_batch_size, cfg.batch_wait_ms, cfg.max_queue, cfg.seed)
+    api_key = cfg.get("api_key") or os.environ.get(API_KEY_ENV) or None
+    model_name = cfg.get("model_name") or default_model_name(cm)
+    max_prompt = int(cfg.max_prompt_tokens)
+    max_new_cap = int(cfg.max_new_tokens)
+    created = int(time.time())
+    web = resources.files("ptune") / "web"
+
+    def lifespan(app):
+        from contextlib import asynccontextmanager
+
+        @asynccontextmanager
+        async def span(app):
+            yield
+            await asyncio.get_running_loop().run_in_executor(None, engine.close)
+
+        return span(app)
+
+    app = FastAPI(title="ptune", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.state.model_name = model_name
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError):
+        message, param = _describe_validation(list(exc.errors()))
+        body = error_body(message, "invalid_request", param)
+        body["errors"] = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+                          for e in exc.errors()]
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, exc: RequestError):
+        return JSONResponse(error_body(exc.message, exc.code, exc.param), status_code=exc.status)
+
+    async def authorized(request: Request):
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise RequestError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+
+    def prompt_for(query: str, history, system: str | None = None, param: str = "messages") -> list[int]:
+        ids = build_prompt(cm.tokenizer, cm.template, query, history, system)
+        if len(ids) > max_prompt:
+            raise RequestError(400, f"the prompt is {len(ids)} tokens (history included); this server accepts at "
+                               f"most {max_prompt} (max_prompt_tokens)", param, "context_length_exceeded")
+        return ids
+
+    async def run_job(job: Job) -> Result:
+        try:
+            engine.submit(job)
+        except QueueFull as e:
+            raise RequestError(503, str(e), code="server_busy") from None
+        try:
+            return await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+
+    def sampling(temperature: float | None, top_p: float | None, default_top_p: float) -> dict:
+        if is_greedy(temperature):
+            return {"do_sample": False, "temperature": 1.0, "top_p": 1.0}
+        return {"do_sample": True, "temperature": float(temperature),
+                "top_p": float(default_top_p if top_p is None else top_p)}
+
+    # -- ChatGLM2-6B api.py
+
+    @app.post("/", dependencies=[Depends(authorized)])
+    async def chatglm_api(req: ApiRequest):
+        history = [tuple(t) for t in (req.history or [])]
+        ids = prompt_for(req.prompt, history, param="prompt")
+        max_length = req.max_length or int(cfg.api.max_length)
+        room = max_length - len(ids)
+        if room < 1:
+            raise RequestError(400, f"the prompt is {len(ids)} tokens and max_length is {max_length}: no room for a "
+                               "reply (max_length counts prompt and reply tokens)", "max_length",
+                               "context_length_exceeded")
+        temperature = cfg.api.temperature if req.temperature is None else req.temperature
+        job = Job(ids, min(room, max_new_cap), **sampling(temperature, req.top_p, float(cfg.api.top_p)))
+        result = await run_job(job)
+        now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        history = [list(t) for t in history] + [[req.prompt, result.text]]
+        log.info("POST / prompt %d tokens -> %d tokens (%s)", result.prompt_tokens, result.completion_tokens,
+                 result.finish_reason)
+        return {"response": result.text, "history": history, "status": 200, "time": now}
+
+    # -- OpenAI-compatible
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "ptune"}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(req: ChatCompletionRequest):
+        system, history, query = messages_to_turns(req.messages)
+        ids = prompt_for(query, history, system)
+        wanted = req.max_tokens or req.max_completion_tokens or int(cfg.openai.max_tokens)
+        temperature = cfg.openai.temperature if req.temperature is None else req.temperature
+        params = sampling(temperature, req.top_p, float(cfg.openai.top_p))
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        stamp = int(time.time())
+        if not req.stream:
+            result = await run_job(Job(ids, min(wanted, max_new_cap), seed=req.seed, **params))
+            return {"id": cid, "object": "chat.completion", "created": stamp, "model": model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                                 "finish_reason": result.finish_reason}],
+                    "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                              "total_tokens": result.prompt_tokens + result.completion_tokens}}
+
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        done = object()
+        job = Job(ids, min(wanted, max_new_cap), seed=req.seed,
+                  on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text), **params)
+        job.future.add_done_callback(lambda f: loop.call_soon_threadsafe(pieces.put_nowait, done))
+        try:
+            engine.submit(job)
+        except QueueFull as e:
+            raise RequestError(503, str(e), code="server_busy") from None
+
+        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": stamp, "model": model_name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        async def events():
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    piece = await pieces.get()
+                    if piece is done:
+                        break
+                    yield chunk({"content": piece})
+                if job.future.cancelled():
+                    yield f"data: {json.dumps(error_body('the request was cancelled', 'cancelled'))}\n\n"
+                elif job.future.exception() is not None:
+                    message = f"generation failed: {job.future.exception()}"
+                    yield f"data: {json.dumps(error_body(message, 'generation_failed'))}\n\n"
+                else:
+                    r = job.future.result()
+                    usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                             "total_tokens": r.prompt_tokens + r.completion_tokens}
+                    yield chunk({}, r.finish_reason, usage=usage)
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled = True  # a client that went away stops costing generation steps
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/health", dependencies=[Depends(authorized)])
+    async def health():
+        return {"status": "ok", "model": model_name, "checkpoint": cm.checkpoint, "step": cm.step,
+                "base": cm.base_path, "template": cm.template, "device": str(cm.device),
+                "prefix_length": (cm.prefix_config or {}).get("prefix", {}).get("length"),
+                "max_prompt_tokens": max_prompt, "max_new_tokens": max_new_cap,
+                "max_batch_size": engine.max_batch_size, "queued": engine.pending(), "batches": engine.batches,
+                "largest_batch": engine.largest_batch, "served": engine.served,
+                "auth": api_key is not None}
+
+    # -- the chat page (static files; the page itself holds no data, so it needs no key)
+
+    page_headers = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; "
+                                               "form-action 'none'; frame-ancestors 'none'",
+                    "Cache-Control": "no-cache"}
+
+    @app.get("/")
+    @app.get("/chat")
+    async def page():
+        return FileResponse(str(web / "index.html"), media_type="text/html; charset=utf-8", headers=page_headers)
+
+    @app.get("/web/{name}")
+    async def web_file(name: str):
+        if name not in WEB_FILES:
+            return JSONResponse(error_body(f"no such file: {name}", "not_found"), status_code=404)
+        return FileResponse(str(web / name), media_type=WEB_FILES[name], headers=page_headers)
+
+    @app.get("/favicon.ico")
+    async def favicon():
+        return Response(status_code=204)
+
+    return BodyLimit(app, int(cfg.max_body_bytes))
+
+
+def _check_exposure(cfg: DictConfig) -> None:
+    loopback = str(cfg.host) in ("127.0.0.1", "localhost", "::1")
+    if not loopback and not (cfg.get("api_key") or os.environ.get(API_KEY_ENV)):
+        log.warning("listening on %s without an API key: anyone who can reach this port can use the model; set "
+                    "api_key=... or %s", cfg.host, API_KEY_ENV)
+
+
+@hydra.main(config_path="../conf", config_name="serve", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    import uvicorn
+
+    setup_logging()
+    if not cfg.checkpoint and not cfg.model.get("path"):
+        raise SystemExit("config error: pass checkpoint=<run>/checkpoint-N, or checkpoint=null model.path=<dir> "
+                         "to serve the base model alone")
+    if int(cfg.max_prompt_tokens) < 1 or int(cfg.max_new_tokens) < 1 or int(cfg.max_batch_size) < 1:
+        raise SystemExit("config error: max_prompt_tokens, max_new_tokens and max_batch_size must be >= 1")
+    cm = load_chat_model(cfg)
+    _check_exposure(cfg)
+    app = create_app(cm, cfg)
+    log.info("serving %s at http://%s:%d/ (chat page at /, API at / and /v1/chat/completions)", cm.describe(),
+             cfg.host, cfg.port)
+    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    uvicorn.run(app, host=str(cfg.host), port=int(cfg.port), log_level=str(cfg.log_level), access_log=True)
+
+
+if __name__ == "__main__":
+    main()
