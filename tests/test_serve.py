@@ -1,0 +1,292 @@
+"""The HTTP server on a tiny model with a prefix trained through the CLI: both request shapes, streaming,
+batching under 32 concurrent clients, bad requests, and the API key (through the real command line)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from omegaconf import OmegaConf
+
+from ptune.chat import build_prompt, load_chat_model
+from ptune.data import prompt_ids
+from ptune.evaluate import predict
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_NEW = 12  # the server's reply cap in these tests: keeps the tiny random model's replies short
+
+
+def trained_checkpoint(tmp_path_factory, model_dir: Path, data: Path) -> Path:
+    """A checkpoint trained for 2 steps through the trainer's command line (made once per test session)."""
+    out = tmp_path_factory.getbasetemp() / f"serve-run-{model_dir.name}"
+    ckpt = out / "checkpoint-2"
+    if not (ckpt / "prefix_config.json").is_file():
+        cmd = [sys.executable, "-m", "ptune.train", f"model.path={model_dir}", f"data.train_file={data}",
+               f"output_dir={out}", "prefix.length=4", "trainer.max_steps=2", "trainer.save_steps=2",
+               "trainer.log_steps=1", "trainer.per_device_batch_size=2", "trainer.gradient_accumulation_steps=1",
+               "trainer.progress_bar=false", "trainer.tensorboard=false", "optim.lr=0.05"]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return ckpt
+
+
+def compose(name: str, *overrides: str):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(name, overrides=list(overrides))
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class LiveServer:
+    """The app under a real uvicorn server in a background thread, on a free loopback port."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = free_socket()
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_model_dir, sample_file) -> Path:
+    return trained_checkpoint(tmp_path_factory, tiny_model_dir("llama"), sample_file)
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint):
+    from ptune.serve import create_app
+
+    cfg = compose("serve", f"checkpoint={checkpoint}", "device=cpu", f"max_new_tokens={MAX_NEW}",
+                  "max_prompt_tokens=200", "max_body_bytes=65536", "max_batch_size=8", "batch_wait_ms=30")
+    cm = load_chat_model(cfg)
+    live = LiveServer(create_app(cm, cfg))
+    yield live.url, cm
+    live.stop()
+
+
+def greedy(cm, prompt: list[int], max_new_tokens: int = MAX_NEW) -> str:
+    """What `python -m ptune.evaluate` generates for this prompt."""
+    gen = OmegaConf.create({"max_new_tokens": max_new_tokens, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
+                            "seed": 0, "extra_eos_token_ids": []})
+    texts, _ = predict(cm.model, cm.tokenizer, [prompt], gen, 1, cm.device, progress=False)
+    return texts[0]
+
+
+def sse(lines) -> list:
+    """The `data:` payloads of a server-sent event stream, JSON-decoded except the final [DONE]."""
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_chatglm_api_shape_greedy_equals_evaluate(served):
+    url, cm = served
+    history = [["商品是什么", "一条裙子"]]
+    prompt = "类型#裙*颜色#红色"
+    ids = prompt_ids(cm.tokenizer, prompt, history, cm.template)
+    budget = len(ids) + 7  # max_length counts the prompt: 7 new tokens at most
+    r = httpx.post(url + "/", json={"prompt": prompt, "history": history, "max_length": budget, "temperature": 0},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"response", "history", "status", "time"}
+    assert body["status"] == 200 and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", body["time"])
+    assert body["response"] == greedy(cm, ids, 7)
+    assert body["history"] == history + [[prompt, body["response"]]]
+    # Defaults of api.py (sampled), history absent: still a well-formed answer with the turn recorded.
+    r = httpx.post(url + "/", json={"prompt": prompt}, timeout=60)
+    assert r.status_code == 200 and r.json()["history"] == [[prompt, r.json()["response"]]]
+
+
+def test_openai_shape_and_stream_equal_evaluate(served):
+    url, cm = served
+    messages = [{"role": "user", "content": "颜色#白色"}, {"role": "assistant", "content": "白色上衣"},
+                {"role": "user", "content": "材质#棉"}]
+    ids = prompt_ids(cm.tokenizer, "材质#棉", [("颜色#白色", "白色上衣")], cm.template)
+    want = greedy(cm, ids)
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "anything", "messages": messages}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["message"]["content"] == want
+    assert body["usage"]["prompt_tokens"] == len(ids) and body["choices"][0]["finish_reason"] in ("stop", "length")
+
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
+                      json={"messages": messages, "stream": True, "temperature": 0}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse(r.iter_lines())
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks[1:]]
+    assert "".join(pieces) == want and sum(1 for p in pieces if p) > 1  # streamed, not sent whole
+    assert chunks[-1]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
+
+    # A system message reaches the template as a system turn.
+    with_system = [{"role": "system", "content": "简短"}] + messages
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": with_system, "max_tokens": 5}, timeout=60)
+    sys_ids = build_prompt(cm.tokenizer, cm.template, "材质#棉", [("颜色#白色", "白色上衣")], "简短")
+    assert r.json()["usage"]["prompt_tokens"] == len(sys_ids) > len(ids)
+    assert r.json()["choices"][0]["message"]["content"] == greedy(cm, sys_ids, 5)
+
+    models = httpx.get(url + "/v1/models").json()
+    health = httpx.get(url + "/health").json()
+    assert models["data"][0]["id"] == health["model"] == body["model"]
+    assert health["checkpoint"] == str(cm.checkpoint) and health["step"] == 2
+
+
+def test_seeded_sampling_is_reproducible(served):
+    url, _ = served
+    req = {"messages": [{"role": "user", "content": "风格#复古"}], "temperature": 1.0, "top_p": 0.9, "seed": 7}
+    a = httpx.post(url + "/v1/chat/completions", json=req, timeout=60).json()["choices"][0]["message"]["content"]
+    b = httpx.post(url + "/v1/chat/completions", json=req, timeout=60).json()["choices"][0]["message"]["content"]
+    assert a == b
+
+
+def test_32_concurrent_clients_get_their_own_answers(served):
+    url, cm = served
+    prompts = [f"类型#裙*长度#{i}*颜色#{'红蓝白黑'[i % 4]}" for i in range(32)]
+    want = [greedy(cm, prompt_ids(cm.tokenizer, p, [], cm.template)) for p in prompts]
+    before = httpx.get(url + "/health").json()["batches"]
+
+    async def one(client, i):
+        p = prompts[i]
+        if i % 3 == 0:
+            r = await client.post("/", json={"prompt": p, "history": [], "temperature": 0})
+            return r.json()["response"]
+        req = {"messages": [{"role": "user", "content": p}], "temperature": 0}
+        if i % 3 == 1:
+            r = await client.post("/v1/chat/completions", json=req)
+            return r.json()["choices"][0]["message"]["content"]
+        text = ""
+        async with client.stream("POST", "/v1/chat/completions", json={**req, "stream": True}) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    text += json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+        return text
+
+    async def all_clients():
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    got = asyncio.run(all_clients())
+    assert got == want
+    health = httpx.get(url + "/health").json()
+    assert health["largest_batch"] > 1, health  # requests were generated together
+    assert health["batches"] - before < 32
+
+
+def test_bad_requests_are_refused_clearly_and_serving_goes_on(served):
+    url, cm = served
+    post = lambda path, **kw: httpx.post(url + path, timeout=60, **kw)  # noqa: E731
+    r = post("/", content=b'{"prompt": "hi",', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON" in r.json()["error"]["message"]
+    r = post("/", json={"prompt": "hi", "temperature": "hot"})
+    assert r.status_code == 422 and "temperature" in r.json()["detail"] and r.json()["error"]["param"] == "temperature"
+    r = post("/", json={"prompt": 5})
+    assert r.status_code == 422 and "prompt" in r.json()["detail"]
+    r = post("/", json={"prompt": "hi", "history": [["only one side"]]})
+    assert r.status_code == 422 and "history" in r.json()["detail"]
+    r = post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "x"}]})
+    assert r.status_code == 422 and "messages.0.role" in r.json()["detail"]
+    r = post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "stream": "yes"})
+    assert r.status_code == 422 and "stream" in r.json()["detail"]
+    r = post("/v1/chat/completions", json={"messages": []})
+    assert r.status_code == 422 and "messages" in r.json()["detail"]
+    r = post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"},
+                                                        {"role": "assistant", "content": "b"}]})
+    assert r.status_code == 400 and "role is 'user'" in r.json()["error"]["message"]
+    # Over max_prompt_tokens (200 here): refused with the limit in the message.
+    r = post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 500}]})
+    assert r.status_code == 400 and "at most 200" in r.json()["error"]["message"]
+    r = post("/", json={"prompt": "hi", "history": [["q" * 150, "a" * 100]]})
+    assert r.status_code == 400 and "max_prompt_tokens" in r.json()["detail"]
+    r = post("/", json={"prompt": "hi", "max_length": 3})
+    assert r.status_code == 400 and "max_length" in r.json()["detail"]
+    # Over max_body_bytes (64 KiB here): refused before parsing.
+    r = post("/", content=json.dumps({"prompt": "x" * 70000}).encode())
+    assert r.status_code == 413 and "max_body_bytes=65536" in r.json()["detail"]
+    # A streaming client that hangs up early.
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as s:
+        next(s.iter_lines())
+    # And the server still answers correctly.
+    ids = prompt_ids(cm.tokenizer, "hi", [], cm.template)
+    r = post("/", json={"prompt": "hi", "temperature": 0})
+    assert r.status_code == 200 and r.json()["response"] == greedy(cm, ids)
+
+
+@pytest.mark.slow
+def test_command_line_server_with_api_key(checkpoint, tmp_path):
+    with free_socket() as sock:
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PTUNE_API_KEY": "s3cret"}
+    cmd = [sys.executable, "-m", "ptune.serve", f"checkpoint={checkpoint}", f"port={port}", "device=cpu",
+           f"max_new_tokens={MAX_NEW}", "log_level=warning"]
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 401:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.3)
+        good = {"Authorization": "Bearer s3cret"}
+        for method, path, body in [("GET", "/health", None), ("GET", "/v1/models", None),
+                                   ("POST", "/", {"prompt": "hi"}),
+                                   ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]:
+            r = httpx.request(method, url + path, json=body, timeout=60)
+            assert r.status_code == 401 and "Authorization: Bearer" in r.json()["detail"], (path, r.text)
+            r = httpx.request(method, url + path, json=body, headers={"Authorization": "Bearer wrong"}, timeout=60)
+            assert r.status_code == 401
+            r = httpx.request(method, url + path, json=body, headers=good, timeout=60)
+            assert r.status_code == 200, (path, r.text)
+        assert httpx.get(url + "/health", headers=good).json()["auth"] is True
+        assert httpx.get(url + "/").status_code == 200  # the page itself is static and open
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    # uvicorn shuts down cleanly on SIGTERM, then re-raises the signal so the exit status tells of it.
+    assert proc.returncode in (0, -15), (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
