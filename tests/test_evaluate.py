@@ -1,0 +1,176 @@
+"""ptune.evaluate on tiny real models: batch-size invariance, repeatability, seeded sampling, clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import ptune.evaluate as ev
+from conftest import build_tokenizer, tiny_config
+from ptune.checkpoint import CheckpointError, list_checkpoints
+from ptune.models import load_for_inference
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+SCORES = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_model_dir, sample_file, tmp_path_factory) -> Path:
+    """checkpoint-2 of a tiny llama run (prefix length 4), trained once for the module."""
+    out = tmp_path_factory.mktemp("evaluate") / "run"
+    cmd = [sys.executable, "-m", "ptune.train", f"model.path={tiny_model_dir('llama')}",
+           f"data.train_file={sample_file}", f"output_dir={out}", "prefix.length=4", "trainer.max_steps=2",
+           "trainer.save_steps=2", "trainer.log_steps=1", "trainer.per_device_batch_size=2",
+           "trainer.gradient_accumulation_steps=1", "trainer.progress_bar=false", "trainer.tensorboard=false",
+           "optim.lr=0.05"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (found,) = list_checkpoints(out)
+    return found
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("evaluate", overrides=["device=cpu", *overrides])
+
+
+def generation(name: str = "greedy", **changes):
+    gen = OmegaConf.load(REPO / "conf" / "generation" / f"{name}.yaml")
+    return OmegaConf.merge(gen, changes)
+
+
+def test_greedy_outputs_do_not_depend_on_batch_size(ckpt, sample_file):
+    model, tok, config = load_for_inference(ckpt, OmegaConf.create({"dtype": "float32"}), "cpu")
+    # A random tiny model's logits are nearly flat: two tokens within float noise of each other could let
+    # padding flip an argmax on some platform. Sharpen them (it passes without this here too); a real
+    # batching bug (mask, positions, prefix broadcast) moves hidden states far more and still shows.
+    with torch.no_grad():
+        model.base.get_output_embeddings().weight.mul_(25.0)
+    evalset = ev.build_eval_set(sample_file, tok, config["data"], config["model"]["template"], limit=21)
+    lengths = sorted({len(p) for p in evalset.prompts})
+    assert len(lengths) >= 5 and lengths[-1] - lengths[0] >= 8, lengths  # left padding is exercised
+    gen = generation(max_new_tokens=12)
+    one, stats = ev.predict(model, tok, evalset.prompts, gen, 1, CPU, progress=False)
+    assert stats["batch_size"] == 1
+    for size in (16, 5):
+        texts, _ = ev.predict(model, tok, evalset.prompts, gen, size, CPU, progress=False)
+        assert texts == one, f"batch size {size}"
+    assert len(set(one)) > 1 and all(t for t in one)
+
+
+def _scores(path: Path) -> dict:
+    metrics = json.loads(path.read_text())
+    return {k: v for k, v in metrics.items() if k not in ("generation",)}
+
+
+def test_evaluate_command_is_repeatable(ckpt, sample_file, tmp_path):
+    work = tmp_path / "ckpt"
+    shutil.copytree(ckpt, work)
+    common = [sys.executable, "-m", "ptune.evaluate", f"data.eval_file={sample_file}", "generation.max_new_tokens=8",
+              "limit=12", "device=cpu"]
+    # Two runs at once (two cores): one into the default <checkpoint>/eval, one elsewhere.
+    outs = [work / "eval", tmp_path / "again"]
+    procs = [subprocess.Popen(common + [f"checkpoint={work}"] + extra, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ})
+             for extra in ([], [f"output_dir={outs[1]}"])]
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-4000:]
+        assert "| name | rouge-1 | rouge-2 | rouge-l | bleu-4 |" in stdout
+    a, b = (_scores(o / "metrics.json") for o in outs)
+    assert a == b and a["num_samples"] == 12 and all(isinstance(a[k], float) for k in SCORES)
+    assert a["checkpoint"] == str(work) and a["eval_file"] == str(sample_file)
+    preds = [(o / "generated_predictions.jsonl").read_text(encoding="utf-8") for o in outs]
+    assert preds[0] == preds[1]
+    rows = [json.loads(line) for line in preds[0].splitlines()]
+    assert len(rows) == 12 and all(set(r) == {"prompt", "label", "predict"} for r in rows)
+    assert all(isinstance(r["predict"], str) and r["label"] for r in rows)
+
+
+def test_seeded_sampling_is_repeatable(ckpt, sample_file, tmp_path):
+    def run(name: str, *extra: str) -> list[str]:
+        ev.evaluate(compose(f"checkpoint={ckpt}", f"data.eval_file={sample_file}", "generation=reference_sampling",
+                            "generation.max_new_tokens=12", "limit=6", f"output_dir={tmp_path / name}", *extra))
+        return [json.loads(line)["predict"] for line in (tmp_path / name / "generated_predictions.jsonl").open()]
+
+    first = run("a")
+    assert run("b") == first
+    other = run("c", "generation.seed=7")
+    assert other != first
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["generation"]["do_sample"] is True
+
+
+def _save_model(cfg, out: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    build_tokenizer(out)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_hidden_layers": 3}, "num_layers: checkpoint 2 vs base 3"),
+    ({"num_key_value_heads": 4}, "num_kv_heads: checkpoint 2 vs base 4"),
+])
+def test_prefix_that_does_not_fit_the_base_names_both_sides(ckpt, tmp_path, change, message):
+    cfg = tiny_config("llama", json.loads((Path(ckpt) / "prefix_config.json").read_text())["base"]["vocab_size"])
+    for k, v in change.items():
+        setattr(cfg, k, v)
+    other = _save_model(cfg, tmp_path / "other")
+    with pytest.raises(CheckpointError) as err:
+        load_for_inference(ckpt, OmegaConf.create({"path": str(other), "dtype": "float32"}), "cpu")
+    assert message in str(err.value) and "prefix does not fit the base model" in str(err.value)
+
+
+def _edit_config(ckpt: Path, manifest: bool = True, **prefix) -> None:
+    config = json.loads((ckpt / "prefix_config.json").read_text())
+    config["prefix"].update(prefix)
+    (ckpt / "prefix_config.json").write_text(json.dumps(config))
+    if manifest:
+        listed = json.loads((ckpt / "manifest.json").read_text())
+        data = (ckpt / "prefix_config.json").read_bytes()
+        listed["prefix_config.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        (ckpt / "manifest.json").write_text(json.dumps(listed))
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"length": 6}, r"embedding.weight has shape \(4, 64\), the prefix spec needs \(6, 64\)"),
+    ({"projection": True, "projection_hidden_size": 16},
+     r"prefix tensors \['embedding.weight'\] do not match the prefix spec \['embedding.weight', 'trans.0.bias'"),
+])
+def test_prefix_weights_that_do_not_match_their_config(ckpt, tmp_path, edit, message):
+    work = shutil.copytree(ckpt, tmp_path / "ckpt")
+    _edit_config(work, **edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_for_inference(work, OmegaConf.create({"dtype": "float32"}), "cpu")
+    # The same edit without updating the manifest is caught as a changed file.
+    stale = shutil.copytree(ckpt, tmp_path / "stale")
+    _edit_config(stale, manifest=False, **edit)
+    with pytest.raises(CheckpointError, match="prefix_config.json: .* manifest"):
+        load_for_inference(stale, OmegaConf.create({"dtype": "float32"}), "cpu")
+
+
+def test_empty_predictions_are_scored_and_counted(ckpt, sample_file, tmp_path):
+    metrics = ev.score(["", "  ", "这条裙子很好看"], ["这条包臀裙很好看", "白色的衬衫", "这条裙子很好看"])
+    assert metrics["num_empty_predictions"] == 2 and metrics["num_samples"] == 3
+    assert 0 < metrics["rouge-l"] < 100
+    # End to end: no new tokens at all gives empty predictions for every row, scored 0 and counted.
+    out = tmp_path / "empty"
+    result = ev.evaluate(compose(f"checkpoint={ckpt}", f"data.eval_file={sample_file}", "limit=4",
+                                 "generation.max_new_tokens=0", f"output_dir={out}"))
+    assert result["num_empty_predictions"] == 4 and result["rouge-l"] == 0.0
+    rows = [json.loads(line) for line in (out / "generated_predictions.jsonl").open()]
+    assert [r["predict"] for r in rows] == [""] * 4

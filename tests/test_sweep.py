@@ -1,0 +1,196 @@
+"""ptune.sweep on a tiny real run: one base load, reuse of earlier scores, multirun folders, reports."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ptune.evaluate
+import ptune.models
+from ptune import sweep as sw
+from ptune.checkpoint import list_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, sample_file, tmp_path_factory) -> Path:
+    """A tiny llama run with checkpoint-1, -2 and -3 (trained once for the whole module)."""
+    out = tmp_path_factory.mktemp("sweep") / "run"
+    cmd = [sys.executable, "-m", "ptune.train", f"model.path={tiny_model_dir('llama')}",
+           f"data.train_file={sample_file}", f"output_dir={out}", "prefix.length=4", "trainer.max_steps=3",
+           "trainer.save_steps=1", "trainer.log_steps=1", "trainer.per_device_batch_size=2",
+           "trainer.gradient_accumulation_steps=1", "trainer.progress_bar=false", "trainer.tensorboard=false",
+           "optim.lr=0.05"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    return out
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    def make(dest: Path) -> Path:
+        shutil.copytree(trained, dest)
+        return dest
+    return make
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("sweep", overrides=["progress_bar=false", "limit=5", "generation.max_new_tokens=8",
+                                                 *overrides])
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts of real base loads and real generation calls made through ptune.models / ptune.evaluate."""
+    counts = {"load_base": 0, "predict": 0}
+    real_load, real_predict = ptune.models.load_base, ptune.evaluate.predict
+
+    def load_base(*a, **k):
+        counts["load_base"] += 1
+        return real_load(*a, **k)
+
+    def predict(*a, **k):
+        counts["predict"] += 1
+        return real_predict(*a, **k)
+
+    monkeypatch.setattr(ptune.models, "load_base", load_base)
+    monkeypatch.setattr(ptune.evaluate, "predict", predict)
+
+    def take() -> dict:
+        out = dict(counts)
+        counts.update(load_base=0, predict=0)
+        return out
+    return take
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_loads_base_once_reuses_scores_and_reports(run_copy, sample_file, tmp_path, counted, capsys):
+    run = run_copy(tmp_path / "run")
+    result = sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
+    assert counted() == {"load_base": 1, "predict": 3}
+    out = run / "sweep"
+    assert result["output_dir"] == out and len(result["scored"]) == 3 and not result["failed"]
+
+    rows = read_csv(out / "sweep.csv")
+    assert list(rows[0])[:6] == ["run", "step", "rouge-1", "rouge-2", "rouge-l", "bleu-4"]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3] and {r["run"] for r in rows} == {str(run)}
+    for r in rows:
+        for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4"):
+            assert 0.0 <= float(r[k]) <= 100.0
+
+    png = (out / "sweep.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+
+    md = (out / "sweep.md").read_text(encoding="utf-8")
+    assert "| name | rouge-1 | rouge-2 | rouge-l | bleu-4 |" in md
+    for step in (1, 2, 3):
+        assert f"| {run}/checkpoint-{step} |" in md
+    printed = capsys.readouterr().out
+    for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4"):
+        best = result["best"][k]
+        assert best[k] == pytest.approx(max(float(r[k]) for r in rows), abs=1e-4)
+        assert f"**{k}**: {best['name']}" in md
+        assert f"best {k}: {best['name']}" in printed
+
+    # Each checkpoint got the files ptune.evaluate writes, stamped with the settings that produced them.
+    for ckpt in list_checkpoints(run):
+        metrics = json.loads((ckpt / "eval" / "metrics.json").read_text())
+        assert metrics["num_samples"] == 5 and metrics["generation"]["max_new_tokens"] == 8
+        assert len((ckpt / "eval" / "generated_predictions.jsonl").read_text().splitlines()) == 5
+
+    # Same settings again: nothing is generated and no model is loaded; the report is rebuilt from the files.
+    (out / "sweep.csv").unlink()
+    again = sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
+    assert counted() == {"load_base": 0, "predict": 0}
+    assert len(again["reused"]) == 3 and read_csv(out / "sweep.csv") == rows
+
+    # force=true scores all three again, with one base load; other generation settings do as well.
+    assert len(sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}", "force=true"))["scored"]) == 3
+    assert counted() == {"load_base": 1, "predict": 3}
+    sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}", "generation.max_new_tokens=4"))
+    assert counted() == {"load_base": 1, "predict": 3}
+    sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}", "generation.max_new_tokens=4", "limit=3"))
+    assert counted() == {"load_base": 1, "predict": 3}
+
+
+def test_multirun_folder_is_expanded_into_its_jobs(run_copy, sample_file, tmp_path, counted):
+    multi = tmp_path / "multirun"
+    run_copy(multi / "0")
+    run_copy(multi / "1")
+    (multi / "multirun.yaml").write_text("{}\n")
+    report = tmp_path / "report"
+    result = sw.sweep(compose(f"runs=[{multi}]", f"data.eval_file={sample_file}", f"output_dir={report}"))
+    assert counted() == {"load_base": 1, "predict": 6}
+    rows = read_csv(report / "sweep.csv")
+    assert [(r["run"], int(r["step"])) for r in rows] == [(f"{multi}/{j}", s) for j in (0, 1) for s in (1, 2, 3)]
+    # The jobs are copies of one run: greedy decoding scores them identically.
+    assert [r["rouge-l"] for r in rows[:3]] == [r["rouge-l"] for r in rows[3:]]
+    assert (report / "sweep.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert result["best"]["bleu-4"]["run"] == f"{multi}/0"  # ties go to the first row
+
+
+def _rewrite_manifest(ckpt: Path) -> None:
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for name in manifest:
+        data = (ckpt / name).read_bytes()
+        manifest[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_other_base_is_loaded_separately_and_a_broken_checkpoint_is_reported(run_copy, sample_file, tmp_path,
+                                                                             tiny_model_dir, counted):
+    a, b, c = run_copy(tmp_path / "a"), run_copy(tmp_path / "b"), run_copy(tmp_path / "c")
+    moved = shutil.copytree(tiny_model_dir("llama"), tmp_path / "llama-copy")
+    for run, base in ((b, moved), (c, tmp_path / "gone")):
+        for ckpt in list_checkpoints(run):
+            config = json.loads((ckpt / "prefix_config.json").read_text())
+            config["base"]["path"] = str(base)
+            (ckpt / "prefix_config.json").write_text(json.dumps(config))
+            _rewrite_manifest(ckpt)
+    broken = a / "checkpoint-2" / "prefix.safetensors"
+    broken.write_bytes(broken.read_bytes()[:-8])
+    result = sw.sweep(compose(f"runs=[{a},{b},{c}]", f"data.eval_file={sample_file}"))
+    assert counted() == {"load_base": 3, "predict": 5}  # the third load fails: its base folder is gone
+    failed = {f["checkpoint"]: f["error"] for f in result["failed"]}
+    assert list(failed) == [str(a / "checkpoint-2")] + [str(c / f"checkpoint-{s}") for s in (1, 2, 3)]
+    assert "truncated" in failed[str(a / "checkpoint-2")]
+    assert f"model.path={tmp_path / 'gone'}: no such folder" in failed[str(c / "checkpoint-1")]
+    rows = read_csv(a / "sweep" / "sweep.csv")
+    assert [(r["run"], int(r["step"])) for r in rows] == [(str(a), 1), (str(a), 3)] + [(str(b), s) for s in (1, 2, 3)]
+    # Same weights behind both paths: same scores.
+    assert [r["bleu-4"] for r in rows if r["run"] == str(a)] == [r["bleu-4"] for r in rows if r["run"] == str(b)][::2]
+    assert "Not scored" in (a / "sweep" / "sweep.md").read_text()
+
+
+def test_command_line_and_config_errors(run_copy, sample_file, tmp_path):
+    run = run_copy(tmp_path / "run")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cmd = [sys.executable, "-m", "ptune.sweep", f"runs=[{run}]", f"data.eval_file={sample_file}", "limit=3",
+           "generation.max_new_tokens=4", "progress_bar=false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "best rouge-l: " in proc.stdout and (run / "sweep" / "sweep.md").is_file()
+    assert proc.stderr.count("checkpoint-") >= 3  # one log line per checkpoint
+    with pytest.raises(sw.SweepError, match="holds no complete checkpoint-N folder"):
+        sw.sweep(compose(f"runs=[{empty}]", f"data.eval_file={sample_file}"))
+    with pytest.raises(sw.SweepError, match="data.eval_file is not set"):
+        sw.sweep(compose(f"runs=[{run}]"))
