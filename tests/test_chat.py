@@ -1,0 +1,163 @@
+"""The terminal chat, driven through a pipe and through a pseudo-terminal, and its streaming decoder."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from ptune.chat import StreamDecoder, load_chat_model
+from ptune.data import prompt_ids
+from ptune.evaluate import predict
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_NEW = 8
+TURN = re.compile(r"\[turn (\d+): history (\d+) turn\(s\), prompt (\d+) tokens\]\nAssistant: (.*?)\n\nUser: ", re.S)
+
+
+def trained_checkpoint(tmp_path_factory, model_dir: Path, data: Path) -> Path:
+    """A checkpoint trained for 2 steps through the trainer's command line (made once per test session)."""
+    out = tmp_path_factory.getbasetemp() / f"serve-run-{model_dir.name}"
+    ckpt = out / "checkpoint-2"
+    if not (ckpt / "prefix_config.json").is_file():
+        cmd = [sys.executable, "-m", "ptune.train", f"model.path={model_dir}", f"data.train_file={data}",
+               f"output_dir={out}", "prefix.length=4", "trainer.max_steps=2", "trainer.save_steps=2",
+               "trainer.log_steps=1", "trainer.per_device_batch_size=2", "trainer.gradient_accumulation_steps=1",
+               "trainer.progress_bar=false", "trainer.tensorboard=false", "optim.lr=0.05"]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return ckpt
+
+
+def compose(name: str, *overrides: str):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(name, overrides=list(overrides))
+
+
+def greedy(cm, prompt: list[int]) -> str:
+    gen = OmegaConf.create({"max_new_tokens": MAX_NEW, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
+                            "seed": 0, "extra_eos_token_ids": []})
+    return predict(cm.model, cm.tokenizer, [prompt], gen, 1, cm.device, progress=False)[0][0]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_model_dir, sample_file) -> Path:
+    return trained_checkpoint(tmp_path_factory, tiny_model_dir("llama"), sample_file)
+
+
+def chat_cmd(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "ptune.chat", "device=cpu", "generation=greedy",
+            f"generation.max_new_tokens={MAX_NEW}", "show_prompt=true", *overrides]
+
+
+def test_pipe_keeps_history_clear_resets_it_and_eof_quits(checkpoint):
+    proc = subprocess.run(chat_cmd(f"checkpoint={checkpoint}"), input="hello\nworld\n\nclear\nhello\n", cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    turns = TURN.findall(proc.stdout)
+    assert [(t[0], t[1]) for t in turns] == [("1", "0"), ("2", "1"), ("1", "0")], proc.stdout
+    assert "History cleared." in proc.stdout
+    cm = load_chat_model(compose("chat", f"checkpoint={checkpoint}", "device=cpu"))
+    first = prompt_ids(cm.tokenizer, "hello", [], cm.template)
+    a1 = turns[0][3]
+    second = prompt_ids(cm.tokenizer, "world", [("hello", a1)], cm.template)
+    # The second prompt carries the first turn; after `clear` the prompt is the first one again.
+    assert int(turns[0][2]) == len(first) and int(turns[1][2]) == len(second) > len(first) + len(a1)
+    assert int(turns[2][2]) == len(first)
+    assert a1 == greedy(cm, first) == turns[2][3]
+    assert turns[1][3] == greedy(cm, second)
+
+
+class Terminal:
+    """The controlling side of a pseudo-terminal: what the program wrote, less colours and carriage returns."""
+
+    def __init__(self, fd: int):
+        self.fd, self.raw, self.seen = fd, b"", 0
+
+    def text(self) -> str:
+        return re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", self.raw.decode("utf-8", errors="replace")).replace("\r", "")
+
+    def read_until(self, marker: str, timeout: float = 90) -> str:
+        """Text written since the last call, up to and including the next `marker`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.text()
+            at = text.find(marker, self.seen)
+            if at >= 0:
+                new, self.seen = text[self.seen:at + len(marker)], at + len(marker)
+                return new
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {marker!r} in the terminal output:\n{text}"
+            ready, _, _ = select.select([self.fd], [], [], min(left, 1.0))
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:  # the program closed its side
+                    chunk = b""
+                assert chunk, f"the terminal closed before {marker!r}:\n{text}"
+                self.raw += chunk
+
+    def type(self, line: str) -> None:
+        os.write(self.fd, (line + "\n").encode())
+
+
+@pytest.mark.slow
+def test_pseudo_terminal_base_model_stop_quits(tiny_model_dir):
+    model_dir = tiny_model_dir("llama")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(chat_cmd("checkpoint=null", f"model.path={model_dir}"), stdin=slave, stdout=slave,
+                            stderr=slave, cwd=REPO, env={**os.environ, "TERM": "dumb"}, close_fds=True)
+    os.close(slave)
+    term = Terminal(master)
+    try:
+        assert "base model, no prefix" in term.read_until("User: ")
+        term.type("hello")
+        turn1 = term.read_until("User: ")
+        term.type("world")
+        turn2 = term.read_until("User: ")
+        term.type("clear")
+        assert "History cleared." in term.read_until("User: ")
+        term.type("stop")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert "[turn 1: history 0 turn(s)" in turn1 and "[turn 2: history 1 turn(s)" in turn2
+    answer = re.search(r"Assistant: (.*?)\n\nUser: ", turn1, re.S).group(1)
+    cm = load_chat_model(compose("chat", "checkpoint=null", f"model.path={model_dir}", "device=cpu"))
+    assert cm.template == "chat_template"
+    assert answer == greedy(cm, prompt_ids(cm.tokenizer, "hello", [], cm.template))
+
+
+def byte_level_tokenizer():
+    """A GPT-2-style byte-level tokenizer with no merges: one token per UTF-8 byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core)
+
+
+def test_stream_decoder_never_splits_a_character():
+    tok = byte_level_tokenizer()
+    text = "连衣裙 is 红色!"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) == len(text.encode("utf-8"))  # 3 tokens per Chinese character
+    dec = StreamDecoder(tok)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert pieces[:3] == ["", "", "连"]  # held back until the character is complete
