@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -85,7 +84,7 @@ def _check_history(value, where: str) -> list[tuple[str, str]]:
     return [tuple(turn) for turn in value]
 
 
-def load_examples(path: str | Path, columns: Columns) -> Dataset:
+def load_examples(path: str | Path, columns: Columns):
     """Validated rows as a table of prompt / response / history; rows with an empty side are skipped."""
     numbered = read_rows(path)
     present = sorted({k for _, row in numbered for k in row})
@@ -113,6 +112,8 @@ def load_examples(path: str | Path, columns: Columns) -> Dataset:
         log.warning("%s: skipped %d of %d rows with an empty prompt or response", path, skipped, len(numbered))
     if not prompts:
         raise DataError(f"{path}: every row has an empty prompt or response")
+    from datasets import Dataset  # imported here: the benchmark and inference paths do not need it
+
     return Dataset.from_dict({"prompt": prompts, "response": responses, "history": histories})
 
 
@@ -160,7 +161,7 @@ def encode_example(tokenizer, enc: Encoding, prompt: str, response: str, history
     return {"input_ids": source + target, "labels": [IGNORE] * len(source) + target}
 
 
-def tokenize(dataset: Dataset, tokenizer, enc: Encoding) -> Dataset:
+def tokenize(dataset, tokenizer, enc: Encoding):
     def fn(batch):
         out = {"input_ids": [], "labels": []}
         for p, r, h in zip(batch["prompt"], batch["response"], batch["history"]):

@@ -1,7 +1,10 @@
 """Batched generation with a prefix: left-padded prompts, KV cache, per-row stop at EOS.
 
-transformers' `generate` refuses forward keyword arguments it does not know, and the prefix travels
-as one; this loop is small enough to own, and it computes the prefix keys/values once per batch.
+The prefix keys/values are computed once per batch and written into the KV cache before the prompt,
+so decoding pays nothing per step for them; positions are passed explicitly so real tokens still start
+at 0. (Training cannot use the cache -- gradient checkpointing drops it -- and goes through the
+attention wrapper instead; both give the same attention, which the tests check.) Models with
+sliding-window layers would evict the prefix from such a cache, so they keep the wrapper here too.
 """
 
 from __future__ import annotations
@@ -34,11 +37,22 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     column, for streaming.
     """
     base = model.base if isinstance(model, PrefixLM) else model
-    extra = {PREFIX_KWARG: model.prefix(1)} if isinstance(model, PrefixLM) else {}
     cache = DynamicCache(config=base.config)
-    eos = torch.tensor(eos_token_ids, device=input_ids.device)
+    extra = {}
     mask = attention_mask
     positions = position_ids_from_mask(mask)
+    if isinstance(model, PrefixLM):
+        prefix = model.prefix(1)
+        layer_types = getattr(base.config.get_text_config(), "layer_types", None) or []
+        if any("sliding" in t for t in layer_types):
+            extra = {PREFIX_KWARG: prefix}
+        else:
+            batch, dtype = input_ids.shape[0], next(base.parameters()).dtype
+            for layer, (k, v) in enumerate(prefix):
+                cache.update(k.to(dtype).expand(batch, -1, -1, -1).contiguous(),
+                             v.to(dtype).expand(batch, -1, -1, -1).contiguous(), layer)
+            mask = torch.cat([mask.new_ones((batch, prefix[0][0].shape[2])), mask], dim=1)
+    eos = torch.tensor(eos_token_ids, device=input_ids.device, dtype=torch.long)
     step_ids = input_ids
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     out = []

@@ -23,7 +23,8 @@ from ptune import checkpoint as ckpt_io
 from ptune.config import require
 from ptune.data import Columns, Encoding, BatchPlan, IGNORE, collate, load_examples, tokenize
 from ptune.logs import MetricsLog, peak_memory_gib, setup_logging
-from ptune.loss import lm_loss_sum, output_softcap
+from ptune.loss import output_softcap
+from ptune.step import optimizer_step
 from ptune.models import base_identity, build_prefix, load_base
 from ptune.prefix import PrefixLM
 
@@ -99,13 +100,12 @@ def train(cfg: DictConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     lm = PrefixLM(model, build_prefix(model, cfg.prefix).to(device))
-    params = [p for p in lm.prefix.parameters()]
+    params = list(lm.prefix.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
     # Loss scaling only matters for an fp16 base; bf16 and fp32 have the exponent range to do without.
     scaler = torch.amp.GradScaler(device.type, enabled=model.dtype == torch.float16)
     softcap = output_softcap(model.config)
-    head = model.get_output_embeddings()
     prefix_config = {
         "prefix": lm.prefix.spec.to_dict(), "dropout": cfg.prefix.dropout,
         "base": base_identity(model, cfg.model.path),
@@ -156,39 +156,22 @@ def train(cfg: DictConfig) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         global_targets = plan.target_tokens(step)
-        loss_sum = torch.zeros((), device=device)
-        tokens = torch.zeros((), device=device)
-        for micro in plan.micro_batches(step, rank):
-            batch = {k: v.to(device) for k, v in collate([rows[i] for i in micro], tokenizer.pad_token_id,
-                                                          t.pad_to_multiple_of).items()}
-            hidden = lm.decoder(batch["input_ids"], batch["attention_mask"])
-            micro_loss, _ = lm_loss_sum(hidden, batch["labels"], head, t.loss_chunk_size, softcap)
-            scaler.scale(micro_loss / global_targets).backward()
-            loss_sum += micro_loss.detach()
-            tokens += batch["attention_mask"].sum()
-        for p in params:
-            if world > 1:
-                torch.distributed.all_reduce(p.grad)
-        scaler.unscale_(optimizer)
-        max_norm = cfg.optim.max_grad_norm or math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        loss = float(sum_across_ranks(accelerator, loss_sum)) / global_targets
-        if scaler.is_enabled():
-            scale_before = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            if scaler.get_scale() < scale_before:
-                skipped += 1
-                log.warning("step %d: fp16 overflow, update skipped (loss scale now %g; %d skipped so far)",
-                            step + 1, scaler.get_scale(), skipped)
-        elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        batches = [{k: v.to(device) for k, v in collate([rows[i] for i in micro], tokenizer.pad_token_id,
+                                                         t.pad_to_multiple_of).items()}
+                   for micro in plan.micro_batches(step, rank)]
+        result = optimizer_step(lm, batches, global_targets, optimizer, scaler, loss_chunk_size=t.loss_chunk_size,
+                                softcap=softcap, max_grad_norm=cfg.optim.max_grad_norm, world_size=world)
+        loss = float(sum_across_ranks(accelerator, result.loss_sum)) / global_targets
+        grad_norm, tokens = result.grad_norm, result.tokens
+        if not result.applied and scaler.is_enabled():
+            skipped += 1
+            log.warning("step %d: fp16 overflow, update skipped (loss scale now %g; %d skipped so far)",
+                        step + 1, scaler.get_scale(), skipped)
+        elif not result.applied:
             raise TrainingError(
                 f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
                 f"(loss={loss}, grad_norm={grad_norm}); the last checkpoint in {out} is intact. Try a lower optim.lr, "
                 "optim.max_grad_norm=1.0, or model.dtype=bfloat16 instead of float16.")
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
         window["loss"] += loss
         window["tokens"] += int(sum_across_ranks(accelerator, tokens))

@@ -1,0 +1,331 @@
+"""Throughput benchmark: ptune against PEFT prefix tuning + the HF Trainer, on one model built from a config.
+
+`python -m ptune.bench` (defaults: a ChatGLM2-6B-shaped GlmForCausalLM with random bf16 weights on one
+GPU — speed does not depend on the values). In one process and on identical data it times
+  train: ptune's optimizer step and PEFT + HF Trainer, samples/s, tokens/s, MFU, peak memory;
+  eval:  ptune's batched generation and PEFT `generate`, at batch 1 and at a large batch;
+then writes a JSON report and appends a row per measurement to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import platform
+import random
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ptune.data import IGNORE, collate, left_pad
+from ptune.generate import generate
+from ptune.logs import setup_logging
+from ptune.loss import output_softcap
+from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec
+from ptune.step import optimizer_step
+
+log = logging.getLogger("ptune.bench")
+
+
+def build_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**OmegaConf.to_container(cfg.model_config, resolve=True))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    model.requires_grad_(False).eval()
+    return model
+
+
+def fixed_rows(n: int, src: int, tgt: int, vocab: int, seed: int) -> list[dict]:
+    g = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        ids = [g.randrange(10, vocab) for _ in range(src + tgt)]
+        rows.append({"input_ids": ids, "labels": [IGNORE] * src + ids[src:]})
+    return rows
+
+
+def adgen_rows(cfg: DictConfig, vocab: int, seed: int) -> list[dict] | None:
+    """Rows with the token lengths of real AdvertiseGen rows (ChatGLM tokenizer, reference truncation)."""
+    data, tok_dir = Path(cfg.adgen_file), Path(cfg.chatglm_tokenizer_dir)
+    if not (data.is_file() and (tok_dir / "tokenizer.model").is_file()):
+        log.info("no AdvertiseGen slice at %s (or tokenizer at %s): skipping the real-lengths run", data, tok_dir)
+        return None
+    from ptune.chatglm.tokenizer import load_tokenizer
+    from ptune.data import chatglm2_prompt
+
+    tok = load_tokenizer(tok_dir)
+    g = random.Random(seed)
+    rows = []
+    for line in data.read_text(encoding="utf-8").splitlines()[: cfg.num_rows]:
+        row = json.loads(line)
+        src = len(tok.encode(chatglm2_prompt(row["content"], []), add_special_tokens=True)[: cfg.max_source_length])
+        tgt = len(tok.encode(row["summary"], add_special_tokens=False)[: cfg.max_target_length]) + 1
+        ids = [g.randrange(10, vocab) for _ in range(src + tgt)]
+        rows.append({"input_ids": ids, "labels": [IGNORE] * src + ids[src:]})
+    return rows
+
+
+def pad_batch_to(batch: dict, width: int) -> dict:
+    extra = width - batch["input_ids"].shape[1]
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE}
+    return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) for k, v in batch.items()}
+
+
+def count_flops_params(model) -> int:
+    """Parameters that do matrix work per token (the input embedding is a lookup)."""
+    emb = model.get_input_embeddings().weight.numel()
+    return sum(p.numel() for p in model.parameters()) - emb
+
+
+def timed(fn, sync: bool) -> float:
+    if sync:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if sync:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def reset_memory(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int | None, sort: bool,
+                checkpointing: bool) -> dict:
+    spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
+    lm = PrefixLM(model, PrefixEncoder(spec, dropout=0.1).to(device))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.train()
+    optimizer = torch.optim.AdamW(lm.prefix.parameters(), lr=2e-2, weight_decay=0.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    softcap = output_softcap(model.config)
+    global_batch = micro * accum
+    order = list(range(len(rows)))
+
+    def batches_for(step: int):
+        chosen = [order[(step * global_batch + i) % len(rows)] for i in range(global_batch)]
+        if sort:
+            chosen.sort(key=lambda r: len(rows[r]["input_ids"]))
+        out = []
+        for i in range(0, global_batch, micro):
+            b = collate([rows[r] for r in chosen[i:i + micro]], 0, 8)
+            if pad_to:  # reference-style: every row padded to the longest possible row
+                b = pad_batch_to(b, pad_to)
+            out.append({k: v.to(device) for k, v in b.items()})
+        targets = sum(sum(1 for x in rows[r]["labels"][1:] if x != IGNORE) for r in chosen)
+        real_tokens = sum(len(rows[r]["input_ids"]) for r in chosen)
+        return out, targets, real_tokens
+
+    def one(step):
+        batches, targets, _ = batches_for(step)
+        optimizer_step(lm, batches, targets, optimizer, scaler, loss_chunk_size=cfg.loss_chunk_size,
+                       softcap=softcap, max_grad_norm=1.0)
+
+    sync = device.type == "cuda"
+    reset_memory(device)
+    for s in range(cfg.warmup_steps):
+        one(s)
+    seconds = 0.0
+    real = 0
+    for s in range(cfg.warmup_steps, cfg.warmup_steps + cfg.steps):
+        seconds += timed(lambda: one(s), sync)
+        real += batches_for(s)[2]
+    if checkpointing:
+        model.gradient_checkpointing_disable()
+    samples = cfg.steps * global_batch
+    return {"samples_per_s": samples / seconds, "tokens_per_s": real / seconds, "peak_gib": peak_gib(device),
+            "seconds": seconds, "steps": cfg.steps}
+
+
+def peft_train(model, rows, micro: int, accum: int, cfg, device, pad_to: int) -> dict:
+    """PEFT PrefixTuning through the HF Trainer, rows padded to `pad_to` like the reference scripts."""
+    import tempfile
+
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    model.set_attn_implementation(cfg.attn_implementation)
+    peft_model = get_peft_model(model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                                          num_virtual_tokens=cfg.prefix_length))
+
+    def collate_fn(group):
+        return pad_batch_to(collate(group, 0), pad_to)
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[-1] = time.perf_counter() - times[-1]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
+            max_steps=cfg.warmup_steps + cfg.steps, learning_rate=2e-2, lr_scheduler_type="linear",
+            bf16=device.type == "cuda", logging_steps=10_000, save_strategy="no", report_to=[],
+            dataloader_num_workers=0, remove_unused_columns=False, use_cpu=device.type != "cuda",
+            max_grad_norm=1.0,
+        )
+        reset_memory(device)
+        Trainer(model=peft_model, args=args, train_dataset=rows, data_collator=collate_fn,
+                callbacks=[Clock()]).train()
+    seconds = sum(times[cfg.warmup_steps:])
+    samples = cfg.steps * micro * accum
+    real = samples * sum(len(r["input_ids"]) for r in rows) / len(rows)
+    result = {"samples_per_s": samples / seconds, "tokens_per_s": real / seconds, "peak_gib": peak_gib(device),
+              "seconds": seconds, "steps": cfg.steps}
+    return result
+
+
+def ptune_eval(model, prompts, new_tokens: int, batch: int, cfg, device) -> dict:
+    spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
+    lm = PrefixLM(model, PrefixEncoder(spec).to(device))
+
+    def run():
+        for i in range(0, len(prompts), batch):
+            b = {k: v.to(device) for k, v in left_pad(prompts[i:i + batch], 0).items()}
+            generate(lm, b["input_ids"], b["attention_mask"], max_new_tokens=new_tokens, eos_token_ids=[],
+                     pad_token_id=0)
+
+    reset_memory(device)
+    seconds = timed(run, device.type == "cuda")
+    return {"seconds": seconds, "tokens_per_s": len(prompts) * new_tokens / seconds, "peak_gib": peak_gib(device)}
+
+
+def peft_eval(model, prompts, new_tokens: int, batch: int, cfg, device) -> dict:
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+    model.set_attn_implementation(cfg.attn_implementation)
+    peft_model = get_peft_model(model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                                          num_virtual_tokens=cfg.prefix_length)).to(device)
+    peft_model.eval()
+
+    def run():
+        with torch.no_grad():
+            for i in range(0, len(prompts), batch):
+                b = {k: v.to(device) for k, v in left_pad(prompts[i:i + batch], 0).items()}
+                peft_model.generate(**b, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                    pad_token_id=0)
+
+    reset_memory(device)
+    seconds = timed(run, device.type == "cuda")
+    del peft_model
+    return {"seconds": seconds, "tokens_per_s": len(prompts) * new_tokens / seconds, "peak_gib": peak_gib(device)}
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+
+
+def append_markdown(path: Path, report: dict, command: str) -> None:
+    if not path.exists():
+        path.write_text("# Benchmarks\n\nRows appended by `python -m ptune.bench`; each names its card, date and "
+                        "command.\n", encoding="utf-8")
+    lines = [f"\n## {report['date']} · {report['device']} · `{command}`\n",
+             f"torch {report['versions']['torch']}, transformers {report['versions']['transformers']}, "
+             f"peft {report['versions'].get('peft', '-')}; model {report['model']}; prefix {report['prefix_length']}\n",
+             "| measurement | samples/s | tokens/s | MFU | peak GiB | seconds | ratio vs baseline |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in report["results"].items():
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        sps = f"{r['samples_per_s']:.2f}" if "samples_per_s" in r else "-"
+        ratio = f"{r['ratio']:.2f}x vs {r['baseline']}" if r.get("ratio") else "-"
+        lines.append(f"| {name} | {sps} | {r['tokens_per_s']:.0f} | {mfu} | {r.get('peak_gib') or '-'} | "
+                     f"{r['seconds']:.2f} | {ratio} |")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def run(cfg: DictConfig) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(cfg, device, dtype)
+    vocab = model.config.vocab_size
+    flops_per_token = 4 * count_flops_params(model)
+    fixed = fixed_rows(cfg.num_rows, cfg.max_source_length, cfg.max_target_length, vocab, cfg.seed)
+    pad_to = cfg.max_source_length + cfg.max_target_length + 1
+    results: dict[str, dict] = {}
+
+    def add(name, r, baseline=None):
+        if "tokens_per_s" in r and "samples_per_s" in r and device.type == "cuda":
+            r["mfu"] = r["tokens_per_s"] * flops_per_token / (cfg.peak_tflops * 1e12)
+        if baseline and baseline in results:
+            key = "samples_per_s" if "samples_per_s" in r else "tokens_per_s"
+            r["ratio"], r["baseline"] = r[key] / results[baseline][key], baseline
+        results[name] = r
+        log.info("%s: %s", name, json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
+
+    for micro, accum in cfg.train_settings:
+        tag = f"mb{micro}x{accum}"
+        if "peft" in cfg.compare:
+            add(f"train peft {tag}", peft_train(model, fixed, micro, accum, cfg, device, pad_to))
+        add(f"train ptune {tag}", ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None, sort=True,
+                                              checkpointing=False), f"train peft {tag}")
+        if cfg.gradient_checkpointing:
+            add(f"train ptune {tag} +ckpt", ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None,
+                                                        sort=True, checkpointing=True), f"train ptune {tag}")
+    real = adgen_rows(cfg, vocab, cfg.seed)
+    if real is not None:
+        micro, accum = cfg.train_settings[0]
+        add("train ptune adgen padded-193", ptune_train(model, real, micro, accum, cfg, device, pad_to=pad_to,
+                                                        sort=False, checkpointing=False))
+        add("train ptune adgen sorted", ptune_train(model, real, micro, accum, cfg, device, pad_to=None, sort=True,
+                                                    checkpointing=False), "train ptune adgen padded-193")
+    g = random.Random(cfg.seed)
+    prompts = [[g.randrange(10, vocab) for _ in range(cfg.max_source_length)] for _ in range(cfg.eval_prompts)]
+    for batch in cfg.eval_batches:
+        n = min(len(prompts), cfg.eval_prompts_at_batch1) if batch == 1 else len(prompts)
+        if "peft" in cfg.compare:
+            add(f"eval peft batch {batch} ({n} prompts)", peft_eval(model, prompts[:n], cfg.eval_new_tokens, batch,
+                                                                   cfg, device))
+        add(f"eval ptune batch {batch} ({n} prompts)", ptune_eval(model, prompts[:n], cfg.eval_new_tokens, batch, cfg,
+                                                                 device), f"eval peft batch {batch} ({n} prompts)")
+    import transformers
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import peft
+
+        versions["peft"] = peft.__version__
+    except ImportError:
+        pass
+    report = {"date": dt.date.today().isoformat(), "device": device_name(device), "versions": versions,
+              "model": cfg.model_name, "prefix_length": cfg.prefix_length, "results": results,
+              "config": OmegaConf.to_container(cfg, resolve=True)}
+    out = Path(cfg.out_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if cfg.benchmarks_md:
+        append_markdown(Path(cfg.benchmarks_md), report, cfg.command_label)
+    return report
+
+
+@hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    setup_logging()
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
