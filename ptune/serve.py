@@ -380,9 +380,10 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": payload})
 
 
-def error_body(message: str, code: str | None = None, param: str | None = None) -> dict:
+def error_body(message: str, code: str | None = None, param: str | None = None,
+               kind: str = "invalid_request_error") -> dict:
     """Errors in OpenAI's shape, plus FastAPI's `detail` so either kind of client finds the message."""
-    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code},
+    return {"error": {"message": message, "type": kind, "param": param, "code": code},
             "detail": message}
 
 
@@ -412,6 +413,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     """The FastAPI app around a loaded model (the tests build it in-process)."""
     engine = engine or Engine(cm, cfg.max_batch_size, cfg.batch_wait_ms, cfg.max_queue, cfg.seed)
     api_key = cfg.get("api_key") or os.environ.get(API_KEY_ENV) or None
+    api_key = str(api_key) if api_key is not None else None  # `api_key=1234` arrives as a number
     model_name = cfg.get("model_name") or default_model_name(cm)
     max_prompt = int(cfg.max_prompt_tokens)
     max_new_cap = int(cfg.max_new_tokens)
@@ -442,7 +444,11 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, exc: RequestError):
-        return JSONResponse(error_body(exc.message, exc.code, exc.param), status_code=exc.status)
+        kind = ("server_error" if exc.status >= 500 else "authentication_error" if exc.status == 401
+                else "invalid_request_error")
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(error_body(exc.message, exc.code, exc.param, kind), status_code=exc.status,
+                            headers=headers)
 
     async def authorized(request: Request):
         if api_key is None:
@@ -470,6 +476,8 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         except asyncio.CancelledError:
             job.cancelled = True
             raise
+        except Exception as e:  # the worker logged it; the client gets the reason
+            raise RequestError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed") from None
 
     def sampling(temperature: float | None, top_p: float | None, default_top_p: float) -> dict:
         if is_greedy(temperature):
@@ -516,6 +524,8 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         stamp = int(time.time())
         if not req.stream:
             result = await run_job(Job(ids, min(wanted, max_new_cap), seed=req.seed, **params))
+            log.info("POST /v1/chat/completions prompt %d tokens -> %d tokens (%s)", result.prompt_tokens,
+                     result.completion_tokens, result.finish_reason)
             return {"id": cid, "object": "chat.completion", "created": stamp, "model": model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                                  "finish_reason": result.finish_reason}],
