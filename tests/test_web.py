@@ -127,7 +127,8 @@ def test_page_streams_replies_and_keeps_history(served, browser):
     # The page sent the first turn along: the second reply is the one for that history.
     want = greedy(cm, prompt_ids(cm.tokenizer, "材质#棉", [("类型#裙*颜色#红色", reply1)], cm.template))
     assert second.get_attribute("textContent") == want
-    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".msg.user")] == ["类型#裙*颜色#红色", "材质#棉"]
+    asked = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".msg.user")]
+    assert asked == ["类型#裙*颜色#红色", "材质#棉"]
 
     ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACT))

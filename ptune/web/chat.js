@@ -64,6 +64,7 @@
         : "base model " + h.base + " (no prefix)";
       modelEl.title = "base " + h.base + ", template " + h.template + ", " + h.device;
       $("max_tokens").max = h.max_new_tokens;
+      if (parseInt($("max_tokens").value, 10) > h.max_new_tokens) $("max_tokens").value = h.max_new_tokens;
     } catch (e) {
       modelEl.textContent = "cannot reach the server: " + e;
       modelEl.classList.add("error");
