@@ -19,10 +19,11 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ptune.checkpoint import CheckpointError
 from ptune.data import prompt_ids
 from ptune.generate import generate
 from ptune.logs import setup_logging
-from ptune.models import load_for_inference
+from ptune.models import ModelError, load_for_inference
 
 log = logging.getLogger("ptune.chat")
 
@@ -251,7 +252,10 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit("config error: pass checkpoint=<run>/checkpoint-N, or checkpoint=null model.path=<dir> "
                          "to chat with the base model alone")
     log.info("loading %s", cfg.checkpoint or cfg.model.path)
-    cm = load_chat_model(cfg)
+    try:
+        cm = load_chat_model(cfg)
+    except (ModelError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
     log.debug("config: %s", OmegaConf.to_yaml(cfg))
     sys.exit(chat_loop(cm, cfg))
 

@@ -35,16 +35,22 @@ from typing import Callable, Literal
 
 import hydra
 import torch
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+
+try:
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+except ImportError as e:  # an optional dependency
+    raise ImportError(f"ptune.serve needs fastapi and uvicorn: pip install 'ptune[serve]' ({e})") from None
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from ptune.chat import ChatModel, StreamDecoder, build_prompt, load_chat_model
+from ptune.checkpoint import CheckpointError
 from ptune.data import left_pad
 from ptune.generate import generate
 from ptune.logs import setup_logging
+from ptune.models import ModelError
 
 log = logging.getLogger("ptune.serve")
 
@@ -624,7 +630,10 @@ def main(cfg: DictConfig) -> None:
                          "to serve the base model alone")
     if int(cfg.max_prompt_tokens) < 1 or int(cfg.max_new_tokens) < 1 or int(cfg.max_batch_size) < 1:
         raise SystemExit("config error: max_prompt_tokens, max_new_tokens and max_batch_size must be >= 1")
-    cm = load_chat_model(cfg)
+    try:
+        cm = load_chat_model(cfg)
+    except (ModelError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
     _check_exposure(cfg)
     app = create_app(cm, cfg)
     log.info("serving %s at http://%s:%d/ (chat page at /, API at / and /v1/chat/completions)", cm.describe(),
