@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ptune.data import Columns, left_pad, load_examples, prompt_ids
 from ptune.generate import generate
+from ptune.errors import exit_on_user_error
 from ptune.logs import peak_memory_gib, setup_logging
 from ptune.metrics import compute_metrics
 from ptune.models import load_for_inference
@@ -69,6 +70,7 @@ def auto_batch_size(model, prompt_len: int, new_tokens: int, device: torch.devic
 def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_size: int | str, device,
             progress: bool = True) -> tuple[list[str], dict]:
     """Generated texts in input order, and throughput figures."""
+    device = torch.device(device)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     if batch_size == "auto":
         batch_size = auto_batch_size(model, len(prompts[order[0]]), gen.max_new_tokens, device, len(prompts))
@@ -116,13 +118,19 @@ def format_table(rows: list[dict], keys=("rouge-1", "rouge-2", "rouge-l", "bleu-
     return "\n".join(lines)
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer, prefix_config = load_for_inference(cfg.checkpoint, cfg.model, device)
+def eval_settings(cfg: DictConfig, prefix_config: dict | None) -> tuple[dict, str]:
+    """Data settings and prompt template: the checkpoint's, overridden by the non-null values in `cfg`."""
     recorded = (prefix_config or {}).get("data", {})
     data_cfg = {**recorded, **{k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
                                if v is not None}}
     template = cfg.model.get("template") or (prefix_config or {}).get("model", {}).get("template")
+    return data_cfg, template
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer, prefix_config = load_for_inference(cfg.checkpoint, cfg.model, device)
+    data_cfg, template = eval_settings(cfg, prefix_config)
     if not data_cfg.get("eval_file"):
         raise SystemExit("config error: data.eval_file is not set; pass data.eval_file=/path/to/dev.json")
     evalset = build_eval_set(data_cfg["eval_file"], tokenizer, data_cfg, template, cfg.limit)
@@ -131,8 +139,8 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else (Path(cfg.checkpoint) / "eval" if cfg.checkpoint
                                                             else Path("outputs/eval-base"))
     write_results(out_dir, evalset, texts, metrics,
-                  {"generation": {**OmegaConf.to_container(cfg.generation), **stats},
-                   "checkpoint": str(cfg.checkpoint), "eval_file": str(data_cfg["eval_file"])})
+                  {"generation": {**OmegaConf.to_container(cfg.generation), **stats}, "data": data_cfg,
+                   "limit": cfg.limit, "checkpoint": str(cfg.checkpoint), "eval_file": str(data_cfg["eval_file"])})
     log.info("%d rows in %.1f s (%s tokens/s, batch %s, peak %.2f GiB); wrote %s", len(texts), stats["wall_s"],
              stats["tokens_per_s"], stats["batch_size"], stats["peak_mem_gib"], out_dir)
     print(format_table([{"name": str(cfg.checkpoint or "base"), **metrics}]))
@@ -140,6 +148,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     setup_logging()
     evaluate(cfg)

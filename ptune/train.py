@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ptune import checkpoint as ckpt_io
 from ptune.config import require
 from ptune.data import Columns, Encoding, BatchPlan, IGNORE, collate, load_examples, tokenize
+from ptune.errors import exit_on_user_error
 from ptune.logs import MetricsLog, peak_memory_gib, setup_logging
 from ptune.loss import output_softcap
 from ptune.step import optimizer_step
@@ -205,6 +206,7 @@ def train(cfg: DictConfig) -> Path:
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     train(cfg)
 
