@@ -6,6 +6,10 @@ from importlib import resources
 
 from omegaconf import DictConfig, OmegaConf
 
+# Registers the training config's types (conf/train.yaml lists them first in its defaults); every
+# entry point that composes `train` imports this module before Hydra runs.
+from ptune import schema as _schema  # noqa: F401
+
 
 def asset_path(name: str) -> str:
     """Path of a file shipped inside the package (the built-in sample data)."""
