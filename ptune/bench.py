@@ -25,7 +25,7 @@ from ptune.data import IGNORE, collate, left_pad
 from ptune.generate import generate
 from ptune.logs import setup_logging
 from ptune.loss import output_softcap
-from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec
+from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec, compile_layers
 from ptune.step import optimizer_step
 
 log = logging.getLogger("ptune.bench")
@@ -105,11 +105,13 @@ def peak_gib(device) -> float | None:
 
 
 def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int | None, sort: bool,
-                checkpointing: bool) -> dict:
+                checkpointing: bool, compiled: bool = False) -> dict:
     spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
     lm = PrefixLM(model, PrefixEncoder(spec, dropout=0.1).to(device))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compiled:
+        compile_layers(model)
     lm.train()
     optimizer = torch.optim.AdamW(lm.prefix.parameters(), lr=2e-2, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -282,6 +284,12 @@ def run(cfg: DictConfig) -> dict:
             add(f"train peft {tag}", peft_train(model, fixed, micro, accum, cfg, device, pad_to))
         add(f"train ptune {tag}", ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None, sort=True,
                                               checkpointing=False), f"train peft {tag}")
+        if cfg.compile:
+            add(f"train ptune {tag} +compile", ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None,
+                                                           sort=True, checkpointing=False, compiled=True),
+                f"train peft {tag}")
+            for layer in model.get_decoder().layers:  # back to eager for what follows
+                layer._compiled_call_impl = None
         if cfg.gradient_checkpointing:
             add(f"train ptune {tag} +ckpt", ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None,
                                                         sort=True, checkpointing=True), f"train ptune {tag}")

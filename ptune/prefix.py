@@ -257,3 +257,17 @@ class PrefixLM(nn.Module):
             **{PREFIX_KWARG: self.prefix(input_ids.shape[0])},
         )
         return out.last_hidden_state
+
+
+def compile_layers(model) -> None:
+    """torch.compile each decoder layer in place (the loss and the Python loop stay eager).
+
+    Layers rather than the whole model: the prefix travels as a keyword argument the compiled graph
+    takes as an input, and identical layers share one compiled graph.
+    """
+    body = model.get_decoder()
+    layers = getattr(body, "layers", None) or getattr(body, "h", None)
+    if layers is None:
+        raise ValueError(f"{type(body).__name__}: no decoder layer list to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
