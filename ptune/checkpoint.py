@@ -38,7 +38,8 @@ class CheckpointError(ValueError):
     """A checkpoint that is incomplete, corrupt, or does not fit what it is loaded into."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (model shards are several GB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -101,7 +102,7 @@ def save_checkpoint(run_dir: str | Path, step: int, prefix_state: dict[str, torc
     for name in files:
         _fsync(tmp / name)
     _write_json(tmp / MANIFEST_FILE, {
-        name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files
+        name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files
     })
     _fsync(tmp / MANIFEST_FILE)
     if final.exists():
@@ -168,7 +169,7 @@ def verify(ckpt: str | Path, files: list[str] | None = None) -> None:
         if size != entry["bytes"]:
             raise CheckpointError(f"{path}: {size} bytes, manifest says {entry['bytes']}; the file is truncated or "
                                   "was changed")
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != entry["sha256"]:
             raise CheckpointError(f"{path}: SHA-256 {actual} does not match the manifest's {entry['sha256']}")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import gc
-import hashlib
 import json
 import logging
 import re
@@ -31,6 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ptune import checkpoint as ckpt_io
+from ptune.checkpoint import sha256_file
 from ptune import evaluate as ev
 from ptune import models
 from ptune.data import Columns, load_examples
@@ -134,14 +134,6 @@ def base_key(t: Target, device: torch.device) -> str:
 
 # ------------------------------------------------------------------------------------------- freshness
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class Expected:
     """What an earlier metrics.json must match to be reused: eval file, generation, row count, settings."""
 
@@ -165,7 +157,7 @@ class Expected:
         """Settings stored in metrics.json next to what ptune.evaluate stores, and compared on reuse."""
         f = t.data["eval_file"]
         if f not in self._sha:
-            self._sha[f] = _sha256(Path(f))
+            self._sha[f] = sha256_file(Path(f))
         model = {**t.model, **json.loads(base_key(t, self.device))}
         return json.loads(json.dumps({"eval_sha256": self._sha[f], "data": t.data, "model": model,
                                       "limit": self.limit}))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,21 @@ def sample_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sample_rows(64)), encoding="utf-8")
     return path
+
+
+def train_tiny_run(model_dir: Path, data: Path, out: Path, steps: int = 2) -> Path:
+    """Train a tiny prefix through the trainer's command line; returns the last checkpoint."""
+    cmd = [sys.executable, "-m", "ptune.train", f"model.path={model_dir}", f"data.train_file={data}",
+           f"output_dir={out}", "prefix.length=4", f"trainer.max_steps={steps}", f"trainer.save_steps={steps}",
+           "trainer.log_steps=1", "trainer.per_device_batch_size=2", "trainer.gradient_accumulation_steps=1",
+           "trainer.progress_bar=false", "trainer.tensorboard=false", "optim.lr=0.05"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out / f"checkpoint-{steps}"
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tiny_model_dir, sample_file, tmp_path_factory) -> Path:
+    """checkpoint-2 of a tiny llama run (prefix length 4), trained once per test session. Read-only: tests
+    that change a checkpoint copy it first."""
+    return train_tiny_run(tiny_model_dir("llama"), sample_file, tmp_path_factory.mktemp("trained") / "run")

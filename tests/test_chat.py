@@ -23,20 +23,6 @@ MAX_NEW = 8
 TURN = re.compile(r"\[turn (\d+): history (\d+) turn\(s\), prompt (\d+) tokens\]\nAssistant: (.*?)\n\nUser: ", re.S)
 
 
-def trained_checkpoint(tmp_path_factory, model_dir: Path, data: Path) -> Path:
-    """A checkpoint trained for 2 steps through the trainer's command line (made once per test session)."""
-    out = tmp_path_factory.getbasetemp() / f"serve-run-{model_dir.name}"
-    ckpt = out / "checkpoint-2"
-    if not (ckpt / "prefix_config.json").is_file():
-        cmd = [sys.executable, "-m", "ptune.train", f"model.path={model_dir}", f"data.train_file={data}",
-               f"output_dir={out}", "prefix.length=4", "trainer.max_steps=2", "trainer.save_steps=2",
-               "trainer.log_steps=1", "trainer.per_device_batch_size=2", "trainer.gradient_accumulation_steps=1",
-               "trainer.progress_bar=false", "trainer.tensorboard=false", "optim.lr=0.05"]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return ckpt
-
-
 def compose(name: str, *overrides: str):
     from hydra import compose as hydra_compose, initialize_config_dir
 
@@ -51,8 +37,8 @@ def greedy(cm, prompt: list[int]) -> str:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_model_dir, sample_file) -> Path:
-    return trained_checkpoint(tmp_path_factory, tiny_model_dir("llama"), sample_file)
+def checkpoint(trained_checkpoint) -> Path:
+    return trained_checkpoint
 
 
 def chat_cmd(*overrides: str) -> list[str]:

@@ -25,18 +25,8 @@ SCORES = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_model_dir, sample_file, tmp_path_factory) -> Path:
-    """checkpoint-2 of a tiny llama run (prefix length 4), trained once for the module."""
-    out = tmp_path_factory.mktemp("evaluate") / "run"
-    cmd = [sys.executable, "-m", "ptune.train", f"model.path={tiny_model_dir('llama')}",
-           f"data.train_file={sample_file}", f"output_dir={out}", "prefix.length=4", "trainer.max_steps=2",
-           "trainer.save_steps=2", "trainer.log_steps=1", "trainer.per_device_batch_size=2",
-           "trainer.gradient_accumulation_steps=1", "trainer.progress_bar=false", "trainer.tensorboard=false",
-           "optim.lr=0.05"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (found,) = list_checkpoints(out)
-    return found
+def ckpt(trained_checkpoint) -> Path:
+    return trained_checkpoint
 
 
 def compose(*overrides: str):

@@ -39,22 +39,8 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
-def trained_checkpoint(tmp_path_factory, model_dir: Path, data: Path) -> Path:
-    """A checkpoint trained for 2 steps through the trainer's command line (made once per test session)."""
-    out = tmp_path_factory.getbasetemp() / f"serve-run-{model_dir.name}"
-    ckpt = out / "checkpoint-2"
-    if not (ckpt / "prefix_config.json").is_file():
-        cmd = [sys.executable, "-m", "ptune.train", f"model.path={model_dir}", f"data.train_file={data}",
-               f"output_dir={out}", "prefix.length=4", "trainer.max_steps=2", "trainer.save_steps=2",
-               "trainer.log_steps=1", "trainer.per_device_batch_size=2", "trainer.gradient_accumulation_steps=1",
-               "trainer.progress_bar=false", "trainer.tensorboard=false", "optim.lr=0.05"]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return ckpt
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_model_dir, sample_file):
+def served(trained_checkpoint):
     import socket
 
     import uvicorn
@@ -62,7 +48,7 @@ def served(tmp_path_factory, tiny_model_dir, sample_file):
 
     from ptune.serve import create_app
 
-    ckpt = trained_checkpoint(tmp_path_factory, tiny_model_dir("llama"), sample_file)
+    ckpt = trained_checkpoint
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("serve", overrides=[f"checkpoint={ckpt}", "device=cpu", f"max_new_tokens={MAX_NEW}"])
     cm = load_chat_model(cfg)

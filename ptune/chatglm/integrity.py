@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ptune.checkpoint import sha256_file
+
 __all__ = [
     "IntegrityError", "FileCheck", "LEVELS", "DEFAULT_LEVEL", "OWN_MANIFEST", "VERIFIED_CACHE",
     "sha256_file", "bundled_manifests", "find_manifest", "write_manifest", "verify_dir", "format_table",
@@ -47,7 +49,6 @@ DEFAULT_LEVEL = "first-use"
 OWN_MANIFEST = "ptune_manifest.json"
 VERIFIED_CACHE = ".ptune_verified.json"
 WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth")
-_CHUNK = 8 * 1024 * 1024
 
 
 class IntegrityError(ValueError):
@@ -77,12 +78,6 @@ class FileCheck:
 # ----------------------------------------------------------------------------------- hashing
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _structure_problem(path: Path) -> str | None:
