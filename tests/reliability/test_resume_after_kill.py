@@ -1,0 +1,114 @@
+"""Nothing lost when a run dies: SIGKILL at a random moment, then `resume=latest`, ends bitwise where an
+unbroken run ends; SIGTERM and SIGINT save a checkpoint at the step they stop after.
+
+The kill moment is drawn with a seeded random.Random (a step after the first checkpoint, then a delay
+inside that step), so a failure names a reproducible moment. Prefix dropout is on, so a resume that drew
+different random numbers, or fed different rows, could not match bit for bit.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+import time
+
+import pytest
+import torch
+
+from ptune import checkpoint as ck
+from reliability_harness import (LONG, Background, cli, cli_start, logged, last_logged_step, popen_m, prefix_of,
+                                 train_args, wait_for, write_long_rows, kill_quietly)
+
+KILL_SEED = 2024
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    """(model, data, reference run): the reference is the unbroken run, started in the background."""
+    model = tiny_model_dir("llama")
+    base = tmp_path_factory.mktemp("kill")
+    data = write_long_rows(base / "long.jsonl")
+    ref = Background(cli_start("ptune.train", *train_args(model, data, base / "reference", *LONG)),
+                     base / "reference")
+    yield model, data, ref
+    kill_quietly(ref.proc)
+
+
+def assert_same_history(run, reference) -> None:
+    """Every step logged once, in order, with the unbroken run's loss, learning rate and gradient norm."""
+    got, want = logged(run), logged(reference)
+    assert [r["step"] for r in got] == list(range(1, 9))
+    for key in ("loss", "lr", "grad_norm"):
+        assert [r[key] for r in got] == [r[key] for r in want], key
+
+
+def test_sigkill_at_a_random_step_then_resume_latest_is_bitwise_exact(setup, tmp_path):
+    model, data, ref = setup
+    rng = random.Random(KILL_SEED)
+    out = tmp_path / "run"
+    args = train_args(model, data, out, *LONG)
+    proc = popen_m("ptune.train", *args)
+    try:
+        wait_for(lambda: ck.latest_checkpoint(out) is not None, proc, "the first checkpoint")
+        target = rng.randint(2, 6)  # kill inside step target+1 (or the save after it)
+        wait_for(lambda: last_logged_step(out) >= target, proc, f"step {target}")
+        time.sleep(rng.uniform(0.0, 0.06))
+    finally:
+        kill_quietly(proc)
+    killed = proc.wait(30)
+    assert killed.rc == -signal.SIGKILL, f"the run ended before the kill (kill after step {target})\n{killed}"
+    survivor = ck.latest_checkpoint(out)
+    at = int(survivor.name.split("-")[1])
+    assert 2 <= at < 8, survivor
+    ck.verify(survivor)
+    # Whatever the kill interrupted (a step, a save), only complete checkpoints are listed.
+    assert all(ck.is_complete(p) for p in ck.list_checkpoints(out))
+
+    resumed = cli("ptune.train", *args, "resume=latest")
+    assert resumed.rc == 0, str(resumed)
+    assert f"resumed from {survivor} at step {at}" in resumed.stderr
+    assert f"step {at + 1} loss" in resumed.stderr and f"step {at} loss" not in resumed.stderr  # no step redone
+    reference = ref.result()
+    assert torch.equal(prefix_of(out / "checkpoint-8"), prefix_of(reference / "checkpoint-8"))
+    assert_same_history(out, reference)
+    state = ck.load_trainer_state(out / "checkpoint-8")[0]
+    assert state["step"] == 8 and state["global_batch"] == 4 and state["seed"] == 42
+
+
+@pytest.mark.parametrize("sig", [
+    pytest.param(signal.SIGTERM, id="SIGTERM"),
+    pytest.param(signal.SIGINT, id="SIGINT"),
+])
+def test_sigterm_and_sigint_save_the_step_they_stop_after(setup, tmp_path, sig):
+    """The first real subprocess, the second the same entry point in a warm forked child (see cli_runner)."""
+    model, data, ref = setup
+    rng = random.Random(KILL_SEED + sig)
+    out = tmp_path / "run"
+    # A checkpoint every 4 steps, so the step the signal stops at is (almost always) saved only because
+    # of the signal; saving has no effect on the numbers, so the unbroken reference still applies.
+    args = train_args(model, data, out, *LONG, "trainer.save_steps=4")
+    start = popen_m if sig == signal.SIGTERM else cli_start
+    proc = start("ptune.train", *args)
+    try:
+        wait_for(lambda: (out / "checkpoint-4").is_dir(), proc, "checkpoint-4")
+        time.sleep(rng.uniform(0.0, 0.15))
+        proc.send_signal(sig)
+        stopped = proc.wait(120)
+    finally:
+        kill_quietly(proc)
+    assert stopped.rc == 0, str(stopped)
+    found = re.search(rf"stopped by signal {int(sig)} after step (\d+); resume with resume=latest", stopped.stderr)
+    assert found, str(stopped)
+    at = int(found.group(1))
+    assert 4 < at < 8, f"the signal did not land mid-run (stopped after step {at})"
+    assert ck.latest_checkpoint(out) == out / f"checkpoint-{at}"
+    ck.verify(out / f"checkpoint-{at}")
+    assert [r["step"] for r in logged(out)] == list(range(1, at + 1))
+
+    resumed = cli("ptune.train", *args, "resume=latest")
+    assert resumed.rc == 0, str(resumed)
+    assert f"at step {at}" in resumed.stderr
+    reference = ref.result()
+    assert torch.equal(prefix_of(out / "checkpoint-8"), prefix_of(reference / "checkpoint-8"))
+    assert_same_history(out, reference)
