@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ptune import checkpoint as ckpt_io
+from ptune.chatglm import ptuning
 from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec, attention_shape
 
 log = logging.getLogger(__name__)
@@ -120,13 +121,26 @@ def check_fits(prefix_config: dict, model, where: str) -> None:
                     base.get("model_type"), model.config.get_text_config().model_type)
 
 
+def read_checkpoint_config(checkpoint) -> dict:
+    """The prefix_config of a ptune checkpoint, or the equivalent of a ChatGLM2/3 P-tuning folder's config.json."""
+    if ptuning.is_reference_checkpoint(checkpoint):
+        return ptuning.reference_prefix_config(checkpoint)
+    return ckpt_io.read_prefix_config(checkpoint)
+
+
 def attach_checkpoint(model, checkpoint, prefix_lm: PrefixLM | None = None) -> PrefixLM:
-    """A PrefixLM for `model` with the checkpoint's prefix; reuses `prefix_lm` when only weights change."""
+    """A PrefixLM for `model` with the checkpoint's prefix; reuses `prefix_lm` when only weights change.
+
+    `checkpoint` is a ptune checkpoint or a folder saved by ChatGLM2-6B's P-tuning scripts.
+    """
     checkpoint = Path(checkpoint)
-    config = ckpt_io.read_prefix_config(checkpoint)
+    config = read_checkpoint_config(checkpoint)
     check_fits(config, model, str(checkpoint))
     spec = PrefixSpec(**config["prefix"])
-    weights = ckpt_io.load_prefix_weights(checkpoint)
+    if config.get("format") == ptuning.FORMAT:
+        weights = ptuning.load_reference_weights(checkpoint, spec)
+    else:
+        weights = ckpt_io.load_prefix_weights(checkpoint)
     if prefix_lm is None or prefix_lm.prefix.spec != spec:
         prefix_lm = PrefixLM(model, PrefixEncoder(spec).to(next(model.parameters()).device))
     expected = set(prefix_lm.prefix.state_dict())
@@ -150,13 +164,16 @@ def load_for_inference(checkpoint, model_cfg=None, device="cpu"):
     """
     from omegaconf import OmegaConf
 
-    config = ckpt_io.read_prefix_config(checkpoint) if checkpoint else None
+    config = read_checkpoint_config(checkpoint) if checkpoint else None
     overrides = {k: v for k, v in (OmegaConf.to_container(model_cfg) if model_cfg is not None else {}).items()
                  if v is not None}
     recorded = dict(config["model"]) if config else {}
     if config:
         recorded["path"] = config["base"]["path"]
     merged = OmegaConf.create({**recorded, **overrides})
+    if merged.get("path") is None and config:
+        raise ModelError(f"{checkpoint} does not record its base model's folder (a ChatGLM P-tuning checkpoint "
+                         "keeps only the prefix); pass model.path=/path/to/chatglm2-6b")
     if merged.get("path") is None:
         raise ModelError("no checkpoint and no model.path: nothing to load")
     model, tokenizer = load_base(merged, device)

@@ -1,0 +1,297 @@
+"""P-tuning checkpoints in the format of ChatGLM2-6B's own ptuning scripts, read and written.
+
+Those scripts save a folder holding ``config.json`` (the model's ChatGLM config with ``pre_seq_len``
+and ``prefix_projection`` set) and ``pytorch_model.bin`` or ``model.safetensors`` with only the prefix
+encoder's tensors, named ``transformer.prefix_encoder.embedding.weight`` (plus ``trans.0.*`` and
+``trans.2.*`` with projection). ptune's :class:`~ptune.prefix.PrefixEncoder` uses the same names
+without the ``transformer.prefix_encoder.`` part and the same key/value layout, so such a folder
+loads as a ptune prefix as it is: :func:`ptune.models.load_for_inference` and
+:func:`ptune.models.attach_checkpoint` detect it (:func:`is_reference_checkpoint`). The folder does
+not record the base model's location, so ``model.path`` must be given.
+
+Command line::
+
+    python -m ptune.chatglm.ptuning import <old checkpoint dir> <run dir> [--base /path/to/chatglm2-6b]
+    python -m ptune.chatglm.ptuning export <ptune checkpoint> <out dir>
+
+``import`` writes ``<run dir>/checkpoint-N`` (N from the old folder's name, else 0) with a manifest;
+``export`` writes ``model.safetensors`` and ``config.json`` in the reference format, for a prefix
+trained on a ChatGLM-shaped base only. ``.bin`` files are read with ``torch.load(weights_only=True)``,
+which refuses pickled code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ptune import checkpoint as ckpt_io
+from ptune.prefix import PrefixSpec
+
+REF_PREFIX = "transformer.prefix_encoder."
+CONFIG = "config.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+FORMAT = "chatglm-ptuning"
+# What ChatGLM2-6B's ptuning/train.sh uses for AdvertiseGen.
+DEFAULT_DATA = {"prompt_column": "content", "response_column": "summary", "history_column": None,
+                "max_source_length": 64, "max_target_length": 128, "truncate_source_from": "right"}
+DEFAULT_MODEL = {"path": None, "dtype": "auto", "attn_implementation": "sdpa", "template": "chatglm2",
+                 "trust_remote_code": False}
+_CHATGLM_TYPES = ("glm", "chatglm")
+_STEP = re.compile(r"checkpoint-(\d+)$")
+
+
+class PtuningFormatError(ckpt_io.CheckpointError):
+    """A reference-format P-tuning folder that cannot be read, or a prefix that cannot be written as one."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PtuningFormatError(f"{path}: unreadable ({e})") from None
+
+
+def is_reference_checkpoint(path) -> bool:
+    """A folder with a ChatGLM ``config.json`` whose ``pre_seq_len`` is set, and no ptune prefix_config.json."""
+    path = Path(path)
+    if not (path / CONFIG).is_file() or (path / ckpt_io.CONFIG_FILE).is_file():
+        return False
+    try:
+        cfg = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("pre_seq_len") is not None
+
+
+def spec_from_config(cfg: dict, where: str) -> PrefixSpec:
+    """The PrefixSpec of a ChatGLM2/3 prefix encoder, as the original code sizes it."""
+    if "kv_channels" not in cfg or "multi_query_group_num" not in cfg:
+        raise PtuningFormatError(
+            f"{where}: no kv_channels / multi_query_group_num; only ChatGLM2-6B / ChatGLM3-6B P-tuning checkpoints "
+            "are supported (a first-generation ChatGLM-6B prefix has another layout)")
+    missing = [k for k in ("num_layers", "hidden_size", "pre_seq_len") if k not in cfg]
+    if missing:
+        raise PtuningFormatError(f"{where}: missing {', '.join(missing)}")
+    projection = bool(cfg.get("prefix_projection", False))
+    # The original encoder uses multi_query_group_num key/value heads whatever multi_query_attention says.
+    return PrefixSpec(num_layers=int(cfg["num_layers"]), num_kv_heads=int(cfg["multi_query_group_num"]),
+                      head_dim=int(cfg["kv_channels"]), length=int(cfg["pre_seq_len"]), projection=projection,
+                      projection_hidden_size=int(cfg["hidden_size"]) if projection else None)
+
+
+def expected_shapes(spec: PrefixSpec) -> dict[str, tuple[int, ...]]:
+    shapes = {"embedding.weight": (spec.length, spec.kv_size)}
+    if spec.projection:
+        h = spec.projection_hidden_size
+        shapes.update({"trans.0.weight": (h, spec.kv_size), "trans.0.bias": (h,),
+                       "trans.2.weight": (spec.kv_size, h), "trans.2.bias": (spec.kv_size,)})
+    return shapes
+
+
+def _step(path: Path) -> int | None:
+    m = _STEP.search(path.resolve().name)
+    if m:
+        return int(m.group(1))
+    state = path / "trainer_state.json"
+    if state.is_file():
+        try:
+            return int(json.loads(state.read_text(encoding="utf-8"))["global_step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
+def reference_prefix_config(path) -> dict:
+    """The ptune prefix_config of a reference-format folder: its spec, the chatglm2 template, 64/128 lengths.
+
+    ``base.path`` is None: the old format does not say where the base model is.
+    """
+    path = Path(path)
+    cfg = _read_json(path / CONFIG)
+    spec = spec_from_config(cfg, str(path / CONFIG))
+    return {
+        "prefix": spec.to_dict(), "dropout": 0.0,
+        "base": {"path": None, "model_type": "glm", "vocab_size": cfg.get("padded_vocab_size"),
+                 "num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+                 "hidden_size": int(cfg["hidden_size"])},
+        "model": dict(DEFAULT_MODEL), "data": dict(DEFAULT_DATA),
+        "step": _step(path), "format": FORMAT, "source": str(path),
+    }
+
+
+def _weight_files(path: Path) -> list[Path]:
+    for name in INDEX_FILES:
+        index = path / name
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map", {})
+            shards = sorted({f for k, f in weight_map.items() if k.startswith(REF_PREFIX)})
+            if not shards:
+                raise PtuningFormatError(f"{index}: lists no {REF_PREFIX}* tensors")
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise PtuningFormatError(f"{path}: shard(s) listed in {name} are missing: {', '.join(missing)}")
+            return [path / s for s in shards]
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return [path / name]
+    raise PtuningFormatError(f"{path}: no {' or '.join(WEIGHT_FILES)}; expected the prefix encoder's weights there")
+
+
+def _read_prefix_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys() if k.startswith(REF_PREFIX)}
+        except (SafetensorError, OSError) as e:
+            raise PtuningFormatError(f"{file}: unreadable safetensors file ({e})") from None
+    try:
+        sd = torch.load(str(file), weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - a damaged or code-carrying pickle raises anything
+        raise PtuningFormatError(f"{file}: cannot be read as a plain tensor file ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict):
+        raise PtuningFormatError(f"{file}: holds a {type(sd).__name__}, expected a dict of tensors")
+    return {k: v for k, v in sd.items() if isinstance(k, str) and k.startswith(REF_PREFIX)}
+
+
+def load_reference_weights(path, spec: PrefixSpec | None = None) -> dict[str, torch.Tensor]:
+    """PrefixEncoder state dict (``embedding.weight``, ...) of a reference-format folder, checked against its config."""
+    path = Path(path)
+    if spec is None:
+        spec = spec_from_config(_read_json(path / CONFIG), str(path / CONFIG))
+    files = _weight_files(path)
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        weights.update({k[len(REF_PREFIX):]: v for k, v in _read_prefix_tensors(file).items()})
+    where = files[0] if len(files) == 1 else path
+    shapes = expected_shapes(spec)
+    missing = sorted(set(shapes) - set(weights))
+    extra = sorted(set(weights) - set(shapes))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append("missing " + ", ".join(REF_PREFIX + k for k in missing))
+        if extra:
+            parts.append("unexpected " + ", ".join(REF_PREFIX + k for k in extra))
+        raise PtuningFormatError(f"{where}: {'; '.join(parts)} (config.json: pre_seq_len={spec.length}, "
+                                 f"prefix_projection={str(spec.projection).lower()})")
+    for name, shape in shapes.items():
+        if tuple(weights[name].shape) != shape:
+            raise PtuningFormatError(
+                f"{where}: {REF_PREFIX}{name} has shape {tuple(weights[name].shape)}, config.json implies {shape} "
+                f"(pre_seq_len={spec.length}, num_layers={spec.num_layers}, multi_query_group_num="
+                f"{spec.num_kv_heads}, kv_channels={spec.head_dim}"
+                + (f", hidden_size={spec.projection_hidden_size})" if spec.projection else ")"))
+    return weights
+
+
+# ----------------------------------------------------------------------------------- conversions
+
+
+def import_checkpoint(old_dir, run_dir, base_path: str | None = None) -> Path:
+    """Write the reference-format folder `old_dir` as a ptune checkpoint `run_dir/checkpoint-N`."""
+    old_dir = Path(old_dir)
+    if not is_reference_checkpoint(old_dir):
+        raise PtuningFormatError(f"{old_dir}: not a ChatGLM P-tuning checkpoint (needs {CONFIG} with pre_seq_len set "
+                                 f"and no {ckpt_io.CONFIG_FILE})")
+    config = reference_prefix_config(old_dir)
+    weights = load_reference_weights(old_dir, PrefixSpec(**config["prefix"]))
+    if base_path is not None:
+        config["base"]["path"] = str(base_path)
+        config["model"]["path"] = str(base_path)
+    step = config.pop("step") or 0
+    config.pop("format")
+    config["imported_from"] = str(old_dir.resolve())
+    config.pop("source")
+    return ckpt_io.save_checkpoint(run_dir, step, weights, config)
+
+
+def _base_chatglm_config(path) -> dict:
+    if not path:
+        return {}
+    cfg_file = Path(path) / CONFIG
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) and cfg.get("model_type") == "chatglm" else {}
+
+
+def export_checkpoint(ckpt, out_dir) -> Path:
+    """Write a ptune checkpoint as ``out_dir/model.safetensors`` + ``out_dir/config.json`` in the reference format.
+
+    Only a prefix trained on a ChatGLM2/3-shaped base (GLM, projection width = the model's hidden size)
+    has a reference-format equivalent; anything else is refused.
+    """
+    ckpt, out_dir = Path(ckpt), Path(out_dir)
+    if is_reference_checkpoint(ckpt):
+        raise PtuningFormatError(f"{ckpt}: already a ChatGLM P-tuning folder ({CONFIG} with pre_seq_len); "
+                                 "export takes a ptune checkpoint")
+    config = ckpt_io.read_prefix_config(ckpt)
+    spec = PrefixSpec(**config["prefix"])
+    base = config.get("base", {})
+    where = ckpt / ckpt_io.CONFIG_FILE
+    if base.get("model_type") not in _CHATGLM_TYPES:
+        raise PtuningFormatError(f"{where}: the prefix was trained on a {base.get('model_type')!r} model; only "
+                                 "prefixes of ChatGLM2/3 (GLM) models can be written in the ChatGLM P-tuning format")
+    hidden = base.get("hidden_size")
+    if hidden is None:
+        raise PtuningFormatError(f"{where}: base.hidden_size is not recorded; the ChatGLM format needs it")
+    if spec.projection and spec.projection_hidden_size != hidden:
+        raise PtuningFormatError(
+            f"{where}: projection_hidden_size={spec.projection_hidden_size} differs from the model's hidden_size="
+            f"{hidden}; ChatGLM's prefix encoder always projects through hidden_size")
+    weights = ckpt_io.load_prefix_weights(ckpt)
+    shapes = expected_shapes(spec)
+    if set(weights) != set(shapes) or any(tuple(weights[k].shape) != s for k, s in shapes.items()):
+        raise PtuningFormatError(f"{ckpt / ckpt_io.PREFIX_FILE}: tensors {sorted(weights)} do not match the prefix "
+                                 f"spec in {where}")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise PtuningFormatError(f"{out_dir}: exists and is not empty; pick a new folder")
+    ref_cfg = _base_chatglm_config(base.get("path"))
+    ref_cfg.update({"model_type": "chatglm", "num_layers": spec.num_layers, "multi_query_attention": True,
+                    "multi_query_group_num": spec.num_kv_heads, "kv_channels": spec.head_dim, "hidden_size": hidden,
+                    "pre_seq_len": spec.length, "prefix_projection": spec.projection})
+    if base.get("vocab_size") is not None:
+        ref_cfg.setdefault("padded_vocab_size", base["vocab_size"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({REF_PREFIX + k: v.contiguous() for k, v in weights.items()}, out_dir / "model.safetensors",
+              metadata={"format": "pt"})
+    (out_dir / CONFIG).write_text(json.dumps(ref_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ptune.chatglm.ptuning",
+                                     description="Convert between ChatGLM2/3 P-tuning checkpoints and ptune's.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="reference-format folder -> <run dir>/checkpoint-N (ptune)")
+    imp.add_argument("old_dir")
+    imp.add_argument("run_dir")
+    imp.add_argument("--base", default=None, help="base model folder to record (else pass model.path= when loading)")
+    exp = sub.add_parser("export", help="ptune checkpoint -> reference-format folder")
+    exp.add_argument("checkpoint")
+    exp.add_argument("out_dir")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "import":
+            out = import_checkpoint(args.old_dir, args.run_dir, args.base)
+        else:
+            out = export_checkpoint(args.checkpoint, args.out_dir)
+    except ckpt_io.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
