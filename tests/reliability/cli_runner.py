@@ -126,6 +126,11 @@ def _child(req: dict) -> None:
             fault = dict(fault)
             FAULTS[fault.pop("fault")](**fault)
         import importlib.util
+        import warnings
+
+        # The module is already imported in this warm interpreter (a fresh one has not); runpy warns.
+        warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package",
+                                category=RuntimeWarning)
 
         spec = importlib.util.find_spec(req["module"])
         sys.argv = [spec.origin, *req["argv"]]
