@@ -1,0 +1,328 @@
+"""Weight-only int8/int4 quantization of the frozen base: layer error, prefix gradients, memory, cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_config
+from ptune import quant as Q
+from ptune.loss import lm_loss_sum, output_softcap
+from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec
+
+VOCAB = 97
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
+
+
+def normal_linear(in_f=512, out_f=256, seed=0, bias=True) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    nn.init.normal_(lin.weight, 0.0, 0.02)  # the init transformers uses for decoder weights
+    return lin
+
+
+# ------------------------------------------------------------------------------------- one layer
+
+
+@pytest.mark.parametrize("init", ["normal", "default"])
+@pytest.mark.parametrize("mode,group,limit", [("int8", 128, 0.01), ("int4", 128, 0.10), ("int4", 32, 0.08)])
+def test_layer_output_error(init, mode, group, limit):
+    lin = normal_linear() if init == "normal" else (torch.manual_seed(0), nn.Linear(512, 256))[1]
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = lin(x)
+        got = Q.QuantizedLinear.from_float(lin, mode, group)(x)
+    err = rel_err(got, want)
+    assert err < limit, (mode, group, init, err)
+    assert err > 1e-4  # it really is quantized
+
+
+def test_int8_elementwise_bound_and_int4_codes():
+    lin = normal_linear()
+    q8 = Q.QuantizedLinear.from_float(lin, "int8")
+    assert q8.qweight.dtype == torch.int8 and q8.scale.shape == (256,)
+    assert ((q8.dequantized_weight() - lin.weight).abs() <= q8.scale[:, None] / 2 + 1e-7).all()
+    q4 = Q.QuantizedLinear.from_float(lin, "int4", 128)
+    assert q4.qweight.dtype == torch.uint8 and q4.qweight.shape == (256, 256)
+    assert q4.scale.shape == q4.offset.shape == (256, 4)
+    codes = Q.unpack_int4(q4.qweight)
+    assert codes.shape == (256, 512) and int(codes.max()) <= 15
+    # Packing is lossless: repacking the unpacked codes gives the same bytes.
+    assert torch.equal(codes[:, 0::2] | (codes[:, 1::2] << 4), q4.qweight)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_gradient_is_input_only_and_matches_dequantized_weight(mode):
+    lin = normal_linear(bias=True)
+    q = Q.QuantizedLinear.from_float(lin, mode, 64)
+    x = torch.randn(2, 7, 512, requires_grad=True)
+    y = q(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    w = q.dequantized_weight(torch.float32)
+    torch.testing.assert_close(y, F.linear(x, w, q.bias), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, g @ w, rtol=1e-5, atol=1e-6)
+    assert not q.bias.requires_grad and q.bias.grad is None
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_backward_does_not_keep_a_float_weight(mode):
+    """Only the stored low-bit tensors are saved for backward, never a dequantized (out, in) float weight."""
+    q = Q.QuantizedLinear.from_float(normal_linear(), mode, 128)
+    saved = []
+    x = torch.randn(4, 512, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = q(x)
+    y.sum().backward()
+    assert saved, "nothing saved: the autograd function did not run"
+    assert not any(t.is_floating_point() and t.shape == (256, 512) for t in saved)
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_bf16_input(mode):
+    lin = normal_linear()
+    q = Q.QuantizedLinear.from_float(lin, mode, 128)
+    x = torch.randn(8, 512)
+    with torch.no_grad():
+        got = q(x.bfloat16())
+        want = q(x)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, want) < 1e-2
+
+
+def test_int8pack_kernel_agrees_with_dequantize_path(monkeypatch):
+    q = Q.QuantizedLinear.from_float(normal_linear(), "int8")
+    x = torch.randn(3, 5, 512).bfloat16()
+    with torch.no_grad():
+        monkeypatch.setattr(Q, "USE_INT8PACK_MM", False)
+        plain = q(x)
+        monkeypatch.setattr(Q, "USE_INT8PACK_MM", True)
+        fast = q(x)
+    assert fast.shape == plain.shape == (3, 5, 256)
+    assert rel_err(fast, plain) < 1e-2
+    if not Q._int8pack_ok(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("torch._weight_int8pack_mm unavailable here; only the dequantize path was checked")
+
+
+def test_odd_in_features_are_padded_to_the_group():
+    torch.manual_seed(0)
+    lin = nn.Linear(100, 37)
+    nn.init.normal_(lin.weight, 0.0, 0.02)
+    q = Q.QuantizedLinear.from_float(lin, "int4", 32)
+    assert q.qweight.shape == (37, 64) and q.scale.shape == (37, 4)  # 100 -> 128 columns
+    x = torch.randn(3, 5, 100, requires_grad=True)
+    y = q(x)
+    assert y.shape == (3, 5, 37)
+    assert rel_err(y.detach(), lin(x).detach()) < 0.10
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    i8 = Q.QuantizedLinear.from_float(lin, "int8")  # int8 has no groups: any width
+    assert rel_err(i8(x).detach(), lin(x).detach()) < 0.01
+
+
+def test_bad_mode_or_group_is_refused():
+    lin = normal_linear()
+    with pytest.raises(Q.QuantizationError, match="expected one of int8, int4"):
+        Q.QuantizedLinear.from_float(lin, "int3")
+    with pytest.raises(Q.QuantizationError, match="even group size"):
+        Q.QuantizedLinear.from_float(lin, "int4", 33)
+
+
+def test_constant_and_zero_rows_are_exact():
+    lin = normal_linear()
+    with torch.no_grad():
+        lin.weight[0] = 0.0
+        lin.weight[1] = 0.5
+    for mode in ("int8", "int4"):
+        w = Q.QuantizedLinear.from_float(lin, mode, 128).dequantized_weight()
+        assert torch.equal(w[0], torch.zeros(512))
+        torch.testing.assert_close(w[1], torch.full((512,), 0.5))
+
+
+# ---------------------------------------------------------------------------------- whole models
+
+
+def tiny_base(family: str, dtype=torch.float32, **overrides):
+    torch.manual_seed(0)
+    cfg = tiny_config(family, VOCAB)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(dtype).eval()
+
+
+def with_prefix(base, dtype) -> PrefixLM:
+    torch.manual_seed(1)
+    prefix = PrefixEncoder(PrefixSpec.for_model(base.config, 5))
+    with torch.no_grad():  # large enough to matter
+        prefix.embedding.weight.normal_(0, 0.5)
+    return PrefixLM(base, prefix.to(dtype))
+
+
+def toy_batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, VOCAB, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 6:] = 0
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def loss_and_prefix_grad(lm: PrefixLM):
+    batch = toy_batch()
+    lm.train()
+    hidden = lm.decoder(batch["input_ids"], batch["attention_mask"])
+    total, n = lm_loss_sum(hidden, batch["labels"], lm.base.get_output_embeddings(), 4, output_softcap(lm.config))
+    (total / n).backward()
+    return float((total / n).detach()), lm.prefix.embedding.weight.grad.float().clone()
+
+
+@pytest.mark.parametrize("family", ["llama", "glm", "gpt2"])
+@pytest.mark.parametrize("mode,min_cos", [("int8", 0.999), ("int4", 0.95)])
+def test_prefix_gradient_through_quantized_base(family, mode, min_cos):
+    """Reference: the same base in bf16 (the dtype it trains in on a GPU), quantized from that bf16 base."""
+    ref_loss, ref_grad = loss_and_prefix_grad(with_prefix(tiny_base(family, torch.bfloat16), torch.bfloat16))
+    base = tiny_base(family, torch.bfloat16)
+    summary = Q.quantize_model(base, mode, 32)
+    assert summary["layers"] == len([m for m in base.modules() if isinstance(m, Q.QuantizedLinear)]) > 0
+    lm = with_prefix(base, torch.bfloat16)
+    loss, grad = loss_and_prefix_grad(lm)
+    assert grad.norm() > 0
+    assert cosine(grad, ref_grad) >= min_cos, (family, mode, cosine(grad, ref_grad))
+    assert abs(loss - ref_loss) < 0.02 * ref_loss
+    assert all(p.grad is None and not p.requires_grad for p in lm.base.parameters())
+
+
+def test_only_decoder_linears_are_replaced():
+    base = tiny_base("llama")
+    emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+    summary = Q.quantize_model(base, "int8")
+    assert summary["layers"] == 2 * 7  # q k v o gate up down, two layers
+    assert base.get_input_embeddings() is emb and base.get_output_embeddings() is head
+    assert isinstance(head, nn.Linear) and head.weight.dtype == torch.float32
+    assert not any(type(m) is nn.Linear for m in base.model.layers.modules())
+    assert base.model.layers[0].input_layernorm.weight.dtype == torch.float32
+    assert base.ptune_quantization == {"mode": "int8", "group_size": None}
+
+
+def test_skip_and_misuse():
+    base = tiny_base("llama")
+    summary = Q.quantize_model(base, "int4", 32, skip=("lm_head", "o_proj"))
+    assert summary["layers"] == 2 * 6
+    assert type(base.model.layers[0].self_attn.o_proj) is nn.Linear
+    with pytest.raises(Q.QuantizationError, match="get_decoder"):
+        Q.quantize_model(with_prefix(tiny_base("llama"), torch.float32), "int8")
+
+
+@pytest.mark.parametrize("mode,limit", [("int8", 0.35), ("int4", 0.20)])
+def test_memory_of_decoder_linears(mode, limit):
+    base = tiny_base("llama", hidden_size=128, intermediate_size=256)
+    names = Q.quantizable_layers(base)
+    fp32 = sum(base.get_submodule(n).weight.numel() * 4 for n in names)
+    summary = Q.quantize_model(base, mode, 128)
+    stored = sum(t.numel() * t.element_size() for n in names
+                 for t in list(base.get_submodule(n).buffers()))
+    assert summary["bytes_before"] == fp32 and summary["bytes_after"] == stored
+    assert stored < limit * fp32, (mode, stored / fp32)
+
+
+def test_gradient_checkpointing_same_result():
+    base = tiny_base("llama")
+    Q.quantize_model(base, "int4", 32)
+    lm = with_prefix(base, torch.float32)
+    loss_off, grad_off = loss_and_prefix_grad(lm)
+    lm.prefix.zero_grad(set_to_none=True)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_on, grad_on = loss_and_prefix_grad(lm)
+    assert abs(loss_on - loss_off) < 1e-6
+    assert rel_err(grad_on, grad_off) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------- cache
+
+
+def logits(model, lm=None):
+    ids = toy_batch()["input_ids"]
+    with torch.no_grad():
+        return (lm or model)(ids).logits
+
+
+@pytest.mark.parametrize("family,mode", [("llama", "int4"), ("glm", "int8"), ("gpt2", "int4")])
+def test_cache_round_trip_is_bitwise(tmp_path, family, mode):
+    base = tiny_base(family)  # gpt2: Conv1D layers and a tied output layer
+    Q.quantize_model(base, mode, 32)
+    want = logits(base)
+    Q.save_quantized(base, tmp_path / "q")
+    again = Q.load_quantized(tmp_path / "q", attn_implementation="sdpa")
+    assert type(again) is type(base)
+    assert torch.equal(logits(again), want)
+    for (n1, t1), (n2, t2) in zip(base.state_dict().items(), again.state_dict().items()):
+        assert n1 == n2 and t1.dtype == t2.dtype and torch.equal(t1, t2), n1
+    assert not any(p.requires_grad for p in again.parameters()) and not again.training
+    if family == "gpt2":
+        assert again.get_output_embeddings().weight is again.get_input_embeddings().weight
+    # Through the prefix too: same prefix, same logits.
+    assert torch.equal(logits(None, with_prefix(base, torch.float32)), logits(None, with_prefix(again, torch.float32)))
+
+
+def test_quantized_base_uses_the_cache_until_the_source_changes(tmp_path, tiny_model_dir):
+    src = tiny_model_dir("llama")
+    cache = tmp_path / "cache"
+    calls = []
+
+    def load_float():
+        calls.append(1)
+        return AutoModelForCausalLM.from_pretrained(src, local_files_only=True)
+
+    kw = dict(cache_dir=cache, source=src, dtype=torch.float32, attn_implementation="sdpa")
+    first = Q.quantized_base(load_float, "int4", 32, **kw)
+    assert len(calls) == 1 and (cache / Q.META_FILE).is_file()
+    second = Q.quantized_base(load_float, "int4", 32, **kw)
+    assert len(calls) == 1, "the second load quantized again"
+    assert torch.equal(logits(first), logits(second))
+    # Another group size, dtype or changed source files: not this cache.
+    assert not Q.cache_matches(cache, "int4", 64, torch.float32, Q.source_fingerprint(src))
+    assert not Q.cache_matches(cache, "int8", 32, torch.float32, Q.source_fingerprint(src))
+    assert not Q.cache_matches(cache, "int4", 32, torch.bfloat16, Q.source_fingerprint(src))
+    (tmp_path / "other").mkdir()
+    assert not Q.cache_matches(cache, "int4", 32, torch.float32, Q.source_fingerprint(tmp_path / "other"))
+    Q.quantized_base(load_float, "int8", **kw)
+    assert len(calls) == 2
+
+
+def test_incomplete_cache_is_refused(tmp_path):
+    with pytest.raises(Q.QuantizationError, match="no complete quantized model"):
+        Q.load_quantized(tmp_path)
+    with pytest.raises(Q.QuantizationError, match="no quantized layers"):
+        Q.save_quantized(tiny_base("llama"), tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode,limit", [("int8", 0.012), ("int4", 0.10)])
+def test_cuda_layer(dtype, mode, limit):
+    lin = normal_linear(4096, 1024).to("cuda", dtype)
+    q = Q.QuantizedLinear.from_float(lin, mode, 128)
+    assert q.qweight.is_cuda
+    x = torch.randn(16, 4096, device="cuda", dtype=dtype, requires_grad=True)
+    y = q(x)
+    assert y.dtype == dtype
+    assert rel_err(y.detach(), lin(x).detach()) < limit
+    y.float().square().sum().backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
