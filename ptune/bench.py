@@ -264,7 +264,13 @@ def run(cfg: DictConfig) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(cfg, device, dtype)
     vocab = model.config.vocab_size
-    flops_per_token = 4 * count_flops_params(model)
+    flops_per_token = 4 * count_flops_params(model)  # before quantizing: quantized weights are buffers
+    quant = None
+    if cfg.get("quantization"):
+        from ptune.quant import quantize_model
+
+        quant = quantize_model(model, cfg.quantization, int(cfg.quantization_group_size))
+        log.info("quantized the base: %s", quant)
     fixed = fixed_rows(cfg.num_rows, cfg.max_source_length, cfg.max_target_length, vocab, cfg.seed)
     pad_to = cfg.max_source_length + cfg.max_target_length + 1
     results: dict[str, dict] = {}
@@ -319,7 +325,8 @@ def run(cfg: DictConfig) -> dict:
     except ImportError:
         pass
     report = {"date": dt.date.today().isoformat(), "device": device_name(device), "versions": versions,
-              "model": cfg.model_name, "prefix_length": cfg.prefix_length, "results": results,
+              "model": cfg.model_name + (f", {quant['mode']} base" if quant else ""),
+              "prefix_length": cfg.prefix_length, "results": results, "quantization": quant,
               "config": OmegaConf.to_container(cfg, resolve=True)}
     out = Path(cfg.out_json)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -71,12 +71,14 @@ def load_base(model_cfg, device: torch.device | str = "cpu"):
     if not (path / "config.json").is_file():
         raise ModelError(f"model.path={path}: no config.json in it; expected a transformers model folder")
     dtype = resolve_dtype(str(model_cfg.dtype), device)
-    if _is_chatglm(path):
-        from ptune.chatglm.convert import load_chatglm
 
-        model = load_chatglm(path, dtype=dtype, device=device)
-        model.set_attn_implementation(model_cfg.attn_implementation)
-    else:
+    def load_float():
+        if _is_chatglm(path):
+            from ptune.chatglm.convert import load_chatglm
+
+            model = load_chatglm(path, dtype=dtype, device=device)
+            model.set_attn_implementation(model_cfg.attn_implementation)
+            return model
         from transformers import AutoModelForCausalLM
 
         try:
@@ -86,7 +88,17 @@ def load_base(model_cfg, device: torch.device | str = "cpu"):
             )
         except (OSError, ValueError) as e:
             raise ModelError(f"model.path={path}: could not load the model: {e}") from None
-        model.to(device)
+        return model.to(device)
+
+    quant = model_cfg.get("quantization")
+    if quant:
+        from ptune.quant import quantized_base
+
+        model = quantized_base(load_float, str(quant), int(model_cfg.get("quantization_group_size") or 128),
+                               cache_dir=model_cfg.get("quantization_cache"), source=path, dtype=dtype,
+                               device=device, attn_implementation=model_cfg.attn_implementation)
+    else:
+        model = load_float()
     model.requires_grad_(False)
     model.eval()
     return model, load_tokenizer(path)

@@ -152,7 +152,8 @@ def grouped_sdpa(module, query, key, value, mask, scaling=None, dropout=0.0, **_
         mask = mask.reshape(mask.shape[0], mask.shape[1], g * t, mask.shape[-1])
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling)
-    return out.view(b, hq, t, d).transpose(1, 2).contiguous(), None
+    # reshape, not view: SDPA may return a non-contiguous tensor (seen with fp32 on CUDA).
+    return out.reshape(b, hq, t, d).transpose(1, 2).contiguous(), None
 
 
 def _make_prefixed_attention(inner_name: str):

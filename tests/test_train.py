@@ -104,3 +104,19 @@ def test_missing_model_path_is_a_clear_error(sample_file, tmp_path):
                      f"output_dir={tmp_path / 'run'}", check=False)
     assert proc.returncode != 0
     assert f"model.path={tmp_path / 'nope'}: no such folder" in proc.stderr
+
+
+def test_quantized_base_trains_and_evaluates_through_the_command_line(tiny_model_dir, sample_file, tmp_path):
+    model = tiny_model_dir("llama")
+    out = tmp_path / "run"
+    run_train(*small_run(model, sample_file, out, "trainer.max_steps=2", "trainer.save_steps=2",
+                         "model.quantization=int8", f"model.quantization_cache={tmp_path / 'q8'}"))
+    config = json.loads((out / "checkpoint-2" / "prefix_config.json").read_text())
+    assert config["model"]["quantization"] == "int8"
+    assert (tmp_path / "q8" / "quantization.json").is_file()
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in logged(out))
+    proc = subprocess.run([sys.executable, "-m", "ptune.evaluate", f"checkpoint={out / 'checkpoint-2'}",
+                           f"data.eval_file={sample_file}", "limit=3", "generation.max_new_tokens=4", "device=cpu",
+                           f"output_dir={tmp_path / 'eval'}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_samples"] == 3
