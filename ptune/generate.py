@@ -9,10 +9,16 @@ sliding-window layers would evict the prefix from such a cache, so they keep the
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformers import DynamicCache
 
 from ptune.prefix import PREFIX_KWARG, PrefixLM, position_ids_from_mask
+
+# transformers 5.17 announces a rename of `past_key_values` whose replacement its models do not read
+# yet (passing the new name silently drops the cache); keep the working name without the per-call noise.
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):

@@ -228,10 +228,9 @@ class PrefixLM(nn.Module):
         self.base.eval()
         # transformers checkpoints a layer only while that layer is in training mode; flip just the layer
         # wrappers so activation recomputation works while every dropout inside stays off.
-        if getattr(self.base, "is_gradient_checkpointing", False):
-            for m in self.base.modules():
-                if isinstance(m, GradientCheckpointingLayer):
-                    m.training = mode
+        for m in self.base.modules():
+            if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
+                m.training = mode
         return self
 
     @property
