@@ -72,6 +72,7 @@ class TrainerSchema:
     per_device_batch_size: int = MISSING
     gradient_accumulation_steps: int = MISSING
     gradient_checkpointing: bool = MISSING
+    compile: bool = MISSING
     sort_by_length: bool = MISSING
     pad_to_multiple_of: int = MISSING
     loss_chunk_size: int = MISSING

@@ -27,7 +27,7 @@ from ptune.logs import MetricsLog, peak_memory_gib, setup_logging
 from ptune.loss import output_softcap
 from ptune.step import optimizer_step
 from ptune.models import base_identity, build_prefix, load_base
-from ptune.prefix import PrefixLM
+from ptune.prefix import PrefixLM, compile_layers
 
 log = logging.getLogger("ptune.train")
 
@@ -101,6 +101,8 @@ def train(cfg: DictConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     lm = PrefixLM(model, build_prefix(model, cfg.prefix).to(device))
+    if t.compile:
+        compile_layers(model)
     params = list(lm.prefix.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
