@@ -105,11 +105,15 @@ def test_keep_last_2_leaves_exactly_the_newest_two_complete_checkpoints(setup, t
 
 
 def test_a_flipped_byte_in_the_prefix_stops_evaluate_with_one_line(setup, tmp_path):
-    """`python -m ptune.evaluate` (a real subprocess) refuses a checkpoint whose prefix.safetensors changed."""
+    """`python -m ptune.evaluate` as a real subprocess refuses a checkpoint whose prefix.safetensors changed;
+    the warm runner the other tests use reports exactly the same exit code and message."""
     model, data, ref = setup
     ckpt = shutil.copytree(ref.result() / "checkpoint-8", tmp_path / "checkpoint-8")
     flip_byte(ckpt / "prefix.safetensors")
-    res = python_m("ptune.evaluate", f"checkpoint={ckpt}", f"data.eval_file={data}", "device=cpu", "limit=2",
-                   f"output_dir={tmp_path / 'eval'}")
-    assert_clean_error(res, f"error: {ckpt / 'prefix.safetensors'}: SHA-256", "does not match the manifest")
+    args = [f"checkpoint={ckpt}", f"data.eval_file={data}", "device=cpu", "limit=2", f"output_dir={tmp_path / 'eval'}"]
+    real, warm = python_m("ptune.evaluate", *args), cli("ptune.evaluate", *args)
+    for res in (real, warm):
+        assert_clean_error(res, f"error: {ckpt / 'prefix.safetensors'}: SHA-256", "does not match the manifest")
+    pick = lambda r: [l for l in r.stderr.splitlines() if l.startswith("error: ")]  # noqa: E731
+    assert real.rc == warm.rc == 1 and pick(real) == pick(warm) and len(pick(real)) == 1
     assert not (tmp_path / "eval").exists()  # nothing was generated from the damaged prefix

@@ -76,19 +76,21 @@ def test_sigkill_at_a_random_step_then_resume_latest_is_bitwise_exact(setup, tmp
     assert state["step"] == 8 and state["global_batch"] == 4 and state["seed"] == 42
 
 
-@pytest.mark.parametrize("sig", [
-    pytest.param(signal.SIGTERM, id="SIGTERM"),
-    pytest.param(signal.SIGINT, id="SIGINT"),
+@pytest.mark.parametrize("sig, real", [
+    pytest.param(signal.SIGTERM, False, id="SIGTERM"),
+    pytest.param(signal.SIGINT, False, id="SIGINT"),
+    pytest.param(signal.SIGTERM, True, id="SIGTERM-real-subprocess", marks=pytest.mark.slow),
 ])
-def test_sigterm_and_sigint_save_the_step_they_stop_after(setup, tmp_path, sig):
-    """The first real subprocess, the second the same entry point in a warm forked child (see cli_runner)."""
+def test_sigterm_and_sigint_save_the_step_they_stop_after(setup, tmp_path, sig, real):
+    """The run is a warm forked child running the same entry point (see cli_runner.py), or with `real` a
+    `python -m ptune.train` subprocess."""
     model, data, ref = setup
     rng = random.Random(KILL_SEED + sig)
     out = tmp_path / "run"
     # A checkpoint every 4 steps, so the step the signal stops at is (almost always) saved only because
     # of the signal; saving has no effect on the numbers, so the unbroken reference still applies.
     args = train_args(model, data, out, *LONG, "trainer.save_steps=4")
-    start = popen_m if sig == signal.SIGTERM else cli_start
+    start = popen_m if real else cli_start
     proc = start("ptune.train", *args)
     try:
         wait_for(lambda: (out / "checkpoint-4").is_dir(), proc, "checkpoint-4")
