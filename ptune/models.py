@@ -168,6 +168,14 @@ def attach_checkpoint(model, checkpoint, prefix_lm: PrefixLM | None = None) -> P
     return prefix_lm
 
 
+def inference_model_settings(prefix_config: dict | None, overrides: dict) -> dict:
+    """Model settings for inference: what the checkpoint recorded, overridden by non-null `overrides`."""
+    recorded = dict(prefix_config["model"]) if prefix_config else {}
+    if prefix_config:
+        recorded["path"] = prefix_config["base"]["path"]
+    return {**recorded, **{k: v for k, v in overrides.items() if v is not None}}
+
+
 def load_for_inference(checkpoint, model_cfg=None, device="cpu"):
     """(PrefixLM or bare base, tokenizer, prefix_config) for a checkpoint; `checkpoint=None` gives the base alone.
 
@@ -177,12 +185,8 @@ def load_for_inference(checkpoint, model_cfg=None, device="cpu"):
     from omegaconf import OmegaConf
 
     config = read_checkpoint_config(checkpoint) if checkpoint else None
-    overrides = {k: v for k, v in (OmegaConf.to_container(model_cfg) if model_cfg is not None else {}).items()
-                 if v is not None}
-    recorded = dict(config["model"]) if config else {}
-    if config:
-        recorded["path"] = config["base"]["path"]
-    merged = OmegaConf.create({**recorded, **overrides})
+    overrides = OmegaConf.to_container(model_cfg) if model_cfg is not None else {}
+    merged = OmegaConf.create(inference_model_settings(config, overrides))
     if merged.get("path") is None and config:
         raise ModelError(f"{checkpoint} does not record its base model's folder (a ChatGLM P-tuning checkpoint "
                          "keeps only the prefix); pass model.path=/path/to/chatglm2-6b")

@@ -116,7 +116,7 @@ def plan(cfg: DictConfig) -> list[Target]:
             t = Target(label, ckpt, int(_STEP.match(ckpt.name).group(1)))
             try:
                 config = ckpt_io.read_prefix_config(ckpt)
-                t.model = {**config.get("model", {}), "path": config["base"]["path"], **model_overrides}
+                t.model = models.inference_model_settings(config, model_overrides)
                 t.data = {**config.get("data", {}), **data_overrides}
             except (ckpt_io.CheckpointError, ValueError, KeyError) as e:
                 t.error = f"{ckpt}: unreadable prefix_config.json ({type(e).__name__}: {e})"
