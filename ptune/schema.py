@@ -28,9 +28,9 @@ class ModelSchema:
     attn_implementation: str = MISSING
     template: Optional[str] = MISSING
     trust_remote_code: bool = MISSING
-    quantization: Optional[str] = None
-    quantization_group_size: int = 128
-    quantization_cache: Optional[str] = None
+    quantization: Optional[str] = MISSING
+    quantization_group_size: int = MISSING
+    quantization_cache: Optional[str] = MISSING
 
 
 @dataclass

@@ -14,6 +14,7 @@ import atexit
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,8 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).with_name("cli_runner.py")
-LOGS = Path(tempfile.mkdtemp(prefix="ptune-reliability-logs-"))
+LOGS = Path(tempfile.mkdtemp(prefix="ptune-reliability-logs-"))  # stdout/stderr of every command line
+atexit.register(shutil.rmtree, LOGS, ignore_errors=True)
 
 
 @dataclass
