@@ -52,6 +52,8 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply") from None
         # A JSON array gives no per-row line numbers; report the row's position instead.
         numbered = list(enumerate(rows, start=1))
     else:
@@ -65,6 +67,8 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
                 numbered.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: JSON nested too deeply") from None
     for lineno, row in numbered:
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object per row, got {type(row).__name__}")
@@ -82,6 +86,14 @@ def _check_history(value, where: str) -> list[tuple[str, str]]:
     if not ok:
         raise DataError(f"{where}: history must be a list of [question, answer] string pairs")
     return [tuple(turn) for turn in value]
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def load_examples(path: str | Path, columns: Columns):
@@ -102,6 +114,11 @@ def load_examples(path: str | Path, columns: Columns):
                 raise DataError(f"{where}: column {name!r} must be a string, got {type(row[name]).__name__}")
         prompt, response = row[columns.prompt], row[columns.response]
         history = _check_history(row.get(columns.history), where) if columns.history else []
+        for name, text in [(columns.prompt, prompt), (columns.response, response)] + [
+                (columns.history, t) for turn in history for t in turn]:
+            if text and not _encodable(text):
+                raise DataError(f"{where}: column {name!r} holds an unpaired surrogate escape (\\ud800-\\udfff), "
+                                "which is not text")
         if not prompt or not prompt.strip() or not response or not response.strip():
             skipped += 1
             continue

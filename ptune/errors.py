@@ -7,19 +7,18 @@ import logging
 import sys
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite values, a checkpoint that cannot be resumed, a bad setting)."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
+    # Defined here rather than in ptune.train: under `python -m ptune.train` that module runs as
+    # __main__, and an exception class defined there would not be the one caught here.
     from ptune.checkpoint import CheckpointError
     from ptune.data import DataError
     from ptune.models import ModelError
 
-    found = [CheckpointError, DataError, ModelError]
-    try:
-        from ptune.train import TrainingError
-
-        found.append(TrainingError)
-    except ImportError:  # the trainer's dependencies are absent (e.g. an inference-only install)
-        pass
-    return tuple(found)
+    return CheckpointError, DataError, ModelError, TrainingError
 
 
 def exit_on_user_error(fn):

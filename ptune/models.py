@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ptune import checkpoint as ckpt_io
 from ptune.chatglm import ptuning
@@ -41,7 +42,10 @@ def _is_chatglm(path: Path) -> bool:
     cfg = path / "config.json"
     if not cfg.is_file():
         return False
-    return json.loads(cfg.read_text(encoding="utf-8")).get("model_type") == "chatglm"
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8")).get("model_type") == "chatglm"
+    except (ValueError, AttributeError) as e:
+        raise ModelError(f"model.path={path}: {cfg.name} is not a JSON object ({e})") from None
 
 
 def load_tokenizer(path: str | Path):
@@ -52,7 +56,10 @@ def load_tokenizer(path: str | Path):
         return load_chatglm_tokenizer(path)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelError(f"model.path={path}: no usable tokenizer in the folder ({e})") from None
     if tok.eos_token_id is None:
         raise ModelError(f"{path}: the tokenizer defines no EOS token; ptune appends EOS to every response")
     if tok.pad_token_id is None:
@@ -86,7 +93,7 @@ def load_base(model_cfg, device: torch.device | str = "cpu"):
                 path, dtype=dtype, attn_implementation=model_cfg.attn_implementation, local_files_only=True,
                 trust_remote_code=bool(model_cfg.trust_remote_code),
             )
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             raise ModelError(f"model.path={path}: could not load the model: {e}") from None
         return model.to(device)
 

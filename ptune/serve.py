@@ -40,6 +40,7 @@ try:
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # an optional dependency
     raise ImportError(f"ptune.serve needs fastapi and uvicorn: pip install 'ptune[serve]' ({e})") from None
 from omegaconf import DictConfig, OmegaConf
@@ -285,7 +286,7 @@ class ChatCompletionRequest(_Strict):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     stream: StrictBool = False
     n: StrictInt = Field(1, ge=1, le=1)
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=-2**63, le=2**64 - 1)  # what torch.Generator accepts
 
 
 class RequestError(Exception):
@@ -447,6 +448,11 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         body["errors"] = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
                           for e in exc.errors()]
         return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        # FastAPI's own refusals (e.g. a body it cannot decode) in the same shape as every other error.
+        return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, exc: RequestError):

@@ -22,18 +22,14 @@ from tqdm.auto import tqdm
 from ptune import checkpoint as ckpt_io
 from ptune.config import require
 from ptune.data import Columns, Encoding, BatchPlan, IGNORE, collate, load_examples, tokenize
-from ptune.errors import exit_on_user_error
+from ptune.errors import TrainingError, exit_on_user_error
 from ptune.logs import MetricsLog, peak_memory_gib, setup_logging
 from ptune.loss import output_softcap
 from ptune.step import optimizer_step
-from ptune.models import base_identity, build_prefix, load_base
+from ptune.models import base_identity, build_prefix, check_fits, load_base
 from ptune.prefix import PrefixLM, compile_layers
 
 log = logging.getLogger("ptune.train")
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 def lr_at(step: int, optim, max_steps: int) -> float:
@@ -60,6 +56,29 @@ def run_dir(accelerator: Accelerator) -> Path:
     return chosen
 
 
+def json_number(x: float) -> float | None:
+    """Rounded for the log; None for inf/NaN, which strict JSON cannot hold (fp16 overflow steps have them)."""
+    return round(x, 6) if math.isfinite(x) else None
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Values the types allow but the trainer cannot use, refused before anything is loaded or written."""
+    t = cfg.trainer
+    for key in ("max_steps", "save_steps", "log_steps", "per_device_batch_size", "gradient_accumulation_steps",
+                "pad_to_multiple_of", "loss_chunk_size"):
+        if t[key] < 1:
+            raise TrainingError(f"trainer.{key}={t[key]}: must be at least 1")
+    if cfg.prefix.length < 1:
+        raise TrainingError(f"prefix.length={cfg.prefix.length}: must be at least 1")
+    if cfg.optim.schedule not in ("linear", "constant"):
+        raise TrainingError(f"optim.schedule={cfg.optim.schedule!r}: expected linear or constant")
+    if cfg.optim.lr <= 0 or cfg.optim.warmup_steps < 0 or not 0 <= cfg.prefix.dropout < 1:
+        raise TrainingError("optim.lr must be > 0, optim.warmup_steps >= 0 and 0 <= prefix.dropout < 1; got "
+                            f"{cfg.optim.lr}, {cfg.optim.warmup_steps}, {cfg.prefix.dropout}")
+    if t.keep_last is not None and t.keep_last < 1:
+        raise TrainingError(f"trainer.keep_last={t.keep_last}: null keeps every checkpoint, else at least 1")
+
+
 def find_resume(resume, out: Path) -> Path | None:
     if resume in (None, "", False):
         return None
@@ -70,7 +89,8 @@ def find_resume(resume, out: Path) -> Path | None:
         return found
     path = Path(str(resume))
     if not ckpt_io.is_complete(path):
-        raise TrainingError(f"resume={resume}: not a complete checkpoint folder")
+        raise TrainingError(f"resume={resume}: not a complete ptune checkpoint folder (prefix.safetensors, "
+                            "prefix_config.json and manifest.json)")
     return path
 
 
@@ -85,6 +105,7 @@ def train(cfg: DictConfig) -> Path:
     out = run_dir(accelerator)
     setup_logging(out / "train.log", accelerator.is_main_process)
     require(cfg, "model.path", "data.train_file")
+    check_settings(cfg)
     t = cfg.trainer
 
     model, tokenizer = load_base(cfg.model, device)
@@ -120,6 +141,14 @@ def train(cfg: DictConfig) -> Path:
     start, skipped = 0, 0
     resume_from = find_resume(cfg.resume, out)
     if resume_from is not None:
+        recorded = ckpt_io.read_prefix_config(resume_from)
+        check_fits(recorded, model, str(resume_from))
+        if recorded["prefix"] != lm.prefix.spec.to_dict():
+            diff = {k: (v, lm.prefix.spec.to_dict().get(k)) for k, v in recorded["prefix"].items()
+                    if lm.prefix.spec.to_dict().get(k) != v}
+            raise TrainingError(f"resume={resume_from}: its prefix differs from this run's ("
+                                + ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in diff.items())
+                                + "); resume with the prefix settings it was trained with")
         state, optim_state = ckpt_io.load_trainer_state(resume_from)
         lm.prefix.load_state_dict(ckpt_io.load_prefix_weights(resume_from))
         optimizer.load_state_dict(optim_state)
@@ -183,15 +212,15 @@ def train(cfg: DictConfig) -> Path:
         bar.update(1)
         if done % t.log_steps == 0 or done == t.max_steps:
             elapsed = time.perf_counter() - window["time"]
-            record = {"step": done, "loss": round(window["loss"] / window["steps"], 6), "lr": lr,
-                      "grad_norm": round(grad_norm, 6), "tokens_per_s": round(window["tokens"] / elapsed, 1),
+            mean_loss = window["loss"] / window["steps"]
+            record = {"step": done, "loss": json_number(mean_loss), "lr": lr, "grad_norm": json_number(grad_norm), "tokens_per_s": round(window["tokens"] / elapsed, 1),
                       "peak_mem_gib": round(peak_memory_gib(device), 3), "skipped_steps": skipped}
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}",
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}",
                             tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['peak_mem_gib']:.2f}G")
             if metrics is not None:
                 metrics.write(record)
             log.info("step %d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f peak_mem %.2f GiB", done,
-                     record["loss"], lr, grad_norm, record["tokens_per_s"], record["peak_mem_gib"])
+                     mean_loss, lr, grad_norm, record["tokens_per_s"], record["peak_mem_gib"])
             window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
         if done % t.save_steps == 0 or done == t.max_steps:
             save(done)

@@ -142,12 +142,6 @@ def test_no_body_makes_the_server_fail(server, request, authorization):
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a body the json module cannot even decode (it guesses UTF-32 from the NUL bytes) is refused by FastAPI's own "
-    "parser with HTTPException(400, 'There was an error parsing the body'), which the app has no "
-    "handler for, so the answer is {'detail': ...} without the OpenAI-shaped 'error' object every other refusal "
-    "has. Fix in ptune/serve.py create_app: register @app.exception_handler(starlette.exceptions.HTTPException) "
-    "returning JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)."))
 @pytest.mark.parametrize("path", ["/", "/v1/chat/completions"])
 def test_undecodable_body_is_refused_in_the_openai_error_shape(server, path):
     r = server.post(path, content=b"\x00" * 9, headers={"Authorization": f"Bearer {KEY}"})
@@ -155,11 +149,6 @@ def test_undecodable_body_is_refused_in_the_openai_error_shape(server, path):
     assert r.json()["error"]["message"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a seed outside torch's range [-2**63, 2**64-1] reaches torch.Generator.manual_seed in the worker, which "
-    "raises 'Overflow when unpacking long long': the request fails with 500 generation_failed (or an error "
-    "event inside a 200 stream). Fix in ptune/serve.py ChatCompletionRequest: "
-    "seed: StrictInt | None = Field(None, ge=-2**63, le=2**64 - 1), so it is a 422 naming 'seed'."))
 @pytest.mark.parametrize("seed", [2**64, -2**63 - 1])
 def test_out_of_range_seed_is_refused_not_a_500(server, seed):
     r = server.post("/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
