@@ -136,6 +136,20 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete half-written `.checkpoint-N.tmp-PID` folders left by a killed save (never complete, never read).
+
+    `.old-PID` folders are kept: a kill between the two renames of a re-save leaves the only full copy there.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    stale = [p for p in run_dir.iterdir() if p.is_dir() and re.match(r"^\.checkpoint-\d+\.tmp-\d+$", p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` complete checkpoints; returns what was removed."""
     found = list_checkpoints(run_dir)

@@ -158,6 +158,8 @@ def train(cfg: DictConfig) -> Path:
         log.info("resumed from %s at step %d", resume_from, start)
 
     if accelerator.is_main_process:
+        for stale in ckpt_io.remove_stale_temporaries(out):
+            log.info("removed %s, left by an interrupted save", stale)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     metrics = MetricsLog(out, t.tensorboard, resume_step=start) if accelerator.is_main_process else None
     stop = {"signal": None}

@@ -337,3 +337,17 @@ def test_everything_written_is_safetensors_or_json(tmp_path):
                 for key in f.keys():
                     f.get_tensor(key)
             assert not p.read_bytes().startswith(b"PK")  # not a torch.save zip
+
+
+def test_remove_stale_temporaries_keeps_complete_and_old_copies(tmp_path):
+    from ptune.checkpoint import remove_stale_temporaries
+
+    good = save_checkpoint(tmp_path, 3, {"embedding.weight": torch.ones(2, 2)}, {"prefix": {}})
+    tmp = tmp_path / ".checkpoint-5.tmp-4242"
+    old = tmp_path / ".checkpoint-3.old-4242"
+    for folder in (tmp, old):
+        folder.mkdir()
+        (folder / "prefix.safetensors").write_bytes(b"partial")
+    removed = remove_stale_temporaries(tmp_path)
+    assert removed == [tmp] and not tmp.exists()
+    assert old.exists() and good.exists()
