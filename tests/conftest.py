@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,32 @@ def trained_checkpoint(tiny_model_dir, sample_file, tmp_path_factory) -> Path:
     """checkpoint-2 of a tiny llama run (prefix length 4), trained once per test session. Read-only: tests
     that change a checkpoint copy it first."""
     return train_tiny_run(tiny_model_dir("llama"), sample_file, tmp_path_factory.mktemp("trained") / "run")
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class LiveServer:
+    """The app under a real uvicorn server in a background thread, on a free loopback port."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = free_socket()
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
