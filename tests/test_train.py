@@ -120,3 +120,16 @@ def test_quantized_base_trains_and_evaluates_through_the_command_line(tiny_model
                            f"output_dir={tmp_path / 'eval'}"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_samples"] == 3
+
+
+def test_hydra_multirun_gives_one_run_folder_per_combination(tiny_model_dir, sample_file, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train("-m", f"model.path={tiny_model_dir('llama')}", f"data.train_file={sample_file}",
+              f"hydra.sweep.dir={sweep}", "trainer.max_steps=1", "trainer.save_steps=1",
+              "trainer.per_device_batch_size=2", "trainer.gradient_accumulation_steps=1", "trainer.progress_bar=false",
+              "trainer.tensorboard=false", "prefix.length=2,4")
+    lengths = {}
+    for job in ("0", "1"):
+        (ckpt,) = list_checkpoints(sweep / job)
+        lengths[job] = json.loads((ckpt / "prefix_config.json").read_text())["prefix"]["length"]
+    assert lengths == {"0": 2, "1": 4}
