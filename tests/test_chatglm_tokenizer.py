@@ -7,6 +7,7 @@ real one in ../shared, so these tests skip when that folder is absent.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 MODEL = SHARED / "chatglm" / "tokenizer.model"
 GOLDEN = ROOT / "tests" / "golden" / "chatglm" / "tokenizer_cases.json"
+ADGEN = SHARED / "data" / "advertisegen" / "train_5000.json"
+sys.path.insert(0, str(ROOT / "tests" / "golden"))
+from chatglm_strings import load_rows, sha256_text, tokenizer_strings  # noqa: E402
 
 pytestmark = [
     pytest.mark.shared,
     pytest.mark.skipif(not MODEL.is_file(), reason=f"needs the real ChatGLM tokenizer.model at {MODEL}"),
+    pytest.mark.skipif(not ADGEN.is_file(), reason=f"needs the AdvertiseGen slice at {ADGEN} to rebuild the strings"),
 ]
 
 
@@ -31,7 +36,14 @@ def tok() -> ChatGLMTokenizer:
 
 @pytest.fixture(scope="module")
 def golden() -> dict:
-    return json.loads(GOLDEN.read_text(encoding="utf-8"))
+    """The reference's ids, with each case's text rebuilt from ../shared (the fixture keeps only hashes)."""
+    data = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    texts, prompts = tokenizer_strings(load_rows(ADGEN))
+    assert [sha256_text(t) for t in texts] == [c["sha256"] for c in data["cases"]], "strings no longer match"
+    for case, text in zip(data["cases"], texts):
+        case["text"] = text
+    data["chatglm2_prompts"] = [{**p, "sha256": h} for p, h in zip(prompts, data["chatglm2_prompts"])]
+    return data
 
 
 def test_golden_covers_enough_strings(golden):
@@ -64,9 +76,9 @@ def test_encode_matches_reference(tok, golden):
 def test_decode_matches_reference(tok, golden):
     mismatches = []
     for case in golden["cases"]:
-        if tok.decode(case["ids"]) != case["decoded"]:
+        if sha256_text(tok.decode(case["ids"])) != case["decoded_sha256"]:
             mismatches.append(("with specials", case["text"]))
-        if tok.decode(case["ids_plain"]) != case["decoded_plain"]:
+        if sha256_text(tok.decode(case["ids_plain"])) != case["decoded_plain_sha256"]:
             mismatches.append(("plain", case["text"]))
         if tok.decode(case["ids_plain"]) != case["text"]:
             mismatches.append(("round trip", case["text"]))
@@ -92,7 +104,7 @@ def test_special_token_spellings_in_text_stay_text(tok):
 def test_chatglm2_prompts(tok, golden):
     for case in golden["chatglm2_prompts"]:
         prompt = tok.build_prompt(case["query"], [tuple(h) for h in case["history"]])
-        assert prompt == case["prompt"]
+        assert sha256_text(prompt) == case["sha256"]
     assert tok.build_prompt("q") == "[Round 1]\n\n问：q\n\n答："
     assert tok.build_prompt("q2", [("q1", "a1")]) == "[Round 1]\n\n问：q1\n\n答：a1\n\n[Round 2]\n\n问：q2\n\n答："
 
