@@ -232,7 +232,6 @@ def peft_eval(model, prompts, new_tokens: int, batch: int, cfg, device) -> dict:
 
     reset_memory(device)
     seconds = timed(run, device.type == "cuda")
-    del peft_model
     return {"seconds": seconds, "tokens_per_s": len(prompts) * new_tokens / seconds, "peak_gib": peak_gib(device)}
 
 

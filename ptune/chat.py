@@ -19,11 +19,11 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptune.checkpoint import CheckpointError
 from ptune.data import prompt_ids
 from ptune.generate import generate
+from ptune.errors import exit_on_user_error
 from ptune.logs import setup_logging
-from ptune.models import ModelError, load_for_inference
+from ptune.models import load_for_inference
 
 log = logging.getLogger("ptune.chat")
 
@@ -246,16 +246,14 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
 
 
 @hydra.main(config_path="../conf", config_name="chat", version_base="1.3")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     setup_logging()
     if not cfg.checkpoint and not cfg.model.get("path"):
         raise SystemExit("config error: pass checkpoint=<run>/checkpoint-N, or checkpoint=null model.path=<dir> "
                          "to chat with the base model alone")
     log.info("loading %s", cfg.checkpoint or cfg.model.path)
-    try:
-        cm = load_chat_model(cfg)
-    except (ModelError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
+    cm = load_chat_model(cfg)
     log.debug("config: %s", OmegaConf.to_yaml(cfg))
     sys.exit(chat_loop(cm, cfg))
 

@@ -47,11 +47,10 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from ptune.chat import ChatModel, StreamDecoder, build_prompt, load_chat_model
-from ptune.checkpoint import CheckpointError
 from ptune.data import left_pad
 from ptune.generate import generate
+from ptune.errors import exit_on_user_error
 from ptune.logs import setup_logging
-from ptune.models import ModelError
 
 log = logging.getLogger("ptune.serve")
 
@@ -627,6 +626,7 @@ def _check_exposure(cfg: DictConfig) -> None:
 
 
 @hydra.main(config_path="../conf", config_name="serve", version_base="1.3")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     import uvicorn
 
@@ -636,10 +636,7 @@ def main(cfg: DictConfig) -> None:
                          "to serve the base model alone")
     if int(cfg.max_prompt_tokens) < 1 or int(cfg.max_new_tokens) < 1 or int(cfg.max_batch_size) < 1:
         raise SystemExit("config error: max_prompt_tokens, max_new_tokens and max_batch_size must be >= 1")
-    try:
-        cm = load_chat_model(cfg)
-    except (ModelError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
+    cm = load_chat_model(cfg)
     _check_exposure(cfg)
     app = create_app(cm, cfg)
     log.info("serving %s at http://%s:%d/ (chat page at /, API at / and /v1/chat/completions)", cm.describe(),

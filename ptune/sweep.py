@@ -34,6 +34,7 @@ from ptune.checkpoint import sha256_file
 from ptune import evaluate as ev
 from ptune import models
 from ptune.data import Columns, load_examples
+from ptune.errors import exit_on_user_error
 from ptune.logs import setup_logging
 from ptune.metrics import SCORE_KEYS
 
@@ -346,11 +347,12 @@ def plot(path: Path, rows: list[dict]) -> None:
 
 
 @hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     setup_logging()
     try:
         result = sweep(cfg)
-    except (SweepError, models.ModelError) as e:
+    except SweepError as e:
         raise SystemExit(str(e)) from None
     if result["failed"]:
         raise SystemExit(f"{len(result['failed'])} checkpoint(s) could not be scored; see above")

@@ -150,3 +150,16 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
+
+
+def toy_batch(vocab: int, seed: int = 1) -> dict:
+    """Three right-padded rows of different lengths, prompt positions and padding masked out of the labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 6:] = 0
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 import ptune.evaluate as ev
 from conftest import build_tokenizer, tiny_config
-from ptune.checkpoint import CheckpointError, list_checkpoints
+from ptune.checkpoint import CheckpointError
 from ptune.models import load_for_inference
 
 REPO = Path(__file__).resolve().parents[1]

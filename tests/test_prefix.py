@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, tiny_config
+from conftest import FAMILIES, tiny_config, toy_batch
 from ptune.loss import lm_loss_sum, output_softcap
 from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec
 
@@ -87,21 +87,9 @@ def loss_and_grad(lm: PrefixLM, batch):
     return loss.detach(), {k: p.grad.clone() for k, p in lm.prefix.named_parameters()}
 
 
-def toy_batch(seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, VOCAB, (3, 12), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 9:] = 0
-    mask[2, 6:] = 0
-    labels = ids.clone()
-    labels[:, :4] = -100
-    labels[mask == 0] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradient_checkpointing_same_loss_and_gradient(family):
-    batch = toy_batch()
+    batch = toy_batch(VOCAB)
     lm = make_lm(family, projection=True)
     lm.train()
     loss_off, grad_off = loss_and_grad(lm, batch)
@@ -122,7 +110,7 @@ def test_gradient_checkpointing_same_loss_and_gradient(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_padding_does_not_change_per_row_loss(family):
     lm = make_lm(family)
-    batch = toy_batch(2)
+    batch = toy_batch(VOCAB, 2)
     head, softcap = lm.base.get_output_embeddings(), output_softcap(lm.config)
     with torch.no_grad():
         hidden = lm.decoder(batch["input_ids"], batch["attention_mask"])

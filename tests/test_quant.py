@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_config
+from conftest import tiny_config, toy_batch
 from ptune import quant as Q
 from ptune.loss import lm_loss_sum, output_softcap
 from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec
@@ -169,20 +169,8 @@ def with_prefix(base, dtype) -> PrefixLM:
     return PrefixLM(base, prefix.to(dtype))
 
 
-def toy_batch():
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(4, VOCAB, (3, 12), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 9:] = 0
-    mask[2, 6:] = 0
-    labels = ids.clone()
-    labels[:, :4] = -100
-    labels[mask == 0] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def loss_and_prefix_grad(lm: PrefixLM):
-    batch = toy_batch()
+    batch = toy_batch(VOCAB)
     lm.train()
     hidden = lm.decoder(batch["input_ids"], batch["attention_mask"])
     total, n = lm_loss_sum(hidden, batch["labels"], lm.base.get_output_embeddings(), 4, output_softcap(lm.config))
@@ -255,7 +243,7 @@ def test_gradient_checkpointing_same_result():
 
 
 def logits(model, lm=None):
-    ids = toy_batch()["input_ids"]
+    ids = toy_batch(VOCAB)["input_ids"]
     with torch.no_grad():
         return (lm or model)(ids).logits
 

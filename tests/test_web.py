@@ -7,8 +7,6 @@ A screenshot is kept at outputs/test-artifacts/web_chat.png.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path

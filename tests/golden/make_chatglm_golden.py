@@ -50,7 +50,6 @@ ptuning_checkpoint/{config.json,model.safetensors}
 from __future__ import annotations
 
 import json
-import random
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -65,7 +64,7 @@ TOKENIZER_MODEL = SHARED / "chatglm" / "tokenizer.model"
 ADGEN = SHARED / "data" / "advertisegen" / "train_5000.json"
 
 sys.path.insert(0, str(HERE))
-from chatglm_strings import load_rows, sha256_text, tokenizer_strings  # noqa: E402
+from chatglm_strings import chatglm2_prompt, load_rows, sha256_text, tokenizer_strings  # noqa: E402
 from kolors.models.configuration_chatglm import ChatGLMConfig  # noqa: E402
 from kolors.models.modeling_chatglm import ChatGLMForConditionalGeneration, RMSNorm  # noqa: E402
 from kolors.models import modeling_chatglm as ref_modeling  # noqa: E402

@@ -9,7 +9,6 @@ values (streaming included); the Authorization header is sometimes wrong or miss
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import pytest
