@@ -261,6 +261,15 @@ class BatchPlan:
         # Interleave ranks over the length-sorted chunks so every rank gets a similar amount of work.
         return chunks[rank::self.world_size]
 
+    def micro_batch_ids(self, step: int, rank: int) -> list[int]:
+        """Position of each of this rank's micro-batches in the step's global batch (same order as micro_batches).
+
+        The same micro-batch has the same id whatever the number of ranks, so anything seeded by it (dropout)
+        is drawn alike on 1 GPU x 2 accumulation steps and on 2 GPUs x 1.
+        """
+        chunks = -(-self.global_batch // self.micro_batch)
+        return list(range(rank, chunks, self.world_size))
+
     def target_tokens(self, step: int) -> int:
         # Every target token counts once, shifted: labels[1:] of each row are the predicted positions.
         return sum(self.targets[r] for r in self.global_rows(step))

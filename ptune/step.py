@@ -22,14 +22,20 @@ class StepResult:
 
 
 def optimizer_step(lm, batches, global_targets: int, optimizer, scaler, *, loss_chunk_size: int,
-                   softcap: float | None, max_grad_norm: float | None, world_size: int = 1) -> StepResult:
-    """Gradients of the loss over `batches`, normalised by `global_targets`, summed across ranks, clipped, applied."""
+                   softcap: float | None, max_grad_norm: float | None, world_size: int = 1,
+                   seeds: list[int] | None = None) -> StepResult:
+    """Gradients of the loss over `batches`, normalised by `global_targets`, summed across ranks, clipped, applied.
+
+    `seeds`, one per micro-batch, reseed the RNG (prefix dropout) before each forward pass.
+    """
     head = lm.base.get_output_embeddings()
     params = [p for p in lm.prefix.parameters() if p.requires_grad]
     device = params[0].device
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), device=device, dtype=torch.long)
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        if seeds is not None:
+            torch.manual_seed(seeds[i])
         hidden = lm.decoder(batch["input_ids"], batch["attention_mask"])
         micro_loss, _ = lm_loss_sum(hidden, batch["labels"], head, loss_chunk_size, softcap)
         scaler.scale(micro_loss / global_targets).backward()

@@ -155,7 +155,13 @@ def train(cfg: DictConfig) -> Path:
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start, skipped = state["step"], state.get("skipped_steps", 0)
-        log.info("resumed from %s at step %d", resume_from, start)
+        log.info("resumed from %s at step %d (it was written by %d process(es))", resume_from, start,
+                 state.get("world_size", 1))
+        if state.get("global_batch") not in (None, plan.global_batch):
+            log.warning("resume=%s: it was trained with global batch %d, this run's is %d (%d x %d x %d ranks); "
+                        "the data order from step %d on is not the one the original run would have seen",
+                        resume_from, state["global_batch"], plan.global_batch, t.per_device_batch_size,
+                        t.gradient_accumulation_steps, world, start + 1)
 
     if accelerator.is_main_process:
         for stale in ckpt_io.remove_stale_temporaries(out):
@@ -184,8 +190,6 @@ def train(cfg: DictConfig) -> Path:
     bar = tqdm(total=t.max_steps, initial=start, desc="train", disable=not (accelerator.is_main_process and t.progress_bar))
     window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
     for step in range(start, t.max_steps):
-        # Dropout masks depend on (seed, step, rank) alone, so a resumed run draws what an unbroken one would.
-        torch.manual_seed(cfg.seed + 1_000_003 * (step + 1) + rank)
         lr = lr_at(step, cfg.optim, t.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -193,8 +197,12 @@ def train(cfg: DictConfig) -> Path:
         batches = [{k: v.to(device) for k, v in collate([rows[i] for i in micro], tokenizer.pad_token_id,
                                                          t.pad_to_multiple_of).items()}
                    for micro in plan.micro_batches(step, rank)]
+        # Dropout masks depend on (seed, step, micro-batch) alone: a resumed run draws what an unbroken one
+        # would, and 2 GPUs x 1 accumulation step draw what 1 GPU x 2 does.
+        seeds = [cfg.seed + 1_000_003 * (step + 1) + i for i in plan.micro_batch_ids(step, rank)]
         result = optimizer_step(lm, batches, global_targets, optimizer, scaler, loss_chunk_size=t.loss_chunk_size,
-                                softcap=softcap, max_grad_norm=cfg.optim.max_grad_norm, world_size=world)
+                                softcap=softcap, max_grad_norm=cfg.optim.max_grad_norm, world_size=world,
+                                seeds=seeds)
         loss = float(sum_across_ranks(accelerator, result.loss_sum)) / global_targets
         grad_norm, tokens = result.grad_norm, result.tokens
         if not result.applied and scaler.is_enabled():

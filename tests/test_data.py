@@ -479,6 +479,20 @@ def test_batchplan_micro_batches_partition_global_batch(sort):
         assert Counter(got) == Counter(r for mb in single.micro_batches(step, 0) for r in mb)
 
 
+def test_batchplan_micro_batch_ids_name_the_same_rows_whatever_the_world_size():
+    # 1 rank x 4 micro-batches and 2 ranks x 2 and 4 ranks x 1: id i is always the same rows.
+    plans = {w: make_plan(n=30, micro=2, acc=4 // w, world=w, seed=3) for w in (1, 2, 4)}
+    for step in range(5):
+        by_id = {}
+        for world, plan in plans.items():
+            for rank in range(world):
+                ids, mbs = plan.micro_batch_ids(step, rank), plan.micro_batches(step, rank)
+                assert len(ids) == len(mbs)
+                for i, mb in zip(ids, mbs):
+                    assert by_id.setdefault(i, mb) == mb
+        assert sorted(by_id) == [0, 1, 2, 3]
+
+
 def test_batchplan_sorted_by_length_within_global_batch():
     plan = make_plan(n=40, micro=2, acc=2, world=2, sort=True)
     raw = make_plan(n=40, micro=2, acc=2, world=2, sort=False)

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Data-parallel check on N GPUs (default 2) against 1 GPU with the same global batch, on the
+# ChatGLM2-6B-shaped model of ptune.bench (random bf16 weights, built and saved once, nothing downloaded).
+#   DATA=/path/AdvertiseGen/train.json TOKENIZER=/path/with/tokenizer.model bash recipes/data_parallel.sh
+# Runs, each 20 steps of micro-batch 16 with a checkpoint at 10:
+#   one        python   -m ptune.train  accumulation N   (global batch 16 N)
+#   multi      torchrun -m ptune.train  accumulation 1   (same global batch, same micro-batches)
+#   multi_from_one  resumes `one`'s checkpoint-10 on N GPUs;  one_from_multi  the reverse
+# then prints throughput, the prefix differences and which files each run wrote.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NPROC=${NPROC:-2}
+MODEL=${MODEL:-outputs/glm6b-shape}
+OUT=${RUN_DIR:-outputs/data_parallel}
+DATA=${DATA:-../shared/data/advertisegen/train_5000.json}
+TOKENIZER=${TOKENIZER:-../shared/chatglm}
+STEPS=${STEPS:-20}
+
+if [ ! -f "$MODEL/config.json" ]; then
+  python - "$MODEL" <<'PY'
+import sys, torch
+from omegaconf import OmegaConf
+from ptune.bench import build_model
+model = build_model(OmegaConf.load("conf/bench.yaml"), torch.device("cuda"), torch.bfloat16)
+model.save_pretrained(sys.argv[1])
+print("saved", sys.argv[1])
+PY
+  cp "$TOKENIZER/tokenizer.model" "$MODEL/"
+fi
+
+common=(+experiment=adgen_60steps model=local "model.path=$MODEL" model.template=chatglm2 "data.train_file=$DATA"
+        trainer.per_device_batch_size=16 "trainer.max_steps=$STEPS" "trainer.save_steps=$((STEPS / 2))"
+        trainer.log_steps=5 trainer.progress_bar=false trainer.tensorboard=false)
+torchrun_=(torchrun --standalone --nproc_per_node "$NPROC" -m ptune.train)
+rm -rf "$OUT"
+python -m ptune.train "${common[@]}" "trainer.gradient_accumulation_steps=$NPROC" "output_dir=$OUT/one"
+"${torchrun_[@]}" "${common[@]}" trainer.gradient_accumulation_steps=1 "output_dir=$OUT/multi"
+"${torchrun_[@]}" "${common[@]}" trainer.gradient_accumulation_steps=1 "output_dir=$OUT/multi_from_one" \
+  "resume=$OUT/one/checkpoint-$((STEPS / 2))"
+python -m ptune.train "${common[@]}" "trainer.gradient_accumulation_steps=$NPROC" "output_dir=$OUT/one_from_multi" \
+  "resume=$OUT/multi/checkpoint-$((STEPS / 2))"
+
+python - "$OUT" "$STEPS" "$NPROC" <<'PY'
+import json, sys
+from pathlib import Path
+from safetensors.torch import load_file
+
+out, steps, nproc = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def prefix(run):
+    return load_file(out / run / f"checkpoint-{steps}" / "prefix.safetensors")["embedding.weight"].float()
+def log(run):
+    return [json.loads(line) for line in (out / run / "train_log.jsonl").read_text().splitlines()]
+def steady(run):  # log windows after the first (warm-up) whose time holds no checkpoint save
+    rows = log(run)
+    clean = [r["tokens_per_s"] for r in rows[1:] if (r["step"] - 5) % (steps // 2)]
+    return sum(clean) / len(clean) if clean else rows[-1]["tokens_per_s"]
+ref = prefix("one")
+for run in ("multi", "multi_from_one", "one_from_multi"):
+    d = prefix(run) - ref
+    print(f"prefix {run} vs one: max |diff| {d.abs().max():.3e}, |diff|/|one| {d.norm() / ref.norm():.3e}")
+print("losses one  :", [r["loss"] for r in log("one")])
+print("losses multi:", [r["loss"] for r in log("multi")])
+t1, tn = steady("one"), steady("multi")
+print(f"tokens/s: 1 GPU {t1:.0f}, {nproc} GPUs {tn:.0f}, speed-up {tn / t1:.2f}x")
+print("peak GiB per GPU: one", log("one")[-1]["peak_mem_gib"], "multi", log("multi")[-1]["peak_mem_gib"])
+for run in ("one", "multi", "multi_from_one", "one_from_multi"):
+    print(run, sorted(str(p.relative_to(out / run)) for p in (out / run).rglob("*")))
+PY
