@@ -216,6 +216,35 @@ def left_pad(prompts: list[list[int]], pad_token_id: int) -> dict[str, torch.Ten
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def balanced_bounds(sorted_lengths: list[int], parts: int) -> list[int]:
+    """Cut ascending lengths into `parts` contiguous runs minimising the largest rows x longest-row product.
+
+    Returns the cut positions [0, ..., len]. Greedy from the longest end under a padded-size budget,
+    with the smallest budget that needs no more than `parts` runs found by bisection.
+    """
+    n = len(sorted_lengths)
+
+    def cut(budget: int) -> list[int]:
+        ends, end = [n], n
+        while end > 0:
+            end -= max(1, min(end, budget // sorted_lengths[end - 1]))
+            ends.append(end)
+        return ends[::-1]
+
+    lo, hi = sorted_lengths[-1], n * sorted_lengths[-1]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(cut(mid)) - 1 <= parts:
+            hi = mid
+        else:
+            lo = mid + 1
+    bounds = cut(lo)
+    while len(bounds) - 1 < parts:  # fewer runs than asked: halve the one with the most rows
+        i = max(range(len(bounds) - 1), key=lambda j: bounds[j + 1] - bounds[j])
+        bounds.insert(i + 1, (bounds[i] + bounds[i + 1]) // 2)
+    return bounds
+
+
 class BatchPlan:
     """Which rows make up each optimizer step, as a pure function of (seed, step).
 
@@ -255,11 +284,22 @@ class BatchPlan:
         return rows
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
-        """This rank's micro-batches for one optimizer step."""
+        """This rank's micro-batches for one optimizer step.
+
+        Unsorted: `micro_batch` rows each. Sorted by length: runs of similar length whose padded size
+        (rows x longest row) is as even as it can be, so a run of short rows holds more of them and
+        ranks stepping together finish together. No micro-batch pads to more than `micro_batch` of the
+        step's longest rows would, so memory stays within what the setting promises.
+        """
         rows = self.global_rows(step)
-        chunks = [rows[i:i + self.micro_batch] for i in range(0, len(rows), self.micro_batch)]
-        # Interleave ranks over the length-sorted chunks so every rank gets a similar amount of work.
-        return chunks[rank::self.world_size]
+        chunks = self.accumulation * self.world_size
+        if self.sort_by_length and self.micro_batch > 1:
+            bounds = balanced_bounds([self.lengths[r] for r in rows], chunks)
+        else:
+            bounds = list(range(0, len(rows) + 1, self.micro_batch))
+        micro = [rows[a:b] for a, b in zip(bounds, bounds[1:])]
+        # Interleave ranks so each accumulation step hands neighbouring (similar) runs to the ranks.
+        return micro[rank::self.world_size]
 
     def micro_batch_ids(self, step: int, rank: int) -> list[int]:
         """Position of each of this rank's micro-batches in the step's global batch (same order as micro_batches).

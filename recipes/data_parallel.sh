@@ -5,6 +5,7 @@
 # Runs, each 20 steps of micro-batch 16 with a checkpoint at 10:
 #   one        python   -m ptune.train  accumulation N   (global batch 16 N)
 #   multi      torchrun -m ptune.train  accumulation 1   (same global batch, same micro-batches)
+#   one_again  `one` repeated: the run-to-run noise of the GPU kernels, the scale for the differences
 #   multi_from_one  resumes `one`'s checkpoint-10 on N GPUs;  one_from_multi  the reverse
 # then prints throughput, the prefix differences and which files each run wrote.
 set -euo pipefail
@@ -35,6 +36,8 @@ torchrun_=(torchrun --standalone --nproc_per_node "$NPROC" -m ptune.train)
 rm -rf "$OUT"
 python -m ptune.train "${common[@]}" "trainer.gradient_accumulation_steps=$NPROC" "output_dir=$OUT/one"
 "${torchrun_[@]}" "${common[@]}" trainer.gradient_accumulation_steps=1 "output_dir=$OUT/multi"
+# The 1-GPU run once more: GPU attention kernels are not bitwise deterministic, so this is the noise floor.
+python -m ptune.train "${common[@]}" "trainer.gradient_accumulation_steps=$NPROC" "output_dir=$OUT/one_again"
 "${torchrun_[@]}" "${common[@]}" trainer.gradient_accumulation_steps=1 "output_dir=$OUT/multi_from_one" \
   "resume=$OUT/one/checkpoint-$((STEPS / 2))"
 python -m ptune.train "${common[@]}" "trainer.gradient_accumulation_steps=$NPROC" "output_dir=$OUT/one_from_multi" \
@@ -55,7 +58,7 @@ def steady(run):  # log windows after the first (warm-up) whose time holds no ch
     clean = [r["tokens_per_s"] for r in rows[1:] if (r["step"] - 5) % (steps // 2)]
     return sum(clean) / len(clean) if clean else rows[-1]["tokens_per_s"]
 ref = prefix("one")
-for run in ("multi", "multi_from_one", "one_from_multi"):
+for run in ("one_again", "multi", "multi_from_one", "one_from_multi"):
     d = prefix(run) - ref
     print(f"prefix {run} vs one: max |diff| {d.abs().max():.3e}, |diff|/|one| {d.norm() / ref.norm():.3e}")
 print("losses one  :", [r["loss"] for r in log("one")])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 from collections import Counter
 
@@ -13,6 +14,7 @@ import torch
 from ptune.data import (
     IGNORE,
     BatchPlan,
+    balanced_bounds,
     Columns,
     DataError,
     Encoding,
@@ -473,7 +475,9 @@ def test_batchplan_micro_batches_partition_global_batch(sort):
     for step in range(6):
         per_rank = [multi.micro_batches(step, r) for r in range(2)]
         for mbs in per_rank:
-            assert len(mbs) == 3 and all(len(mb) == 2 for mb in mbs)
+            assert len(mbs) == 3 and all(mbs)
+            if not sort:
+                assert all(len(mb) == 2 for mb in mbs)
         got = [row for mbs in per_rank for mb in mbs for row in mb]
         assert Counter(got) == Counter(multi.global_rows(step))
         assert Counter(got) == Counter(r for mb in single.micro_batches(step, 0) for r in mb)
@@ -491,6 +495,32 @@ def test_batchplan_micro_batch_ids_name_the_same_rows_whatever_the_world_size():
                 for i, mb in zip(ids, mbs):
                     assert by_id.setdefault(i, mb) == mb
         assert sorted(by_id) == [0, 1, 2, 3]
+
+
+def test_balanced_bounds_cut_contiguous_runs_of_even_padded_size():
+    g = random.Random(0)
+    for _ in range(500):
+        n = g.randint(1, 48)
+        parts = g.randint(1, n)
+        lengths = sorted(g.randint(1, 200) for _ in range(n))
+        bounds = balanced_bounds(lengths, parts)
+        assert bounds[0] == 0 and bounds[-1] == n and len(bounds) == parts + 1
+        assert all(a < b for a, b in zip(bounds, bounds[1:]))
+        padded = [(b - a) * lengths[b - 1] for a, b in zip(bounds, bounds[1:])]
+        if n % parts == 0:  # never worse than equal row counts, the memory a micro-batch setting promises
+            equal = [(n // parts) * lengths[(i + 1) * (n // parts) - 1] for i in range(parts)]
+            assert max(padded) <= max(equal)
+
+
+def test_balanced_bounds_evens_out_two_ranks():
+    g = random.Random(1)
+    lengths = sorted(g.randint(100, 193) for _ in range(32))
+    halves = [16 * lengths[15], 16 * lengths[31]]
+    bounds = balanced_bounds(lengths, 2)
+    padded = [(b - a) * lengths[b - 1] for a, b in zip(bounds, bounds[1:])]
+    assert max(padded) < max(halves)
+    assert max(padded) / min(padded) < max(halves) / min(halves)
+    assert max(padded) - min(padded) <= lengths[-1]  # within one row of even
 
 
 def test_batchplan_sorted_by_length_within_global_batch():
