@@ -200,19 +200,27 @@ def peft_train(model, rows, micro: int, accum: int, cfg, device, pad_to: int) ->
     return result
 
 
-def ptune_eval(model, prompts, new_tokens: int, batch: int, cfg, device) -> dict:
+def ptune_eval(model, prompts, new_tokens: int, batch: int, cfg, device, *, static_cache: bool = True,
+               keep: list | None = None) -> dict:
     spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
+    torch.manual_seed(cfg.seed)
     lm = PrefixLM(model, PrefixEncoder(spec).to(device))
 
     def run():
         for i in range(0, len(prompts), batch):
             b = {k: v.to(device) for k, v in left_pad(prompts[i:i + batch], 0).items()}
-            generate(lm, b["input_ids"], b["attention_mask"], max_new_tokens=new_tokens, eos_token_ids=[],
-                     pad_token_id=0)
+            out = generate(lm, b["input_ids"], b["attention_mask"], max_new_tokens=new_tokens, eos_token_ids=[],
+                           pad_token_id=0, static_cache=static_cache)
+            if keep is not None:
+                keep.extend(out.tolist())
 
     reset_memory(device)
     seconds = timed(run, device.type == "cuda")
     return {"seconds": seconds, "tokens_per_s": len(prompts) * new_tokens / seconds, "peak_gib": peak_gib(device)}
+
+
+def same_prefix_length(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def peft_eval(model, prompts, new_tokens: int, batch: int, cfg, device) -> dict:
@@ -254,6 +262,11 @@ def append_markdown(path: Path, report: dict, command: str) -> None:
         ratio = f"{r['ratio']:.2f}x vs {r['baseline']}" if r.get("ratio") else "-"
         lines.append(f"| {name} | {sps} | {r['tokens_per_s']:.0f} | {mfu} | {r.get('peak_gib') or '-'} | "
                      f"{r['seconds']:.2f} | {ratio} |")
+    for name, r in report["results"].items():
+        if "identical_rows" in r:
+            lines.append(f"\n{name}: {r['identical_rows']} of its rows' greedy tokens identical to the static-cache "
+                         f"decoder's; {r['mean_agreeing_tokens']:.1f} tokens agree on average before the first "
+                         "difference.")
     with open(path, "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -298,7 +311,7 @@ def run(cfg: DictConfig) -> dict:
         if cfg.gradient_checkpointing:
             add(f"train ptune {tag} +ckpt", ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None,
                                                         sort=True, checkpointing=True), f"train ptune {tag}")
-    real = adgen_rows(cfg, vocab, cfg.seed)
+    real = adgen_rows(cfg, vocab, cfg.seed) if cfg.train_settings else None
     if real is not None:
         micro, accum = cfg.train_settings[0]
         add("train ptune adgen padded-193", ptune_train(model, real, micro, accum, cfg, device, pad_to=pad_to,
@@ -314,6 +327,17 @@ def run(cfg: DictConfig) -> dict:
                                                                    cfg, device))
         add(f"eval ptune batch {batch} ({n} prompts)", ptune_eval(model, prompts[:n], cfg.eval_new_tokens, batch, cfg,
                                                                  device), f"eval peft batch {batch} ({n} prompts)")
+    if cfg.eval_check_prompts:
+        # Greedy tokens of the static-cache (graph-replayed) decoder against the growing-cache path.
+        n = min(len(prompts), cfg.eval_check_prompts)
+        fast, plain = [], []
+        add(f"eval ptune batch {n} ({n} prompts)", ptune_eval(model, prompts[:n], cfg.eval_new_tokens, n, cfg, device,
+                                                             keep=fast))
+        r = ptune_eval(model, prompts[:n], cfg.eval_new_tokens, n, cfg, device, static_cache=False, keep=plain)
+        agree = [same_prefix_length(a, b) for a, b in zip(fast, plain)]
+        r["identical_rows"] = sum(x == cfg.eval_new_tokens for x in agree)
+        r["mean_agreeing_tokens"] = sum(agree) / n
+        add(f"eval ptune growing cache batch {n} ({n} prompts)", r, f"eval ptune batch {n} ({n} prompts)")
     import transformers
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}

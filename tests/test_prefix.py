@@ -153,7 +153,7 @@ def test_training_dropout_per_row_and_off_in_eval():
     torch.testing.assert_close(k[0].permute(1, 0, 2).reshape(16, -1), enc.embedding.weight.view(16, 2, 8)[:, 0])
 
 
-@pytest.mark.parametrize("family", ["llama", "glm", "gemma2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "glm", "qwen2", "gemma2", "gpt2"])
 def test_cached_generation_matches_full_recompute_through_the_wrapper(family):
     """Generation writes the prefix into the KV cache; greedy tokens must equal recomputing every step
     from scratch through the attention wrapper (the training path), left padding included."""
@@ -174,3 +174,32 @@ def test_cached_generation_matches_full_recompute_through_the_wrapper(family):
                 nxt = lm(ids).logits[0, -1].argmax()
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
         assert got[row].tolist() == ids[0, len(prompt):].tolist(), (family, row)
+
+
+@pytest.mark.parametrize("family", ["llama", "glm", "qwen2", "gpt2"])
+def test_static_cache_sampling_and_eos_match_the_growing_cache(family):
+    """The static-cache decoder (prefix written into a preallocated cache) against the growing cache with
+    the prefix through the wrapper: same sampled tokens from the same generator, same per-row EOS stop."""
+    from ptune.data import left_pad
+    from ptune.generate import generate
+
+    lm = make_lm(family, length=5, projection=False, seed=4)
+    prompts = [[5, 9, 11, 40, 7], [17, 23], [60, 61, 62, 63, 64, 65, 66], [8]]
+    batch = left_pad(prompts, pad_token_id=0)
+    runs = {}
+    for static in (True, False):
+        g = torch.Generator().manual_seed(11)
+        runs[static] = generate(lm, batch["input_ids"], batch["attention_mask"], max_new_tokens=12,
+                                eos_token_ids=[], pad_token_id=0, do_sample=True, temperature=0.9, top_p=0.95,
+                                generator=g, static_cache=static)
+    assert runs[True].shape == (4, 12)
+    assert torch.equal(runs[True], runs[False])
+    # A token that some row emits becomes EOS: that row stops (pad after it), the others go on.
+    eos = int(runs[True][1, 3])
+    stopped = {static: generate(lm, batch["input_ids"], batch["attention_mask"], max_new_tokens=12,
+                                eos_token_ids=[eos], pad_token_id=0, do_sample=True, temperature=0.9, top_p=0.95,
+                                generator=torch.Generator().manual_seed(11), static_cache=static)
+               for static in (True, False)}
+    assert torch.equal(stopped[True], stopped[False])
+    first = runs[True][1].tolist().index(eos)
+    assert stopped[True][1, first + 1:].eq(0).all() and stopped[True][1, first] == eos
