@@ -22,6 +22,8 @@ from ptune.prefix import PREFIX_KWARG, PrefixLM, position_ids_from_mask
 
 log = logging.getLogger("ptune.generate")
 
+STOP_CHECK_EVERY = 16  # decoding steps between "has every row finished?" checks when nothing streams
+
 # transformers 5.17 announces a rename of `past_key_values` whose replacement its models do not read
 # yet (passing the new name silently drops the cache); keep the working name without the per-call noise.
 warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
@@ -165,7 +167,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
         if on_token is not None:
             on_token(token)
         done |= torch.isin(token, eos)
-        if i == max_new_tokens - 1 or bool(done.all()):
+        if i == max_new_tokens - 1:
+            break
+        # Asking the GPU whether every row is done waits for it; without a streaming consumer (which
+        # waits for each token anyway) ask every STOP_CHECK_EVERY steps so the CPU can queue ahead.
+        if (on_token is not None or (i + 1) % STOP_CHECK_EVERY == 0) and bool(done.all()):
             break
         logits = decoder.step(token)
-    return torch.stack(out, dim=1)
+    tokens = torch.stack(out, dim=1)
+    # Columns decoded after every row had finished (at most STOP_CHECK_EVERY - 1) hold only padding.
+    finished_before = torch.isin(tokens, eos).cumsum(1).gt(0).roll(1, dims=1)
+    finished_before[:, 0] = False
+    keep = int((~finished_before.all(0)).sum())
+    return tokens[:, :keep]

@@ -203,3 +203,25 @@ def test_static_cache_sampling_and_eos_match_the_growing_cache(family):
     assert torch.equal(stopped[True], stopped[False])
     first = runs[True][1].tolist().index(eos)
     assert stopped[True][1, first + 1:].eq(0).all() and stopped[True][1, first] == eos
+
+
+def test_generation_stops_when_every_row_has_finished():
+    """Without streaming the stop check runs every few steps; the columns decoded past the last row's EOS
+    are trimmed, so the output is what a per-step check gives."""
+    from ptune.data import left_pad
+    from ptune.generate import generate
+
+    lm = make_lm("llama", length=3, projection=False, seed=5)
+    batch = left_pad([[5, 9, 11], [17, 23]], pad_token_id=0)
+    free = generate(lm, batch["input_ids"], batch["attention_mask"], max_new_tokens=30, eos_token_ids=[],
+                    pad_token_id=0)
+    eos = [int(free[0, 2]), int(free[1, 4])]
+    streamed = []
+    quiet = generate(lm, batch["input_ids"], batch["attention_mask"], max_new_tokens=30, eos_token_ids=eos,
+                     pad_token_id=0)
+    per_step = generate(lm, batch["input_ids"], batch["attention_mask"], max_new_tokens=30, eos_token_ids=eos,
+                        pad_token_id=0, on_token=streamed.append)
+    assert torch.equal(quiet, per_step) and len(streamed) == per_step.shape[1]
+    last = max(row.index(t) for row in free.tolist() for t in eos if t in row)
+    assert quiet.shape[1] <= last + 1 < 30
+    assert all(any(t in eos for t in row) for row in quiet.tolist())
