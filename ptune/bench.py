@@ -21,7 +21,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptune.data import IGNORE, collate, left_pad
+from ptune.data import IGNORE, BatchPlan, collate, left_pad
 from ptune.generate import generate
 from ptune.logs import setup_logging
 from ptune.loss import output_softcap
@@ -116,25 +116,21 @@ def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int
     optimizer = torch.optim.AdamW(lm.prefix.parameters(), lr=2e-2, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     softcap = output_softcap(model.config)
-    global_batch = micro * accum
-    order = list(range(len(rows)))
+    # The trainer's own batch plan, so the benchmark times the batches training makes.
+    plan = BatchPlan([len(r["input_ids"]) for r in rows],
+                     [sum(1 for x in r["labels"][1:] if x != IGNORE) for r in rows], micro, accum, 1, cfg.seed, sort)
 
     def batches_for(step: int):
-        chosen = [order[(step * global_batch + i) % len(rows)] for i in range(global_batch)]
-        if sort:
-            chosen.sort(key=lambda r: len(rows[r]["input_ids"]))
         out = []
-        for i in range(0, global_batch, micro):
-            b = collate([rows[r] for r in chosen[i:i + micro]], 0, 8)
+        for mb in plan.micro_batches(step, 0):
+            b = collate([rows[r] for r in mb], 0, 8)
             if pad_to:  # reference-style: every row padded to the longest possible row
                 b = pad_batch_to(b, pad_to)
             out.append({k: v.to(device) for k, v in b.items()})
-        targets = sum(sum(1 for x in rows[r]["labels"][1:] if x != IGNORE) for r in chosen)
-        real_tokens = sum(len(rows[r]["input_ids"]) for r in chosen)
-        return out, targets, real_tokens
+        return out, plan.target_tokens(step)
 
     def one(step):
-        batches, targets, _ = batches_for(step)
+        batches, targets = batches_for(step)
         optimizer_step(lm, batches, targets, optimizer, scaler, loss_chunk_size=cfg.loss_chunk_size,
                        softcap=softcap, max_grad_norm=1.0)
 
@@ -146,10 +142,10 @@ def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int
     real = 0
     for s in range(cfg.warmup_steps, cfg.warmup_steps + cfg.steps):
         seconds += timed(lambda: one(s), sync)
-        real += batches_for(s)[2]
+        real += sum(len(rows[r]["input_ids"]) for r in plan.global_rows(s))
     if checkpointing:
         model.gradient_checkpointing_disable()
-    samples = cfg.steps * global_batch
+    samples = cfg.steps * plan.global_batch
     return {"samples_per_s": samples / seconds, "tokens_per_s": real / seconds, "peak_gib": peak_gib(device),
             "seconds": seconds, "steps": cfg.steps}
 
