@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -314,3 +316,30 @@ def test_cuda_layer(dtype, mode, limit):
     assert rel_err(y.detach(), lin(x).detach()) < limit
     y.float().square().sum().backward()
     assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------------------------- python -m ptune.quant_check
+
+
+def test_quant_check_reports_each_mode_against_the_float_base(tiny_model_dir, sample_file, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import REPO
+    from ptune import quant_check
+
+    model = tiny_model_dir("llama")
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("quant_check", overrides=[
+            f"model.path={model}", "model.template=plain", f"data.train_file={sample_file}", "rows=12",
+            "batch_size=5", "prefix_length=4", "device=cpu", "modes=[[int8,128],[int4,32]]",
+            f"out_json={tmp_path / 'q.json'}"])
+    report = quant_check.run(cfg)
+    assert report["rows"] == 12 and report["response_tokens"] > 0
+    int8, int4 = report["modes"]
+    assert (int8["mode"], int8["group_size"], int4["mode"], int4["group_size"]) == ("int8", None, "int4", 32)
+    # The tiny random model is easy to quantize: int8 all but reproduces the float base, int4 less so.
+    assert int8["prefix_grad_cosine"] > 0.999 and abs(int8["loss_change"]) < 0.01
+    assert int8["top1_agreement"] >= 0.95
+    assert 0.9 < int4["prefix_grad_cosine"] < int8["prefix_grad_cosine"]
+    assert abs(int4["loss_change"]) > abs(int8["loss_change"])
+    assert json.loads((tmp_path / "q.json").read_text())["modes"] == report["modes"]
