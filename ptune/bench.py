@@ -105,7 +105,7 @@ def peak_gib(device) -> float | None:
 
 
 def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int | None, sort: bool,
-                checkpointing: bool, compiled: bool = False) -> dict:
+                checkpointing: bool, compiled: bool = False, group_by_length: int = 0) -> dict:
     spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
     lm = PrefixLM(model, PrefixEncoder(spec, dropout=0.1).to(device))
     if checkpointing:
@@ -118,7 +118,8 @@ def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int
     softcap = output_softcap(model.config)
     # The trainer's own batch plan, so the benchmark times the batches training makes.
     plan = BatchPlan([len(r["input_ids"]) for r in rows],
-                     [sum(1 for x in r["labels"][1:] if x != IGNORE) for r in rows], micro, accum, 1, cfg.seed, sort)
+                     [sum(1 for x in r["labels"][1:] if x != IGNORE) for r in rows], micro, accum, 1, cfg.seed, sort,
+                     group_by_length)
 
     def batches_for(step: int):
         out = []
@@ -314,6 +315,11 @@ def run(cfg: DictConfig) -> dict:
                                                         sort=False, checkpointing=False))
         add("train ptune adgen sorted", ptune_train(model, real, micro, accum, cfg, device, pad_to=None, sort=True,
                                                     checkpointing=False), "train ptune adgen padded-193")
+        if cfg.adgen_group_by_length:
+            k = int(cfg.adgen_group_by_length)
+            add(f"train ptune adgen grouped-{k}", ptune_train(model, real, micro, accum, cfg, device, pad_to=None,
+                                                              sort=True, checkpointing=False, group_by_length=k),
+                "train ptune adgen padded-193")
     g = random.Random(cfg.seed)
     prompts = [[g.randrange(10, vocab) for _ in range(cfg.max_source_length)] for _ in range(cfg.eval_prompts)]
     for batch in cfg.eval_batches:

@@ -255,7 +255,7 @@ class BatchPlan:
     """
 
     def __init__(self, lengths: list[int], num_target_tokens: list[int], micro_batch: int, accumulation: int,
-                 world_size: int, seed: int, sort_by_length: bool = True):
+                 world_size: int, seed: int, sort_by_length: bool = True, group_by_length: int = 0):
         self.lengths = lengths
         self.targets = num_target_tokens
         self.micro_batch = micro_batch
@@ -263,6 +263,7 @@ class BatchPlan:
         self.world_size = world_size
         self.seed = seed
         self.sort_by_length = sort_by_length
+        self.group_by_length = group_by_length
         self.global_batch = micro_batch * accumulation * world_size
         self._epochs: dict[int, list[int]] = {}
 
@@ -272,8 +273,24 @@ class BatchPlan:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             # A global batch spans at most two epochs; older permutations are never asked for again.
             self._epochs = {e: p for e, p in self._epochs.items() if e == epoch - 1}
-            self._epochs[epoch] = torch.randperm(len(self.lengths), generator=g).tolist()
+            order = torch.randperm(len(self.lengths), generator=g).tolist()
+            if self.group_by_length > 1:
+                order = self._grouped(order, g)
+            self._epochs[epoch] = order
         return self._epochs[epoch]
+
+    def _grouped(self, order: list[int], g: torch.Generator) -> list[int]:
+        """Sort each run of `group_by_length` global batches by length, then shuffle the batches.
+
+        Every global batch then holds rows of similar length (little padding) while the batches still
+        come in random order; a trailing partial batch stays last so batch boundaries do not move.
+        """
+        size, n = self.group_by_length * self.global_batch, len(order)
+        order = [r for i in range(0, n, size) for r in sorted(order[i:i + size], key=lambda r: self.lengths[r])]
+        full = n // self.global_batch
+        batches = [order[i * self.global_batch:(i + 1) * self.global_batch] for i in range(full)]
+        shuffled = [r for b in torch.randperm(full, generator=g).tolist() for r in batches[b]]
+        return shuffled + order[full * self.global_batch:]
 
     def global_rows(self, step: int) -> list[int]:
         n = len(self.lengths)

@@ -74,6 +74,7 @@ class TrainerSchema:
     gradient_checkpointing: bool = MISSING
     compile: bool = MISSING
     sort_by_length: bool = MISSING
+    group_by_length: int = MISSING
     pad_to_multiple_of: int = MISSING
     loss_chunk_size: int = MISSING
     keep_last: Optional[int] = MISSING

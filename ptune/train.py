@@ -75,6 +75,8 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.optim.lr <= 0 or cfg.optim.warmup_steps < 0 or not 0 <= cfg.prefix.dropout < 1:
         raise TrainingError("optim.lr must be > 0, optim.warmup_steps >= 0 and 0 <= prefix.dropout < 1; got "
                             f"{cfg.optim.lr}, {cfg.optim.warmup_steps}, {cfg.prefix.dropout}")
+    if t.group_by_length < 0:
+        raise TrainingError(f"trainer.group_by_length={t.group_by_length}: must be 0 or more (0 and 1 turn it off)")
     if t.keep_last is not None and t.keep_last < 1:
         raise TrainingError(f"trainer.keep_last={t.keep_last}: null keeps every checkpoint, else at least 1")
 
@@ -118,7 +120,8 @@ def train(cfg: DictConfig) -> Path:
     rows = tokenize(examples, tokenizer, encoding)
     plan = BatchPlan([len(ids) for ids in rows["input_ids"]],
                      [sum(1 for x in lab[1:] if x != IGNORE) for lab in rows["labels"]],
-                     t.per_device_batch_size, t.gradient_accumulation_steps, world, cfg.seed, t.sort_by_length)
+                     t.per_device_batch_size, t.gradient_accumulation_steps, world, cfg.seed, t.sort_by_length,
+                     t.group_by_length)
 
     torch.manual_seed(cfg.seed)
     lm = PrefixLM(model, build_prefix(model, cfg.prefix).to(device))

@@ -523,6 +523,40 @@ def test_balanced_bounds_evens_out_two_ranks():
     assert max(padded) - min(padded) <= lengths[-1]  # within one row of even
 
 
+def grouped_plan(n=100, group=5, seed=0, micro=4, acc=2):
+    g = random.Random(7)
+    lengths = [g.randint(20, 200) for _ in range(n)]
+    return BatchPlan(lengths, [1] * n, micro_batch=micro, accumulation=acc, world_size=1, seed=seed,
+                     group_by_length=group)
+
+
+@pytest.mark.parametrize("n", [96, 100])  # global batch 8 divides 96, not 100
+def test_group_by_length_keeps_epochs_whole_and_shrinks_padding(n):
+    grouped, plain = grouped_plan(n, group=5), grouped_plan(n, group=0)
+    steps = n // 8
+    rows = [r for s in range(steps) for r in grouped.global_rows(s)]
+    assert len(set(rows)) == len(rows) == steps * 8  # no row twice within the epoch's full batches
+    if n % 8 == 0:
+        assert sorted(rows) == list(range(n))
+
+    def padded(plan):
+        return sum(8 * max(plan.lengths[r] for r in plan.global_rows(s)) for s in range(steps))
+
+    assert padded(grouped) < 0.8 * padded(plain)
+    # Batches still come in random order, not shortest first.
+    firsts = [min(grouped.lengths[r] for r in grouped.global_rows(s)) for s in range(steps)]
+    assert firsts != sorted(firsts)
+
+
+def test_group_by_length_is_a_pure_function_of_seed_and_step():
+    walked = grouped_plan(n=50, group=3, seed=4)
+    seq = [walked.global_rows(s) for s in range(20)]  # crosses three epochs (50 rows, 8 a step)
+    fresh = grouped_plan(n=50, group=3, seed=4)
+    for s in [19, 2, 13, 7, 0, 6]:
+        assert fresh.global_rows(s) == seq[s]
+    assert [grouped_plan(n=50, group=3, seed=5).global_rows(s) for s in range(20)] != seq
+
+
 def test_batchplan_sorted_by_length_within_global_batch():
     plan = make_plan(n=40, micro=2, acc=2, world=2, sort=True)
     raw = make_plan(n=40, micro=2, acc=2, world=2, sort=False)
