@@ -135,3 +135,20 @@ def test_hydra_multirun_gives_one_run_folder_per_combination(tiny_model_dir, sam
         (ckpt,) = list_checkpoints(sweep / job)
         lengths[job] = json.loads((ckpt / "prefix_config.json").read_text())["prefix"]["length"]
     assert lengths == {"0": 2, "1": 4}
+
+
+def test_group_by_length_run_resumes_bitwise(tiny_model_dir, sample_file, tmp_path):
+    """Grouped batches are a pure function of (seed, step) too: resumed from step 3, a run ends where the
+    unbroken one did, and the grouping changed what was trained."""
+    model = tiny_model_dir("llama")
+    out = tmp_path / "run"
+    run_train(*small_run(model, sample_file, out, "trainer.group_by_length=4"))
+    straight = load_file(out / "checkpoint-6" / "prefix.safetensors")["embedding.weight"]
+    straight_log = logged(out)
+    shutil.rmtree(out / "checkpoint-6")
+    run_train(*small_run(model, sample_file, out, "trainer.group_by_length=4", "resume=latest"))
+    assert torch.equal(straight, load_file(out / "checkpoint-6" / "prefix.safetensors")["embedding.weight"])
+    assert [r["loss"] for r in logged(out)] == [r["loss"] for r in straight_log]
+    plain = tmp_path / "plain"
+    run_train(*small_run(model, sample_file, plain))
+    assert [r["loss"] for r in logged(plain)] != [r["loss"] for r in straight_log]

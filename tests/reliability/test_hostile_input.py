@@ -169,6 +169,7 @@ def test_bad_config_value_fails_at_startup_naming_the_key(env, tmp_path, overrid
     pytest.param("optim.schedule=cosine", "optim.schedule='cosine': expected linear or constant", id="unknown-schedule"),
     pytest.param("trainer.save_steps=0", "trainer.save_steps", id="save-steps-zero"),
     pytest.param("trainer.per_device_batch_size=0", "trainer.per_device_batch_size", id="batch-size-zero"),
+    pytest.param("trainer.group_by_length=-3", "trainer.group_by_length=-3: must be 0 or more", id="group-negative"),
 ])
 def test_out_of_range_config_value_is_one_clear_line(env, tmp_path, override, fragment):
     res, _ = run_over_existing(env, tmp_path, override)
