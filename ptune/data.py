@@ -190,6 +190,17 @@ def tokenize(dataset, tokenizer, enc: Encoding):
     return dataset.map(fn, batched=True, remove_columns=dataset.column_names, desc="tokenize")
 
 
+def training_rows(data_cfg, template: str, tokenizer, limit: int | None = None):
+    """`data_cfg.train_file` validated, cut to its first `limit` rows, and tokenized for training."""
+    examples = load_examples(data_cfg.train_file, Columns(data_cfg.prompt_column, data_cfg.response_column,
+                                                          data_cfg.history_column))
+    if limit is not None:
+        examples = examples.select(range(min(limit, len(examples))))
+    encoding = Encoding(template, data_cfg.max_source_length, data_cfg.max_target_length,
+                        data_cfg.truncate_source_from)
+    return tokenize(examples, tokenizer, encoding)
+
+
 def collate(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad a training batch to its own longest row (rounded up to a multiple, for tensor cores)."""
     longest = max(len(r["input_ids"]) for r in rows)

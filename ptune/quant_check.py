@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ptune.config import require
-from ptune.data import IGNORE, Columns, Encoding, collate, load_examples, tokenize
+from ptune.data import IGNORE, collate, training_rows
 from ptune.errors import exit_on_user_error
 from ptune.logs import setup_logging
 from ptune.loss import lm_loss_sum, output_softcap
@@ -54,11 +54,7 @@ def run(cfg: DictConfig) -> dict:
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) | {"quantization": None, "quantization_cache": None}
     model, tokenizer = load_base(OmegaConf.create(model_cfg), device)
-    examples = load_examples(cfg.data.train_file, Columns(cfg.data.prompt_column, cfg.data.response_column,
-                                                          cfg.data.history_column))
-    enc = Encoding(cfg.model.template, cfg.data.max_source_length, cfg.data.max_target_length,
-                   cfg.data.truncate_source_from)
-    rows = tokenize(examples.select(range(min(cfg.rows, len(examples)))), tokenizer, enc)
+    rows = training_rows(cfg.data, cfg.model.template, tokenizer, limit=cfg.rows)
     batches = [{k: v.to(device) for k, v in collate([rows[j] for j in range(i, min(i + cfg.batch_size, len(rows)))],
                                                      tokenizer.pad_token_id).items()}
                for i in range(0, len(rows), cfg.batch_size)]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ptune import checkpoint as ckpt_io
 from ptune.config import require
-from ptune.data import Columns, Encoding, BatchPlan, IGNORE, collate, load_examples, tokenize
+from ptune.data import BatchPlan, IGNORE, collate, training_rows
 from ptune.errors import TrainingError, exit_on_user_error
 from ptune.logs import MetricsLog, peak_memory_gib, setup_logging
 from ptune.loss import output_softcap
@@ -113,11 +113,7 @@ def train(cfg: DictConfig) -> Path:
     model, tokenizer = load_base(cfg.model, device)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    examples = load_examples(cfg.data.train_file, Columns(cfg.data.prompt_column, cfg.data.response_column,
-                                                          cfg.data.history_column))
-    encoding = Encoding(cfg.model.template, cfg.data.max_source_length, cfg.data.max_target_length,
-                        cfg.data.truncate_source_from)
-    rows = tokenize(examples, tokenizer, encoding)
+    rows = training_rows(cfg.data, cfg.model.template, tokenizer)
     plan = BatchPlan([len(ids) for ids in rows["input_ids"]],
                      [sum(1 for x in lab[1:] if x != IGNORE) for lab in rows["labels"]],
                      t.per_device_batch_size, t.gradient_accumulation_steps, world, cfg.seed, t.sort_by_length,
