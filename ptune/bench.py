@@ -216,6 +216,23 @@ def ptune_eval(model, prompts, new_tokens: int, batch: int, cfg, device, *, stat
     return {"seconds": seconds, "tokens_per_s": len(prompts) * new_tokens / seconds, "peak_gib": peak_gib(device)}
 
 
+def decode_steady(model, prompts, batch: int, cfg, device, short: int = 16, long: int = 144) -> dict:
+    """Per-step decoding time without prefill and set-up: generate `long` and `short` new tokens, divide
+    the difference by the extra steps."""
+    spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
+    lm = PrefixLM(model, PrefixEncoder(spec).to(device))
+    b = {k: v.to(device) for k, v in left_pad(prompts[:batch], 0).items()}
+
+    def gen(n):
+        return timed(lambda: generate(lm, b["input_ids"], b["attention_mask"], max_new_tokens=n, eos_token_ids=[],
+                                      pad_token_id=0), device.type == "cuda")
+
+    gen(short)  # warm-up
+    t_short, t_long = gen(short), gen(long)
+    per_step = (t_long - t_short) / (long - short)
+    return {"seconds": per_step, "tokens_per_s": batch / per_step, "setup_and_first_tokens_s": t_short}
+
+
 def same_prefix_length(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -329,6 +346,8 @@ def run(cfg: DictConfig) -> dict:
                                                                    cfg, device))
         add(f"eval ptune batch {batch} ({n} prompts)", ptune_eval(model, prompts[:n], cfg.eval_new_tokens, batch, cfg,
                                                                  device), f"eval peft batch {batch} ({n} prompts)")
+    for batch in cfg.decode_steady_batches:
+        add(f"decode ptune steady batch {batch} (seconds a step)", decode_steady(model, prompts, batch, cfg, device))
     if cfg.eval_check_prompts:
         # Greedy tokens of the static-cache (graph-replayed) decoder against the growing-cache path.
         n = min(len(prompts), cfg.eval_check_prompts)
