@@ -320,23 +320,21 @@ class BatchPlan:
         step's longest rows would, so memory stays within what the setting promises.
         """
         rows = self.global_rows(step)
-        chunks = self.accumulation * self.world_size
         if self.sort_by_length and self.micro_batch > 1:
-            bounds = balanced_bounds([self.lengths[r] for r in rows], chunks)
+            bounds = balanced_bounds([self.lengths[r] for r in rows], self.accumulation * self.world_size)
         else:
             bounds = list(range(0, len(rows) + 1, self.micro_batch))
         micro = [rows[a:b] for a, b in zip(bounds, bounds[1:])]
         # Interleave ranks so each accumulation step hands neighbouring (similar) runs to the ranks.
         return micro[rank::self.world_size]
 
-    def micro_batch_ids(self, step: int, rank: int) -> list[int]:
+    def micro_batch_ids(self, rank: int) -> list[int]:
         """Position of each of this rank's micro-batches in the step's global batch (same order as micro_batches).
 
         The same micro-batch has the same id whatever the number of ranks, so anything seeded by it (dropout)
         is drawn alike on 1 GPU x 2 accumulation steps and on 2 GPUs x 1.
         """
-        chunks = -(-self.global_batch // self.micro_batch)
-        return list(range(rank, chunks, self.world_size))
+        return list(range(rank, self.accumulation * self.world_size, self.world_size))
 
     def target_tokens(self, step: int) -> int:
         # Every target token counts once, shifted: labels[1:] of each row are the predicted positions.

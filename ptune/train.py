@@ -198,7 +198,7 @@ def train(cfg: DictConfig) -> Path:
                    for micro in plan.micro_batches(step, rank)]
         # Dropout masks depend on (seed, step, micro-batch) alone: a resumed run draws what an unbroken one
         # would, and 2 GPUs x 1 accumulation step draw what 1 GPU x 2 does.
-        seeds = [cfg.seed + 1_000_003 * (step + 1) + i for i in plan.micro_batch_ids(step, rank)]
+        seeds = [cfg.seed + 1_000_003 * (step + 1) + i for i in plan.micro_batch_ids(rank)]
         result = optimizer_step(lm, batches, global_targets, optimizer, scaler, loss_chunk_size=t.loss_chunk_size,
                                 softcap=softcap, max_grad_norm=cfg.optim.max_grad_norm, world_size=world,
                                 seeds=seeds)

@@ -490,7 +490,7 @@ def test_batchplan_micro_batch_ids_name_the_same_rows_whatever_the_world_size():
         by_id = {}
         for world, plan in plans.items():
             for rank in range(world):
-                ids, mbs = plan.micro_batch_ids(step, rank), plan.micro_batches(step, rank)
+                ids, mbs = plan.micro_batch_ids(rank), plan.micro_batches(step, rank)
                 assert len(ids) == len(mbs)
                 for i, mb in zip(ids, mbs):
                     assert by_id.setdefault(i, mb) == mb
