@@ -26,6 +26,7 @@ from ptune.generate import generate
 from ptune.logs import setup_logging
 from ptune.loss import output_softcap
 from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec, compile_layers
+from ptune.graphs import micro_batch_loss
 from ptune.step import optimizer_step
 
 log = logging.getLogger("ptune.bench")
@@ -105,7 +106,7 @@ def peak_gib(device) -> float | None:
 
 
 def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int | None, sort: bool,
-                checkpointing: bool, compiled: bool = False, group_by_length: int = 0) -> dict:
+                checkpointing: bool, compiled: bool = False, group_by_length: int = 0, graphs: bool = False) -> dict:
     spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
     lm = PrefixLM(model, PrefixEncoder(spec, dropout=0.1).to(device))
     if checkpointing:
@@ -113,9 +114,12 @@ def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int
     if compiled:
         compile_layers(model)
     lm.train()
-    optimizer = torch.optim.AdamW(lm.prefix.parameters(), lr=2e-2, weight_decay=0.0)
+    params = list(lm.prefix.parameters())
+    optimizer = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    softcap = output_softcap(model.config)
+    # Every shape is captured (the bench's shapes are few), so the timed steps replay graphs only.
+    loss_fn = micro_batch_loss(lm, cfg.loss_chunk_size, output_softcap(model.config), cuda_graphs=graphs,
+                               max_shapes=10_000, compiled=compiled)
     # The trainer's own batch plan, so the benchmark times the batches training makes.
     plan = BatchPlan([len(r["input_ids"]) for r in rows],
                      [sum(1 for x in r["labels"][1:] if x != IGNORE) for r in rows], micro, accum, 1, cfg.seed, sort,
@@ -132,8 +136,7 @@ def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int
 
     def one(step):
         batches, targets = batches_for(step)
-        optimizer_step(lm, batches, targets, optimizer, scaler, loss_chunk_size=cfg.loss_chunk_size,
-                       softcap=softcap, max_grad_norm=1.0)
+        optimizer_step(loss_fn, params, batches, targets, optimizer, scaler, max_grad_norm=1.0)
 
     sync = device.type == "cuda"
     reset_memory(device)
@@ -322,9 +325,17 @@ def run(cfg: DictConfig) -> dict:
                 f"train peft {tag}")
             for layer in model.get_decoder().layers:  # back to eager for what follows
                 layer._compiled_call_impl = None
+        if cfg.cuda_graphs:
+            add(f"train ptune {tag} +graphs", ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None,
+                                                          sort=True, checkpointing=False, graphs=True),
+                f"train peft {tag}")
         if cfg.gradient_checkpointing:
             add(f"train ptune {tag} +ckpt", ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None,
                                                         sort=True, checkpointing=True), f"train ptune {tag}")
+        if cfg.gradient_checkpointing and cfg.cuda_graphs:
+            add(f"train ptune {tag} +ckpt +graphs", ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None,
+                                                                sort=True, checkpointing=True, graphs=True),
+                f"train ptune {tag}")
     real = adgen_rows(cfg, vocab, cfg.seed) if cfg.train_settings else None
     if real is not None:
         micro, accum = cfg.train_settings[0]

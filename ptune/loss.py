@@ -2,7 +2,9 @@
 
 Only positions that predict a labelled token are projected onto the vocabulary, in chunks, and each
 chunk is recomputed in the backward pass; peak memory is one chunk of fp32 logits instead of
-batch x length x vocab.
+batch x length x vocab. Picking those positions out has a data-dependent size, which CUDA graphs
+cannot hold; `select=False` projects every position instead and lets the loss ignore the unlabelled
+ones (same sum, fixed shapes).
 """
 
 from __future__ import annotations
@@ -18,28 +20,33 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Modu
     logits = head(hidden).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE)
 
 
 def lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk_size: int = 1024,
-                softcap: float | None = None) -> tuple[torch.Tensor, int]:
+                softcap: float | None = None, select: bool = True) -> tuple[torch.Tensor, int | None]:
     """(sum of token losses, number of tokens) for hidden states `(B, T, H)` and labels `(B, T)`.
 
     Position t predicts label t+1. The caller divides by the token count of the whole global batch, so
     micro-batches, accumulation steps and data-parallel ranks all weigh every token equally.
+    With `select=False` nothing waits for the GPU and the count is None.
     """
     targets = labels[:, 1:]
-    keep = targets != IGNORE
-    h = hidden[:, :-1][keep]
-    y = targets[keep]
+    if select:
+        keep = targets != IGNORE
+        h, y = hidden[:, :-1][keep], targets[keep]
+    else:
+        h, y = hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, y.numel(), chunk_size):
         hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]
         if torch.is_grad_enabled() and hc.requires_grad:
-            total = total + checkpoint(_chunk_loss, hc, yc, head, softcap, use_reentrant=False)
+            # No RNG state to keep (nothing random in the head), and saving it is not allowed in a CUDA graph.
+            total = total + checkpoint(_chunk_loss, hc, yc, head, softcap, use_reentrant=False,
+                                       preserve_rng_state=False)
         else:
             total = total + _chunk_loss(hc, yc, head, softcap)
-    return total, int(y.numel())
+    return total, int(y.numel()) if select else None
 
 
 def output_softcap(config) -> float | None:

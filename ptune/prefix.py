@@ -244,10 +244,20 @@ class PrefixLM(nn.Module):
         kwargs.setdefault("use_cache", False)
         return self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
 
-    def decoder(self, input_ids, attention_mask=None, position_ids=None):
-        """Last hidden states only, so the loss can apply the output layer in chunks."""
+    def decoder(self, input_ids, attention_mask=None, position_ids=None, full_mask: bool = False):
+        """Last hidden states only, so the loss can apply the output layer in chunks.
+
+        `full_mask=True` passes the causal-and-padding mask as a 4-D tensor, which transformers uses as
+        given; from a 2-D mask it first asks the GPU whether anything is padded, a wait a CUDA graph
+        cannot contain. (Sliding-window layers need their own masks: not for those models.)
+        """
         if position_ids is None and attention_mask is not None:
             position_ids = position_ids_from_mask(attention_mask)
+        if full_mask:
+            t = input_ids.shape[1]
+            causal = torch.ones((t, t), dtype=torch.bool, device=input_ids.device).tril()
+            attention_mask = causal if attention_mask is None else causal & attention_mask.bool()[:, None, :]
+            attention_mask = attention_mask.expand(input_ids.shape[0], t, t).unsqueeze(1)
         body = self.base.get_decoder()
         out = body(
             input_ids=input_ids,

@@ -73,6 +73,8 @@ class TrainerSchema:
     gradient_accumulation_steps: int = MISSING
     gradient_checkpointing: bool = MISSING
     compile: bool = MISSING
+    cuda_graphs: bool = MISSING
+    cuda_graph_shapes: int = MISSING
     sort_by_length: bool = MISSING
     group_by_length: int = MISSING
     pad_to_multiple_of: int = MISSING

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ptune.loss import lm_loss_sum
 
@@ -21,23 +22,44 @@ class StepResult:
     applied: bool            # False: fp16 overflow (update skipped) or non-finite values (nothing changed)
 
 
-def optimizer_step(lm, batches, global_targets: int, optimizer, scaler, *, loss_chunk_size: int,
-                   softcap: float | None, max_grad_norm: float | None, world_size: int = 1,
-                   seeds: list[int] | None = None) -> StepResult:
+class MicroBatchLoss(nn.Module):
+    """Summed token loss of one micro-batch: the unit an optimizer step repeats.
+
+    `capturable=True` keeps every shape fixed and never waits for the GPU (a 4-D mask, every position
+    through the loss), so a CUDA graph can hold the forward and backward pass; same loss either way.
+    """
+
+    def __init__(self, lm, loss_chunk_size: int, softcap: float | None, capturable: bool = False):
+        super().__init__()
+        self.lm, self.loss_chunk_size, self.softcap, self.capturable = lm, loss_chunk_size, softcap, capturable
+
+    def forward(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        hidden = self.lm.decoder(input_ids, attention_mask, full_mask=self.capturable)
+        loss, _ = lm_loss_sum(hidden, labels, self.lm.base.get_output_embeddings(), self.loss_chunk_size,
+                              self.softcap, select=not self.capturable)
+        return loss
+
+
+def optimizer_step(micro_loss_fn, params, batches, global_targets: int, optimizer, scaler, *,
+                   max_grad_norm: float | None, world_size: int = 1, seeds: list[int] | None = None) -> StepResult:
     """Gradients of the loss over `batches`, normalised by `global_targets`, summed across ranks, clipped, applied.
 
-    `seeds`, one per micro-batch, reseed the RNG (prefix dropout) before each forward pass.
+    `micro_loss_fn(input_ids, attention_mask, labels)` is a `MicroBatchLoss` or its graph-replaying
+    stand-in (ptune.graphs); `params` are the trainable prefix parameters. `seeds`, one per micro-batch,
+    reseed the RNG (prefix dropout) before each forward pass.
     """
-    head = lm.base.get_output_embeddings()
-    params = [p for p in lm.prefix.parameters() if p.requires_grad]
     device = params[0].device
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), device=device, dtype=torch.long)
+    for p in params:
+        # Accumulate into buffers that exist before the first backward pass: a replayed graph hands out
+        # its gradient in memory it overwrites next replay, which autograd would otherwise adopt as .grad.
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     for i, batch in enumerate(batches):
         if seeds is not None:
             torch.manual_seed(seeds[i])
-        hidden = lm.decoder(batch["input_ids"], batch["attention_mask"])
-        micro_loss, _ = lm_loss_sum(hidden, batch["labels"], head, loss_chunk_size, softcap)
+        micro_loss = micro_loss_fn(batch["input_ids"], batch["attention_mask"], batch["labels"])
         scaler.scale(micro_loss / global_targets).backward()
         loss_sum += micro_loss.detach()
         tokens += batch["attention_mask"].sum()
@@ -59,5 +81,5 @@ def optimizer_step(lm, batches, global_targets: int, optimizer, scaler, *, loss_
         applied = True
     else:
         applied = False
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=False)
     return StepResult(loss_sum, tokens, grad_norm, applied)

@@ -23,6 +23,7 @@ from ptune import checkpoint as ckpt_io
 from ptune.config import require
 from ptune.data import BatchPlan, IGNORE, collate, training_rows
 from ptune.errors import TrainingError, exit_on_user_error
+from ptune.graphs import micro_batch_loss
 from ptune.logs import MetricsLog, peak_memory_gib, setup_logging
 from ptune.loss import output_softcap
 from ptune.step import optimizer_step
@@ -65,7 +66,7 @@ def check_settings(cfg: DictConfig) -> None:
     """Values the types allow but the trainer cannot use, refused before anything is loaded or written."""
     t = cfg.trainer
     for key in ("max_steps", "save_steps", "log_steps", "per_device_batch_size", "gradient_accumulation_steps",
-                "pad_to_multiple_of", "loss_chunk_size"):
+                "pad_to_multiple_of", "loss_chunk_size", "cuda_graph_shapes"):
         if t[key] < 1:
             raise TrainingError(f"trainer.{key}={t[key]}: must be at least 1")
     if cfg.prefix.length < 1:
@@ -123,12 +124,14 @@ def train(cfg: DictConfig) -> Path:
     lm = PrefixLM(model, build_prefix(model, cfg.prefix).to(device))
     if t.compile:
         compile_layers(model)
+    softcap = output_softcap(model.config)
+    loss_fn = micro_batch_loss(lm, t.loss_chunk_size, softcap, cuda_graphs=t.cuda_graphs,
+                               max_shapes=t.cuda_graph_shapes, compiled=t.compile)
     params = list(lm.prefix.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
     # Loss scaling only matters for an fp16 base; bf16 and fp32 have the exponent range to do without.
     scaler = torch.amp.GradScaler(device.type, enabled=model.dtype == torch.float16)
-    softcap = output_softcap(model.config)
     prefix_config = {
         "prefix": lm.prefix.spec.to_dict(), "dropout": cfg.prefix.dropout,
         "base": base_identity(model, cfg.model.path),
@@ -199,9 +202,8 @@ def train(cfg: DictConfig) -> Path:
         # Dropout masks depend on (seed, step, micro-batch) alone: a resumed run draws what an unbroken one
         # would, and 2 GPUs x 1 accumulation step draw what 1 GPU x 2 does.
         seeds = [cfg.seed + 1_000_003 * (step + 1) + i for i in plan.micro_batch_ids(rank)]
-        result = optimizer_step(lm, batches, global_targets, optimizer, scaler, loss_chunk_size=t.loss_chunk_size,
-                                softcap=softcap, max_grad_norm=cfg.optim.max_grad_norm, world_size=world,
-                                seeds=seeds)
+        result = optimizer_step(loss_fn, params, batches, global_targets, optimizer, scaler,
+                                max_grad_norm=cfg.optim.max_grad_norm, world_size=world, seeds=seeds)
         loss = float(sum_across_ranks(accelerator, result.loss_sum)) / global_targets
         grad_norm, tokens = result.grad_norm, result.tokens
         if not result.applied and scaler.is_enabled():
