@@ -220,6 +220,26 @@ def _int8pack_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return _int8pack_checked[key]
 
 
+# On CUDA the eager dequantize above writes and rereads full-size temporaries (unpacked codes, widened
+# weight, scaled weight): ~15 bytes of traffic per int4 weight for every matmul and again in backward.
+# Compiled, it is one kernel that reads the packed bytes and writes the bf16 weight once. Compiled
+# lazily on first use (a few seconds per layer shape); if compiling fails, eager it stays.
+FUSED_DEQUANTIZE = True
+_fused: dict[str, Callable | None] = {}
+
+
+def _dequantize_on(device: torch.device) -> Callable:
+    if not (FUSED_DEQUANTIZE and device.type == "cuda"):
+        return dequantize
+    if "cuda" not in _fused:
+        try:
+            _fused["cuda"] = torch.compile(dequantize, fullgraph=True)
+        except Exception as e:  # noqa: BLE001 -- no compiler on this machine: stay eager
+            log.warning("dequantizing without torch.compile (%s)", e)
+            _fused["cuda"] = None
+    return _fused["cuda"] or dequantize
+
+
 def _linear_forward(x, qweight, scale, offset, bias, in_features: int, group_size: int) -> torch.Tensor:
     dtype = x.dtype
     b = bias.to(dtype) if bias is not None else None
@@ -227,7 +247,7 @@ def _linear_forward(x, qweight, scale, offset, bias, in_features: int, group_siz
         out = torch._weight_int8pack_mm(x.reshape(-1, in_features).contiguous(), qweight, scale.to(dtype))
         out = out.view(*x.shape[:-1], qweight.shape[0])
         return out + b if b is not None else out
-    return F.linear(x, dequantize(qweight, scale, offset, in_features, group_size, dtype), b)
+    return F.linear(x, _dequantize_on(x.device)(qweight, scale, offset, in_features, group_size, dtype), b)
 
 
 class _QuantizedMatmul(torch.autograd.Function):
@@ -244,7 +264,8 @@ class _QuantizedMatmul(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             qweight, scale, offset = ctx.saved_tensors
-            w = dequantize(qweight, scale, offset, ctx.in_features, ctx.group_size, grad_out.dtype)
+            w = _dequantize_on(grad_out.device)(qweight, scale, offset, ctx.in_features, ctx.group_size,
+                                                grad_out.dtype)
             grad_x = grad_out.matmul(w)
         return grad_x, None, None, None, None, None, None
 

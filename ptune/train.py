@@ -125,8 +125,7 @@ def train(cfg: DictConfig) -> Path:
     if t.compile:
         compile_layers(model)
     softcap = output_softcap(model.config)
-    loss_fn = micro_batch_loss(lm, t.loss_chunk_size, softcap, cuda_graphs=t.cuda_graphs,
-                               max_shapes=t.cuda_graph_shapes, compiled=t.compile)
+    loss_fn = micro_batch_loss(lm, t.loss_chunk_size, softcap, cuda_graphs=t.cuda_graphs, max_shapes=t.cuda_graph_shapes)
     params = list(lm.prefix.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)

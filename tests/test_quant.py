@@ -133,6 +133,24 @@ def test_odd_in_features_are_padded_to_the_group():
     assert rel_err(i8(x).detach(), lin(x).detach()) < 0.01
 
 
+@pytest.mark.slow
+def test_compiled_dequantize_agrees_with_the_eager_one():
+    """The fused dequantize CUDA uses is torch.compile of the same function: one graph, and its bf16 weight
+    within rounding of the eager one's (checked with the CPU compiler, at an odd width that exercises the
+    slice). The compiled kernel rounds once where eager rounds after each step, so it is no less exact."""
+    torch.manual_seed(0)
+    lin = nn.Linear(100, 40)
+    compiled = torch.compile(Q.dequantize, fullgraph=True)
+    for mode, group in (("int4", 32), ("int8", 0)):
+        q = Q.QuantizedLinear.from_float(lin, mode, group or 128)
+        args = (q.qweight, q.scale, q.offset, q.in_features, q.group_size)
+        got, want = compiled(*args, torch.bfloat16).float(), Q.dequantize(*args, torch.bfloat16).float()
+        exact = Q.dequantize(*args, torch.float32)
+        assert got.shape == want.shape == (40, 100)
+        assert ((got - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all(), mode  # bf16 rounding, at most
+        assert (got - exact).norm() <= (want - exact).norm(), mode
+
+
 def test_bad_mode_or_group_is_refused():
     lin = normal_linear()
     with pytest.raises(Q.QuantizationError, match="expected one of int8, int4"):
@@ -316,6 +334,16 @@ def test_cuda_layer(dtype, mode, limit):
     assert rel_err(y.detach(), lin(x).detach()) < limit
     y.float().square().sum().backward()
     assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+    # The compiled dequantize CUDA uses gives the eager one's output and gradient.
+    grad = x.grad.clone()
+    x.grad = None
+    Q.FUSED_DEQUANTIZE = False
+    try:
+        y_eager = q(x)
+        y_eager.float().square().sum().backward()
+    finally:
+        Q.FUSED_DEQUANTIZE = True
+    assert rel_err(y.detach(), y_eager.detach()) < 5e-3 and rel_err(grad, x.grad) < 5e-3
 
 
 # ---------------------------------------------------------------------------------- python -m ptune.quant_check
