@@ -7,11 +7,14 @@ the step is captured once as a CUDA graph and replayed: one launch per token ins
 which is what single-stream decoding of a 6B model is bound by. (Training cannot use the cache --
 gradient checkpointing drops it -- and goes through the attention wrapper instead; both give the same
 attention, which the tests check.) Models with sliding-window layers would evict the prefix from a
-cache, so they keep the wrapper and a growing cache here.
+cache, so they keep the wrapper and a growing cache here. Optionally the step goes through
+torch.compile first, which fuses the hundreds of small elementwise kernels (norms, rotary, activations,
+residual adds) around the matrix multiplies; the graph then captures the compiled step.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 
@@ -41,15 +44,34 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _decode_step(base, token, mask, position, cache) -> torch.Tensor:
+    return base(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
+                use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+@functools.cache
+def _compiled_decode_step():
+    # One compiled function for every model: dynamo keys the compiled code on guards (parameter and input
+    # shapes, config values), not on the module, so another model of the same architecture reuses it and no
+    # cache of ours keeps a model alive. Built on first use, as building it costs eager callers ~0.3 s.
+    # dynamic=False keeps batch and model sizes static, so a new batch size compiles once more; the cache
+    # length, which every prompt changes, is marked dynamic by the decoder instead. The supported models
+    # compile to one graph (the tests check), yet not fullgraph=True: past dynamo's recompile limit (8
+    # batch sizes x model shapes a process) that fails generation where it would otherwise run eagerly.
+    return torch.compile(_decode_step, dynamic=False)
+
+
 class StaticDecoder:
     """Prefix and prompt in a preallocated cache; then one token per `step`, graph-replayed on CUDA.
 
     The cache holds prefix | prompt | new tokens. A (batch, 1, 1, length) boolean mask says which slots
     each row may see (its prefix, its unpadded prompt, what it generated so far); it is built once
-    and one column is switched on per step, so no mask is rebuilt while decoding.
+    and one column is switched on per step, so no mask is rebuilt while decoding. With `compile_step`
+    the step (not the prefill, whose shape changes with every prompt) runs compiled.
     """
 
-    def __init__(self, base, prefix, input_ids, attention_mask, max_new_tokens: int, cuda_graph: bool):
+    def __init__(self, base, prefix, input_ids, attention_mask, max_new_tokens: int, cuda_graph: bool,
+                 compile_step: bool = False):
         batch, prompt = input_ids.shape
         plen = prefix[0][0].shape[2] if prefix is not None else 0
         length = plen + prompt + max_new_tokens
@@ -70,10 +92,17 @@ class StaticDecoder:
         self.position = positions[:, -1:] + 1
         self.slot = torch.tensor([plen + prompt], device=device)
         self.steps = 0
+        self.decode = _decode_step
+        if compile_step:
+            self.decode = _compiled_decode_step()
+            # The length follows the prompt and max_new_tokens; static, every new length would recompile.
+            torch._dynamo.mark_dynamic(self.mask, 3)
+            for layer in self.cache.layers:
+                torch._dynamo.mark_dynamic(layer.keys, 2)
+                torch._dynamo.mark_dynamic(layer.values, 2)
 
     def _forward(self) -> None:
-        self.logits = self.base(input_ids=self.token, attention_mask=self.mask, position_ids=self.position,
-                                past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.logits = self.decode(self.base, self.token, self.mask, self.position, self.cache)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Logits for the position after `token` (batch,), which takes the next cache slot."""
@@ -84,8 +113,8 @@ class StaticDecoder:
         elif self.use_graph and self.steps == 1:
             self._capture()
         elif self.use_graph:
-            # The first step runs eagerly on a side stream: CUDA graphs want libraries warmed up off the
-            # capturing stream.
+            # The first step runs eagerly on a side stream: CUDA graphs want libraries warmed up, and a
+            # compiled step compiled and autotuned, off the capturing stream.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -141,12 +170,15 @@ def has_sliding_layers(base) -> bool:
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
              eos_token_ids: list[int], pad_token_id: int, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, generator: torch.Generator | None = None, on_token=None,
-             static_cache: bool = True) -> torch.Tensor:
+             static_cache: bool = True, compile_step: bool = False) -> torch.Tensor:
     """New tokens `(B, n)` for left-padded prompts; rows that finished are filled with `pad_token_id`.
 
     `model` is a PrefixLM or a bare transformers model. `on_token(tokens)` is called with each new
     column, for streaming. `static_cache=False` takes the growing-cache path (the reference the static
-    one is tested against; models with sliding-window layers always take it).
+    one is tested against; models with sliding-window layers always take it). `compile_step=True` runs
+    the static path's decoding step through torch.compile: the first call pays the compilation, and
+    so does the first with each new batch size; other prompts and lengths reuse it. Its fused kernels
+    round differently from eager ones, so in bf16 greedy tokens can part from the eager path's at near-ties.
     """
     if max_new_tokens < 1:
         return input_ids.new_zeros((input_ids.shape[0], 0))
@@ -154,7 +186,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     prefix = model.prefix(1) if isinstance(model, PrefixLM) else None
     if static_cache and not has_sliding_layers(base):
         decoder = StaticDecoder(base, prefix, input_ids, attention_mask, max_new_tokens,
-                                cuda_graph=input_ids.device.type == "cuda")
+                                cuda_graph=input_ids.device.type == "cuda", compile_step=compile_step)
     else:
         decoder = GrowingDecoder(base, prefix, input_ids, attention_mask)
     eos = torch.tensor(eos_token_ids, device=input_ids.device, dtype=torch.long)
