@@ -203,7 +203,7 @@ def peft_train(model, rows, micro: int, accum: int, cfg, device, pad_to: int) ->
 
 
 def ptune_eval(model, prompts, new_tokens: int, batch: int, cfg, device, *, static_cache: bool = True,
-               keep: list | None = None) -> dict:
+               keep: list | None = None, compile_step: bool = False) -> dict:
     spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
     torch.manual_seed(cfg.seed)
     lm = PrefixLM(model, PrefixEncoder(spec).to(device))
@@ -212,7 +212,7 @@ def ptune_eval(model, prompts, new_tokens: int, batch: int, cfg, device, *, stat
         for i in range(0, len(prompts), batch):
             b = {k: v.to(device) for k, v in left_pad(prompts[i:i + batch], 0).items()}
             out = generate(lm, b["input_ids"], b["attention_mask"], max_new_tokens=new_tokens, eos_token_ids=[],
-                           pad_token_id=0, static_cache=static_cache)
+                           pad_token_id=0, static_cache=static_cache, compile_step=compile_step)
             if keep is not None:
                 keep.extend(out.tolist())
 
@@ -221,7 +221,8 @@ def ptune_eval(model, prompts, new_tokens: int, batch: int, cfg, device, *, stat
     return {"seconds": seconds, "tokens_per_s": len(prompts) * new_tokens / seconds, "peak_gib": peak_gib(device)}
 
 
-def decode_steady(model, prompts, batch: int, cfg, device, short: int = 16, long: int = 144) -> dict:
+def decode_steady(model, prompts, batch: int, cfg, device, short: int = 16, long: int = 144,
+                  compile_step: bool = False) -> dict:
     """Per-step decoding time without prefill and set-up: generate `long` and `short` new tokens, divide
     the difference by the extra steps."""
     spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
@@ -230,7 +231,7 @@ def decode_steady(model, prompts, batch: int, cfg, device, short: int = 16, long
 
     def gen(n):
         return timed(lambda: generate(lm, b["input_ids"], b["attention_mask"], max_new_tokens=n, eos_token_ids=[],
-                                      pad_token_id=0), device.type == "cuda")
+                                      pad_token_id=0, compile_step=compile_step), device.type == "cuda")
 
     gen(short)  # warm-up
     t_short, t_long = gen(short), gen(long)
@@ -283,9 +284,9 @@ def append_markdown(path: Path, report: dict, command: str) -> None:
                      f"{r['seconds']:.2f} | {ratio} |")
     for name, r in report["results"].items():
         if "identical_rows" in r:
-            lines.append(f"\n{name}: {r['identical_rows']} of its rows' greedy tokens identical to the static-cache "
-                         f"decoder's; {r['mean_agreeing_tokens']:.1f} tokens agree on average before the first "
-                         "difference.")
+            other = "eager step's" if "+compile" in name else "static-cache decoder's"
+            lines.append(f"\n{name}: {r['identical_rows']} of its rows' greedy tokens identical to the {other}; "
+                         f"{r['mean_agreeing_tokens']:.1f} tokens agree on average before the first difference.")
     with open(path, "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -300,6 +301,9 @@ def run(cfg: DictConfig) -> dict:
     if cfg.get("quantization"):
         from ptune.quant import quantize_model
 
+        from ptune import quant as quant_module
+
+        quant_module.FUSED_DEQUANTIZE = bool(cfg.fused_dequantize)
         quant = quantize_model(model, cfg.quantization, int(cfg.quantization_group_size))
         log.info("quantized the base: %s", quant)
     fixed = fixed_rows(cfg.num_rows, cfg.max_source_length, cfg.max_target_length, vocab, cfg.seed)
@@ -365,6 +369,20 @@ def run(cfg: DictConfig) -> dict:
                                                                  device), f"eval peft batch {batch} ({n} prompts)")
     for batch in cfg.decode_steady_batches:
         add(f"decode ptune steady batch {batch} (seconds a step)", decode_steady(model, prompts, batch, cfg, device))
+    for batch in cfg.decode_compile_batches:
+        # Compiled decoding step: the first call compiles (not timed), then end to end, steady state, and
+        # greedy tokens against the eager step's.
+        n = min(len(prompts), cfg.eval_prompts_at_batch1) if batch == 1 else min(len(prompts), batch)
+        eager, fused = [], []
+        ptune_eval(model, prompts[:batch], 2, batch, cfg, device, compile_step=True)
+        ptune_eval(model, prompts[:n], cfg.eval_new_tokens, batch, cfg, device, keep=eager)
+        r = ptune_eval(model, prompts[:n], cfg.eval_new_tokens, batch, cfg, device, keep=fused, compile_step=True)
+        agree = [same_prefix_length(a, b) for a, b in zip(fused, eager)]
+        r["identical_rows"] = sum(x == cfg.eval_new_tokens for x in agree)
+        r["mean_agreeing_tokens"] = sum(agree) / n
+        add(f"eval ptune batch {batch} ({n} prompts) +compile", r)
+        add(f"decode ptune steady batch {batch} +compile (seconds a step)",
+            decode_steady(model, prompts, batch, cfg, device, compile_step=True))
     if cfg.eval_check_prompts:
         # Greedy tokens of the static-cache (graph-replayed) decoder against the growing-cache path.
         n = min(len(prompts), cfg.eval_check_prompts)
