@@ -146,7 +146,8 @@ class StreamDecoder:
 
 
 def generation_kwargs(gen: DictConfig) -> dict:
-    return {"do_sample": bool(gen.do_sample), "temperature": float(gen.temperature), "top_p": float(gen.top_p)}
+    return {"do_sample": bool(gen.do_sample), "temperature": float(gen.temperature), "top_p": float(gen.top_p),
+            "compile_step": bool(gen.compile_step)}
 
 
 def reply(cm: ChatModel, prompt: list[int], gen: DictConfig, on_text=None, generator=None) -> str:

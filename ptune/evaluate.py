@@ -84,7 +84,8 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
         batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], tokenizer.pad_token_id).items()}
         out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=gen.max_new_tokens,
                        eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, do_sample=gen.do_sample,
-                       temperature=gen.temperature, top_p=gen.top_p, generator=generator)
+                       temperature=gen.temperature, top_p=gen.top_p, generator=generator,
+                       compile_step=bool(gen.compile_step))
         for row, i in zip(out.tolist(), idx):
             texts[i] = tokenizer.decode(row, skip_special_tokens=True)
             new_tokens += sum(1 for t in row if t not in eos and t != tokenizer.pad_token_id)

@@ -52,7 +52,7 @@ def served(checkpoint):
 
 def greedy(cm, prompt: list[int], max_new_tokens: int = MAX_NEW) -> str:
     """What `python -m ptune.evaluate` generates for this prompt."""
-    gen = OmegaConf.create({"max_new_tokens": max_new_tokens, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
+    gen = OmegaConf.create({"max_new_tokens": max_new_tokens, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "compile_step": False,
                             "seed": 0, "extra_eos_token_ids": []})
     texts, _ = predict(cm.model, cm.tokenizer, [prompt], gen, 1, cm.device, progress=False)
     return texts[0]

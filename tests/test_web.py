@@ -78,7 +78,7 @@ def browser(tmp_path):
 
 
 def greedy(cm, prompt: list[int]) -> str:
-    gen = OmegaConf.create({"max_new_tokens": MAX_NEW, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
+    gen = OmegaConf.create({"max_new_tokens": MAX_NEW, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "compile_step": False,
                             "seed": 0, "extra_eos_token_ids": []})
     return predict(cm.model, cm.tokenizer, [prompt], gen, 1, cm.device, progress=False)[0][0]
 
