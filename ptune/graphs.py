@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from ptune.generate import has_sliding_layers
 from ptune.step import MicroBatchLoss
 
 log = logging.getLogger("ptune.graphs")
@@ -71,8 +72,6 @@ class GraphedMicroBatchLoss:
 
 def micro_batch_loss(lm, loss_chunk_size: int, softcap: float | None, *, cuda_graphs: bool, max_shapes: int):
     """The trainer's micro-batch loss: graph-replayed where that works, eager otherwise."""
-    from ptune.generate import has_sliding_layers
-
     eager = MicroBatchLoss(lm, loss_chunk_size, softcap)
     if not cuda_graphs or next(lm.prefix.parameters()).device.type != "cuda":
         return eager

@@ -151,6 +151,19 @@ def test_compiled_dequantize_agrees_with_the_eager_one():
         assert (got - exact).norm() <= (want - exact).norm(), mode
 
 
+def test_fused_dequantize_falls_back_to_eager_once_compiling_fails(monkeypatch, caplog):
+    def no_compiler(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(Q, "_compiled_dequantize", no_compiler)
+    monkeypatch.setattr(Q, "FUSED_DEQUANTIZE", True)
+    q = Q.QuantizedLinear.from_float(nn.Linear(64, 8), "int4", 32)
+    args = (q.qweight, q.scale, q.offset, q.in_features, q.group_size, torch.float32)
+    assert torch.equal(Q._fused_dequantize(*args), Q.dequantize(*args))
+    assert Q.FUSED_DEQUANTIZE is False and Q._dequantize_on(torch.device("cuda")) is Q.dequantize
+    assert "dequantizing without torch.compile from now on: RuntimeError: no compiler here" in caplog.text
+
+
 def test_bad_mode_or_group_is_refused():
     lin = normal_linear()
     with pytest.raises(Q.QuantizationError, match="expected one of int8, int4"):
