@@ -243,6 +243,12 @@ def same_prefix_length(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def agreement(rows: list[list[int]], reference: list[list[int]], new_tokens: int) -> dict:
+    """Rows whose greedy tokens equal the reference's, and tokens agreeing on average before a difference."""
+    agree = [same_prefix_length(a, b) for a, b in zip(rows, reference)]
+    return {"identical_rows": sum(x == new_tokens for x in agree), "mean_agreeing_tokens": sum(agree) / len(agree)}
+
+
 def peft_eval(model, prompts, new_tokens: int, batch: int, cfg, device) -> dict:
     from peft import PrefixTuningConfig, TaskType, get_peft_model
 
@@ -299,12 +305,10 @@ def run(cfg: DictConfig) -> dict:
     flops_per_token = 4 * count_flops_params(model)  # before quantizing: quantized weights are buffers
     quant = None
     if cfg.get("quantization"):
-        from ptune.quant import quantize_model
+        from ptune import quant as Q
 
-        from ptune import quant as quant_module
-
-        quant_module.FUSED_DEQUANTIZE = bool(cfg.fused_dequantize)
-        quant = quantize_model(model, cfg.quantization, int(cfg.quantization_group_size))
+        Q.FUSED_DEQUANTIZE = bool(cfg.fused_dequantize)
+        quant = Q.quantize_model(model, cfg.quantization, int(cfg.quantization_group_size))
         log.info("quantized the base: %s", quant)
     fixed = fixed_rows(cfg.num_rows, cfg.max_source_length, cfg.max_target_length, vocab, cfg.seed)
     pad_to = cfg.max_source_length + cfg.max_target_length + 1
@@ -377,9 +381,7 @@ def run(cfg: DictConfig) -> dict:
         ptune_eval(model, prompts[:batch], 2, batch, cfg, device, compile_step=True)
         ptune_eval(model, prompts[:n], cfg.eval_new_tokens, batch, cfg, device, keep=eager)
         r = ptune_eval(model, prompts[:n], cfg.eval_new_tokens, batch, cfg, device, keep=fused, compile_step=True)
-        agree = [same_prefix_length(a, b) for a, b in zip(fused, eager)]
-        r["identical_rows"] = sum(x == cfg.eval_new_tokens for x in agree)
-        r["mean_agreeing_tokens"] = sum(agree) / n
+        r.update(agreement(fused, eager, cfg.eval_new_tokens))
         add(f"eval ptune batch {batch} ({n} prompts) +compile", r)
         add(f"decode ptune steady batch {batch} +compile (seconds a step)",
             decode_steady(model, prompts, batch, cfg, device, compile_step=True))
@@ -390,9 +392,7 @@ def run(cfg: DictConfig) -> dict:
         add(f"eval ptune batch {n} ({n} prompts)", ptune_eval(model, prompts[:n], cfg.eval_new_tokens, n, cfg, device,
                                                              keep=fast))
         r = ptune_eval(model, prompts[:n], cfg.eval_new_tokens, n, cfg, device, static_cache=False, keep=plain)
-        agree = [same_prefix_length(a, b) for a, b in zip(fast, plain)]
-        r["identical_rows"] = sum(x == cfg.eval_new_tokens for x in agree)
-        r["mean_agreeing_tokens"] = sum(agree) / n
+        r.update(agreement(plain, fast, cfg.eval_new_tokens))
         add(f"eval ptune growing cache batch {n} ({n} prompts)", r, f"eval ptune batch {n} ({n} prompts)")
     import transformers
 
