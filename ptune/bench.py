@@ -108,7 +108,8 @@ def peak_gib(device) -> float | None:
 
 
 def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int | None, sort: bool,
-                checkpointing: bool, compiled: bool = False, group_by_length: int = 0, graphs: bool = False) -> dict:
+                checkpointing: bool, compiled: bool = False, group_by_length: int = 0, graphs: bool = False,
+                pad_multiple: int = 8) -> dict:
     spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
     lm = PrefixLM(model, PrefixEncoder(spec, dropout=0.1).to(device))
     if checkpointing:
@@ -130,7 +131,7 @@ def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int
     def batches_for(step: int):
         out = []
         for mb in plan.micro_batches(step, 0):
-            b = collate([rows[r] for r in mb], 0, 8)
+            b = collate([rows[r] for r in mb], 0, pad_multiple)
             if pad_to:  # reference-style: every row padded to the longest possible row
                 b = pad_batch_to(b, pad_to)
             out.append({k: v.to(device) for k, v in b.items()})
@@ -142,7 +143,9 @@ def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int
 
     sync = device.type == "cuda"
     reset_memory(device)
-    for s in range(cfg.warmup_steps):
+    # With graphs the timed steps are also run once beforehand, so that every shape they meet is captured
+    # before timing: a real run captures each of its few shapes once and replays them for thousands of steps.
+    for s in range(cfg.warmup_steps + (cfg.steps if graphs else 0)):
         one(s)
     seconds = 0.0
     real = 0
@@ -200,6 +203,21 @@ def peft_train(model, rows, micro: int, accum: int, cfg, device, pad_to: int) ->
     result = {"samples_per_s": samples / seconds, "tokens_per_s": real / seconds, "peak_gib": peak_gib(device),
               "seconds": seconds, "steps": cfg.steps}
     return result
+
+
+def widen_timing(model, device, fused: bool) -> dict:
+    """Seconds to widen every quantized layer's weight once (what each forward and each backward pays)."""
+    from ptune import quant as Q
+
+    layers = [m for m in model.modules() if isinstance(m, Q.QuantizedLinear)]
+    fn = Q._dequantize_on(device) if fused else Q.dequantize
+
+    def widen():
+        for m in layers:
+            fn(m.qweight, m.scale, m.offset, m.in_features, m.group_size, torch.bfloat16)
+
+    widen()  # the first call compiles the kernels
+    return {"seconds": min(timed(widen, device.type == "cuda") for _ in range(5)), "layers": len(layers)}
 
 
 def ptune_eval(model, prompts, new_tokens: int, batch: int, cfg, device, *, static_cache: bool = True,
@@ -286,7 +304,8 @@ def append_markdown(path: Path, report: dict, command: str) -> None:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         sps = f"{r['samples_per_s']:.2f}" if "samples_per_s" in r else "-"
         ratio = f"{r['ratio']:.2f}x vs {r['baseline']}" if r.get("ratio") else "-"
-        lines.append(f"| {name} | {sps} | {r['tokens_per_s']:.0f} | {mfu} | {r.get('peak_gib') or '-'} | "
+        tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "-"
+        lines.append(f"| {name} | {sps} | {tps} | {mfu} | {r.get('peak_gib') or '-'} | "
                      f"{r['seconds']:.2f} | {ratio} |")
     for name, r in report["results"].items():
         if "identical_rows" in r:
@@ -318,10 +337,17 @@ def run(cfg: DictConfig) -> dict:
         if "tokens_per_s" in r and "samples_per_s" in r and device.type == "cuda":
             r["mfu"] = r["tokens_per_s"] * flops_per_token / (cfg.peak_tflops * 1e12)
         if baseline and baseline in results:
-            key = "samples_per_s" if "samples_per_s" in r else "tokens_per_s"
-            r["ratio"], r["baseline"] = r[key] / results[baseline][key], baseline
+            key = next((k for k in ("samples_per_s", "tokens_per_s") if k in r), None)
+            ratio = r[key] / results[baseline][key] if key else results[baseline]["seconds"] / r["seconds"]
+            r["ratio"], r["baseline"] = ratio, baseline
         results[name] = r
         log.info("%s: %s", name, json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
+
+    if quant and cfg.widen_timing:
+        add("widen quantized base, eager", widen_timing(model, device, fused=False))
+        if device.type == "cuda" and cfg.fused_dequantize:
+            add("widen quantized base, fused kernel", widen_timing(model, device, fused=True),
+                "widen quantized base, eager")
 
     for micro, accum in cfg.train_settings:
         tag = f"mb{micro}x{accum}"
@@ -350,18 +376,22 @@ def run(cfg: DictConfig) -> dict:
             add(f"train ptune {tag} +ckpt +graphs", ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None,
                                                                 sort=True, checkpointing=True, graphs=True),
                 f"train ptune {tag}")
-    real = adgen_rows(cfg, vocab, cfg.seed) if cfg.train_settings else None
-    if real is not None:
-        micro, accum = cfg.train_settings[0]
-        add("train ptune adgen padded-193", ptune_train(model, real, micro, accum, cfg, device, pad_to=pad_to,
-                                                        sort=False, checkpointing=False))
-        add("train ptune adgen sorted", ptune_train(model, real, micro, accum, cfg, device, pad_to=None, sort=True,
-                                                    checkpointing=False), "train ptune adgen padded-193")
-        if cfg.adgen_group_by_length:
-            k = int(cfg.adgen_group_by_length)
-            add(f"train ptune adgen grouped-{k}", ptune_train(model, real, micro, accum, cfg, device, pad_to=None,
-                                                              sort=True, checkpointing=False, group_by_length=k),
-                "train ptune adgen padded-193")
+    real = adgen_rows(cfg, vocab, cfg.seed) if cfg.adgen_settings else None
+    for micro, accum in cfg.adgen_settings if real is not None else []:
+        tag = f"mb{micro}x{accum}"
+        base = f"train ptune adgen {tag} padded-193"
+        add(base, ptune_train(model, real, micro, accum, cfg, device, pad_to=pad_to, sort=False, checkpointing=False))
+        k = int(cfg.adgen_group_by_length)
+        for graphs in (False, True) if cfg.cuda_graphs else (False,):
+            more = dict(graphs=True, pad_multiple=int(cfg.graphs_pad_to_multiple_of)) if graphs else {}
+            plus = " +graphs" if graphs else ""
+            add(f"train ptune adgen {tag} sorted{plus}", ptune_train(model, real, micro, accum, cfg, device,
+                                                                      pad_to=None, sort=True, checkpointing=False,
+                                                                      **more), base)
+            if k:
+                add(f"train ptune adgen {tag} grouped-{k}{plus}",
+                    ptune_train(model, real, micro, accum, cfg, device, pad_to=None, sort=True, checkpointing=False,
+                                group_by_length=k, **more), base)
     g = random.Random(cfg.seed)
     prompts = [[g.randrange(10, vocab) for _ in range(cfg.max_source_length)] for _ in range(cfg.eval_prompts)]
     for batch in cfg.eval_batches:

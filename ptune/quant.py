@@ -8,7 +8,8 @@ embedding, the output layer (``lm_head``) and the norms stay as they are.
 * ``int8``: symmetric, one scale per output channel: ``w ~= scale[o] * q``, ``q`` in [-127, 127].
 * ``int4``: asymmetric, one scale and one zero point per group of ``group_size`` consecutive input
   features: ``w ~= scale[o, g] * q + offset[o, g]`` with ``q`` in [0, 15] (``offset = -zero_point *
-  scale``, kept as a float so the zero point is not rounded). Two values are packed per byte. Each
+  scale``, kept as a float so the zero point is not rounded). Two values are packed per byte: byte k of a
+  group holds its codes k and k + group_size / 2, so a kernel writes both halves as contiguous runs. Each
   group's range is chosen by a small clipping search and two least-squares refinements, which brings
   the output error of a Gaussian 256x512 weight at group 128 from ~9.9% (plain min/max rounding) to
   ~9.3% (Frobenius, relative).
@@ -18,9 +19,10 @@ embedding, the output layer (``lm_head``) and the norms stay as they are.
 Scales and offsets are kept in float32 (they are <7% of the int4 bytes at group 128, <1% for int8).
 
 Why not torchao or bitsandbytes: the GPU machines this project trains on are offline and have neither
-installed, and neither can be installed there; this module needs nothing but PyTorch. The price is
-speed: the weight is dequantized for every matmul instead of using fused low-bit kernels (except
-``torch._weight_int8pack_mm`` for int8 forwards where it exists and checks out, see below).
+installed, and neither can be installed there; this module needs nothing but PyTorch (and, on CUDA, the
+triton that comes with it for a one-pass widening kernel, :mod:`ptune.dequant_kernels`). The price is
+speed: the weight is widened for every matmul instead of using fused low-bit matmul kernels (except
+``torch._weight_int8pack_mm`` for int8 forwards on the CPU where it checks out, see below).
 
 The forward and backward go through :class:`_QuantizedMatmul`, an autograd function that dequantizes
 the weight into the input's dtype, calls ``F.linear``, and in backward dequantizes it again rather than
@@ -66,7 +68,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 MODES = ("int8", "int4")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int4 nibbles split by group halves (1: interleaved)
 WEIGHTS_FILE = "quantized.safetensors"
 META_FILE = "quantization.json"
 
@@ -168,26 +170,29 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
         if in_pad != in_f:
             w = F.pad(w, (0, in_pad - in_f))
         q, s, o = _fit_int4_groups(w.view(w.shape[0], groups, group_size))
-        q = q.view(w.shape[0], in_pad)
-        packed[rows] = q[:, 0::2] | (q[:, 1::2] << 4)
+        half = group_size // 2  # byte k of a group: code k (low nibble), code k + half (high nibble)
+        packed[rows] = (q[..., :half] | (q[..., half:] << 4)).view(w.shape[0], in_pad // 2)
         scale[rows], offset[rows] = s, o
     return packed, scale, offset
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 codes `(out, 2 * cols)` from two-per-byte `(out, cols)`: low nibble first."""
-    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(packed.shape[0], -1)
+def unpack_int4(packed: torch.Tensor, group_size: int) -> torch.Tensor:
+    """uint8 codes `(out, 2 * cols)` from two-per-byte `(out, cols)`: in each group, the low nibbles are its
+    first half and the high nibbles its second half."""
+    g = packed.view(packed.shape[0], -1, group_size // 2)
+    return torch.cat((g & 0x0F, g >> 4), dim=-1).view(packed.shape[0], -1)
 
 
 def dequantize(qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, in_features: int,
                group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """The `(out, in_features)` weight in `dtype` (int8 when `offset` is None, else packed int4)."""
+    """The `(out, in_features)` weight in `dtype` (int8 when `offset` is None, else packed int4).
+
+    Computed in float32 and rounded to `dtype` once, as the CUDA kernels do."""
     if offset is None:
-        return qweight.to(dtype).mul_(scale.to(dtype).unsqueeze(1))
+        return (qweight.float() * scale.unsqueeze(1)).to(dtype)
     out_f = qweight.shape[0]
-    w = unpack_int4(qweight).to(dtype).view(out_f, -1, group_size)
-    w.mul_(scale.to(dtype).unsqueeze(-1)).add_(offset.to(dtype).unsqueeze(-1))
-    w = w.view(out_f, -1)
+    w = unpack_int4(qweight, group_size).float().view(out_f, -1, group_size)
+    w = (w * scale.unsqueeze(-1) + offset.unsqueeze(-1)).to(dtype).view(out_f, -1)
     return w if w.shape[1] == in_features else w[:, :in_features]
 
 
@@ -221,12 +226,10 @@ def _int8pack_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 # On CUDA the eager dequantize above writes and rereads full-size temporaries (unpacked codes, widened
-# weight, scaled weight): about 15 bytes of traffic per int4 weight for every matmul and again in
-# backward. Compiled, the steps fuse and the bf16 weight is written once (int4 at micro-batch 1 in CUDA
-# graphs: 6.45 -> 10.05 samples/s, BENCHMARKS.md). Compiled lazily on first call, a few seconds per layer
-# shape; if that fails (no compiler, too many shapes), eager it stays.
+# weight, scaled weight); ptune.dequant_kernels does it in one pass (the whole int4 ChatGLM2-6B-shaped base:
+# 67 ms eager, 24 ms compiled, 6.7 ms there; BENCHMARKS.md run 14). If triton is missing or a launch fails,
+# eager it stays, with a warning.
 FUSED_DEQUANTIZE = True
-_compiled_dequantize = None
 
 
 def _dequantize_on(device: torch.device) -> Callable:
@@ -234,13 +237,13 @@ def _dequantize_on(device: torch.device) -> Callable:
 
 
 def _fused_dequantize(*args) -> torch.Tensor:
-    global _compiled_dequantize, FUSED_DEQUANTIZE
-    if _compiled_dequantize is None:
-        _compiled_dequantize = torch.compile(dequantize, fullgraph=True)
+    global FUSED_DEQUANTIZE
     try:
-        return _compiled_dequantize(*args)
-    except Exception as e:  # noqa: BLE001 -- compiling is an optimisation: fall back, say so once
-        log.warning("dequantizing without torch.compile from now on: %s: %s", type(e).__name__, e)
+        from ptune import dequant_kernels
+
+        return dequant_kernels.dequantize(*args)
+    except Exception as e:  # noqa: BLE001 -- the kernel is an optimisation: fall back, say so once
+        log.warning("dequantizing without the fused CUDA kernel from now on: %s: %s", type(e).__name__, e)
         FUSED_DEQUANTIZE = False
         return dequantize(*args)
 

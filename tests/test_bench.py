@@ -37,3 +37,47 @@ def test_bench_smoke_writes_json_and_markdown(tmp_path):
     md = (tmp_path / "B.md").read_text()
     assert "| train ptune mb2x2 |" in md and report["device"] in md
     assert "4 of its rows' greedy tokens identical" in md
+
+
+TINY = ("model_config={model_type: llama, vocab_size: 128, hidden_size: 32, intermediate_size: 64, "
+        "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, pad_token_id: 0, eos_token_id: 2}")
+
+
+def test_bench_times_widening_a_quantized_base(tmp_path):
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("bench", overrides=[
+            TINY, "device=cpu", "quantization=int4", "quantization_group_size=8", "train_settings=[]",
+            "eval_batches=[]", "decode_steady_batches=[]", "eval_check_prompts=0", "compare=[]",
+            f"out_json={tmp_path / 'b.json'}", f"benchmarks_md={tmp_path / 'B.md'}"])
+    report = bench.run(cfg)
+    widen = report["results"]["widen quantized base, eager"]
+    assert widen["layers"] == 2 * 7 and widen["seconds"] > 0  # q, k, v, o, gate, up, down in each layer
+    assert "widen quantized base, fused kernel" not in report["results"]  # CUDA only
+    assert "| widen quantized base, eager | - | - | - |" in (tmp_path / "B.md").read_text()
+
+
+def test_bench_adgen_rows_compare_against_reference_padding(tmp_path, monkeypatch):
+    # Rows of AdvertiseGen-like lengths without the ChatGLM tokenizer: what is under test is the bench's
+    # batching of them (padded to the longest possible row, sorted, grouped), not the tokenizer.
+    def varied_rows(cfg, vocab, seed):
+        rows = []
+        for i in range(16):
+            src, tgt = 3 + i % 4, 2 + (i * 5) % 7
+            ids = [10 + (i + j) % 100 for j in range(src + tgt)]
+            rows.append({"input_ids": ids, "labels": [bench.IGNORE] * src + ids[src:]})
+        return rows
+
+    monkeypatch.setattr(bench, "adgen_rows", varied_rows)
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("bench", overrides=[
+            TINY, "device=cpu", "prefix_length=4", "max_source_length=6", "max_target_length=8",
+            "train_settings=[]", "adgen_settings=[[4,2]]", "adgen_group_by_length=2", "steps=1",
+            "warmup_steps=1", "eval_batches=[]", "decode_steady_batches=[]", "eval_check_prompts=0", "compare=[]",
+            f"out_json={tmp_path / 'b.json'}"])
+    results = bench.run(cfg)["results"]
+    base = "train ptune adgen mb4x2 padded-193"
+    others = [f"train ptune adgen mb4x2 {k}{g}" for k in ("sorted", "grouped-2") for g in ("", " +graphs")]
+    assert set(results) == {base, *others}
+    for name in others:
+        r = results[name]
+        assert r["baseline"] == base and r["ratio"] == pytest.approx(r["samples_per_s"] / results[base]["samples_per_s"])
