@@ -3,7 +3,7 @@
 Plain PyTorch widens an int4 weight in four passes over full-size temporaries (unpack, convert, scale,
 offset); torch.compile fuses them, but its kernel reached only 0.4-1.1 TB/s on the ChatGLM2-6B layer
 shapes. These read each packed byte once and write the weight once, at 2.1-2.7 TB/s on the large shapes
-(one H100: 6.7 ms to widen the whole 6B base against 24 ms compiled, BENCHMARKS.md run 14). The layout
+(one H100: 6 ms to widen the whole int4 6B base against 77 ms eager, BENCHMARKS.md run 14). The layout
 they read is :mod:`ptune.quant`'s; :func:`ptune.quant.dequantize` is the reference they are tested
 against. Importing this module needs triton, which CUDA builds of PyTorch bring.
 """

@@ -34,8 +34,9 @@ its replacement exists. :func:`save_quantized` / :func:`load_quantized` cache th
 safetensors file + ``quantization.json``) so a second load skips both the float load and the
 quantization; :func:`quantized_base` is the one call ``models.load_base`` needs.
 
-Measured on one H100 (torch 2.11), a ChatGLM2-6B-shaped GlmForCausalLM with random N(0, 0.02) bf16
-weights, prefix 128, rows of 193 tokens:
+Measured on one H100 (torch 2.11) with the eager dequantize, before the CUDA kernels (which bring int4 at
+micro-batch 1 x 16 to 75% of bf16's speed, BENCHMARKS.md run 14), a ChatGLM2-6B-shaped GlmForCausalLM with
+random N(0, 0.02) bf16 weights, prefix 128, rows of 193 tokens:
 
 =========  ==========  ============  ========================  ==========================
 base       weights     quantize      train step, micro 16      peak GiB (micro 16 / +ckpt)
@@ -226,9 +227,9 @@ def _int8pack_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 # On CUDA the eager dequantize above writes and rereads full-size temporaries (unpacked codes, widened
-# weight, scaled weight); ptune.dequant_kernels does it in one pass (the whole int4 ChatGLM2-6B-shaped base:
-# 67 ms eager, 24 ms compiled, 6.7 ms there; BENCHMARKS.md run 14). If triton is missing or a launch fails,
-# eager it stays, with a warning.
+# weight, scaled weight); ptune.dequant_kernels does it in one pass (the whole int4 ChatGLM2-6B-shaped base
+# on an H100: 77 ms eager, 6 ms there; BENCHMARKS.md run 14). If triton is missing or a launch fails, eager
+# it stays, with a warning.
 FUSED_DEQUANTIZE = True
 
 

@@ -322,6 +322,27 @@ def test_quantized_base_uses_the_cache_until_the_source_changes(tmp_path, tiny_m
     assert len(calls) == 2
 
 
+def test_cache_of_an_older_layout_is_rebuilt_not_misread(tmp_path, tiny_model_dir):
+    """Format 1 interleaved int4 nibbles; its bytes read with today's layout would be wrong weights."""
+    src = tiny_model_dir("llama")
+    cache = tmp_path / "cache"
+    calls = []
+
+    def load_float():
+        calls.append(1)
+        return AutoModelForCausalLM.from_pretrained(src, local_files_only=True)
+
+    kw = dict(cache_dir=cache, source=src, dtype=torch.float32, attn_implementation="sdpa")
+    fresh = Q.quantized_base(load_float, "int4", 32, **kw)
+    meta = json.loads((cache / Q.META_FILE).read_text())
+    (cache / Q.META_FILE).write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(Q.QuantizationError, match="cache format 1, this ptune reads 2; delete the folder"):
+        Q.load_quantized(cache)
+    rebuilt = Q.quantized_base(load_float, "int4", 32, **kw)
+    assert len(calls) == 2 and json.loads((cache / Q.META_FILE).read_text())["format_version"] == 2
+    assert torch.equal(logits(fresh), logits(rebuilt))
+
+
 def test_incomplete_cache_is_refused(tmp_path):
     with pytest.raises(Q.QuantizationError, match="no complete quantized model"):
         Q.load_quantized(tmp_path)
