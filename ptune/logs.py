@@ -69,3 +69,32 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        plot_loss(self.path, self.path.with_name("train_loss.png"))
+
+
+def plot_loss(log_path: Path, png_path: Path) -> None:
+    """Loss (and learning rate, on a second axis) against step from `train_log.jsonl`."""
+    records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [r for r in records if isinstance(r.get("loss"), (int, float))]  # a NaN loss is logged as null
+    if not records:
+        return
+    # Agg canvas on a bare Figure: no pyplot state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    steps = [r["step"] for r in records]
+    ax.plot(steps, [r["loss"] for r in records], marker="." if len(records) < 60 else None, label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    if all("lr" in r for r in records):
+        lr_ax = ax.twinx()
+        lr_ax.plot(steps, [r["lr"] for r in records], color="tab:gray", linestyle="--", label="lr")
+        lr_ax.set_ylabel("learning rate")
+    ax.set_title(log_path.parent.name)
+    tmp = png_path.with_suffix(".png.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    tmp.replace(png_path)

@@ -69,6 +69,7 @@ def test_resume_is_bitwise_exact(tiny_model_dir, sample_file, tmp_path):
     assert not torch.equal(straight, load_file(out / "checkpoint-3" / "prefix.safetensors")["embedding.weight"])
     assert [r["step"] for r in logged(out)] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in logged(out)] == [r["loss"] for r in straight_log]
+    assert (out / "train_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_torchrun_two_gloo_processes_match_one_process(tiny_model_dir, sample_file, tmp_path):
@@ -86,7 +87,8 @@ def test_torchrun_two_gloo_processes_match_one_process(tiny_model_dir, sample_fi
     torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
     assert not torch.equal(a, load_file(one / "checkpoint-5" / "prefix.safetensors")["embedding.weight"] * 0)
     assert [p.name for p in list_checkpoints(two)] == ["checkpoint-5"]
-    assert sorted(p.name for p in two.iterdir()) == ["checkpoint-5", "config.yaml", "train.log", "train_log.jsonl"]
+    assert sorted(p.name for p in two.iterdir()) == ["checkpoint-5", "config.yaml", "train.log", "train_log.jsonl",
+                                                       "train_loss.png"]
     assert [r["step"] for r in logged(two)] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in logged(two)] == pytest.approx([r["loss"] for r in logged(one)], abs=1e-5)
 
