@@ -141,7 +141,7 @@ def evaluate(cfg: DictConfig) -> dict:
                                                             else Path("outputs/eval-base"))
     write_results(out_dir, evalset, texts, metrics,
                   {"generation": {**OmegaConf.to_container(cfg.generation), **stats}, "data": data_cfg,
-                   "limit": cfg.limit, "checkpoint": str(cfg.checkpoint), "eval_file": str(data_cfg["eval_file"])})
+                   "limit": cfg.limit, "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None, "eval_file": str(data_cfg["eval_file"])})
     log.info("%d rows in %.1f s (%s tokens/s, batch %s, peak %.2f GiB); wrote %s", len(texts), stats["wall_s"],
              stats["tokens_per_s"], stats["batch_size"], stats["peak_mem_gib"], out_dir)
     print(format_table([{"name": str(cfg.checkpoint or "base"), **metrics}]))

