@@ -86,13 +86,13 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     steps = [r["step"] for r in records]
-    ax.plot(steps, [r["loss"] for r in records], marker="." if len(records) < 60 else None, label="loss")
+    ax.plot(steps, [r["loss"] for r in records], marker="." if len(records) < 60 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)
     if all("lr" in r for r in records):
         lr_ax = ax.twinx()
-        lr_ax.plot(steps, [r["lr"] for r in records], color="tab:gray", linestyle="--", label="lr")
+        lr_ax.plot(steps, [r["lr"] for r in records], color="tab:gray", linestyle="--")
         lr_ax.set_ylabel("learning rate")
     ax.set_title(log_path.parent.name)
     tmp = png_path.with_suffix(".png.tmp")

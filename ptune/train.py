@@ -243,6 +243,8 @@ def train(cfg: DictConfig) -> Path:
     bar.close()
     if metrics is not None:
         metrics.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # NCCL warns of leaked resources at exit otherwise
     return out
 
 

@@ -65,6 +65,9 @@ def check_file(path: Path) -> str:
     if name.endswith(".log"):
         path.read_text(encoding="utf-8")
         return "log"
+    if name.endswith(".png"):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path}: not a PNG"
+        return "png"
     if name.startswith("events.out.tfevents."):
         assert is_tfrecord(path), path
         return "tensorboard"
@@ -82,7 +85,7 @@ def test_a_run_folder_holds_only_safe_formats(tiny_model_dir, sample_file, tmp_p
     kinds = {}
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         kinds.setdefault(check_file(path), []).append(str(path.relative_to(out)))
-    assert {"safetensors", "json", "jsonl", "yaml", "log", "tensorboard"} <= set(kinds), kinds
+    assert {"safetensors", "json", "jsonl", "yaml", "log", "tensorboard", "png"} <= set(kinds), kinds
     assert "checkpoint-4/eval/generated_predictions.jsonl" in kinds["jsonl"]
     assert "checkpoint-4/optimizer.safetensors" in kinds["safetensors"]
 
