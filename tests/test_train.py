@@ -18,9 +18,10 @@ from ptune.checkpoint import list_checkpoints
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_train(*overrides: str, check: bool = True, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_train(*overrides: str, check: bool = True, launcher: list[str] | None = None,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = (launcher or [sys.executable, "-m"]) + ["ptune.train", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ})
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -75,13 +76,15 @@ def test_resume_is_bitwise_exact(tiny_model_dir, sample_file, tmp_path):
 def test_torchrun_two_gloo_processes_match_one_process(tiny_model_dir, sample_file, tmp_path):
     model = tiny_model_dir("glm")
     # Same micro-batches (2 rows; 1 rank x 4 vs 2 ranks x 2) and dropout left on: its masks are seeded per
-    # micro-batch, so both runs draw the same ones.
+    # micro-batch, so both runs draw the same ones. Both on the CPU even where a GPU is present: two
+    # processes on one GPU are not what this compares.
+    cpu = {"CUDA_VISIBLE_DEVICES": ""}
     common = ["prefix.dropout=0.1", "trainer.max_steps=5", "trainer.save_steps=5", "trainer.sort_by_length=true"]
     one = tmp_path / "one"
-    run_train(*small_run(model, sample_file, one, *common, "trainer.gradient_accumulation_steps=4"))
+    run_train(*small_run(model, sample_file, one, *common, "trainer.gradient_accumulation_steps=4"), env=cpu)
     two = tmp_path / "two"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m"]
-    run_train(*small_run(model, sample_file, two, *common), launcher=launcher)
+    run_train(*small_run(model, sample_file, two, *common), launcher=launcher, env=cpu)
     a = load_file(one / "checkpoint-5" / "prefix.safetensors")["embedding.weight"]
     b = load_file(two / "checkpoint-5" / "prefix.safetensors")["embedding.weight"]
     torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
