@@ -297,15 +297,21 @@ def test_cache_round_trip_is_bitwise(tmp_path, family, mode):
     assert torch.equal(logits(None, with_prefix(base, torch.float32)), logits(None, with_prefix(again, torch.float32)))
 
 
-def test_quantized_base_uses_the_cache_until_the_source_changes(tmp_path, tiny_model_dir):
-    src = tiny_model_dir("llama")
-    cache = tmp_path / "cache"
+def counting_loader(src):
+    """A float-model loader for `quantized_base` and the list its calls are counted in."""
     calls = []
 
     def load_float():
         calls.append(1)
         return AutoModelForCausalLM.from_pretrained(src, local_files_only=True)
 
+    return load_float, calls
+
+
+def test_quantized_base_uses_the_cache_until_the_source_changes(tmp_path, tiny_model_dir):
+    src = tiny_model_dir("llama")
+    cache = tmp_path / "cache"
+    load_float, calls = counting_loader(src)
     kw = dict(cache_dir=cache, source=src, dtype=torch.float32, attn_implementation="sdpa")
     first = Q.quantized_base(load_float, "int4", 32, **kw)
     assert len(calls) == 1 and (cache / Q.META_FILE).is_file()
@@ -326,12 +332,7 @@ def test_cache_of_an_older_layout_is_rebuilt_not_misread(tmp_path, tiny_model_di
     """Format 1 interleaved int4 nibbles; its bytes read with today's layout would be wrong weights."""
     src = tiny_model_dir("llama")
     cache = tmp_path / "cache"
-    calls = []
-
-    def load_float():
-        calls.append(1)
-        return AutoModelForCausalLM.from_pretrained(src, local_files_only=True)
-
+    load_float, calls = counting_loader(src)
     kw = dict(cache_dir=cache, source=src, dtype=torch.float32, attn_implementation="sdpa")
     fresh = Q.quantized_base(load_float, "int4", 32, **kw)
     meta = json.loads((cache / Q.META_FILE).read_text())
