@@ -34,9 +34,9 @@ its replacement exists. :func:`save_quantized` / :func:`load_quantized` cache th
 safetensors file + ``quantization.json``) so a second load skips both the float load and the
 quantization; :func:`quantized_base` is the one call ``models.load_base`` needs.
 
-Measured on one H100 (torch 2.11) with the eager dequantize, before the CUDA kernels (which bring int4 at
-micro-batch 1 x 16 to 75% of bf16's speed, BENCHMARKS.md run 14), a ChatGLM2-6B-shaped GlmForCausalLM with
-random N(0, 0.02) bf16 weights, prefix 128, rows of 193 tokens:
+Measured on one H100 (torch 2.11) with the eager dequantize, before the CUDA kernels (which bring int4 to
+75% of bf16's speed at micro-batch 1 x 16 and 96% at micro-batch 16, BENCHMARKS.md runs 14 and 17), a
+ChatGLM2-6B-shaped GlmForCausalLM with random N(0, 0.02) bf16 weights, prefix 128, rows of 193 tokens:
 
 =========  ==========  ============  ========================  ==========================
 base       weights     quantize      train step, micro 16      peak GiB (micro 16 / +ckpt)
