@@ -28,6 +28,7 @@ from ptune.logs import setup_logging
 from ptune.loss import output_softcap
 from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec, compile_layers
 from ptune.graphs import micro_batch_loss
+from ptune.layers import fuse_layers
 from ptune.step import optimizer_step
 
 log = logging.getLogger("ptune.bench")
@@ -110,6 +111,7 @@ def peak_gib(device) -> float | None:
 def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int | None, sort: bool,
                 checkpointing: bool, compiled: bool = False, group_by_length: int = 0, graphs: bool = False,
                 pad_multiple: int = 8) -> dict:
+    fuse_layers(model, bool(cfg.fused_layers))
     spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
     lm = PrefixLM(model, PrefixEncoder(spec, dropout=0.1).to(device))
     if checkpointing:
@@ -166,6 +168,7 @@ def peft_train(model, rows, micro: int, accum: int, cfg, device, pad_to: int) ->
     from peft import PrefixTuningConfig, TaskType, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    fuse_layers(model, False)  # the baseline runs the model's own code
     model.set_attn_implementation(cfg.attn_implementation)
     peft_model = get_peft_model(model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM,
                                                           num_virtual_tokens=cfg.prefix_length))
@@ -222,6 +225,7 @@ def widen_timing(model, device, fused: bool) -> dict:
 
 def ptune_eval(model, prompts, new_tokens: int, batch: int, cfg, device, *, static_cache: bool = True,
                keep: list | None = None, compile_step: bool = False) -> dict:
+    fuse_layers(model, bool(cfg.fused_layers))
     spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
     torch.manual_seed(cfg.seed)
     lm = PrefixLM(model, PrefixEncoder(spec).to(device))
@@ -243,6 +247,7 @@ def decode_steady(model, prompts, batch: int, cfg, device, short: int = 16, long
                   compile_step: bool = False) -> dict:
     """Per-step decoding time without prefill and set-up: generate `long` and `short` new tokens, divide
     the difference by the extra steps."""
+    fuse_layers(model, bool(cfg.fused_layers))
     spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
     lm = PrefixLM(model, PrefixEncoder(spec).to(device))
     b = {k: v.to(device) for k, v in left_pad(prompts[:batch], 0).items()}
@@ -270,6 +275,7 @@ def agreement(rows: list[list[int]], reference: list[list[int]], new_tokens: int
 def peft_eval(model, prompts, new_tokens: int, batch: int, cfg, device) -> dict:
     from peft import PrefixTuningConfig, TaskType, get_peft_model
 
+    fuse_layers(model, False)
     model.set_attn_implementation(cfg.attn_implementation)
     peft_model = get_peft_model(model, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM,
                                                           num_virtual_tokens=cfg.prefix_length)).to(device)

@@ -108,6 +108,10 @@ def load_base(model_cfg, device: torch.device | str = "cpu"):
         model = load_float()
     model.requires_grad_(False)
     model.eval()
+    if model_cfg.get("fused_layers", True):
+        from ptune.layers import fuse_layers
+
+        fuse_layers(model)
     return model, load_tokenizer(path)
 
 

@@ -106,7 +106,10 @@ class PrefixEncoder(nn.Module):
         rows = batch_size if (self.training and self.dropout.p > 0) else 1
         flat = self.dropout(flat.unsqueeze(0).expand(rows, -1, -1))
         kv = flat.view(rows, s.length, s.num_layers * 2, s.num_kv_heads, s.head_dim).permute(2, 0, 3, 1, 4)
-        return tuple((kv[2 * i], kv[2 * i + 1]) for i in range(s.num_layers))
+        # unbind, not kv[i] per layer: the backward pass of each index writes a zero-filled copy of the whole
+        # prefix and adds it up (56 of them for ChatGLM2-6B, ~6 ms a micro-batch of 16); unbind's is one stack.
+        parts = kv.unbind(0)
+        return tuple((parts[2 * i], parts[2 * i + 1]) for i in range(s.num_layers))
 
 
 def _inner_attention(name: str, module: nn.Module):

@@ -28,6 +28,7 @@ class ModelSchema:
     attn_implementation: str = MISSING
     template: Optional[str] = MISSING
     trust_remote_code: bool = MISSING
+    fused_layers: bool = MISSING
     quantization: Optional[str] = MISSING
     quantization_group_size: int = MISSING
     quantization_cache: Optional[str] = MISSING
