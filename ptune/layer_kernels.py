@@ -90,34 +90,37 @@ def rotary(x_ptr, cos_ptr, sin_ptr, y_ptr, seq, heads, sx_b, sx_t, sx_h, sc_b, s
            BACKWARD: tl.constexpr):
     """One token's heads. Forward: y = x*cos + rotate(x)*sin, rounded like eager; backward: the transpose.
 
-    Only the first ROT of DIM features rotate (ChatGLM2 rotates half of each head). INTERLEAVED pairs
-    features (2i, 2i+1), using cos[i] (GLM); otherwise (i, i + ROT/2), using cos[i] (Llama).
+    Features pair up as (2i, 2i+1) when INTERLEAVED (GLM) or as (i, i + DIM/2) (Llama); pair i turns by
+    the angle of cos[i], sin[i]. Only the first ROT features rotate (ChatGLM2 rotates half of each head).
+    The row is loaded whole and split into its pairs in registers: loading each feature's partner from
+    memory made the kernel gather two bytes at a time.
     """
     pid = tl.program_id(0).to(tl.int64)
     b, t = pid // seq, pid % seq
     h = tl.arange(0, HEADS)[:, None]
     d = tl.arange(0, DIM)[None, :]
     keep = (h < heads) & (d < DIM)
-    rot = d < ROT
+    x = tl.load(x_ptr + b * sx_b + t * sx_t + h * sx_h + d, mask=keep, other=0.0).to(tl.float32)
+    i = tl.arange(0, DIM // 2)[None, :]
+    turns = i < ROT // 2
+    c = tl.load(cos_ptr + b * sc_b + t * sc_t + i, mask=turns, other=1.0).to(tl.float32)
+    s = tl.load(sin_ptr + b * sc_b + t * sc_t + i, mask=turns, other=0.0).to(tl.float32)
     if INTERLEAVED:
-        partner = d ^ 1
-        idx = d // 2
-        sign = tl.where(d % 2 == 0, -1.0, 1.0)
+        x1, x2 = tl.split(tl.reshape(x, (HEADS, DIM // 2, 2)))
     else:
-        partner = tl.where(d < ROT // 2, d + ROT // 2, d - ROT // 2)
-        idx = d
-        sign = tl.where(d < ROT // 2, -1.0, 1.0)
-    partner = tl.where(rot, partner, d)
-    base = x_ptr + b * sx_b + t * sx_t + h * sx_h
-    x = tl.load(base + d, mask=keep, other=0.0).to(tl.float32)
-    xp = tl.load(base + partner, mask=keep, other=0.0).to(tl.float32)
-    c = tl.load(cos_ptr + b * sc_b + t * sc_t + idx, mask=rot, other=1.0).to(tl.float32)
-    s = tl.load(sin_ptr + b * sc_b + t * sc_t + idx, mask=rot, other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.permute(tl.reshape(x, (HEADS, 2, DIM // 2)), (0, 2, 1)))
     out_ty = y_ptr.dtype.element_ty
     if BACKWARD:
-        y = x * c - sign * xp * s
+        y1 = x1 * c + x2 * s
+        y2 = x2 * c - x1 * s
     elif out_ty == tl.bfloat16:
-        y = _bf16_round(x * c) + _bf16_round(sign * xp * s)
+        y1 = _bf16_round(x1 * c) + _bf16_round(-x2 * s)
+        y2 = _bf16_round(x2 * c) + _bf16_round(x1 * s)
     else:  # launched without multiply-add fusion, so float32 rounds each product like eager
-        y = (x * c).to(out_ty).to(tl.float32) + (sign * xp * s).to(out_ty).to(tl.float32)
+        y1 = (x1 * c).to(out_ty).to(tl.float32) + (-x2 * s).to(out_ty).to(tl.float32)
+        y2 = (x2 * c).to(out_ty).to(tl.float32) + (x1 * s).to(out_ty).to(tl.float32)
+    if INTERLEAVED:
+        y = tl.reshape(tl.join(y1, y2), (HEADS, DIM))
+    else:
+        y = tl.reshape(tl.permute(tl.join(y1, y2), (0, 2, 1)), (HEADS, DIM))
     tl.store(y_ptr + b * sy_b + t * sy_t + h * sy_h + d, y.to(out_ty), mask=keep)

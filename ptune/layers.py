@@ -161,7 +161,9 @@ def _mlp_forward(self, x):
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                        **kwargs):
     d = self.head_dim
-    if not _active(hidden_states) or position_embeddings is None or d & (d - 1):  # the kernel wants 2^k features
+    # The kernel wants 2^k features, and the Llama pairing (i, i + d/2) whole heads.
+    if (not _active(hidden_states) or position_embeddings is None or d & (d - 1)
+            or not (self._ptune_interleaved or position_embeddings[0].shape[-1] == d)):
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
     b, t, _ = hidden_states.shape
     cos, sin = position_embeddings

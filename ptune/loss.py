@@ -38,9 +38,12 @@ def lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Modul
     else:
         h, y = hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     total = hidden.new_zeros((), dtype=torch.float32)
+    # One chunk's logits are alive at the end of the forward pass either way, so recomputing them in the
+    # backward pass would cost an output-layer matmul and save no memory.
+    recompute = y.numel() > chunk_size
     for start in range(0, y.numel(), chunk_size):
         hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]
-        if torch.is_grad_enabled() and hc.requires_grad:
+        if recompute and torch.is_grad_enabled() and hc.requires_grad:
             # No RNG state to keep (nothing random in the head), and saving it is not allowed in a CUDA graph.
             total = total + checkpoint(_chunk_loss, hc, yc, head, softcap, use_reentrant=False,
                                        preserve_rng_state=False)
