@@ -3,8 +3,8 @@
 `fuse_layers(model)` swaps the forward of each RMSNorm, MLP and attention module of a supported family
 (GLM, which ChatGLM2/3 load as, and Llama) for one that calls :mod:`ptune.layer_kernels`, on CUDA
 tensors only; on the CPU, under torch.compile (which fuses these itself) or for a family not listed,
-the model's own code runs. The matrix multiplies, the attention kernel and the KV cache stay the
-model's. Every ptune path -- training, the static and the growing generation cache -- goes through the
+the model's own code runs. The attention kernel and the KV cache stay the model's, and so do the
+matrix multiplies, except that the query, key and value projections are packed into one. Every ptune path -- training, the static and the growing generation cache -- goes through the
 same swapped modules, so they agree with each other exactly; against the unswapped model they agree
 up to float32 summation order in the norm (the tests bound it).
 
@@ -18,6 +18,7 @@ import sys
 import types
 
 import torch
+import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 _FAMILIES = {
@@ -171,9 +172,15 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
         cos, sin = cos.contiguous(), sin.contiguous()
     cos, sin = cos.expand(b, t, -1), sin.expand(b, t, -1)  # one table for all rows: stride 0
     interleaved = self._ptune_interleaved
-    query = _Rotary.apply(self.q_proj(hidden_states).view(b, t, -1, self.head_dim), cos, sin, interleaved)
-    key = _Rotary.apply(self.k_proj(hidden_states).view(b, t, -1, self.head_dim), cos, sin, interleaved)
-    value = self.v_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
+    packed = getattr(self, "_ptune_qkv_weight", None)
+    if packed is not None and packed.data_ptr() == self.q_proj.weight.data_ptr():
+        # split, not slicing: its backward pass is one concatenation of the three gradients
+        q, k, v = F.linear(hidden_states, packed, self._ptune_qkv_bias).split(self._ptune_qkv_sizes, -1)
+    else:  # not packed, or moved since (.to() copies each parameter on its own)
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    query = _Rotary.apply(q.view(b, t, -1, d), cos, sin, interleaved)
+    key = _Rotary.apply(k.view(b, t, -1, d), cos, sin, interleaved)
+    value = v.view(b, t, -1, d).transpose(1, 2)
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
     eager = sys.modules[type(self).__module__].eager_attention_forward
@@ -181,6 +188,33 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     out, weights = attention(self, query, key, value, attention_mask,
                              dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs)
     return self.o_proj(out.reshape(b, t, -1)), weights
+
+
+def _pack_qkv(attention) -> None:
+    """Give q/k/v projections one weight, each module keeping a view of its rows: one matmul instead of three.
+
+    The key and value projections are narrow (256 outputs for ChatGLM2-6B), and alone they run far below
+    the matmul units' rate; at batch 1 each is one more weight read launched on its own. No memory is added:
+    the modules' own weights become views of the packed one. Quantized projections are left alone.
+    """
+    parts = [getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+    if hasattr(attention, "_ptune_qkv_weight") or not all(type(p) is torch.nn.Linear for p in parts):
+        return
+    biases = [p.bias for p in parts]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        return
+    if len({(p.weight.dtype, p.weight.device, p.weight.requires_grad) for p in parts}) != 1 or parts[0].weight.requires_grad:
+        return
+    sizes = [p.out_features for p in parts]
+    weight = torch.cat([p.weight.detach() for p in parts])
+    bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
+    for i, p in enumerate(parts):
+        p.weight = torch.nn.Parameter(weight.split(sizes)[i], requires_grad=False)
+        if bias is not None:
+            p.bias = torch.nn.Parameter(bias.split(sizes)[i], requires_grad=False)
+    attention.register_buffer("_ptune_qkv_weight", weight, persistent=False)
+    attention.register_buffer("_ptune_qkv_bias", bias, persistent=False)
+    attention._ptune_qkv_sizes = sizes
 
 
 def fusible_family(model) -> str | None:
@@ -211,6 +245,7 @@ def fuse_layers(model, enabled: bool = True) -> int:
             module.forward = types.MethodType(forward, module)
             if name == attention:
                 module._ptune_interleaved = interleaved
+                _pack_qkv(module)
         elif "forward" in module.__dict__:
             del module.forward
         changed += 1

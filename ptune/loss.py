@@ -16,8 +16,41 @@ from torch.utils.checkpoint import checkpoint
 from ptune.data import IGNORE
 
 
+_CE_BLOCK = 4096  # vocabulary entries a kernel iteration reads
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    """Summed cross-entropy of (rows, vocab) CUDA logits in their own dtype (ptune.loss_kernels)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        from ptune import loss_kernels
+
+        rows, vocab = logits.shape
+        losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(losses)
+        loss_kernels.cross_entropy_fwd[(rows,)](logits, targets, losses, lse, logits.stride(0), vocab, IGNORE,
+                                                BLOCK=_CE_BLOCK, num_warps=8)
+        ctx.save_for_backward(logits, targets, lse)
+        return losses.sum()
+
+    @staticmethod
+    def backward(ctx, dloss):
+        from ptune import loss_kernels
+
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        loss_kernels.cross_entropy_bwd[(logits.shape[0],)](logits, targets, lse, grad, dloss.contiguous(),
+                                                           logits.stride(0), grad.stride(0), logits.shape[1], IGNORE,
+                                                           BLOCK=_CE_BLOCK, num_warps=8)
+        return grad, None
+
+
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None):
-    logits = head(hidden).float()
+    logits = head(hidden)
+    if logits.is_cuda and not softcap and logits.stride(-1) == 1:
+        return _CrossEntropySum.apply(logits, targets.contiguous())
+    logits = logits.float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE)

@@ -44,6 +44,22 @@ def test_swaps_the_supported_families_modules_and_back(family, expected):
 
 
 @pytest.mark.parametrize("family", ["glm", "llama"])
+def test_query_key_value_weights_are_packed_without_copies(family):
+    model = tiny(family)
+    before = sum(p.numel() for p in model.parameters())
+    want = {n: p.clone() for n, p in model.named_parameters()}
+    fuse_layers(model)
+    attn = model.model.layers[1].self_attn
+    packed = attn._ptune_qkv_weight
+    assert packed.shape[0] == sum(attn._ptune_qkv_sizes) == sum(
+        getattr(attn, n).out_features for n in ("q_proj", "k_proj", "v_proj"))
+    assert attn.q_proj.weight.data_ptr() == packed.data_ptr()
+    assert attn.v_proj.weight.data_ptr() == packed[-attn.v_proj.out_features:].data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == before
+    assert all(torch.equal(p, want[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("family", ["glm", "llama"])
 def test_cpu_runs_the_models_own_code(family):
     model = tiny(family)
     ids = torch.randint(4, VOCAB, (2, 7))
@@ -141,3 +157,23 @@ def test_static_and_growing_generation_agree_with_fused_layers(family):
     static = generate(lm, ids, mask, **kw)
     growing = generate(lm, ids, mask, static_cache=False, **kw)
     assert static.shape == (6, 20) and torch.equal(static, growing)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_cross_entropy_matches_torch(dtype):
+    from ptune.data import IGNORE
+    from ptune.loss import _CrossEntropySum
+
+    torch.manual_seed(3)
+    logits = (torch.randn(37, 5003, device="cuda") * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, 5003, (37,), device="cuda")
+    targets[[0, 5, 36]] = IGNORE
+    targets[1] = 5002  # the last word: the kernel's final, partial block
+    want = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=IGNORE)
+    got = _CrossEntropySum.apply(logits, targets)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    (want_grad,) = torch.autograd.grad(want * 3, logits)
+    (got_grad,) = torch.autograd.grad(got * 3, logits)
+    assert got_grad.dtype == dtype and got_grad[[0, 5, 36]].abs().max() == 0
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
