@@ -74,7 +74,7 @@ class _SiluMul(torch.autograd.Function):
         n = gate.shape[-1]
         g2, u2 = gate.reshape(-1, n), up.reshape(-1, n)
         out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
-        grid = (g2.shape[0], triton_cdiv(n, _SILU_BLOCK))
+        grid = (g2.shape[0], _cdiv(n, _SILU_BLOCK))
         _kernels().silu_mul_fwd[grid](g2, u2, out, g2.stride(0), u2.stride(0), n, BLOCK=_SILU_BLOCK)
         ctx.save_for_backward(packed_source if packed_source is not None else g2,
                               u2 if packed_source is None else packed_source)
@@ -94,7 +94,7 @@ class _SiluMul(torch.autograd.Function):
         else:
             g2, u2 = a, b
             dg, du = torch.empty_like(g2), torch.empty_like(u2)
-        grid = (do.shape[0], triton_cdiv(n, _SILU_BLOCK))
+        grid = (do.shape[0], _cdiv(n, _SILU_BLOCK))
         _kernels().silu_mul_bwd[grid](do, g2, u2, dg, du, g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0), n,
                                       BLOCK=_SILU_BLOCK)
         if ctx.packed:
@@ -102,7 +102,7 @@ class _SiluMul(torch.autograd.Function):
         return dg.view(ctx.shape), du.view(ctx.shape), None
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 

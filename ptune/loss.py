@@ -1,10 +1,11 @@
 """Next-token cross-entropy over the response tokens, without materialising logits for the whole batch.
 
-Only positions that predict a labelled token are projected onto the vocabulary, in chunks, and each
-chunk is recomputed in the backward pass; peak memory is one chunk of fp32 logits instead of
-batch x length x vocab. Picking those positions out has a data-dependent size, which CUDA graphs
+Only positions that predict a labelled token are projected onto the vocabulary, in chunks, and where
+there is more than one chunk each is recomputed in the backward pass; peak memory is one chunk of
+logits instead of batch x length x vocab. Picking those positions out has a data-dependent size, which CUDA graphs
 cannot hold; `select=False` projects every position instead and lets the loss ignore the unlabelled
-ones (same sum, fixed shapes).
+ones (same sum, fixed shapes). On CUDA the cross-entropy runs as two Triton passes over the logits in
+their own dtype (ptune.loss_kernels) instead of through a float32 copy.
 """
 
 from __future__ import annotations

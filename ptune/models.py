@@ -108,7 +108,7 @@ def load_base(model_cfg, device: torch.device | str = "cpu"):
         model = load_float()
     model.requires_grad_(False)
     model.eval()
-    if model_cfg.get("fused_layers", True):
+    if model_cfg.get("fused_layers", True):  # checkpoints from before the option record nothing: on
         from ptune.layers import fuse_layers
 
         fuse_layers(model)
