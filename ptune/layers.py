@@ -4,9 +4,10 @@
 (GLM, which ChatGLM2/3 load as, and Llama) for one that calls :mod:`ptune.layer_kernels`, on CUDA
 tensors only; on the CPU, under torch.compile (which fuses these itself) or for a family not listed,
 the model's own code runs. The attention kernel and the KV cache stay the model's, and so do the
-matrix multiplies, except that the query, key and value projections are packed into one. Every ptune path -- training, the static and the growing generation cache -- goes through the
-same swapped modules, so they agree with each other exactly; against the unswapped model they agree
-up to float32 summation order in the norm (the tests bound it).
+matrix multiplies, except that the query, key and value projections are packed into one. Every ptune
+path -- training, the static and the growing generation cache -- goes through the same swapped
+modules, so they agree with each other exactly; against the unswapped model they agree up to float32
+summation order in the norm (the tests bound it).
 
 Frozen weights are assumed: the backward passes give gradients for the activations only, which is what
 P-tuning needs. A module whose weight requires a gradient keeps its own code.
@@ -203,7 +204,7 @@ def _pack_qkv(attention) -> None:
     biases = [p.bias for p in parts]
     if any(b is None for b in biases) and not all(b is None for b in biases):
         return
-    if len({(p.weight.dtype, p.weight.device, p.weight.requires_grad) for p in parts}) != 1 or parts[0].weight.requires_grad:
+    if len({(p.weight.dtype, p.weight.device) for p in parts}) != 1 or any(p.weight.requires_grad for p in parts):
         return
     sizes = [p.out_features for p in parts]
     weight = torch.cat([p.weight.detach() for p in parts])
