@@ -15,12 +15,12 @@ P-tuning needs. A module whose weight requires a gradient keeps its own code.
 
 from __future__ import annotations
 
-import sys
 import types
 
 import torch
 import torch.nn.functional as F
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ptune.prefix import attention_function
 
 _FAMILIES = {
     # family: (RMSNorm class, MLP class, attention class, rotary pairs interleaved, MLP gate/up packed)
@@ -184,8 +184,7 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     value = v.view(b, t, -1, d).transpose(1, 2)
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
-    eager = sys.modules[type(self).__module__].eager_attention_forward
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+    attention = attention_function(self.config._attn_implementation or "eager", self)
     out, weights = attention(self, query, key, value, attention_mask,
                              dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs)
     return self.o_proj(out.reshape(b, t, -1)), weights

@@ -112,7 +112,8 @@ class PrefixEncoder(nn.Module):
         return tuple((parts[2 * i], parts[2 * i + 1]) for i in range(s.num_layers))
 
 
-def _inner_attention(name: str, module: nn.Module):
+def attention_function(name: str, module: nn.Module):
+    """The attention function transformers registers under `name`, for `module`'s model family."""
     if name == "eager":
         # transformers keeps each family's eager attention in its modeling file, not in the registry.
         return sys.modules[type(module).__module__].eager_attention_forward
@@ -200,7 +201,7 @@ def _make_prefixed_attention(inner_name: str):
                 mask = _memoised(attention_mask, ("plain", groups, q_len, query.dtype),
                                  lambda: _sdpa_mask(attention_mask, groups, q_len, query.dtype))
                 return grouped_sdpa(module, query, key, value, mask, scaling, dropout)
-            return _inner_attention(inner_name, module)(module, query, key, value, attention_mask, **kwargs)
+            return attention_function(inner_name, module)(module, query, key, value, attention_mask, **kwargs)
         layer = getattr(module, "layer_idx", None)
         if layer is None:
             raise RuntimeError(f"{type(module).__name__} has no layer_idx; ptune cannot route the prefix to it")
@@ -218,7 +219,7 @@ def _make_prefixed_attention(inner_name: str):
             mask = _memoised(attention_mask, ("prefix", plen, groups, q_len, kv_len, query.dtype),
                              lambda: _sdpa_mask(prefixed(), groups, q_len, query.dtype))
             return grouped_sdpa(module, query, key, value, mask, scaling, dropout)
-        return _inner_attention(inner_name, module)(module, query, key, value, prefixed(), **kwargs)
+        return attention_function(inner_name, module)(module, query, key, value, prefixed(), **kwargs)
 
     return prefixed_attention
 
