@@ -1,15 +1,15 @@
 """Batched generation with a prefix: left-padded prompts, KV cache, per-row stop at EOS.
 
-The prefix keys/values are computed once per batch and written into the front of a preallocated
-(static) KV cache, so decoding pays nothing per step for them; positions are passed explicitly so
-real tokens still start at 0. Every tensor a decoding step touches has a fixed address, so on CUDA
-the step is captured once as a CUDA graph and replayed: one launch per token instead of hundreds,
-which is what single-stream decoding of a 6B model is bound by. (Training cannot use the cache --
-gradient checkpointing drops it -- and goes through the attention wrapper instead; both give the same
-attention, which the tests check.) Models with sliding-window layers would evict the prefix from a
-cache, so they keep the wrapper and a growing cache here. Optionally the step goes through
-torch.compile first, which fuses the hundreds of small elementwise kernels (norms, rotary, activations,
-residual adds) around the matrix multiplies; the graph then captures the compiled step.
+The prefix keys/values are computed once per batch and kept once for all rows, outside the KV cache:
+the attention wrapper puts them in front of the prompt for the prefill, and each decoding step's
+attention reads them from that one copy (:func:`ptune.prefix.shared_prefix_decode` on CUDA), so a row's
+cache holds only its prompt and new tokens. Positions are passed explicitly so real tokens start at 0.
+Every tensor a decoding step touches has a fixed address (a preallocated, static cache), so on CUDA the
+step is captured once as a CUDA graph and replayed: one launch per token instead of hundreds, which is
+what single-stream decoding of a 6B model is bound by. Models with sliding-window layers keep a growing
+cache, through the same wrapper. Optionally the step goes through torch.compile first, which fuses the
+hundreds of small elementwise kernels (norms, rotary, activations, residual adds) around the matrix
+multiplies; the graph then captures the compiled step.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ def last_position(length: int, device) -> int | torch.Tensor:
     return 1 if length == 1 else torch.tensor([length - 1], device=device)
 
 
-def _decode_step(base, token, mask, position, cache) -> torch.Tensor:
+def _decode_step(base, token, mask, position, cache, extra) -> torch.Tensor:
     return base(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
-                use_cache=True, logits_to_keep=1).logits[:, -1]
+                use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
 
 
 @functools.cache
@@ -69,36 +69,35 @@ def _compiled_decode_step():
 
 
 class StaticDecoder:
-    """Prefix and prompt in a preallocated cache; then one token per `step`, graph-replayed on CUDA.
+    """Prompt and new tokens in a preallocated cache; then one token per `step`, graph-replayed on CUDA.
 
-    The cache holds prefix | prompt | new tokens. A (batch, 1, 1, length) boolean mask says which slots
-    each row may see (its prefix, its unpadded prompt, what it generated so far); it is built once
-    and one column is switched on per step, so no mask is rebuilt while decoding. With `compile_step`
-    the step (not the prefill, whose shape changes with every prompt) runs compiled.
+    The cache holds prompt | new tokens; the prefix stays outside it, one copy for all rows, which the
+    attention wrapper puts in front of the prompt for the prefill and the decoding kernel reads directly.
+    A (batch, 1, 1, length) boolean mask says which slots each row may see (its unpadded prompt, what it
+    generated so far); it is built once and one column is switched on per step, so no mask is rebuilt
+    while decoding. With `compile_step` the step (not the prefill, whose shape changes with every prompt)
+    runs compiled.
     """
 
     def __init__(self, base, prefix, input_ids, attention_mask, max_new_tokens: int, cuda_graph: bool,
                  compile_step: bool = False):
         batch, prompt = input_ids.shape
-        plen = prefix[0][0].shape[2] if prefix is not None else 0
-        length = plen + prompt + max_new_tokens
+        length = prompt + max_new_tokens
         device, dtype = input_ids.device, next(base.parameters()).dtype
         self.base, self.graph, self.use_graph = base, None, cuda_graph
         self.cache = StaticCache(config=base.config, max_cache_len=length)
-        if prefix is not None:
-            for layer, (k, v) in enumerate(prefix):
-                self.cache.update(k.to(dtype).expand(batch, -1, -1, -1), v.to(dtype).expand(batch, -1, -1, -1), layer)
+        # In the model's dtype once, not per layer and step.
+        self.extra = {PREFIX_KWARG: tuple((k.to(dtype), v.to(dtype)) for k, v in prefix)} if prefix is not None else {}
         self.mask = torch.zeros((batch, 1, 1, length), dtype=torch.bool, device=device)
-        self.mask[..., :plen] = True
-        self.mask[:, 0, 0, plen:plen + prompt] = attention_mask.bool()
-        causal = torch.arange(length, device=device) <= plen + torch.arange(prompt, device=device).unsqueeze(1)
+        self.mask[:, 0, 0, :prompt] = attention_mask.bool()
+        causal = torch.arange(length, device=device) <= torch.arange(prompt, device=device).unsqueeze(1)
         positions = position_ids_from_mask(attention_mask)
         self.logits = base(input_ids=input_ids, attention_mask=self.mask & causal, position_ids=positions,
                            past_key_values=self.cache, use_cache=True,
-                           logits_to_keep=last_position(prompt, device)).logits[:, -1]
+                           logits_to_keep=last_position(prompt, device), **self.extra).logits[:, -1]
         self.token = input_ids.new_zeros((batch, 1))
         self.position = positions[:, -1:] + 1
-        self.slot = torch.tensor([plen + prompt], device=device)
+        self.slot = torch.tensor([prompt], device=device)
         self.steps = 0
         self.decode = _decode_step
         if compile_step:
@@ -110,7 +109,7 @@ class StaticDecoder:
                 torch._dynamo.mark_dynamic(layer.values, 2)
 
     def _forward(self) -> None:
-        self.logits = self.decode(self.base, self.token, self.mask, self.position, self.cache)
+        self.logits = self.decode(self.base, self.token, self.mask, self.position, self.cache, self.extra)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Logits for the position after `token` (batch,), which takes the next cache slot."""
@@ -154,7 +153,8 @@ class GrowingDecoder:
 
     def __init__(self, base, prefix, input_ids, attention_mask):
         self.base, self.cache = base, DynamicCache(config=base.config)
-        self.extra = {PREFIX_KWARG: prefix} if prefix is not None else {}
+        dtype = next(base.parameters()).dtype
+        self.extra = {PREFIX_KWARG: tuple((k.to(dtype), v.to(dtype)) for k, v in prefix)} if prefix is not None else {}
         self.mask = attention_mask
         self.position = position_ids_from_mask(attention_mask)
         self.logits = self._forward(input_ids)

@@ -155,7 +155,7 @@ def test_training_dropout_per_row_and_off_in_eval():
 
 @pytest.mark.parametrize("family", ["llama", "glm", "qwen2", "gemma2", "gpt2"])
 def test_cached_generation_matches_full_recompute_through_the_wrapper(family):
-    """Generation writes the prefix into the KV cache; greedy tokens must equal recomputing every step
+    """Generation keeps the prefix outside the KV cache; greedy tokens must equal recomputing every step
     from scratch through the attention wrapper (the training path), left padding included."""
     from ptune.data import left_pad
     from ptune.generate import generate
@@ -178,8 +178,8 @@ def test_cached_generation_matches_full_recompute_through_the_wrapper(family):
 
 @pytest.mark.parametrize("family", ["llama", "glm", "qwen2", "gpt2"])
 def test_static_cache_sampling_and_eos_match_the_growing_cache(family):
-    """The static-cache decoder (prefix written into a preallocated cache) against the growing cache with
-    the prefix through the wrapper: same sampled tokens from the same generator, same per-row EOS stop."""
+    """The static-cache decoder (a preallocated cache) against the growing cache: same sampled tokens
+    from the same generator, same per-row EOS stop."""
     from ptune.data import left_pad
     from ptune.generate import generate
 
