@@ -24,7 +24,7 @@ from ptune.errors import exit_on_user_error
 from ptune.logs import peak_memory_gib, setup_logging
 from ptune.metrics import compute_metrics
 from ptune.models import load_for_inference
-from ptune.prefix import PrefixLM, attention_shape
+from ptune.prefix import attention_shape
 
 log = logging.getLogger("ptune.evaluate")
 
@@ -58,9 +58,9 @@ def auto_batch_size(model, prompt_len: int, new_tokens: int, device: torch.devic
     if device.type != "cuda":
         return min(16, cap)
     shape = attention_shape(model.config)
-    prefix = model.prefix.spec.length if isinstance(model, PrefixLM) else 0
     elem = torch.finfo(next(model.parameters()).dtype).bits // 8
-    per_row = shape["num_layers"] * 2 * shape["num_kv_heads"] * shape["head_dim"] * (prefix + prompt_len + new_tokens)
+    # The prefix is not in it: generation keeps one copy of it for all rows.
+    per_row = shape["num_layers"] * 2 * shape["num_kv_heads"] * shape["head_dim"] * (prompt_len + new_tokens)
     # Logits of one step and activations of the prefill cost about as much again as the cache.
     per_row = per_row * elem * 2 + model.config.get_text_config().vocab_size * 4
     free, _ = torch.cuda.mem_get_info(device)
