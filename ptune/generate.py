@@ -2,8 +2,8 @@
 
 The prefix keys/values are computed once per batch and kept once for all rows, outside the KV cache:
 the attention wrapper puts them in front of the prompt for the prefill, and each decoding step's
-attention reads them from that one copy (:func:`ptune.prefix.shared_prefix_decode` on CUDA), so a row's
-cache holds only its prompt and new tokens. Positions are passed explicitly so real tokens start at 0.
+attention reads them from that one copy (:func:`ptune.prefix.shared_prefix_decode`, a Triton kernel on
+CUDA), so a row's cache holds only its prompt and new tokens. Positions are passed explicitly so real tokens start at 0.
 Every tensor a decoding step touches has a fixed address (a preallocated, static cache), so on CUDA the
 step is captured once as a CUDA graph and replayed: one launch per token instead of hundreds, which is
 what single-stream decoding of a 6B model is bound by. Models with sliding-window layers keep a growing

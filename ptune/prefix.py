@@ -189,41 +189,53 @@ def grouped_sdpa(module, query, key, value, mask, scaling=None, dropout=0.0, **_
     return out.reshape(b, hq, t, d).transpose(1, 2).contiguous(), None
 
 
-def _decode_kernel_fits(query, key, prefix_key, mask, dropout) -> bool:
-    """Whether `shared_prefix_decode` takes this one-token step: CUDA half precision, one prefix for all
-    rows (outside training), power-of-two heads, and no mask or a boolean one per row."""
-    d = query.shape[-1]
-    return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and key.dtype == query.dtype
-            and not torch.compiler.is_compiling() and not dropout and prefix_key.shape[0] == 1
-            and d >= 16 and d & (d - 1) == 0 and query.shape[1] % key.shape[1] == 0
+def _shared_decode_fits(query, prefix_key, mask, dropout) -> bool:
+    """Whether `shared_prefix_decode` takes this step: one new token, one prefix for all rows (outside
+    training), no mask or a boolean one per row, and not under torch.compile (which keeps SDPA)."""
+    return (query.shape[2] == 1 and prefix_key.shape[0] == 1 and not dropout and not torch.compiler.is_compiling()
             and (mask is None or (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
                                   and mask.shape[1] == 1 and mask.shape[2] == 1)))
 
 
+def _triton_decode_fits(query, key) -> bool:
+    d = query.shape[-1]
+    return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and key.dtype == query.dtype
+            and d >= 16 and d & (d - 1) == 0)
+
+
 def shared_prefix_decode(query, key, value, prefix_key, prefix_value, mask, scaling=None) -> torch.Tensor:
-    """One decoding step's attention, (batch, 1, heads, dim), by :mod:`ptune.attention_kernels`.
+    """One decoding step's attention, (batch, 1, heads, dim), with the prefix read from one copy for all rows.
 
     `query` is (batch, heads, 1, dim); `key`/`value` the cache, (batch, kv_heads, length, dim); the
-    prefix (1, kv_heads, prefix_length, dim), read once for every row instead of copied in front of each;
-    `mask` None or boolean (batch or 1, 1, 1, >= length), True where a cache slot may be seen.
+    prefix (1, kv_heads, prefix_length, dim), never copied in front of each row's cache; `mask` None or
+    boolean (batch or 1, 1, 1, >= length), True where a cache slot may be seen. Half precision on CUDA
+    runs :mod:`ptune.attention_kernels`; elsewhere the same attention in PyTorch, scores in float32.
     """
-    from ptune import attention_kernels
-
     b, hq, _, d = query.shape
     hk, kv_len, plen = key.shape[1], key.shape[2], prefix_key.shape[2]
     group = hq // hk
+    scale = d ** -0.5 if scaling is None else scaling
     prefix_key, prefix_value = prefix_key.to(key.dtype), prefix_value.to(value.dtype)
+    # No mask shows every slot: one row of ones for all (stride 0).
+    rows = mask[:, 0, 0, :kv_len] if mask is not None else torch.ones((1, kv_len), dtype=torch.bool, device=key.device)
+    if not _triton_decode_fits(query, key):
+        # float32 throughout, as SDPA computes (a no-op for float32 models, the CPU's usual case)
+        q = query.reshape(b, hk, group, d).float()
+        scores = torch.cat([q @ prefix_key.float().transpose(-1, -2), q @ key.float().transpose(-1, -2)], -1)
+        shown = torch.cat([rows.new_ones((1, plen)).expand(rows.shape[0], -1), rows], -1)
+        p = torch.softmax((scores * scale).masked_fill(~shown[:, None, None, :], float("-inf")), -1)
+        out = p[..., :plen] @ prefix_value.float() + p[..., plen:] @ value.float()
+        return out.to(query.dtype).reshape(b, 1, hq, d)
+    from ptune import attention_kernels
+
     if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-    # No mask shows every slot: one row of ones for all (stride 0), so one kernel serves both cases.
-    rows = mask[:, 0, 0, :kv_len] if mask is not None else torch.ones((1, kv_len), dtype=torch.bool, device=key.device)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     row_stride = rows.stride(0) if rows.shape[0] > 1 else 0
     out = torch.empty((b, 1, hq, d), dtype=query.dtype, device=query.device)
-    scale = (d ** -0.5 if scaling is None else scaling) * 1.4426950408889634  # the kernel exponentiates in base 2
     attention_kernels.decode_attention[(b, hk)](
-        query, key, value, prefix_key, prefix_value, rows, out, scale,
+        query, key, value, prefix_key, prefix_value, rows, out, scale * 1.4426950408889634,  # exp2 in the kernel
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), prefix_key.stride(1), prefix_key.stride(2),
         prefix_value.stride(1), prefix_value.stride(2), row_stride, out.stride(0), out.stride(2), kv_len, plen,
@@ -249,7 +261,7 @@ def _make_prefixed_attention(inner_name: str):
         if layer is None:
             raise RuntimeError(f"{type(module).__name__} has no layer_idx; ptune cannot route the prefix to it")
         pk, pv = prefix[layer]
-        if plain and q_len == 1 and _decode_kernel_fits(query, key, pk, attention_mask, dropout):
+        if plain and _shared_decode_fits(query, pk, attention_mask, dropout):
             return shared_prefix_decode(query, key, value, pk, pv, attention_mask, scaling), None
         batch, kv_len, plen = key.shape[0], key.shape[2], pk.shape[2]
         pk = pk.to(key.dtype).expand(batch, -1, -1, -1)

@@ -1,4 +1,5 @@
-"""The shared-prefix decoding kernel (ptune.attention_kernels) against SDPA over a copied-in prefix."""
+"""Decoding attention over one shared prefix copy (ptune.prefix.shared_prefix_decode: the Triton kernel of
+ptune.attention_kernels on CUDA, PyTorch elsewhere) against SDPA with the prefix copied in front of each row."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 
 from conftest import tiny_config
 from ptune.generate import StaticDecoder
-from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec, _decode_kernel_fits, shared_prefix_decode
+from ptune.prefix import (PrefixEncoder, PrefixLM, PrefixSpec, _shared_decode_fits, _triton_decode_fits,
+                          shared_prefix_decode)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the decoding kernel runs on CUDA only")
 
@@ -23,20 +25,35 @@ def reference(query, key, value, prefix_key, prefix_value, mask):
     return F.scaled_dot_product_attention(query.float(), k, v, attn_mask=visible).transpose(1, 2)
 
 
-def case(heads, kv_heads, dim, dtype, batch=5, plen=37, length=150, filled=101):
-    g = torch.Generator(device="cuda").manual_seed(0)
+def case(heads, kv_heads, dim, dtype, batch=5, plen=37, length=150, filled=101, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape):
-        return (torch.randn(*shape, device="cuda", generator=g) * 2).to(dtype)
+        return (torch.randn(*shape, device=device, generator=g) * 2).to(dtype)
 
     q = rand(batch, heads, 1, dim)
     pk, pv = rand(1, kv_heads, plen, dim), rand(1, kv_heads, plen, dim)
     k, v = rand(batch, kv_heads, length, dim), rand(batch, kv_heads, length, dim)
-    mask = torch.zeros((batch, 1, 1, length), dtype=torch.bool, device="cuda")
+    mask = torch.zeros((batch, 1, 1, length), dtype=torch.bool, device=device)
     mask[..., :filled] = True
     mask[1, ..., :70] = False  # left padding hiding whole blocks
     mask[3, ..., :3] = False
     return q, k, v, pk, pv, mask
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 2, 128), (9, 3, 24), (4, 4, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pytorch_path_matches_sdpa(heads, kv_heads, dim, dtype):
+    q, k, v, pk, pv, mask = case(heads, kv_heads, dim, dtype, device="cpu")
+    want = reference(q, k, v, pk, pv, mask)
+    got = shared_prefix_decode(q, k, v, pk, pv, mask)
+    assert got.shape == (5, 1, heads, dim) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+    everything = torch.ones_like(mask[..., :101])
+    torch.testing.assert_close(shared_prefix_decode(q, k[:, :, :101], v[:, :, :101], pk, pv, None).float(),
+                               reference(q, k[:, :, :101], v[:, :, :101], pk, pv, everything),
+                               rtol=tol, atol=tol * want.abs().max().item())
 
 
 @needs_cuda
@@ -66,16 +83,20 @@ def test_a_static_cache_gives_the_bits_of_a_growing_one():
     assert torch.equal(full, shared_prefix_decode(q, k[:, :, :101], v[:, :, :101], pk, pv, everything))
 
 
-def test_only_one_token_half_precision_cuda_steps_take_the_kernel():
+def test_which_steps_read_the_shared_prefix_and_which_run_the_kernel():
     q, k = torch.zeros(2, 4, 1, 16, dtype=torch.bfloat16), torch.zeros(2, 2, 9, 16, dtype=torch.bfloat16)
     pk = torch.zeros(1, 2, 3, 16, dtype=torch.bfloat16)
-    assert not _decode_kernel_fits(q, k, pk, None, 0.0)  # the CPU keeps SDPA
+    assert _shared_decode_fits(q, pk, None, 0.0)
+    assert _shared_decode_fits(q, pk, torch.ones(2, 1, 1, 9, dtype=torch.bool), 0.0)
+    assert not _shared_decode_fits(q.expand(2, 4, 3, 16), pk, None, 0.0)  # a prefill
+    assert not _shared_decode_fits(q, pk.expand(2, -1, -1, -1), None, 0.0)  # per-row prefixes (training dropout)
+    assert not _shared_decode_fits(q, pk, torch.zeros(2, 1, 1, 9), 0.0)  # an additive mask
+    assert not _shared_decode_fits(q, pk, None, 0.1)
+    assert not _triton_decode_fits(q, k)  # the CPU runs the PyTorch path
     if torch.cuda.is_available():
-        q, k, pk = q.cuda(), k.cuda(), pk.cuda()
-        assert _decode_kernel_fits(q, k, pk, None, 0.0)
-        assert not _decode_kernel_fits(q.float(), k.float(), pk, None, 0.0)
-        assert not _decode_kernel_fits(q, k, pk.expand(2, -1, -1, -1), None, 0.0)  # per-row prefixes (training)
-        assert not _decode_kernel_fits(q, k, pk, torch.zeros(2, 1, 1, 9, device="cuda"), 0.0)  # additive mask
+        assert _triton_decode_fits(q.cuda(), k.cuda())
+        assert not _triton_decode_fits(q.cuda().float(), k.cuda().float())
+        assert not _triton_decode_fits(q[..., :12].cuda(), k[..., :12].cuda())  # not a power of two
 
 
 @needs_cuda
