@@ -3,13 +3,13 @@
 The prefix keys/values are computed once per batch and kept once for all rows, outside the KV cache:
 the attention wrapper puts them in front of the prompt for the prefill, and each decoding step's
 attention reads them from that one copy (:func:`ptune.prefix.shared_prefix_decode`, a Triton kernel on
-CUDA), so a row's cache holds only its prompt and new tokens. Positions are passed explicitly so real tokens start at 0.
-Every tensor a decoding step touches has a fixed address (a preallocated, static cache), so on CUDA the
-step is captured once as a CUDA graph and replayed: one launch per token instead of hundreds, which is
-what single-stream decoding of a 6B model is bound by. Models with sliding-window layers keep a growing
-cache, through the same wrapper. Optionally the step goes through torch.compile first, which fuses the
-hundreds of small elementwise kernels (norms, rotary, activations, residual adds) around the matrix
-multiplies; the graph then captures the compiled step.
+CUDA), so a row's cache holds only its prompt and new tokens. Positions are passed explicitly so real
+tokens start at 0. Every tensor a decoding step touches has a fixed address (a preallocated, static
+cache), so on CUDA the step is captured once as a CUDA graph and replayed: one launch per token instead
+of hundreds, which is what single-stream decoding of a 6B model is bound by. Models with sliding-window
+layers keep a growing cache, through the same wrapper. Optionally the step goes through torch.compile
+first, which fuses the hundreds of small elementwise kernels (norms, rotary, activations, residual adds)
+around the matrix multiplies; the graph then captures the compiled step.
 """
 
 from __future__ import annotations
@@ -51,6 +51,14 @@ def last_position(length: int, device) -> int | torch.Tensor:
     return 1 if length == 1 else torch.tensor([length - 1], device=device)
 
 
+def _prefix_kwargs(base, prefix) -> dict:
+    """The prefix as the attention wrapper's keyword argument, in the model's dtype once, not per layer and step."""
+    if prefix is None:
+        return {}
+    dtype = next(base.parameters()).dtype
+    return {PREFIX_KWARG: tuple((k.to(dtype), v.to(dtype)) for k, v in prefix)}
+
+
 def _decode_step(base, token, mask, position, cache, extra) -> torch.Tensor:
     return base(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
                 use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
@@ -83,11 +91,10 @@ class StaticDecoder:
                  compile_step: bool = False):
         batch, prompt = input_ids.shape
         length = prompt + max_new_tokens
-        device, dtype = input_ids.device, next(base.parameters()).dtype
+        device = input_ids.device
         self.base, self.graph, self.use_graph = base, None, cuda_graph
         self.cache = StaticCache(config=base.config, max_cache_len=length)
-        # In the model's dtype once, not per layer and step.
-        self.extra = {PREFIX_KWARG: tuple((k.to(dtype), v.to(dtype)) for k, v in prefix)} if prefix is not None else {}
+        self.extra = _prefix_kwargs(base, prefix)
         self.mask = torch.zeros((batch, 1, 1, length), dtype=torch.bool, device=device)
         self.mask[:, 0, 0, :prompt] = attention_mask.bool()
         causal = torch.arange(length, device=device) <= torch.arange(prompt, device=device).unsqueeze(1)
@@ -153,8 +160,7 @@ class GrowingDecoder:
 
     def __init__(self, base, prefix, input_ids, attention_mask):
         self.base, self.cache = base, DynamicCache(config=base.config)
-        dtype = next(base.parameters()).dtype
-        self.extra = {PREFIX_KWARG: tuple((k.to(dtype), v.to(dtype)) for k, v in prefix)} if prefix is not None else {}
+        self.extra = _prefix_kwargs(base, prefix)
         self.mask = attention_mask
         self.position = position_ids_from_mask(attention_mask)
         self.logits = self._forward(input_ids)
