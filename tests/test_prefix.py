@@ -225,3 +225,36 @@ def test_generation_stops_when_every_row_has_finished():
     last = max(row.index(t) for row in free.tolist() for t in eos if t in row)
     assert quiet.shape[1] <= last + 1 < 30
     assert all(any(t in eos for t in row) for row in quiet.tolist())
+
+
+def test_mask_derivation_is_built_once_per_mask_and_freed_with_it():
+    """Layers of one forward pass share what is derived from their mask; an in-place change rebuilds it,
+    and it is released with the mask (after generation nothing of the prefill's stays behind)."""
+    import gc
+    import weakref
+
+    from ptune import prefix as P
+    from ptune.data import left_pad
+    from ptune.generate import generate
+
+    built = []
+
+    def build():
+        built.append(1)
+        return torch.zeros(3)
+
+    mask = torch.ones(2, 1, 4, 4, dtype=torch.bool)
+    first = P._memoised(mask, ("k",), build)
+    assert P._memoised(mask, ("k",), build) is first and len(built) == 1
+    mask[0, 0, 0, 0] = False
+    derived = weakref.ref(P._memoised(mask, ("k",), build))
+    assert len(built) == 2
+    del mask, first
+    gc.collect()
+    assert P._MEMO[0] is None and derived() is None
+
+    lm = make_lm("glm", length=4, seed=6)
+    batch = left_pad([[5, 9, 11], [17]], pad_token_id=0)
+    generate(lm, batch["input_ids"], batch["attention_mask"], max_new_tokens=3, eos_token_ids=[], pad_token_id=0)
+    gc.collect()
+    assert P._MEMO[0] is None
