@@ -4,8 +4,8 @@ Only positions that predict a labelled token are projected onto the vocabulary, 
 there is more than one chunk each is recomputed in the backward pass; peak memory is one chunk of
 logits instead of batch x length x vocab. Picking those positions out has a data-dependent size,
 which CUDA graphs cannot hold; `select=False` projects every position instead and lets the loss
-ignore the unlabelled ones (same sum, fixed shapes). On CUDA the cross-entropy runs as two Triton passes over the logits in
-their own dtype (ptune.loss_kernels) instead of through a float32 copy.
+ignore the unlabelled ones (same sum, fixed shapes). On CUDA the cross-entropy runs as two Triton
+passes over the logits in their own dtype (ptune.loss_kernels) instead of through a float32 copy.
 """
 
 from __future__ import annotations

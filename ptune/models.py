@@ -108,7 +108,7 @@ def load_base(model_cfg, device: torch.device | str = "cpu"):
         model = load_float()
     model.requires_grad_(False)
     model.eval()
-    if model_cfg.get("fused_layers", True):  # checkpoints from before the option record nothing: on
+    if model_cfg.get("fused_layers", True):  # on unless a config says off; older checkpoints do not say
         from ptune.layers import fuse_layers
 
         fuse_layers(model)
