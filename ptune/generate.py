@@ -21,7 +21,7 @@ import warnings
 import torch
 from transformers import DynamicCache, StaticCache
 
-from ptune.prefix import PREFIX_KWARG, PrefixLM, position_ids_from_mask
+from ptune.prefix import PREFIX_KWARG, PrefixLM, position_ids_from_mask, prefix_attention_enabled
 
 log = logging.getLogger("ptune.generate")
 
@@ -97,10 +97,13 @@ class StaticDecoder:
         self.extra = _prefix_kwargs(base, prefix)
         self.mask = torch.zeros((batch, 1, 1, length), dtype=torch.bool, device=device)
         self.mask[:, 0, 0, :prompt] = attention_mask.bool()
-        causal = torch.arange(length, device=device) <= torch.arange(prompt, device=device).unsqueeze(1)
+        # As wide as the prompt, not the cache, where the attention wrapper is there to leave the unwritten
+        # slots out (transformers' own attention wants a mask as wide as the keys).
+        width = prompt if prefix_attention_enabled(base) else length
+        causal = torch.arange(width, device=device) <= torch.arange(prompt, device=device).unsqueeze(1)
         positions = position_ids_from_mask(attention_mask)
-        self.logits = base(input_ids=input_ids, attention_mask=self.mask & causal, position_ids=positions,
-                           past_key_values=self.cache, use_cache=True,
+        self.logits = base(input_ids=input_ids, attention_mask=self.mask[..., :width] & causal,
+                           position_ids=positions, past_key_values=self.cache, use_cache=True,
                            logits_to_keep=last_position(prompt, device), **self.extra).logits[:, -1]
         self.token = input_ids.new_zeros((batch, 1))
         self.position = positions[:, -1:] + 1

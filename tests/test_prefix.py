@@ -205,6 +205,34 @@ def test_static_cache_sampling_and_eos_match_the_growing_cache(family):
     assert stopped[True][1, first + 1:].eq(0).all() and stopped[True][1, first] == eos
 
 
+@pytest.mark.parametrize("family", ["llama", "glm"])
+def test_static_prefill_leaves_the_unwritten_cache_out(family, monkeypatch):
+    """The prefill attends over the prefix and the prompt, not over the preallocated cache's empty tail;
+    a bare model (transformers' own attention, which wants a mask as wide as its keys) decodes as before."""
+    import ptune.prefix as prefix_module
+    from ptune.data import left_pad
+    from ptune.generate import generate
+
+    lm = make_lm(family, length=5, projection=False, seed=4)
+    batch = left_pad([[5, 9, 11, 40, 7, 3], [17, 23]], pad_token_id=0)
+    seen, real = [], prefix_module.grouped_sdpa
+
+    def spy(module, query, key, *args, **kwargs):
+        seen.append((query.shape[2], key.shape[2]))
+        return real(module, query, key, *args, **kwargs)
+
+    monkeypatch.setattr(prefix_module, "grouped_sdpa", spy)
+    kw = dict(max_new_tokens=7, eos_token_ids=[], pad_token_id=0)
+    static = generate(lm, batch["input_ids"], batch["attention_mask"], **kw)
+    assert seen == [(6, 5 + 6)] * 2  # both layers' prefill; the decoding steps read the cache in place
+    assert torch.equal(static, generate(lm, batch["input_ids"], batch["attention_mask"], static_cache=False, **kw))
+
+    torch.manual_seed(0)
+    bare = AutoModelForCausalLM.from_config(tiny_config(family, VOCAB), attn_implementation="sdpa").float()
+    outs = [generate(bare, batch["input_ids"], batch["attention_mask"], static_cache=s, **kw) for s in (True, False)]
+    assert outs[0].shape == (2, 7) and torch.equal(outs[0], outs[1])
+
+
 def test_generation_stops_when_every_row_has_finished():
     """Without streaming the stop check runs every few steps; the columns decoded past the last row's EOS
     are trimmed, so the output is what a per-step check gives."""
