@@ -30,7 +30,11 @@ def _attend(q, k, v, seen, m, s_sum, acc, qk_scale):
     return m_new, s_sum, acc
 
 
-@triton.jit
+# Triton compiles a variant per class of integer argument (1, a multiple of 16, other); the lengths and
+# the mask's row stride change with every prompt and max_new_tokens, and a new class recompiled the kernel
+# inside a generation (~1 s; seen as a 2-token warm-up not warming a 128-token run). Their divisibility buys
+# nothing here: the mask is read a byte at a time and the loops are masked anyway.
+@triton.jit(do_not_specialize=["m_sb", "kv_len", "prefix_len"])
 def decode_attention(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, mask_ptr, out_ptr, qk_scale,
                      q_sb, q_sh, k_sb, k_sh, k_st, v_sb, v_sh, v_st, pk_sh, pk_st, pv_sh, pv_st, m_sb, o_sb, o_sh,
                      kv_len, prefix_len,

@@ -72,6 +72,26 @@ def test_matches_sdpa_and_never_reads_hidden_slots(heads, kv_heads, dim, dtype):
 
 
 @needs_cuda
+def test_new_lengths_reuse_the_compiled_kernel():
+    """Prompt and cache lengths change with every batch and max_new_tokens; none may compile the kernel again
+    (a 2-token warm-up once left a 128-token generation compiling ~1 s inside it)."""
+    from ptune import attention_kernels
+
+    caches = getattr(attention_kernels.decode_attention, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton keeps its compiled kernels elsewhere")
+
+    def compiled() -> int:
+        return sum(len(entry[0]) for entry in caches.values())
+
+    for length, filled, plen in [(66, 65, 128), (192, 130, 128), (161, 100, 37), (80, 80, 16)]:
+        shared_prefix_decode(*case(32, 2, 128, torch.bfloat16, length=length, filled=filled, plen=plen))
+        if length == 66:
+            first = compiled()
+    assert first >= 1 and compiled() == first
+
+
+@needs_cuda
 def test_a_static_cache_gives_the_bits_of_a_growing_one():
     q, k, v, pk, pv, mask = case(32, 2, 128, torch.bfloat16, filled=101)
     static = shared_prefix_decode(q, k, v, pk, pv, mask)
