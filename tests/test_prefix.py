@@ -227,6 +227,11 @@ def test_static_prefill_leaves_the_unwritten_cache_out(family, monkeypatch):
     assert seen == [(6, 5 + 6)] * 2  # both layers' prefill; the decoding steps read the cache in place
     assert torch.equal(static, generate(lm, batch["input_ids"], batch["attention_mask"], static_cache=False, **kw))
 
+    # The wrapped base without a prefix (how a base model is scored), and a bare model
+    seen.clear()
+    no_prefix = [generate(lm.base, batch["input_ids"], batch["attention_mask"], static_cache=s, **kw)
+                 for s in (True, False)]
+    assert seen[:2] == [(6, 6)] * 2 and torch.equal(no_prefix[0], no_prefix[1])
     torch.manual_seed(0)
     bare = AutoModelForCausalLM.from_config(tiny_config(family, VOCAB), attn_implementation="sdpa").float()
     outs = [generate(bare, batch["input_ids"], batch["attention_mask"], static_cache=s, **kw) for s in (True, False)]
