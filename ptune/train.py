@@ -29,6 +29,7 @@ from ptune.loss import output_softcap
 from ptune.step import optimizer_step
 from ptune.models import base_identity, build_prefix, check_fits, load_base
 from ptune.prefix import PrefixLM, compile_layers
+from ptune.schema import unknown_keys
 
 log = logging.getLogger("ptune.train")
 
@@ -64,6 +65,10 @@ def json_number(x: float) -> float | None:
 
 def check_settings(cfg: DictConfig) -> None:
     """Values the types allow but the trainer cannot use, refused before anything is loaded or written."""
+    extra = unknown_keys(cfg)
+    if extra:
+        raise TrainingError(f"unknown setting {', '.join(extra)}: not a key of the training config (conf/train.yaml "
+                            "lists them all); a misspelling?")
     t = cfg.trainer
     for key in ("max_steps", "save_steps", "log_steps", "per_device_batch_size", "gradient_accumulation_steps",
                 "pad_to_multiple_of", "loss_chunk_size", "cuda_graph_shapes"):

@@ -27,6 +27,19 @@ def test_every_shipped_combination_composes(model, experiment):
     cfg = compose(f"model={model}", *([f"+experiment={experiment}"] if experiment else []))
     assert isinstance(cfg.trainer.max_steps, int) and isinstance(cfg.optim.lr, float)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every key has a value
+    assert schema.unknown_keys(cfg) == []
+
+
+def test_a_key_added_that_the_trainer_does_not_know_is_refused():
+    """`+key=value` goes past the schema (Hydra adds the key); the trainer names it before loading anything."""
+    from ptune.errors import TrainingError
+    from ptune.train import check_settings
+
+    check_settings(compose())
+    with pytest.raises(TrainingError, match=r"unknown setting trainer\.max_step, optimizer: not a key"):
+        check_settings(compose("+trainer.max_step=5", "+optimizer.lr=1"))
+    with pytest.raises(TrainingError, match=r"prefix\.lenght"):
+        check_settings(compose("+prefix.lenght=16", "trainer.max_steps=3"))
 
 
 def test_values_come_from_the_yaml_alone():
