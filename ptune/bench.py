@@ -22,6 +22,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ptune.config import refuse_added_settings
 from ptune.data import IGNORE, BatchPlan, collate, left_pad
 from ptune.generate import generate
 from ptune.logs import setup_logging
@@ -455,6 +456,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    refuse_added_settings(cfg)
     setup_logging()
     run(cfg)
 

@@ -19,6 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ptune.config import refuse_added_settings
 from ptune.data import prompt_ids
 from ptune.generate import generate
 from ptune.errors import exit_on_user_error
@@ -249,6 +250,7 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
 @hydra.main(config_path="../conf", config_name="chat", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    refuse_added_settings(cfg)
     setup_logging()
     if not cfg.checkpoint and not cfg.model.get("path"):
         raise SystemExit("config error: pass checkpoint=<run>/checkpoint-N, or checkpoint=null model.path=<dir> "

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from ptune.config import refuse_added_settings
 from ptune.data import Columns, left_pad, load_examples, prompt_ids
 from ptune.generate import generate
 from ptune.errors import exit_on_user_error
@@ -151,6 +152,7 @@ def evaluate(cfg: DictConfig) -> dict:
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    refuse_added_settings(cfg)
     setup_logging()
     evaluate(cfg)
 

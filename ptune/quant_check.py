@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from ptune.config import require
+from ptune.config import refuse_added_settings, require
 from ptune.data import IGNORE, collate, training_rows
 from ptune.errors import exit_on_user_error
 from ptune.logs import setup_logging
@@ -86,6 +86,7 @@ def run(cfg: DictConfig) -> dict:
 @hydra.main(config_path="../conf", config_name="quant_check", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    refuse_added_settings(cfg)
     setup_logging()
     run(cfg)
 

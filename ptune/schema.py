@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 SCHEMA_NAME = "ptune_train_schema"
 
@@ -96,24 +96,6 @@ class TrainSchema:
     prefix: PrefixSchema = field(default_factory=PrefixSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
-
-
-def unknown_keys(cfg) -> list[str]:
-    """Dotted keys of a composed training config that the schema does not have.
-
-    The schema refuses `trainer.max_step=5`, but `+trainer.max_step=5` (the "add a key" form, which Hydra's
-    own error message suggests) goes past it, and the trainer would silently keep the real key's value.
-    """
-
-    def walk(have, known, at):
-        for key, value in have.items():
-            if key not in known:
-                yield at + str(key)
-            elif isinstance(value, dict) and isinstance(known[key], dict):
-                yield from walk(value, known[key], f"{at}{key}.")
-
-    have = OmegaConf.to_container(cfg, resolve=False)
-    return list(walk(have, OmegaConf.to_container(OmegaConf.structured(TrainSchema)), ""))
 
 
 def register() -> None:

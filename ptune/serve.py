@@ -47,6 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from ptune.chat import ChatModel, StreamDecoder, build_prompt, load_chat_model
+from ptune.config import refuse_added_settings
 from ptune.data import left_pad
 from ptune.generate import generate
 from ptune.errors import exit_on_user_error
@@ -628,6 +629,7 @@ def _check_exposure(cfg: DictConfig) -> None:
 @hydra.main(config_path="../conf", config_name="serve", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    refuse_added_settings(cfg)
     import uvicorn
 
     setup_logging()

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ptune import checkpoint as ckpt_io
 from ptune.checkpoint import sha256_file
+from ptune.config import refuse_added_settings
 from ptune import evaluate as ev
 from ptune import models
 from ptune.data import Columns, load_examples
@@ -349,6 +350,7 @@ def plot(path: Path, rows: list[dict]) -> None:
 @hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    refuse_added_settings(cfg)
     setup_logging()
     try:
         result = sweep(cfg)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ptune import checkpoint as ckpt_io
-from ptune.config import require
+from ptune.config import refuse_added_settings, require
 from ptune.data import BatchPlan, IGNORE, collate, training_rows
 from ptune.errors import TrainingError, exit_on_user_error
 from ptune.graphs import micro_batch_loss
@@ -29,7 +29,6 @@ from ptune.loss import output_softcap
 from ptune.step import optimizer_step
 from ptune.models import base_identity, build_prefix, check_fits, load_base
 from ptune.prefix import PrefixLM, compile_layers
-from ptune.schema import unknown_keys
 
 log = logging.getLogger("ptune.train")
 
@@ -65,10 +64,6 @@ def json_number(x: float) -> float | None:
 
 def check_settings(cfg: DictConfig) -> None:
     """Values the types allow but the trainer cannot use, refused before anything is loaded or written."""
-    extra = unknown_keys(cfg)
-    if extra:
-        raise TrainingError(f"unknown setting {', '.join(extra)}: not a key of the training config (conf/train.yaml "
-                            "lists them all); a misspelling?")
     t = cfg.trainer
     for key in ("max_steps", "save_steps", "log_steps", "per_device_batch_size", "gradient_accumulation_steps",
                 "pad_to_multiple_of", "loss_chunk_size", "cuda_graph_shapes"):
@@ -256,6 +251,7 @@ def train(cfg: DictConfig) -> Path:
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    refuse_added_settings(cfg)
     train(cfg)
 
 

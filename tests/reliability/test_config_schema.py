@@ -27,19 +27,27 @@ def test_every_shipped_combination_composes(model, experiment):
     cfg = compose(f"model={model}", *([f"+experiment={experiment}"] if experiment else []))
     assert isinstance(cfg.trainer.max_steps, int) and isinstance(cfg.optim.lr, float)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every key has a value
-    assert schema.unknown_keys(cfg) == []
 
 
-def test_a_key_added_that_the_trainer_does_not_know_is_refused():
-    """`+key=value` goes past the schema (Hydra adds the key); the trainer names it before loading anything."""
-    from ptune.errors import TrainingError
-    from ptune.train import check_settings
+def added(*overrides: str) -> list[str]:
+    from hydra import compose as hydra_compose, initialize_config_dir
 
-    check_settings(compose())
-    with pytest.raises(TrainingError, match=r"unknown setting trainer\.max_step, optimizer: not a key"):
-        check_settings(compose("+trainer.max_step=5", "+optimizer.lr=1"))
-    with pytest.raises(TrainingError, match=r"prefix\.lenght"):
-        check_settings(compose("+prefix.lenght=16", "trainer.max_steps=3"))
+    from ptune.config import added_settings
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=list(overrides))
+        return added_settings(cfg, "train", list(overrides), {"model", "data", "experiment"})
+
+
+@pytest.mark.parametrize("experiment", [None] + sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_shipped_configs_add_no_setting(experiment):
+    assert added(*([f"+experiment={experiment}"] if experiment else []), "model=chatglm2_6b") == []
+
+
+def test_settings_added_on_the_command_line_are_found():
+    """Hydra lets `+key=value` and `++key=value` add keys it would refuse as unknown without the plus."""
+    assert added("+experiment=adgen_60steps", "+trainer.max_step=5", "++optimizer.lr=1", "trainer.max_steps=3",
+                 "++trainer.save_steps=2") == ["trainer.max_step", "optimizer"]
 
 
 def test_values_come_from_the_yaml_alone():

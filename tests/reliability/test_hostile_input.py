@@ -156,13 +156,27 @@ def test_one_million_character_row_is_truncated_not_fatal(env, tmp_path):
     pytest.param("optim.betas=[0.9,fast]", ["could not be converted to Float"], id="list-item-wrong-type"),
     pytest.param("trainer.max_stepz=5", ["Could not override 'trainer.max_stepz'"], id="unknown-key"),
     pytest.param("prefix.lenght=8", ["Could not override 'prefix.lenght'"], id="misspelt-key"),
+    pytest.param("+trainer.max_step=5", ["unknown setting trainer.max_step"], id="added-key"),
+    pytest.param("++prefix.lenght=8", ["unknown setting prefix.lenght"], id="force-added-key"),
 ])
 def test_bad_config_value_fails_at_startup_naming_the_key(env, tmp_path, override, fragments):
     res, out = run_over_existing(env, tmp_path, override)
     assert res.rc == 1 and "Traceback" not in res.stderr, str(res)
-    key = override.split("=")[0]
+    key = override.split("=")[0].lstrip("+")
     assert key in res.stderr and all(f in res.stderr for f in fragments), str(res)
     assert "training " not in res.stderr  # refused before any model or data was loaded
+
+
+@pytest.mark.parametrize("module, override", [
+    ("ptune.evaluate", "+generation.max_new_token=5"), ("ptune.chat", "++generation.tempreature=0.5"),
+    ("ptune.serve", "+prot=8000"), ("ptune.sweep", "+runs_dir=x"), ("ptune.quant_check", "+mode=int4"),
+])
+def test_every_entry_point_refuses_a_setting_added_on_the_command_line(module, override):
+    """Hydra adds a `+key` it would refuse without the plus; the run would silently keep the real setting."""
+    res = cli(module, override)
+    key = override.lstrip("+").split("=")[0]
+    assert res.rc == 1 and "Traceback" not in res.stderr, str(res)
+    assert f"config error: unknown setting {key}: not a key of conf/{module.split('.')[1]}.yaml" in res.stderr, str(res)
 
 
 @pytest.mark.parametrize("override, fragment", [
