@@ -136,10 +136,44 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
-    """Delete half-written `.checkpoint-N.tmp-PID` folders left by a killed save (never complete, never read).
+def restore_interrupted_resaves(run_dir: str | Path) -> list[tuple[Path, str]]:
+    """Finish what a re-save killed between its two renames left behind; returns (folder, what was done).
 
-    `.old-PID` folders are kept: a kill between the two renames of a re-save leaves the only full copy there.
+    Such a kill leaves step N only as `.checkpoint-N.old-PID`, so `latest` would silently go back to an
+    earlier step. A copy that verifies against its manifest is renamed back to `checkpoint-N`; one that does
+    not is left where it is, for a person to look at. Where `checkpoint-N` is in place and complete (the kill
+    came after both renames), the old copy is the leftover the save was about to delete.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    done = []
+    for old in sorted(run_dir.iterdir()):
+        m = re.match(r"^\.checkpoint-(\d+)\.old-\d+$", old.name)
+        if not m or not old.is_dir():
+            continue
+        final = run_dir / f"checkpoint-{m.group(1)}"
+        if final.exists():
+            if is_complete(final):
+                shutil.rmtree(old, ignore_errors=True)
+                done.append((old, f"removed: a leftover copy of {final.name}, which is complete"))
+            continue
+        try:
+            verify(old)
+        except CheckpointError as e:
+            done.append((old, f"kept: does not verify ({e})"))
+            continue
+        old.rename(final)
+        done.append((old, f"restored as {final.name}: a re-save of that step was interrupted"))
+    if done:
+        _fsync(run_dir)
+    return done
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete half-written `.checkpoint-N.tmp-PID` folders left by a killed save (never read).
+
+    `.old-PID` folders are kept: :func:`restore_interrupted_resaves` decides about them.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -140,6 +140,10 @@ def train(cfg: DictConfig) -> Path:
     }
 
     start, skipped = 0, 0
+    if accelerator.is_main_process:
+        for folder, what in ckpt_io.restore_interrupted_resaves(out):
+            (log.warning if what.startswith("kept") else log.info)("%s %s", folder, what)
+    accelerator.wait_for_everyone()  # every rank must see the restored folder before looking for `latest`
     resume_from = find_resume(cfg.resume, out)
     if resume_from is not None:
         recorded = ckpt_io.read_prefix_config(resume_from)

@@ -351,3 +351,41 @@ def test_remove_stale_temporaries_keeps_complete_and_old_copies(tmp_path):
     removed = remove_stale_temporaries(tmp_path)
     assert removed == [tmp] and not tmp.exists()
     assert old.exists() and good.exists()
+
+
+def test_restore_interrupted_resaves_puts_a_verified_copy_back_and_keeps_a_damaged_one(tmp_path):
+    from ptune.checkpoint import latest_checkpoint, restore_interrupted_resaves, verify
+
+    save_checkpoint(tmp_path, 2, {"embedding.weight": torch.zeros(2, 2)}, {"prefix": {}})
+    four = save_checkpoint(tmp_path, 4, {"embedding.weight": torch.full((2, 2), 4.0)}, {"prefix": {}})
+    six = save_checkpoint(tmp_path, 6, {"embedding.weight": torch.full((2, 2), 6.0)}, {"prefix": {}})
+    eight = save_checkpoint(tmp_path, 8, {"embedding.weight": torch.full((2, 2), 8.0)}, {"prefix": {}})
+    # a re-save of 4 killed between its renames; one of 6 whose old copy was damaged since; one of 8 killed
+    # after both renames, before the old copy was deleted
+    four.rename(tmp_path / ".checkpoint-4.old-11")
+    six.rename(tmp_path / ".checkpoint-6.old-12")
+    with open(tmp_path / ".checkpoint-6.old-12" / "prefix.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 0xFF]))
+    shutil.copytree(eight, tmp_path / ".checkpoint-8.old-13")
+    shutil.rmtree(eight)
+    save_checkpoint(tmp_path, 8, {"embedding.weight": torch.full((2, 2), 8.5)}, {"prefix": {}})
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-8"
+
+    done = dict(restore_interrupted_resaves(tmp_path))
+
+    assert done[tmp_path / ".checkpoint-4.old-11"].startswith("restored as checkpoint-4")
+    assert done[tmp_path / ".checkpoint-6.old-12"].startswith("kept: does not verify")
+    assert "SHA-256" in done[tmp_path / ".checkpoint-6.old-12"]
+    assert done[tmp_path / ".checkpoint-8.old-13"].startswith("removed")
+    verify(tmp_path / "checkpoint-4")
+    assert torch.equal(load_prefix_weights(tmp_path / "checkpoint-4")["embedding.weight"], torch.full((2, 2), 4.0))
+    assert (tmp_path / ".checkpoint-6.old-12").is_dir() and not (tmp_path / "checkpoint-6").exists()
+    assert not (tmp_path / ".checkpoint-8.old-13").exists()
+    assert torch.equal(load_prefix_weights(tmp_path / "checkpoint-8")["embedding.weight"], torch.full((2, 2), 8.5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint-6.old-12", "checkpoint-2", "checkpoint-4",
+                                                          "checkpoint-8"]
+    again = restore_interrupted_resaves(tmp_path)  # idempotent: only the damaged copy is reported again
+    assert [folder for folder, _ in again] == [tmp_path / ".checkpoint-6.old-12"]

@@ -69,7 +69,7 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(setup, tmp_path, fault
 def test_kill_while_replacing_an_existing_checkpoint(setup, tmp_path):
     """Re-saving step 4 (a resume from checkpoint-2 of a run that already has checkpoint-4) moves the old
     checkpoint-4 aside before moving the new one in; a kill between the two renames leaves both copies
-    complete under hidden names, and `latest` falls back to checkpoint-2."""
+    complete under hidden names. The next run puts the old copy back as checkpoint-4 and resumes there."""
     model, data, ref = setup
     out = tmp_path / "run"
     shutil.copytree(ref.result(), out)
@@ -88,8 +88,12 @@ def test_kill_while_replacing_an_existing_checkpoint(setup, tmp_path):
 
     resumed = cli("ptune.train", *args, "resume=latest")
     assert resumed.rc == 0, str(resumed)
-    assert f"resumed from {out / 'checkpoint-2'} at step 2" in resumed.stderr
+    assert f"{old[0]} restored as checkpoint-4" in resumed.stderr
+    assert f"resumed from {out / 'checkpoint-4'} at step 4" in resumed.stderr
+    assert hidden(out) == []
+    assert [p.name for p in ck.list_checkpoints(out)] == [f"checkpoint-{s}" for s in (2, 4, 6, 8)]
     assert torch.equal(prefix_of(out / "checkpoint-8"), prefix_of(ref.result() / "checkpoint-8"))
+    assert [r["loss"] for r in logged(out)] == [r["loss"] for r in logged(ref.result())]
 
 
 def test_keep_last_2_leaves_exactly_the_newest_two_complete_checkpoints(setup, tmp_path):
