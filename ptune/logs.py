@@ -66,10 +66,14 @@ class MetricsLog:
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"train/{key}", value, record["step"])
 
+    def plot(self) -> None:
+        """Redraw `train_loss.png` from the log so far (at every checkpoint, so a crashed run has one too)."""
+        plot_loss(self.path, self.path.with_name("train_loss.png"))
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-        plot_loss(self.path, self.path.with_name("train_loss.png"))
+        self.plot()
 
 
 def plot_loss(log_path: Path, png_path: Path) -> None:

@@ -184,6 +184,7 @@ def train(cfg: DictConfig) -> Path:
             path = ckpt_io.save_checkpoint(out, step, lm.prefix.state_dict(), prefix_config, trainer_state,
                                            optimizer.state_dict())
             log.info("saved %s", path)
+            metrics.plot()
             if t.keep_last:
                 ckpt_io.prune(out, t.keep_last)
         accelerator.wait_for_everyone()

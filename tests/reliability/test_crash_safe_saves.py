@@ -57,6 +57,8 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(setup, tmp_path, fault
         # The interrupted save is on disk, hidden, and nothing lists it.
         assert [n for n in hidden(out) if n.startswith(".checkpoint-4.tmp-")], hidden(out)
     assert torch.equal(prefix_of(out / "checkpoint-2"), prefix_of(ref.result() / "checkpoint-2"))
+    # the loss plot is redrawn at every checkpoint, so the killed run has one
+    assert (out / "train_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     resumed = cli("ptune.train", *args, "resume=latest")
     assert resumed.rc == 0, str(resumed)
