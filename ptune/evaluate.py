@@ -24,7 +24,8 @@ from ptune.generate import generate
 from ptune.errors import exit_on_user_error
 from ptune.logs import peak_memory_gib, setup_logging
 from ptune.metrics import compute_metrics
-from ptune.models import load_for_inference
+from ptune.checkpoint import sha256_file
+from ptune.models import base_identity_settings, inference_model_settings, load_for_inference
 from ptune.prefix import attention_shape
 
 log = logging.getLogger("ptune.evaluate")
@@ -102,6 +103,16 @@ def score(texts: list[str], labels: list[str]) -> dict:
     return compute_metrics(texts, labels)
 
 
+def settings_record(data: dict, model: dict, limit, device: torch.device, eval_sha256: str | None = None) -> dict:
+    """What produced a metrics.json besides the generation settings: the eval file's contents, the data and
+    model settings, the row limit. ptune.evaluate and ptune.sweep both write it, at the top level; a sweep
+    reuses earlier scores only where it matches."""
+    eval_file = Path(str(data["eval_file"])).expanduser().resolve()
+    record = {"eval_sha256": eval_sha256 or sha256_file(eval_file), "data": {**data, "eval_file": str(eval_file)},
+              "model": {**model, **base_identity_settings(model, device)}, "limit": limit}
+    return json.loads(json.dumps(record))  # as it reads back from the file (tuples become lists)
+
+
 def write_results(out_dir: Path, evalset: EvalSet, texts: list[str], metrics: dict, extra: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "generated_predictions.jsonl", "w", encoding="utf-8") as f:
@@ -140,9 +151,12 @@ def evaluate(cfg: DictConfig) -> dict:
     metrics = score(texts, evalset.labels)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else (Path(cfg.checkpoint) / "eval" if cfg.checkpoint
                                                             else Path("outputs/eval-base"))
+    record = settings_record(data_cfg, inference_model_settings(prefix_config, OmegaConf.to_container(cfg.model)),
+                             cfg.limit, device)
     write_results(out_dir, evalset, texts, metrics,
-                  {"generation": {**OmegaConf.to_container(cfg.generation), **stats}, "data": data_cfg,
-                   "limit": cfg.limit, "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None, "eval_file": str(data_cfg["eval_file"])})
+                  {"generation": {**OmegaConf.to_container(cfg.generation), **stats},
+                   "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None,
+                   "eval_file": record["data"]["eval_file"], **record})
     log.info("%d rows in %.1f s (%s tokens/s, batch %s, peak %.2f GiB); wrote %s", len(texts), stats["wall_s"],
              stats["tokens_per_s"], stats["batch_size"], stats["peak_mem_gib"], out_dir)
     print(format_table([{"name": str(cfg.checkpoint or "base"), **metrics}]))

@@ -187,6 +187,15 @@ def inference_model_settings(prefix_config: dict | None, overrides: dict) -> dic
     return {**recorded, **{k: v for k, v in overrides.items() if v is not None}}
 
 
+def base_identity_settings(settings: dict, device: torch.device) -> dict:
+    """The model settings that decide which base gets loaded, resolved (the folder, `auto` dtype): two
+    checkpoints with equal ones share a loaded base, and scores made with other ones are not reused."""
+    return {"path": str(Path(str(settings["path"])).expanduser().resolve()),
+            "dtype": str(resolve_dtype(str(settings.get("dtype", "auto")), device)),
+            "attn_implementation": settings.get("attn_implementation"),
+            "trust_remote_code": bool(settings.get("trust_remote_code"))}
+
+
 def load_for_inference(checkpoint, model_cfg=None, device="cpu"):
     """(PrefixLM or bare base, tokenizer, prefix_config) for a checkpoint; `checkpoint=None` gives the base alone.
 

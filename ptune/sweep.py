@@ -6,8 +6,9 @@ Each run folder's complete `checkpoint-N` folders are evaluated with ptune.evalu
 Hydra multirun folder (job folders 0/, 1/, ... holding checkpoints) stands for all its jobs. The base
 model is loaded once per distinct base (path, dtype, attention, remote code) and only the prefix
 weights are swapped between checkpoints; checkpoints trained on another base are grouped and scored
-with that base, loaded once in turn. A checkpoint whose `eval/metrics.json` was produced with the same
-eval file and generation settings is not generated again unless `force=true`.
+with that base, loaded once in turn. A checkpoint whose `eval/metrics.json` (written by an earlier sweep
+or by ptune.evaluate, in one layout) records the same eval file contents, data, model and generation
+settings is not generated again unless `force=true`.
 
 Writes `sweep.md`, `sweep.csv` and `sweep.png` (one subplot per metric against step, one line per run)
 to `output_dir` (default `<first run>/sweep`) and names the best checkpoint for every metric.
@@ -128,10 +129,7 @@ def plan(cfg: DictConfig) -> list[Target]:
 
 def base_key(t: Target, device: torch.device) -> str:
     """What makes two checkpoints share one loaded base model (the template only shapes the prompts)."""
-    return json.dumps({"path": str(Path(str(t.model["path"])).expanduser().resolve()),
-                       "dtype": str(models.resolve_dtype(str(t.model.get("dtype", "auto")), device)),
-                       "attn_implementation": t.model.get("attn_implementation"),
-                       "trust_remote_code": bool(t.model.get("trust_remote_code"))}, sort_keys=True)
+    return json.dumps(models.base_identity_settings(t.model, device), sort_keys=True)
 
 
 # ------------------------------------------------------------------------------------------- freshness
@@ -156,13 +154,11 @@ class Expected:
         return min(self.limit, n) if self.limit else n
 
     def record(self, t: Target) -> dict:
-        """Settings stored in metrics.json next to what ptune.evaluate stores, and compared on reuse."""
+        """The settings record ptune.evaluate writes too (:func:`ptune.evaluate.settings_record`)."""
         f = t.data["eval_file"]
         if f not in self._sha:
             self._sha[f] = sha256_file(Path(f))
-        model = {**t.model, **json.loads(base_key(t, self.device))}
-        return json.loads(json.dumps({"eval_sha256": self._sha[f], "data": t.data, "model": model,
-                                      "limit": self.limit}))
+        return ev.settings_record(t.data, t.model, self.limit, self.device, eval_sha256=self._sha[f])
 
     def reusable(self, t: Target) -> dict | None:
         path = t.ckpt / "eval" / METRICS_FILE
@@ -172,6 +168,8 @@ class Expected:
             old = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             return None
+        # files a sweep wrote before it shared ptune.evaluate's layout keep the record under "sweep"
+        recorded = old.get("sweep", old)
         why = None
         if Path(str(old.get("eval_file", ""))).expanduser().resolve() != Path(t.data["eval_file"]):
             why = f"eval file {old.get('eval_file')}"
@@ -179,7 +177,7 @@ class Expected:
             why = "generation settings"
         elif old.get("num_samples") != self.rows(t.data):
             why = f"{old.get('num_samples')} rows"
-        elif "sweep" in old and old["sweep"] != self.record(t):
+        elif any(recorded.get(k) != v for k, v in self.record(t).items()):
             why = "data, model or eval file contents"
         elif not all(isinstance(old.get(k), (int, float)) for k in SCORE_KEYS):
             why = "missing scores"
@@ -228,7 +226,7 @@ def score_group(targets: list[Target], cfg: DictConfig, device: torch.device, ex
         t.metrics = ev.score(texts, evalset.labels)
         ev.write_results(t.ckpt / "eval", evalset, texts, t.metrics,
                          {"generation": {**expected.gen, **stats}, "checkpoint": str(t.ckpt),
-                          "eval_file": t.data["eval_file"], "sweep": expected.record(t)})
+                          "eval_file": t.data["eval_file"], **expected.record(t)})
         t.scored = True
         log.info("%s: %s (%d rows, %.1f s, %s tokens/s)", t.name, _scores(t.metrics), len(texts),
                  time.perf_counter() - start, stats["tokens_per_s"])

@@ -35,7 +35,7 @@ def test_adgen_smollm2_recipe_scores_base_and_every_checkpoint(tiny_model_dir, s
     assert "run/checkpoint-1 |" in sweep and "run/checkpoint-2 |" in sweep
     for step in (1, 2):
         metrics = json.loads((out / "run" / f"checkpoint-{step}" / "eval" / "metrics.json").read_text())
-        assert metrics["num_samples"] == 3 and metrics["sweep"]["data"]["max_target_length"] == 384
+        assert metrics["num_samples"] == 3 and metrics["data"]["max_target_length"] == 384
     assert [line.split()[0] for line in (out / "timings.txt").read_text().splitlines()] == [
         "prepare", "evaluate-base", "train", "sweep"]
     assert (out / "run" / "train_loss.png").is_file() and (out / "run" / "sweep" / "sweep.png").is_file()

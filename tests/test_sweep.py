@@ -194,3 +194,34 @@ def test_command_line_and_config_errors(run_copy, sample_file, tmp_path):
         sw.sweep(compose(f"runs=[{empty}]", f"data.eval_file={sample_file}"))
     with pytest.raises(sw.SweepError, match="data.eval_file is not set"):
         sw.sweep(compose(f"runs=[{run}]"))
+
+
+def test_scores_written_by_evaluate_are_reused_only_when_made_with_the_same_settings(run_copy, sample_file,
+                                                                                     tmp_path, counted):
+    """ptune.evaluate and ptune.sweep write metrics.json in one layout, so a sweep can take evaluate's scores;
+    it does not when the data settings differ, which it used not to check for evaluate's files."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    run = run_copy(tmp_path / "run")
+
+    def evaluate(ckpt: str, *extra: str) -> dict:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = hydra_compose("evaluate", overrides=[f"checkpoint={run / ckpt}", f"data.eval_file={sample_file}",
+                                                       "limit=5", "generation.max_new_tokens=8", "device=cpu",
+                                                       *extra])
+        ptune.evaluate.evaluate(cfg)
+        return json.loads((run / ckpt / "eval" / "metrics.json").read_text())
+
+    same = evaluate("checkpoint-1")
+    evaluate("checkpoint-2", "data.max_source_length=7")
+    counted()
+    result = sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
+    assert counted() == {"load_base": 1, "predict": 2}  # checkpoint-2 (other data settings) and -3
+    assert result["reused"] == [f"{run}/checkpoint-1"]
+    swept = json.loads((run / "checkpoint-2" / "eval" / "metrics.json").read_text())
+    for key in ("eval_sha256", "data", "model", "limit", "generation", "checkpoint", "eval_file", "rouge-l"):
+        assert key in same and key in swept, key
+    assert "sweep" not in swept and swept["data"]["max_source_length"] != 7
+    assert {k: v for k, v in same.items() if k != "generation"} == {
+        k: v for k, v in json.loads((run / "checkpoint-1" / "eval" / "metrics.json").read_text()).items()
+        if k != "generation"}
