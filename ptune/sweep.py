@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ptune import checkpoint as ckpt_io
 from ptune.checkpoint import sha256_file
+from ptune.chatglm.ptuning import is_reference_checkpoint
 from ptune.config import refuse_added_settings
 from ptune import evaluate as ev
 from ptune import models
@@ -86,6 +87,12 @@ def expand_runs(runs) -> list[tuple[str, Path]]:
             jobs = sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()
                            and ckpt_io.list_checkpoints(p)), key=lambda p: int(p.name))
             if not jobs:
+                reference = sorted(p for p in path.iterdir() if _STEP.match(p.name) and is_reference_checkpoint(p))
+                if reference:
+                    raise SweepError(
+                        f"runs: {path} holds ChatGLM ptuning-script checkpoints ({reference[0].name}, ...), which "
+                        "record no base model or data settings; import each first: python -m ptune.chatglm.ptuning "
+                        f"import {reference[0]} <run dir> --base /path/to/chatglm2-6b, then sweep <run dir>")
                 raise SweepError(f"runs: {path} holds no complete checkpoint-N folder, nor multirun job folders "
                                  "(0/, 1/, ...) that do")
             folders = [(f"{label}/{p.name}", p) for p in jobs]

@@ -205,3 +205,22 @@ def test_bin_is_read_without_unpickling_code(base, tmp_path):
     torch.save({"transformer.prefix_encoder.embedding.weight": Payload()}, evil / "pytorch_model.bin")
     with pytest.raises(ckpt_io.CheckpointError, match=r"evil/pytorch_model\.bin: cannot be read"):
         attach_checkpoint(base, evil)
+
+
+def test_sweep_of_a_reference_output_folder_says_to_import_its_checkpoints(tmp_path, sample_file):
+    """The reference scripts' output folder (checkpoint-1000/, checkpoint-2000/, ... in their format) is not a
+    ptune run; the sweep names the format and the import command instead of 'no checkpoint'."""
+    from ptune import sweep as sw
+
+    out = tmp_path / "adgen-chatglm2-6b-pt-128-2e-2"
+    for step in (1000, 2000):
+        shutil.copytree(REF_DIR, out / f"checkpoint-{step}")
+    with pytest.raises(sw.SweepError) as e:
+        sw.expand_runs([str(out)])
+    message = str(e.value)
+    assert "ChatGLM ptuning-script checkpoints (checkpoint-1000, ...)" in message
+    assert f"python -m ptune.chatglm.ptuning import {out / 'checkpoint-1000'} <run dir>" in message
+    # and the advice works: imported, the folder is a run the sweep takes
+    for step in (1000, 2000):
+        ptuning.import_checkpoint(out / f"checkpoint-{step}", tmp_path / "run", base_path=str(TINY))
+    assert sw.expand_runs([str(tmp_path / "run")]) == [(str(tmp_path / "run"), tmp_path / "run")]
