@@ -28,9 +28,10 @@ from ptune.generate import generate
 from ptune.logs import setup_logging
 from ptune.loss import output_softcap
 from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec, compile_layers
+from ptune.fit import fit_micro_batch
 from ptune.graphs import micro_batch_loss
 from ptune.layers import fuse_layers
-from ptune.step import optimizer_step
+from ptune.step import MicroBatchLoss, optimizer_step
 
 log = logging.getLogger("ptune.bench")
 
@@ -111,7 +112,7 @@ def peak_gib(device) -> float | None:
 
 def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int | None, sort: bool,
                 checkpointing: bool, compiled: bool = False, group_by_length: int = 0, graphs: bool = False,
-                pad_multiple: int = 8) -> dict:
+                pad_multiple: int = 8, fit_gib: float | None = None) -> dict:
     fuse_layers(model, bool(cfg.fused_layers))
     spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
     lm = PrefixLM(model, PrefixEncoder(spec, dropout=0.1).to(device))
@@ -127,9 +128,23 @@ def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int
     loss_fn = micro_batch_loss(lm, cfg.loss_chunk_size, output_softcap(model.config), cuda_graphs=graphs,
                                max_shapes=10_000)
     # The trainer's own batch plan, so the benchmark times the batches training makes.
-    plan = BatchPlan([len(r["input_ids"]) for r in rows],
-                     [sum(1 for x in r["labels"][1:] if x != IGNORE) for r in rows], micro, accum, 1, cfg.seed, sort,
-                     group_by_length)
+    lengths = [len(r["input_ids"]) for r in rows]
+    targets = [sum(1 for x in r["labels"][1:] if x != IGNORE) for r in rows]
+
+    def plan_for(m: int, a: int) -> BatchPlan:
+        return BatchPlan(lengths, targets, m, a, 1, cfg.seed, sort, group_by_length)
+
+    fitted = {}
+    if fit_gib:  # the trainer's trainer.auto_micro_batch_gib, on these rows
+        probe_loss = MicroBatchLoss(lm, cfg.loss_chunk_size, output_softcap(model.config), capturable=graphs)
+        longest = rows[max(range(len(rows)), key=lengths.__getitem__)]["input_ids"]
+        chosen, _ = fit_micro_batch(plan_for, lengths, longest, cfg.warmup_steps + 2 * cfg.steps, micro * accum,
+                                    fit_gib, probe_loss, params, 0, pad_multiple, device)
+        micro, accum = chosen.micro, chosen.accumulation
+        fitted = {"split": f"{micro}x{accum}", "probe_peak_gib": round(chosen.peak_gib, 2)}
+        if chosen.peak_gib > fit_gib:
+            return {**fitted, "seconds": float("nan"), "fits": False}
+    plan = plan_for(micro, accum)
 
     def batches_for(step: int):
         out = []
@@ -159,7 +174,7 @@ def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int
         model.gradient_checkpointing_disable()
     samples = cfg.steps * plan.global_batch
     return {"samples_per_s": samples / seconds, "tokens_per_s": real / seconds, "peak_gib": peak_gib(device),
-            "seconds": seconds, "steps": cfg.steps}
+            "seconds": seconds, "steps": cfg.steps, **fitted}
 
 
 def peft_train(model, rows, micro: int, accum: int, cfg, device, pad_to: int) -> dict:
@@ -385,6 +400,12 @@ def run(cfg: DictConfig) -> dict:
             add(f"train ptune {tag} +ckpt +graphs", ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None,
                                                                 sort=True, checkpointing=True, graphs=True),
                 f"train ptune {tag}")
+        for ckpt in (False, True) if cfg.auto_micro_batch_gib else ():
+            r = ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None, sort=True, checkpointing=ckpt,
+                            graphs=bool(cfg.cuda_graphs), fit_gib=cfg.auto_micro_batch_gib)
+            add(f"train ptune {micro * accum} rows, auto <= {cfg.auto_micro_batch_gib} GiB: {r['split']}"
+                + (" +ckpt" if ckpt else "") + (" +graphs" if cfg.cuda_graphs else "")
+                + ("" if r.get("fits", True) else " (nothing fits)"), r, f"train peft {tag}" if r.get("fits", True) else None)
     real = adgen_rows(cfg, vocab, cfg.seed) if cfg.adgen_settings else None
     for micro, accum in cfg.adgen_settings if real is not None else []:
         tag = f"mb{micro}x{accum}"

@@ -72,6 +72,7 @@ class TrainerSchema:
     log_steps: int = MISSING
     per_device_batch_size: int = MISSING
     gradient_accumulation_steps: int = MISSING
+    auto_micro_batch_gib: Optional[float] = MISSING
     gradient_checkpointing: bool = MISSING
     compile: bool = MISSING
     cuda_graphs: bool = MISSING

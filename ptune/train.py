@@ -23,10 +23,11 @@ from ptune import checkpoint as ckpt_io
 from ptune.config import refuse_added_settings, require
 from ptune.data import BatchPlan, IGNORE, collate, training_rows
 from ptune.errors import TrainingError, exit_on_user_error
+from ptune.fit import fit_micro_batch
 from ptune.graphs import micro_batch_loss
 from ptune.logs import MetricsLog, peak_memory_gib, setup_logging
 from ptune.loss import output_softcap
-from ptune.step import optimizer_step
+from ptune.step import MicroBatchLoss, optimizer_step
 from ptune.models import base_identity, build_prefix, check_fits, load_base
 from ptune.prefix import PrefixLM, compile_layers
 
@@ -76,6 +77,9 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.optim.lr <= 0 or cfg.optim.warmup_steps < 0 or not 0 <= cfg.prefix.dropout < 1:
         raise TrainingError("optim.lr must be > 0, optim.warmup_steps >= 0 and 0 <= prefix.dropout < 1; got "
                             f"{cfg.optim.lr}, {cfg.optim.warmup_steps}, {cfg.prefix.dropout}")
+    if t.auto_micro_batch_gib is not None and not t.auto_micro_batch_gib > 0:
+        raise TrainingError(f"trainer.auto_micro_batch_gib={t.auto_micro_batch_gib}: a ceiling in GiB above 0, "
+                            "or null to keep the micro-batch as set")
     if t.group_by_length < 0:
         raise TrainingError(f"trainer.group_by_length={t.group_by_length}: must be 0 or more (0 and 1 turn it off)")
     if t.keep_last is not None and t.keep_last < 1:
@@ -97,6 +101,36 @@ def find_resume(resume, out: Path) -> Path | None:
     return path
 
 
+def fitted_split(cfg: DictConfig, lm, params, plan_for, lengths: list[int], rows, pad_token_id: int,
+                 device: torch.device, world: int) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) for `trainer.auto_micro_batch_gib`: the largest measured to fit."""
+    t = cfg.trainer
+    ceiling = t.auto_micro_batch_gib
+    longest = rows[max(range(len(lengths)), key=lengths.__getitem__)]["input_ids"]
+    # Eager, shaped as the graphs would run it: a captured graph's own memory pool comes on top.
+    probe_loss = MicroBatchLoss(lm, t.loss_chunk_size, output_softcap(lm.base.config), capturable=t.cuda_graphs)
+    lm.train()
+    chosen, probes = fit_micro_batch(plan_for, lengths, longest, t.max_steps,
+                                     t.per_device_batch_size * t.gradient_accumulation_steps, ceiling, probe_loss,
+                                     params, pad_token_id, t.pad_to_multiple_of, device)
+    micro = chosen.micro if chosen.peak_gib <= ceiling else 0
+    if world > 1:  # every rank measured the same shapes; take the smallest choice should their GPUs differ
+        agreed = torch.tensor(micro, device=device)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+        micro = int(agreed)
+    if micro == 0:
+        raise TrainingError(
+            f"trainer.auto_micro_batch_gib={ceiling}: even a micro-batch of one row peaks at {chosen.peak_gib:.2f} "
+            f"GiB ({chosen.shape[1]} tokens); raise the ceiling, set trainer.gradient_checkpointing=true, quantize "
+            "the base (model.quantization=int4) or lower data.max_source_length / data.max_target_length")
+    accum = t.per_device_batch_size * t.gradient_accumulation_steps // micro
+    peak = next(p.peak_gib for p in probes if p.micro == micro)
+    log.info("trainer.auto_micro_batch_gib=%g: %d x %d (measured peak %.2f GiB; larger: %s)", ceiling, micro, accum,
+             peak, ", ".join(f"{p.micro} x {p.accumulation} {p.peak_gib:.2f} GiB" for p in probes if p.micro > micro)
+             or "none")
+    return micro, accum
+
+
 def sum_across_ranks(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(tensor, reduction="sum") if accelerator.num_processes > 1 else tensor
 
@@ -110,15 +144,20 @@ def train(cfg: DictConfig) -> Path:
     require(cfg, "model.path", "data.train_file")
     check_settings(cfg)
     t = cfg.trainer
+    if t.auto_micro_batch_gib is not None and device.type != "cuda":
+        raise TrainingError(f"trainer.auto_micro_batch_gib={t.auto_micro_batch_gib}: it measures GPU memory and "
+                            f"needs a CUDA device, not {device.type}; set trainer.per_device_batch_size and "
+                            "trainer.gradient_accumulation_steps yourself, or leave it null")
 
     model, tokenizer = load_base(cfg.model, device)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rows = training_rows(cfg.data, cfg.model.template, tokenizer)
-    plan = BatchPlan([len(ids) for ids in rows["input_ids"]],
-                     [sum(1 for x in lab[1:] if x != IGNORE) for lab in rows["labels"]],
-                     t.per_device_batch_size, t.gradient_accumulation_steps, world, cfg.seed, t.sort_by_length,
-                     t.group_by_length)
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    targets = [sum(1 for x in lab[1:] if x != IGNORE) for lab in rows["labels"]]
+
+    def plan_for(micro: int, accumulation: int) -> BatchPlan:
+        return BatchPlan(lengths, targets, micro, accumulation, world, cfg.seed, t.sort_by_length, t.group_by_length)
 
     torch.manual_seed(cfg.seed)
     lm = PrefixLM(model, build_prefix(model, cfg.prefix).to(device))
@@ -127,6 +166,10 @@ def train(cfg: DictConfig) -> Path:
     softcap = output_softcap(model.config)
     loss_fn = micro_batch_loss(lm, t.loss_chunk_size, softcap, cuda_graphs=t.cuda_graphs, max_shapes=t.cuda_graph_shapes)
     params = list(lm.prefix.parameters())
+    micro, accum = t.per_device_batch_size, t.gradient_accumulation_steps
+    if t.auto_micro_batch_gib is not None:
+        micro, accum = fitted_split(cfg, lm, params, plan_for, lengths, rows, tokenizer.pad_token_id, device, world)
+    plan = plan_for(micro, accum)
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
     # Loss scaling only matters for an fp16 base; bf16 and fp32 have the exponent range to do without.
@@ -165,8 +208,7 @@ def train(cfg: DictConfig) -> Path:
         if state.get("global_batch") not in (None, plan.global_batch):
             log.warning("resume=%s: it was trained with global batch %d, this run's is %d (%d x %d x %d ranks); "
                         "the data order from step %d on is not the one the original run would have seen",
-                        resume_from, state["global_batch"], plan.global_batch, t.per_device_batch_size,
-                        t.gradient_accumulation_steps, world, start + 1)
+                        resume_from, state["global_batch"], plan.global_batch, micro, accum, world, start + 1)
 
     if accelerator.is_main_process:
         for stale in ckpt_io.remove_stale_temporaries(out):
@@ -190,8 +232,7 @@ def train(cfg: DictConfig) -> Path:
         accelerator.wait_for_everyone()
 
     log.info("training %s: %d rows, %d trainable prefix parameters, global batch %d (%d x %d x %d ranks), %d steps",
-             out, len(rows), sum(p.numel() for p in params), plan.global_batch, t.per_device_batch_size,
-             t.gradient_accumulation_steps, world, t.max_steps)
+             out, len(rows), sum(p.numel() for p in params), plan.global_batch, micro, accum, world, t.max_steps)
     lm.train()
     bar = tqdm(total=t.max_steps, initial=start, desc="train", disable=not (accelerator.is_main_process and t.progress_bar))
     window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
