@@ -67,8 +67,13 @@ class MetricsLog:
                     self.writer.add_scalar(f"train/{key}", value, record["step"])
 
     def plot(self) -> None:
-        """Redraw `train_loss.png` from the log so far (at every checkpoint, so a crashed run has one too)."""
-        plot_loss(self.path, self.path.with_name("train_loss.png"))
+        """Redraw `train_loss.png` from the log so far (at every checkpoint, so a crashed run has one too).
+
+        A plot that cannot be drawn or written costs a warning, never the run."""
+        try:
+            plot_loss(self.path, self.path.with_name("train_loss.png"))
+        except (OSError, ValueError) as e:
+            logging.getLogger(__name__).warning("could not draw %s: %s", self.path.with_name("train_loss.png"), e)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -77,7 +82,10 @@ class MetricsLog:
 
 
 def plot_loss(log_path: Path, png_path: Path) -> None:
-    """Loss (and learning rate, on a second axis) against step from `train_log.jsonl`."""
+    """Loss (and learning rate, on a second axis) against step from `train_log.jsonl`; nothing before the first
+    logged step."""
+    if not log_path.is_file():
+        return
     records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     records = [r for r in records if isinstance(r.get("loss"), (int, float))]  # a NaN loss is logged as null
     if not records:

@@ -6,6 +6,7 @@ prefix gradients are summed across ranks, and rank 0 alone writes checkpoints an
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -102,8 +103,9 @@ def find_resume(resume, out: Path) -> Path | None:
 
 
 def fitted_split(cfg: DictConfig, lm, params, plan_for, lengths: list[int], rows, pad_token_id: int,
-                 device: torch.device, world: int) -> tuple[int, int]:
-    """(micro-batch, accumulation steps) for `trainer.auto_micro_batch_gib`: the largest measured to fit."""
+                 device: torch.device, world: int) -> tuple[int, int, dict]:
+    """(micro-batch, accumulation steps, what was measured) for `trainer.auto_micro_batch_gib`: the largest
+    split measured to fit."""
     t = cfg.trainer
     ceiling = t.auto_micro_batch_gib
     longest = rows[max(range(len(lengths)), key=lengths.__getitem__)]["input_ids"]
@@ -128,7 +130,10 @@ def fitted_split(cfg: DictConfig, lm, params, plan_for, lengths: list[int], rows
     log.info("trainer.auto_micro_batch_gib=%g: %d x %d (measured peak %.2f GiB; larger: %s)", ceiling, micro, accum,
              peak, ", ".join(f"{p.micro} x {p.accumulation} {p.peak_gib:.2f} GiB" for p in probes if p.micro > micro)
              or "none")
-    return micro, accum
+    report = {"ceiling_gib": ceiling, "micro_batch": micro, "gradient_accumulation_steps": accum,
+              "probes": [{"micro_batch": p.micro, "gradient_accumulation_steps": p.accumulation,
+                          "rows": p.shape[0], "tokens": p.shape[1], "peak_gib": p.peak_gib} for p in probes]}
+    return micro, accum, report
 
 
 def sum_across_ranks(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
@@ -168,7 +173,10 @@ def train(cfg: DictConfig) -> Path:
     params = list(lm.prefix.parameters())
     micro, accum = t.per_device_batch_size, t.gradient_accumulation_steps
     if t.auto_micro_batch_gib is not None:
-        micro, accum = fitted_split(cfg, lm, params, plan_for, lengths, rows, tokenizer.pad_token_id, device, world)
+        micro, accum, fitted = fitted_split(cfg, lm, params, plan_for, lengths, rows, tokenizer.pad_token_id, device,
+                                            world)
+        if accelerator.is_main_process:
+            (out / "auto_micro_batch.json").write_text(json.dumps(fitted, indent=2) + "\n", encoding="utf-8")
     plan = plan_for(micro, accum)
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)

@@ -30,3 +30,18 @@ def test_no_plot_without_a_logged_loss(tmp_path):
     write_log(log, [])
     plot_loss(log, tmp_path / "train_loss.png")
     assert not (tmp_path / "train_loss.png").exists()
+
+
+def test_a_checkpoint_before_the_first_logged_step_draws_nothing_and_a_failed_plot_warns(tmp_path, caplog):
+    """The plot is redrawn at every save; a save before the first log line (save_steps < log_steps) finds no
+    log file, and a plot that cannot be written costs a warning, not the run."""
+    from ptune.logs import MetricsLog
+
+    plot_loss(tmp_path / "train_log.jsonl", tmp_path / "train_loss.png")
+    assert list(tmp_path.iterdir()) == []
+    metrics = MetricsLog(tmp_path, tensorboard=False)
+    metrics.plot()
+    metrics.write({"step": 1, "loss": 2.0, "lr": 0.1})
+    (tmp_path / "train_loss.png").mkdir()  # something in the way of the picture
+    metrics.plot()
+    assert "could not draw" in caplog.text and str(tmp_path / "train_loss.png") in caplog.text
