@@ -175,8 +175,10 @@ class Expected:
             old = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             return None
+        if not isinstance(old, dict):
+            return None
         # files a sweep wrote before it shared ptune.evaluate's layout keep the record under "sweep"
-        recorded = old.get("sweep", old)
+        recorded = old["sweep"] if isinstance(old.get("sweep"), dict) else old
         why = None
         if Path(str(old.get("eval_file", ""))).expanduser().resolve() != Path(t.data["eval_file"]):
             why = f"eval file {old.get('eval_file')}"
