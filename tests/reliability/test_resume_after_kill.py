@@ -96,7 +96,9 @@ def test_sigterm_and_sigint_save_the_step_they_stop_after(setup, tmp_path, sig, 
     start = popen_m if real else cli_start
     proc = start("ptune.train", *args)
     try:
-        wait_for(lambda: (out / "checkpoint-4").is_dir(), proc, "checkpoint-4")
+        # the loss plot is redrawn right after each save: once it is there, save 4 is over
+        wait_for(lambda: (out / "checkpoint-4").is_dir() and (out / "train_loss.png").is_file(), proc,
+                 "checkpoint-4 and its loss plot")
         time.sleep(rng.uniform(0.0, 0.15))
         proc.send_signal(sig)
         stopped = proc.wait(120)
