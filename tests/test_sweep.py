@@ -207,12 +207,11 @@ def test_scores_written_by_evaluate_are_reused_only_when_made_with_the_same_sett
     def evaluate(ckpt: str, *extra: str) -> dict:
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = hydra_compose("evaluate", overrides=[f"checkpoint={run / ckpt}", f"data.eval_file={sample_file}",
-                                                       "limit=5", "generation.max_new_tokens=8", "device=cpu",
-                                                       *extra])
+                                                       "limit=5", "generation.max_new_tokens=8", *extra])
         ptune.evaluate.evaluate(cfg)
         return json.loads((run / ckpt / "eval" / "metrics.json").read_text())
 
-    same = evaluate("checkpoint-1")
+    same = evaluate("checkpoint-1")  # device auto, as the sweep's: on a GPU both load the base in bf16
     evaluate("checkpoint-2", "data.max_source_length=7")
     counted()
     result = sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
