@@ -116,6 +116,27 @@ def train_tiny_run(model_dir: Path, data: Path, out: Path, steps: int = 2) -> Pa
     return out / f"checkpoint-{steps}"
 
 
+# Training through the command line, for tests that check what a whole run does.
+def run_train(*overrides: str, check: bool = True, launcher: list[str] | None = None,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable, "-m"]) + ["ptune.train", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def logged(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def small_run(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [f"model.path={model_dir}", f"data.train_file={data}", f"output_dir={out}", "prefix.length=4",
+            "trainer.max_steps=6", "trainer.log_steps=1", "trainer.save_steps=3", "trainer.per_device_batch_size=2",
+            "trainer.gradient_accumulation_steps=2", "trainer.progress_bar=false", "trainer.tensorboard=false",
+            "optim.lr=0.05", *extra]
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoint(tiny_model_dir, sample_file, tmp_path_factory) -> Path:
     """checkpoint-2 of a tiny llama run (prefix length 4), trained once per test session. Read-only: tests

@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
+from conftest import logged, run_train, small_run
 from ptune.data import BatchPlan
 from ptune.fit import divisors_descending, micro_batch_shapes, outermost
-from test_train import logged, run_train, small_run
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the probe measures GPU memory")
 

@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import REPO, logged, run_train, small_run
 from ptune.checkpoint import list_checkpoints
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_train(*overrides: str, check: bool = True, launcher: list[str] | None = None,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable, "-m"]) + ["ptune.train", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def logged(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -47,13 +31,6 @@ def test_adgen_60steps_writes_checkpoint_and_loss_falls(tiny_model_dir, sample_f
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.02, losses
     assert list_checkpoints(out) == [ckpt]
     assert (out / "config.yaml").is_file() and (out / "tensorboard").is_dir()
-
-
-def small_run(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [f"model.path={model_dir}", f"data.train_file={data}", f"output_dir={out}", "prefix.length=4",
-            "trainer.max_steps=6", "trainer.log_steps=1", "trainer.save_steps=3", "trainer.per_device_batch_size=2",
-            "trainer.gradient_accumulation_steps=2", "trainer.progress_bar=false", "trainer.tensorboard=false",
-            "optim.lr=0.05", *extra]
 
 
 def test_resume_is_bitwise_exact(tiny_model_dir, sample_file, tmp_path):
