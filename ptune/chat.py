@@ -170,7 +170,7 @@ def reply(cm: ChatModel, prompt: list[int], gen: DictConfig, on_text=None, gener
 
     generate(cm.model, batch, torch.ones_like(batch), max_new_tokens=int(gen.max_new_tokens),
              eos_token_ids=cm.eos_token_ids, pad_token_id=cm.pad_token_id, generator=generator,
-             on_token=on_token, **generation_kwargs(gen))
+             on_token=on_token, keep_decoder=True, **generation_kwargs(gen))
     rest = decoder.flush()
     if rest and on_text is not None:
         on_text(rest)

@@ -228,7 +228,8 @@ class Engine:
             generate(cm.model, enc["input_ids"], enc["attention_mask"],
                      max_new_tokens=max(j.max_new_tokens for j in batch), eos_token_ids=cm.eos_token_ids,
                      pad_token_id=cm.pad_token_id, do_sample=first.do_sample, temperature=first.temperature,
-                     top_p=first.top_p, generator=generator if first.do_sample else None, on_token=on_token)
+                     top_p=first.top_p, generator=generator if first.do_sample else None, on_token=on_token,
+                     keep_decoder=True)
         except _AllFinished:
             pass
         for i, job in enumerate(batch):

@@ -291,3 +291,45 @@ def test_mask_derivation_is_built_once_per_mask_and_freed_with_it():
     generate(lm, batch["input_ids"], batch["attention_mask"], max_new_tokens=3, eos_token_ids=[], pad_token_id=0)
     gc.collect()
     assert P._MEMO[0] is None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the captured decoding graph needs CUDA"))])
+@pytest.mark.parametrize("family", ["llama", "glm"])
+def test_kept_decoder_gives_the_tokens_of_a_fresh_one(family, device):
+    """generate(keep_decoder=True), as chat and serve call it: later calls of the same batch size restart the
+    kept decoder (on CUDA its captured graph) on other prompts, lengths and prefix weights, and every call's
+    tokens are those of a fresh decoder; a bare call on the same base keeps its own."""
+    from ptune.data import left_pad
+    from ptune.generate import generate
+
+    lm = make_lm(family, length=5, projection=True, seed=4)  # the prefix is computed, not a view of a weight
+    lm.base.to(device)
+    lm.prefix.to(device)
+    with torch.no_grad():
+        lm.base.get_output_embeddings().weight.mul_(8)  # peaked logits: no near-ties between kernels
+    calls = [([[5, 9, 11, 40, 7], [17, 23]], 9), ([[60, 61, 62], [8, 9, 10, 11, 12, 13, 14]], 12),
+             ([[3], [4, 4]], 5), ([[5, 9, 11, 40, 7], [17, 23]], 9)]
+    kept = lm.base.__dict__.get("_ptune_kept_decoders", {})
+    first, outs = None, []
+    for i, (prompts, new) in enumerate(calls):
+        if i == 2:  # other prefix weights, as when chat switches to another checkpoint of the same base
+            with torch.no_grad():
+                for p in lm.prefix.parameters():
+                    p.normal_(0, 3, generator=torch.Generator(device=p.device).manual_seed(9))
+        batch = {k: v.to(device) for k, v in left_pad(prompts, pad_token_id=0).items()}
+        kw = dict(max_new_tokens=new, eos_token_ids=[], pad_token_id=0)
+        got = generate(lm, batch["input_ids"], batch["attention_mask"], keep_decoder=True, **kw)
+        assert torch.equal(got, generate(lm, batch["input_ids"], batch["attention_mask"], **kw)), (family, i)
+        outs.append(got)
+        kept = lm.base.__dict__["_ptune_kept_decoders"]
+        assert len(kept) == 1  # one batch size, one length step: every call restarted the same decoder
+        decoder = next(iter(kept.values()))
+        first = first or decoder
+        assert decoder is first
+        if device == "cuda" and new > 2:
+            assert decoder.graph is not None
+    assert not torch.equal(outs[0], outs[3])  # same prompts, other prefix: the prefix does reach the tokens
+    bare = generate(lm.base, batch["input_ids"], batch["attention_mask"], keep_decoder=True, **kw)
+    assert torch.equal(bare, generate(lm.base, batch["input_ids"], batch["attention_mask"], **kw))
+    assert len(lm.base.__dict__["_ptune_kept_decoders"]) == 2  # the prefix-less one is a decoder of its own
