@@ -333,3 +333,27 @@ def test_kept_decoder_gives_the_tokens_of_a_fresh_one(family, device):
     bare = generate(lm.base, batch["input_ids"], batch["attention_mask"], keep_decoder=True, **kw)
     assert torch.equal(bare, generate(lm.base, batch["input_ids"], batch["attention_mask"], **kw))
     assert len(lm.base.__dict__["_ptune_kept_decoders"]) == 2  # the prefix-less one is a decoder of its own
+
+
+def test_kept_decoder_never_writes_into_a_prefix_encoder():
+    """Without projection the prefix is a view of the encoder's weights; two prefixes on one base, taking
+    turns with a kept decoder, each give their own tokens and keep their weights."""
+    from ptune.data import left_pad
+    from ptune.generate import generate
+
+    a = make_lm("llama", length=5, projection=False, seed=4)
+    b = PrefixLM(a.base, PrefixEncoder(a.prefix.spec))
+    with torch.no_grad():
+        a.base.get_output_embeddings().weight.mul_(8)
+        b.prefix.embedding.weight.normal_(0, 3, generator=torch.Generator().manual_seed(9))
+    b.eval()
+    weights = {id(m): m.prefix.embedding.weight.clone() for m in (a, b)}
+    batch = left_pad([[5, 9, 11, 40, 7], [17, 23]], pad_token_id=0)
+    kw = dict(max_new_tokens=9, eos_token_ids=[], pad_token_id=0)
+    fresh = {id(m): generate(m, batch["input_ids"], batch["attention_mask"], **kw) for m in (a, b)}
+    assert not torch.equal(fresh[id(a)], fresh[id(b)])
+    for m in (a, b, a, b):
+        assert torch.equal(generate(m, batch["input_ids"], batch["attention_mask"], keep_decoder=True, **kw),
+                           fresh[id(m)])
+        assert all(torch.equal(x.prefix.embedding.weight, weights[id(x)]) for x in (a, b))
+
