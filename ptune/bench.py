@@ -137,8 +137,7 @@ def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int
     fitted = {}
     if fit_gib:  # the trainer's trainer.auto_micro_batch_gib, on these rows
         probe_loss = MicroBatchLoss(lm, cfg.loss_chunk_size, output_softcap(model.config), capturable=graphs)
-        longest = rows[max(range(len(rows)), key=lengths.__getitem__)]["input_ids"]
-        chosen, _ = fit_micro_batch(plan_for, lengths, longest, cfg.warmup_steps + 2 * cfg.steps, micro * accum,
+        chosen, _ = fit_micro_batch(plan_for, rows, lengths, cfg.warmup_steps + 2 * cfg.steps, micro * accum,
                                     fit_gib, probe_loss, params, 0, pad_multiple, device)
         micro, accum = chosen.micro, chosen.accumulation
         fitted = {"split": f"{micro}x{accum}", "probe_peak_gib": round(chosen.peak_gib, 2)}

@@ -73,16 +73,17 @@ def peak_gib(loss_fn, params, batch: dict, global_targets: int) -> float:
     return peak
 
 
-def fit_micro_batch(plan_for: Callable[[int, int], BatchPlan], lengths: list[int], longest: list[int], steps: int,
+def fit_micro_batch(plan_for: Callable[[int, int], BatchPlan], rows, lengths: list[int], steps: int,
                     per_rank_rows: int, ceiling_gib: float, loss_fn, params, pad_token_id: int,
                     pad_to_multiple_of: int, device: torch.device) -> tuple[Probe, list[Probe]]:
     """The largest micro-batch whose every shape peaks under `ceiling_gib`, and every candidate measured.
 
-    `plan_for(micro, accumulation)` builds the run's batch plan for a split; `lengths` are the rows' token
-    counts and `longest` the token ids of the longest row. Every position of a probe counts as a target,
+    `plan_for(micro, accumulation)` builds the run's batch plan for a split; `rows[i]["input_ids"]` are the
+    tokenized rows and `lengths` their token counts. Every position of a probe counts as a target,
     the most the loss can hold. Returns (chosen, probes); chosen.peak_gib > ceiling_gib when even a
     micro-batch of one row does not fit.
     """
+    longest = rows[max(range(len(lengths)), key=lengths.__getitem__)]["input_ids"]
     peaks: dict[tuple[int, int], float] = {}
     probes = []
     for micro in divisors_descending(per_rank_rows):

@@ -108,11 +108,10 @@ def fitted_split(cfg: DictConfig, lm, params, plan_for, lengths: list[int], rows
     split measured to fit."""
     t = cfg.trainer
     ceiling = t.auto_micro_batch_gib
-    longest = rows[max(range(len(lengths)), key=lengths.__getitem__)]["input_ids"]
     # Eager, shaped as the graphs would run it: a captured graph's own memory pool comes on top.
     probe_loss = MicroBatchLoss(lm, t.loss_chunk_size, output_softcap(lm.base.config), capturable=t.cuda_graphs)
     lm.train()
-    chosen, probes = fit_micro_batch(plan_for, lengths, longest, t.max_steps,
+    chosen, probes = fit_micro_batch(plan_for, rows, lengths, t.max_steps,
                                      t.per_device_batch_size * t.gradient_accumulation_steps, ceiling, probe_loss,
                                      params, pad_token_id, t.pad_to_multiple_of, device)
     micro = chosen.micro if chosen.peak_gib <= ceiling else 0
@@ -191,10 +190,12 @@ def train(cfg: DictConfig) -> Path:
     }
 
     start, skipped = 0, 0
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # what an interrupted save left behind, tidied before looking for `latest`
         for folder, what in ckpt_io.restore_interrupted_resaves(out):
             (log.warning if what.startswith("kept") else log.info)("%s %s", folder, what)
-    accelerator.wait_for_everyone()  # every rank must see the restored folder before looking for `latest`
+        for stale in ckpt_io.remove_stale_temporaries(out):
+            log.info("removed %s, left by an interrupted save", stale)
+    accelerator.wait_for_everyone()  # every rank must see the restored folder
     resume_from = find_resume(cfg.resume, out)
     if resume_from is not None:
         recorded = ckpt_io.read_prefix_config(resume_from)
@@ -219,8 +220,6 @@ def train(cfg: DictConfig) -> Path:
                         resume_from, state["global_batch"], plan.global_batch, micro, accum, world, start + 1)
 
     if accelerator.is_main_process:
-        for stale in ckpt_io.remove_stale_temporaries(out):
-            log.info("removed %s, left by an interrupted save", stale)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     metrics = MetricsLog(out, t.tensorboard, resume_step=start) if accelerator.is_main_process else None
     stop = {"signal": None}
