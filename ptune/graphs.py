@@ -29,6 +29,21 @@ log = logging.getLogger("ptune.graphs")
 warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match", category=UserWarning)
 
 
+def clear_cublas_workspaces() -> None:
+    """Drops cuBLAS's per-stream workspaces; the next matmul on a stream allocates its own again.
+
+    `make_graphed_callables` warms up on a new stream each call, and cuBLAS keeps a workspace for every
+    stream it has seen for the life of the process (two of 32 MiB on an H100): without this each captured
+    shape kept ~64 MiB, so a run grew past the peak its first steps showed. A graph captured earlier keeps
+    using the workspace it was captured with, which lives in the graphs' shared pool; another capture may
+    later reuse that memory, which is safe because micro-batches replay one at a time, forward then
+    backward, and a graph's scratch space holds nothing between its replays. torch's own graph trees clear
+    them the same way around each recording."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+
+
 class GraphedMicroBatchLoss:
     """Stands in for `MicroBatchLoss`: same arguments, same loss and prefix gradients, graph-replayed on CUDA."""
 
@@ -64,6 +79,7 @@ class GraphedMicroBatchLoss:
             return None
         finally:
             torch.cuda.set_rng_state(state)
+            clear_cublas_workspaces()
         self.graphed[tuple(input_ids.shape)] = fn
         log.info("captured the forward and backward pass for micro-batches of shape %s (%d of at most %d)",
                  tuple(input_ids.shape), len(self.graphed), self.max_shapes)
