@@ -28,10 +28,10 @@ from ptune.generate import generate
 from ptune.logs import setup_logging
 from ptune.loss import output_softcap
 from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec, compile_layers
-from ptune.fit import fit_micro_batch
+from ptune.fit import Prober, fastest, fit_micro_batch, fit_micro_batch_and_recompute, release_probe_memory
 from ptune.graphs import micro_batch_loss
 from ptune.layers import fuse_layers
-from ptune.step import MicroBatchLoss, optimizer_step
+from ptune.step import optimizer_step
 
 log = logging.getLogger("ptune.bench")
 
@@ -101,8 +101,8 @@ def timed(fn, sync: bool) -> float:
 
 def reset_memory(device):
     gc.collect()  # graphed callables hold their graphs' memory through reference cycles
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    if device.type == "cuda":  # no earlier measurement's graph is replayed again
+        release_probe_memory()
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -111,13 +111,25 @@ def peak_gib(device) -> float | None:
 
 
 def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int | None, sort: bool,
-                checkpointing: bool, compiled: bool = False, group_by_length: int = 0, graphs: bool = False,
+                checkpointing: bool | str, compiled: bool = False, group_by_length: int = 0, graphs: bool = False,
                 pad_multiple: int = 8, fit_gib: float | None = None) -> dict:
+    """`checkpointing`: recompute every layer (True), none (False), or "auto" (as few as `fit_gib` needs)."""
     fuse_layers(model, bool(cfg.fused_layers))
     spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
     lm = PrefixLM(model, PrefixEncoder(spec, dropout=0.1).to(device))
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    num_layers = model.config.num_hidden_layers
+    lm.recompute_layers(num_layers if checkpointing is True else 0)
+    try:
+        return _ptune_train(lm, rows, micro, accum, cfg, device, pad_to=pad_to, sort=sort, checkpointing=checkpointing,
+                            compiled=compiled, group_by_length=group_by_length, graphs=graphs,
+                            pad_multiple=pad_multiple, fit_gib=fit_gib)
+    finally:
+        lm.recompute_layers(0)  # the next measurement starts from the plain model
+
+
+def _ptune_train(lm, rows, micro, accum, cfg, device, *, pad_to, sort, checkpointing, compiled, group_by_length,
+                 graphs, pad_multiple, fit_gib) -> dict:
+    model = lm.base
     if compiled:
         compile_layers(model)
     lm.train()
@@ -136,13 +148,23 @@ def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int
 
     fitted = {}
     if fit_gib:  # the trainer's trainer.auto_micro_batch_gib, on these rows
-        probe_loss = MicroBatchLoss(lm, cfg.loss_chunk_size, output_softcap(model.config), capturable=graphs)
-        chosen, _ = fit_micro_batch(plan_for, rows, lengths, cfg.warmup_steps + 2 * cfg.steps, micro * accum,
-                                    fit_gib, probe_loss, params, 0, pad_multiple, device)
+        def new_loss():
+            return micro_batch_loss(lm, cfg.loss_chunk_size, output_softcap(model.config), cuda_graphs=graphs,
+                                    max_shapes=1)
+
+        prober = Prober(plan_for, rows, lengths, cfg.warmup_steps + 2 * cfg.steps, micro * accum, new_loss, params,
+                        0, pad_multiple, device)
+        if checkpointing == "auto":
+            chosen = fastest(fit_micro_batch_and_recompute(prober, fit_gib, model.config.num_hidden_layers,
+                                                           lm.recompute_layers)[0])
+        else:
+            chosen = fit_micro_batch(prober, fit_gib, lm.recomputed_layers)[0]
+        if chosen is None or chosen.peak_gib > fit_gib:
+            return {"split": "none", "seconds": float("nan"), "fits": False}
+        lm.recompute_layers(chosen.layers)
         micro, accum = chosen.micro, chosen.accumulation
-        fitted = {"split": f"{micro}x{accum}", "probe_peak_gib": round(chosen.peak_gib, 2)}
-        if chosen.peak_gib > fit_gib:
-            return {**fitted, "seconds": float("nan"), "fits": False}
+        fitted = {"split": f"{micro}x{accum}", "probe_peak_gib": round(chosen.peak_gib, 2),
+                  "recomputed_layers": chosen.layers}
     plan = plan_for(micro, accum)
 
     def batches_for(step: int):
@@ -169,8 +191,6 @@ def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int
     for s in range(cfg.warmup_steps, cfg.warmup_steps + cfg.steps):
         seconds += timed(lambda: one(s), sync)
         real += sum(len(rows[r]["input_ids"]) for r in plan.global_rows(s))
-    if checkpointing:
-        model.gradient_checkpointing_disable()
     samples = cfg.steps * plan.global_batch
     return {"samples_per_s": samples / seconds, "tokens_per_s": real / seconds, "peak_gib": peak_gib(device),
             "seconds": seconds, "steps": cfg.steps, **fitted}
@@ -399,12 +419,14 @@ def run(cfg: DictConfig) -> dict:
             add(f"train ptune {tag} +ckpt +graphs", ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None,
                                                                 sort=True, checkpointing=True, graphs=True),
                 f"train ptune {tag}")
-        for ckpt in (False, True) if cfg.auto_micro_batch_gib else ():
+        for ckpt in (False, True, "auto") if cfg.auto_micro_batch_gib else ():
             r = ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None, sort=True, checkpointing=ckpt,
                             graphs=bool(cfg.cuda_graphs), fit_gib=cfg.auto_micro_batch_gib)
-            add(f"train ptune {micro * accum} rows, auto <= {cfg.auto_micro_batch_gib} GiB: {r['split']}"
-                + (" +ckpt" if ckpt else "") + (" +graphs" if cfg.cuda_graphs else "")
-                + ("" if r.get("fits", True) else " (nothing fits)"), r, f"train peft {tag}" if r.get("fits", True) else None)
+            recomputed = {False: "", True: " +ckpt"}.get(ckpt, " +ckpt auto" + (
+                f" ({r['recomputed_layers']} of {model.config.num_hidden_layers} layers)" if r.get("fits", True) else ""))
+            add(f"train ptune {micro * accum} rows, auto <= {cfg.auto_micro_batch_gib} GiB: {r['split']}" + recomputed
+                + (" +graphs" if cfg.cuda_graphs else "") + ("" if r.get("fits", True) else " (nothing fits)"),
+                r, f"train peft {tag}" if r.get("fits", True) else None)
     real = adgen_rows(cfg, vocab, cfg.seed) if cfg.adgen_settings else None
     for micro, accum in cfg.adgen_settings if real is not None else []:
         tag = f"mb{micro}x{accum}"

@@ -353,9 +353,28 @@ class PrefixLM(nn.Module):
         # transformers checkpoints a layer only while that layer is in training mode; flip just the layer
         # wrappers so activation recomputation works while every dropout inside stays off.
         for m in self.base.modules():
-            if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
-                m.training = mode
+            if isinstance(m, GradientCheckpointingLayer):
+                m.training = mode and m.gradient_checkpointing
         return self
+
+    def recompute_layers(self, count: int) -> None:
+        """Recompute the activations of the first `count` decoder layers in backward instead of keeping
+        them (0: none): each one frees its share of activation memory at the cost of running its
+        forward pass again. The first rather than the last, because their activations are held the longest."""
+        layers = [m for m in self.base.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if not 0 <= count <= len(layers):
+            raise ValueError(f"cannot recompute {count} layers: the model has {len(layers)} decoder layers")
+        if count:
+            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for i, layer in enumerate(layers):
+                layer.gradient_checkpointing = i < count
+        elif self.base.is_gradient_checkpointing:
+            self.base.gradient_checkpointing_disable()
+        self.train(self.training)
+
+    @property
+    def recomputed_layers(self) -> int:
+        return sum(1 for m in self.base.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing)
 
     @property
     def config(self):

@@ -73,7 +73,7 @@ class TrainerSchema:
     per_device_batch_size: int = MISSING
     gradient_accumulation_steps: int = MISSING
     auto_micro_batch_gib: Optional[float] = MISSING
-    gradient_checkpointing: bool = MISSING
+    gradient_checkpointing: Any = MISSING  # true, false, a number of layers, or auto
     compile: bool = MISSING
     cuda_graphs: bool = MISSING
     cuda_graph_shapes: int = MISSING

@@ -24,11 +24,11 @@ from ptune import checkpoint as ckpt_io
 from ptune.config import refuse_added_settings, require
 from ptune.data import BatchPlan, IGNORE, collate, training_rows
 from ptune.errors import TrainingError, exit_on_user_error
-from ptune.fit import fit_micro_batch
+from ptune.fit import Prober, agree_across_ranks, fastest, fit_micro_batch, fit_micro_batch_and_recompute
 from ptune.graphs import micro_batch_loss
 from ptune.logs import MetricsLog, peak_memory_gib, setup_logging
 from ptune.loss import output_softcap
-from ptune.step import MicroBatchLoss, optimizer_step
+from ptune.step import optimizer_step
 from ptune.models import base_identity, build_prefix, check_fits, load_base
 from ptune.prefix import PrefixLM, compile_layers
 
@@ -81,6 +81,14 @@ def check_settings(cfg: DictConfig) -> None:
     if t.auto_micro_batch_gib is not None and not t.auto_micro_batch_gib > 0:
         raise TrainingError(f"trainer.auto_micro_batch_gib={t.auto_micro_batch_gib}: a ceiling in GiB above 0, "
                             "or null to keep the micro-batch as set")
+    recompute = t.gradient_checkpointing
+    if not (isinstance(recompute, bool) or recompute == "auto" or (isinstance(recompute, int) and recompute >= 0)):
+        raise TrainingError(f"trainer.gradient_checkpointing={recompute!r}: expected true, false, auto or a number of "
+                            "decoder layers to recompute")
+    if recompute == "auto" and t.auto_micro_batch_gib is None:
+        raise TrainingError("trainer.gradient_checkpointing=auto chooses how many layers to recompute under a "
+                            "memory ceiling: set trainer.auto_micro_batch_gib too, or give true, false or a "
+                            "number of layers")
     if t.group_by_length < 0:
         raise TrainingError(f"trainer.group_by_length={t.group_by_length}: must be 0 or more (0 and 1 turn it off)")
     if t.keep_last is not None and t.keep_last < 1:
@@ -102,37 +110,71 @@ def find_resume(resume, out: Path) -> Path | None:
     return path
 
 
+def recompute_setting(t: DictConfig, num_layers: int) -> int | str:
+    """trainer.gradient_checkpointing (already checked by check_settings) as a number of decoder layers to
+    recompute, or "auto"."""
+    value = t.gradient_checkpointing
+    if isinstance(value, bool):
+        return num_layers if value else 0
+    if value != "auto" and value > num_layers:
+        raise TrainingError(f"trainer.gradient_checkpointing={value}: this model has {num_layers} decoder layers; "
+                            f"give a number from 0 to {num_layers}, true, false or auto")
+    return value
+
+
 def fitted_split(cfg: DictConfig, lm, params, plan_for, lengths: list[int], rows, pad_token_id: int,
-                 device: torch.device, world: int) -> tuple[int, int, dict]:
-    """(micro-batch, accumulation steps, what was measured) for `trainer.auto_micro_batch_gib`: the largest
-    split measured to fit."""
+                 device: torch.device, world: int, recompute: int | str, num_layers: int) -> tuple[int, int, int, dict]:
+    """(micro-batch, accumulation steps, recomputed layers, what was measured) for
+    `trainer.auto_micro_batch_gib`: the largest split measured to fit, or with gradient_checkpointing=auto
+    the fastest split measured to fit with the fewest recomputed layers."""
     t = cfg.trainer
-    ceiling = t.auto_micro_batch_gib
-    # Eager, shaped as the graphs would run it: a captured graph's own memory pool comes on top.
-    probe_loss = MicroBatchLoss(lm, t.loss_chunk_size, output_softcap(lm.base.config), capturable=t.cuda_graphs)
+    ceiling, per_rank_rows = t.auto_micro_batch_gib, t.per_device_batch_size * t.gradient_accumulation_steps
+    softcap = output_softcap(lm.base.config)
+
+    def new_loss():  # each probe runs as training will: captured as a graph when training replays graphs
+        return micro_batch_loss(lm, t.loss_chunk_size, softcap, cuda_graphs=t.cuda_graphs, max_shapes=1)
+
     lm.train()
-    chosen, probes = fit_micro_batch(plan_for, rows, lengths, t.max_steps,
-                                     t.per_device_batch_size * t.gradient_accumulation_steps, ceiling, probe_loss,
-                                     params, pad_token_id, t.pad_to_multiple_of, device)
-    micro = chosen.micro if chosen.peak_gib <= ceiling else 0
-    if world > 1:  # every rank measured the same shapes; take the smallest choice should their GPUs differ
-        agreed = torch.tensor(micro, device=device)
-        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
-        micro = int(agreed)
+    prober = Prober(plan_for, rows, lengths, t.max_steps, per_rank_rows, new_loss, params, pad_token_id,
+                    t.pad_to_multiple_of, device)
+    if recompute == "auto":
+        candidates, probes = fit_micro_batch_and_recompute(prober, ceiling, num_layers, lm.recompute_layers)
+        chosen = (agree_across_ranks(candidates, per_rank_rows, num_layers, device) if world > 1
+                  else fastest(candidates))
+        micro, layers = (chosen.micro, chosen.layers) if chosen else (0, num_layers)
+    else:
+        chosen, probes = fit_micro_batch(prober, ceiling, recompute)
+        micro, layers = (chosen.micro if chosen.peak_gib <= ceiling else 0), recompute
+        if world > 1:  # every rank measured the same shapes; take the smallest choice should their GPUs differ
+            agreed = torch.tensor(micro, device=device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            micro = int(agreed)
     if micro == 0:
+        smallest = min(probes, key=lambda p: (p.micro, -p.layers))
+        advice = ("" if layers == num_layers else
+                  "set trainer.gradient_checkpointing=auto (or true), ")
         raise TrainingError(
-            f"trainer.auto_micro_batch_gib={ceiling}: even a micro-batch of one row peaks at {chosen.peak_gib:.2f} "
-            f"GiB ({chosen.shape[1]} tokens); raise the ceiling, set trainer.gradient_checkpointing=true, quantize "
-            "the base (model.quantization=int4) or lower data.max_source_length / data.max_target_length")
-    accum = t.per_device_batch_size * t.gradient_accumulation_steps // micro
-    peak = next(p.peak_gib for p in probes if p.micro == micro)
-    log.info("trainer.auto_micro_batch_gib=%g: %d x %d (measured peak %.2f GiB; larger: %s)", ceiling, micro, accum,
-             peak, ", ".join(f"{p.micro} x {p.accumulation} {p.peak_gib:.2f} GiB" for p in probes if p.micro > micro)
-             or "none")
+            f"trainer.auto_micro_batch_gib={ceiling}: even a micro-batch of one row peaks at {smallest.peak_gib:.2f} "
+            f"GiB ({smallest.shape[1]} tokens{', every layer recomputed' if smallest.layers == num_layers else ''}); "
+            f"raise the ceiling, {advice}quantize the base (model.quantization=int4) or lower "
+            "data.max_source_length / data.max_target_length")
+    lm.recompute_layers(layers)
+    accum = per_rank_rows // micro
+    # Under torchrun the agreed layer count may exceed what this rank measured; more layers only use less.
+    peak = max((p.peak_gib for p in probes if p.micro == micro and p.layers == layers), default=math.nan)
+    log.info("trainer.auto_micro_batch_gib=%g: %d x %d, %d of %d layers recomputed (measured peak %.2f GiB; "
+             "also measured: %s)", ceiling, micro, accum, layers, num_layers, peak,
+             ", ".join(f"{p.micro} x {p.accumulation}" + (f" ({p.layers} recomputed)" if p.layers else "")
+                       + f" {p.peak_gib:.2f} GiB" for p in probes if (p.micro, p.layers) != (micro, layers)) or "none")
     report = {"ceiling_gib": ceiling, "micro_batch": micro, "gradient_accumulation_steps": accum,
+              "recomputed_layers": layers, "decoder_layers": num_layers,
               "probes": [{"micro_batch": p.micro, "gradient_accumulation_steps": p.accumulation,
-                          "rows": p.shape[0], "tokens": p.shape[1], "peak_gib": p.peak_gib} for p in probes]}
-    return micro, accum, report
+                          "recomputed_layers": p.layers, "rows": p.shape[0], "tokens": p.shape[1],
+                          "peak_gib": p.peak_gib if math.isfinite(p.peak_gib) else None} for p in probes]}
+    if recompute == "auto":
+        report["timed"] = [{"micro_batch": c.micro, "recomputed_layers": c.layers, "ms_per_1000_tokens": c.ms_per_ktoken}
+                           for c in candidates]
+    return micro, accum, layers, report
 
 
 def sum_across_ranks(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
@@ -154,8 +196,8 @@ def train(cfg: DictConfig) -> Path:
                             "trainer.gradient_accumulation_steps yourself, or leave it null")
 
     model, tokenizer = load_base(cfg.model, device)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    num_layers = model.config.num_hidden_layers
+    recompute = recompute_setting(t, num_layers)
     rows = training_rows(cfg.data, cfg.model.template, tokenizer)
     lengths = [len(ids) for ids in rows["input_ids"]]
     targets = [sum(1 for x in lab[1:] if x != IGNORE) for lab in rows["labels"]]
@@ -165,6 +207,7 @@ def train(cfg: DictConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     lm = PrefixLM(model, build_prefix(model, cfg.prefix).to(device))
+    lm.recompute_layers(0 if recompute == "auto" else recompute)
     if t.compile:
         compile_layers(model)
     softcap = output_softcap(model.config)
@@ -172,8 +215,8 @@ def train(cfg: DictConfig) -> Path:
     params = list(lm.prefix.parameters())
     micro, accum = t.per_device_batch_size, t.gradient_accumulation_steps
     if t.auto_micro_batch_gib is not None:
-        micro, accum, fitted = fitted_split(cfg, lm, params, plan_for, lengths, rows, tokenizer.pad_token_id, device,
-                                            world)
+        micro, accum, recompute, fitted = fitted_split(cfg, lm, params, plan_for, lengths, rows,
+                                                       tokenizer.pad_token_id, device, world, recompute, num_layers)
         if accelerator.is_main_process:
             (out / "auto_micro_batch.json").write_text(json.dumps(fitted, indent=2) + "\n", encoding="utf-8")
     plan = plan_for(micro, accum)
@@ -238,8 +281,9 @@ def train(cfg: DictConfig) -> Path:
                 ckpt_io.prune(out, t.keep_last)
         accelerator.wait_for_everyone()
 
-    log.info("training %s: %d rows, %d trainable prefix parameters, global batch %d (%d x %d x %d ranks), %d steps",
-             out, len(rows), sum(p.numel() for p in params), plan.global_batch, micro, accum, world, t.max_steps)
+    log.info("training %s: %d rows, %d trainable prefix parameters, global batch %d (%d x %d x %d ranks), %d steps, "
+             "%d of %d layers recomputed in backward", out, len(rows), sum(p.numel() for p in params),
+             plan.global_batch, micro, accum, world, t.max_steps, lm.recomputed_layers, num_layers)
     lm.train()
     bar = tqdm(total=t.max_steps, initial=start, desc="train", disable=not (accelerator.is_main_process and t.progress_bar))
     window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}

@@ -88,15 +88,23 @@ def loss_and_grad(lm: PrefixLM, batch):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gradient_checkpointing_same_loss_and_gradient(family):
+@pytest.mark.parametrize("count", [1, 2])
+def test_gradient_checkpointing_same_loss_and_gradient(family, count):
+    """Recomputing the first `count` layers (of 2) runs exactly those layers' forward pass a second time in
+    backward, and leaves the loss and the prefix gradient as they were."""
     batch = toy_batch(VOCAB)
     lm = make_lm(family, projection=True)
     lm.train()
     loss_off, grad_off = loss_and_grad(lm, batch)
-    lm.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lm.train()
-    assert any(getattr(m, "gradient_checkpointing", False) and m.training for m in lm.base.modules())
+    lm.recompute_layers(count)
+    assert lm.recomputed_layers == count
+    body = lm.base.get_decoder()
+    layers = getattr(body, "layers", None) or body.h
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):  # counted in forward itself: module hooks stay quiet while recomputing
+        layer.mlp.forward = lambda *a, i=i, run=layer.mlp.forward: (calls.__setitem__(i, calls[i] + 1), run(*a))[1]
     loss_on, grad_on = loss_and_grad(lm, batch)
+    assert calls == [2 if i < count else 1 for i in range(len(layers))]
     torch.testing.assert_close(loss_on, loss_off, atol=1e-5, rtol=0)
     for name in grad_off:
         assert grad_off[name].abs().sum() > 0, name
@@ -105,6 +113,10 @@ def test_gradient_checkpointing_same_loss_and_gradient(family):
     assert all(p.grad is None for p in lm.base.parameters())
     assert not any(p.requires_grad for p in lm.base.parameters())
     assert not lm.base.training
+    lm.recompute_layers(0)
+    assert lm.recomputed_layers == 0 and not lm.base.is_gradient_checkpointing
+    with pytest.raises(ValueError, match="the model has 2 decoder layers"):
+        lm.recompute_layers(3)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
