@@ -492,8 +492,17 @@ def run(cfg: DictConfig) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if cfg.benchmarks_md:
-        append_markdown(Path(cfg.benchmarks_md), report, cfg.command_label)
+        append_markdown(Path(cfg.benchmarks_md), report, cfg.command_label or command_line())
     return report
+
+
+def command_line() -> str:
+    """The command as run, for the table's heading; where the files went is left out (it is local)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    kept = [o for o in overrides if not o.startswith(("benchmarks_md=", "out_json="))]
+    return " ".join(["python -m ptune.bench", *kept])
 
 
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")

@@ -81,3 +81,23 @@ def test_bench_adgen_rows_compare_against_reference_padding(tmp_path, monkeypatc
     for name in others:
         r = results[name]
         assert r["baseline"] == base and r["ratio"] == pytest.approx(r["samples_per_s"] / results[base]["samples_per_s"])
+
+
+@pytest.mark.slow
+def test_bench_table_heading_is_the_command_as_run(tmp_path):
+    """The appended table names the overrides it ran with; where its files went is left out."""
+    import subprocess
+    import sys
+
+    overrides = ["model_config={model_type: llama, vocab_size: 128, hidden_size: 32, intermediate_size: 64, "
+                 "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, pad_token_id: 0, eos_token_id: 2}",
+                 "device=cpu", "prefix_length=4", "max_source_length=6", "max_target_length=6", "num_rows=16",
+                 "train_settings=[[2,2]]", "steps=1", "warmup_steps=1", "gradient_checkpointing=false", "compare=[]",
+                 "eval_batches=[]", "decode_steady_batches=[]", "eval_check_prompts=0", "adgen_settings=[]"]
+    proc = subprocess.run([sys.executable, "-m", "ptune.bench", *overrides, f"out_json={tmp_path / 'b.json'}",
+                           f"benchmarks_md={tmp_path / 'B.md'}", f"hydra.run.dir={tmp_path / 'h'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    heading = next(line for line in (tmp_path / "B.md").read_text().splitlines() if line.startswith("## "))
+    assert heading.endswith("`python -m ptune.bench " + " ".join(overrides) + "`"), heading
+    assert str(tmp_path) not in heading
