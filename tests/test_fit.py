@@ -97,18 +97,33 @@ def test_auto_recompute_takes_the_fastest_split_that_fits(ms_per_layer, chosen):
     assert fastest([]) is None
 
 
-def test_recompute_setting_errors(tiny_model_dir, sample_file, tmp_path):
-    model = tiny_model_dir("llama")
-    for value, message in [
-            ("auto", "trainer.gradient_checkpointing=auto chooses how many layers to recompute under a memory "
-                     "ceiling: set trainer.auto_micro_batch_gib too"),
-            ("3", "trainer.gradient_checkpointing=3: this model has 2 decoder layers; give a number from 0 to 2, "
-                  "true, false or auto"),
-            ("-1", "trainer.gradient_checkpointing=-1: expected true, false, auto or a number of decoder layers"),
-            ("some", "trainer.gradient_checkpointing='some': expected true, false, auto or a number")]:
-        bad = run_train(*small_run(model, sample_file, tmp_path / value, f"trainer.gradient_checkpointing={value}"),
-                        check=False)
-        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+@pytest.mark.parametrize("value, message", [
+    ("auto", "trainer.gradient_checkpointing=auto chooses how many layers to recompute under a memory ceiling: "
+             "set trainer.auto_micro_batch_gib too"),
+    ("-1", "trainer.gradient_checkpointing=-1: expected true, false, auto or a number of decoder layers"),
+    ("some", "trainer.gradient_checkpointing='some': expected true, false, auto or a number"),
+    ("2.5", "trainer.gradient_checkpointing=2.5: expected true, false, auto or a number")])
+def test_recompute_setting_refused_before_anything_loads(value, message):
+    from hydra import compose, initialize_config_dir
+
+    import ptune.schema  # noqa: F401 -- registers the config's types
+    from conftest import REPO
+    from ptune.errors import TrainingError
+    from ptune.train import check_settings
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"trainer.gradient_checkpointing={value}"])
+    with pytest.raises(TrainingError) as refused:
+        check_settings(cfg)
+    assert message in str(refused.value)
+
+
+def test_recompute_count_above_the_model_layers_is_refused(tiny_model_dir, sample_file, tmp_path):
+    bad = run_train(*small_run(tiny_model_dir("llama"), sample_file, tmp_path / "r", "trainer.gradient_checkpointing=3"),
+                    check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert ("trainer.gradient_checkpointing=3: this model has 2 decoder layers; give a number from 0 to 2, true, "
+            "false or auto") in bad.stderr
 
 
 def test_recomputing_some_layers_trains_like_none(tiny_model_dir, sample_file, tmp_path):
