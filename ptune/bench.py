@@ -28,7 +28,7 @@ from ptune.generate import generate
 from ptune.logs import setup_logging
 from ptune.loss import output_softcap
 from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec, compile_layers
-from ptune.fit import Prober, fastest, fit_micro_batch, fit_micro_batch_and_recompute, release_probe_memory
+from ptune.fit import Prober, choose_split, release_probe_memory
 from ptune.graphs import micro_batch_loss
 from ptune.layers import fuse_layers
 from ptune.step import optimizer_step
@@ -154,12 +154,9 @@ def _ptune_train(lm, rows, micro, accum, cfg, device, *, pad_to, sort, checkpoin
 
         prober = Prober(plan_for, rows, lengths, cfg.warmup_steps + 2 * cfg.steps, micro * accum, new_loss, params,
                         0, pad_multiple, device)
-        if checkpointing == "auto":
-            chosen = fastest(fit_micro_batch_and_recompute(prober, fit_gib, model.config.num_hidden_layers,
-                                                           lm.recompute_layers)[0])
-        else:
-            chosen = fit_micro_batch(prober, fit_gib, lm.recomputed_layers)[0]
-        if chosen is None or chosen.peak_gib > fit_gib:
+        chosen = choose_split(prober, fit_gib, "auto" if checkpointing == "auto" else lm.recomputed_layers,
+                              model.config.num_hidden_layers, lm.recompute_layers)[0]
+        if chosen is None:
             return {"split": "none", "seconds": float("nan"), "fits": False}
         lm.recompute_layers(chosen.layers)
         micro, accum = chosen.micro, chosen.accumulation

@@ -226,6 +226,19 @@ def fastest(candidates: list[Probe]) -> Probe | None:
     return min(candidates, key=lambda c: c.ms_per_ktoken, default=None)
 
 
+def choose_split(prober: Prober, ceiling_gib: float, recompute: int | str, num_layers: int,
+                 set_layers: Callable[[int], None], pick: Callable[[list[Probe]], Probe | None] = fastest
+                 ) -> tuple[Probe | None, list[Probe], list[Probe]]:
+    """(the split to train with, None if nothing fits; every probe; the timed candidates). `recompute` is a
+    fixed number of recomputed layers (already set on the model) or "auto"; `pick` chooses among the
+    timed candidates (under torchrun, one choice for every rank)."""
+    if recompute == "auto":
+        candidates, probes = fit_micro_batch_and_recompute(prober, ceiling_gib, num_layers, set_layers)
+        return pick(candidates), probes, candidates
+    chosen, probes = fit_micro_batch(prober, ceiling_gib, recompute)
+    return (chosen if chosen.peak_gib <= ceiling_gib else None), probes, []
+
+
 def agree_across_ranks(candidates: list[Probe], per_rank_rows: int, num_layers: int,
                        device: torch.device) -> Probe | None:
     """The split and layer count every rank trains with: per split, the most layers any rank needed and the

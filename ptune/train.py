@@ -24,7 +24,7 @@ from ptune import checkpoint as ckpt_io
 from ptune.config import refuse_added_settings, require
 from ptune.data import BatchPlan, IGNORE, collate, training_rows
 from ptune.errors import TrainingError, exit_on_user_error
-from ptune.fit import Prober, agree_across_ranks, fastest, fit_micro_batch, fit_micro_batch_and_recompute
+from ptune.fit import Prober, agree_across_ranks, choose_split, fastest
 from ptune.graphs import micro_batch_loss
 from ptune.logs import MetricsLog, peak_memory_gib, setup_logging
 from ptune.loss import output_softcap
@@ -137,18 +137,14 @@ def fitted_split(cfg: DictConfig, lm, params, plan_for, lengths: list[int], rows
     lm.train()
     prober = Prober(plan_for, rows, lengths, t.max_steps, per_rank_rows, new_loss, params, pad_token_id,
                     t.pad_to_multiple_of, device)
-    if recompute == "auto":
-        candidates, probes = fit_micro_batch_and_recompute(prober, ceiling, num_layers, lm.recompute_layers)
-        chosen = (agree_across_ranks(candidates, per_rank_rows, num_layers, device) if world > 1
-                  else fastest(candidates))
-        micro, layers = (chosen.micro, chosen.layers) if chosen else (0, num_layers)
-    else:
-        chosen, probes = fit_micro_batch(prober, ceiling, recompute)
-        micro, layers = (chosen.micro if chosen.peak_gib <= ceiling else 0), recompute
-        if world > 1:  # every rank measured the same shapes; take the smallest choice should their GPUs differ
-            agreed = torch.tensor(micro, device=device)
-            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
-            micro = int(agreed)
+    pick = (lambda found: agree_across_ranks(found, per_rank_rows, num_layers, device)) if world > 1 else fastest
+    chosen, probes, candidates = choose_split(prober, ceiling, recompute, num_layers, lm.recompute_layers, pick)
+    micro = chosen.micro if chosen else 0
+    layers = chosen.layers if chosen else (num_layers if recompute == "auto" else recompute)
+    if world > 1 and recompute != "auto":  # ranks measured the same shapes; should their GPUs differ, the smallest
+        agreed = torch.tensor(micro, device=device)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+        micro = int(agreed)
     if micro == 0:
         smallest = min(probes, key=lambda p: (p.micro, -p.layers))
         advice = ("" if layers == num_layers else
