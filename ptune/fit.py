@@ -7,7 +7,8 @@ each candidate, largest first, the batch plan is walked over every step of the r
 its micro-batches take (rows, longest row), and each shape that no other one contains is run forward and
 backward on copies of the run's longest row, the way training will run it (captured as a CUDA graph when
 `trainer.cuda_graphs` is on: a graph's memory pool holds more than the eager pass peaks at); the first
-candidate whose peak, plus the optimizer's moments, stays under the ceiling is the one trained with. Sorted micro-batches of short rows hold more rows than the setting,
+candidate whose peak, plus the optimizer's moments, stays under the ceiling is the one trained with.
+Sorted micro-batches of short rows hold more rows than the setting,
 and the prefix is copied per row, so such a shape can need more memory than `micro x longest` tokens
 suggest: that is why shapes are walked, not assumed.
 
@@ -32,6 +33,7 @@ import torch
 
 from ptune.data import BatchPlan, collate
 from ptune.graphs import clear_cublas_workspaces
+from ptune.step import gradient_buffers
 
 log = logging.getLogger("ptune.fit")
 
@@ -78,9 +80,7 @@ def release_probe_memory() -> None:
 def peak_gib(loss_fn, params, batch: dict, global_targets: int) -> float:
     """Peak GPU memory of a forward and backward pass of `batch` through a new `loss_fn` (inf if it runs
     out), with the gradient buffers training keeps; they are zeroed after."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    gradient_buffers(params)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     try:
@@ -99,9 +99,7 @@ def peak_gib(loss_fn, params, batch: dict, global_targets: int) -> float:
 def ms_per_ktoken(loss_fn, params, batch: dict, repeats: int = 3) -> float:
     """Fastest of `repeats` forward and backward passes of `batch` after a first one (which captures the
     graph), in ms per thousand tokens."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    gradient_buffers(params)
     best = math.inf
     for i in range(repeats + 1):
         torch.cuda.synchronize()

@@ -40,6 +40,15 @@ class MicroBatchLoss(nn.Module):
         return loss
 
 
+def gradient_buffers(params) -> None:
+    """Zero-filled .grad for every parameter that has none. Gradients accumulate into buffers that exist
+    before the first backward pass: a replayed graph hands out its gradient in memory it overwrites next
+    replay, which autograd would otherwise adopt as .grad."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def optimizer_step(micro_loss_fn, params, batches, global_targets: int, optimizer, scaler, *,
                    max_grad_norm: float | None, world_size: int = 1, seeds: list[int] | None = None) -> StepResult:
     """Gradients of the loss over `batches`, normalised by `global_targets`, summed across ranks, clipped, applied.
@@ -51,11 +60,7 @@ def optimizer_step(micro_loss_fn, params, batches, global_targets: int, optimize
     device = params[0].device
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), device=device, dtype=torch.long)
-    for p in params:
-        # Accumulate into buffers that exist before the first backward pass: a replayed graph hands out
-        # its gradient in memory it overwrites next replay, which autograd would otherwise adopt as .grad.
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    gradient_buffers(params)
     for i, batch in enumerate(batches):
         if seeds is not None:
             torch.manual_seed(seeds[i])
