@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import build_tokenizer, logged, run_train, small_run, tiny_config
+from conftest import REPO, build_tokenizer, logged, run_train, small_run, tiny_config
 from ptune.data import BatchPlan
 from ptune.fit import (Probe, divisors_descending, fastest, fewest_layers, fit_micro_batch_and_recompute,
                        micro_batch_shapes, outermost)
@@ -95,6 +97,43 @@ def test_auto_recompute_takes_the_fastest_split_that_fits(ms_per_layer, chosen):
     assert {m for m, _ in memory.probed} == {16, 8, 4}
     assert (fastest(candidates).micro, fastest(candidates).layers) == chosen
     assert fastest([]) is None
+
+
+# Each rank's timed candidates (micro, accumulation, shape, peak, layers, ms per 1000 tokens). Rank 0 fit 8
+# rows with no layer recomputed and stopped there; rank 1 (longer rows) needed 3 layers at 8 rows, so it
+# also timed 4 rows, which rank 0 never measured.
+_RANK_CANDIDATES = """
+import json, sys, torch, torch.distributed as dist
+from ptune.fit import Probe, agree_across_ranks
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+cases = {
+    "one split in common": [[Probe(8, 1, (8, 90), 12.0, 0, 5.0)],
+                            [Probe(8, 1, (8, 99), 12.9, 3, 6.0), Probe(4, 2, (4, 99), 11.0, 0, 4.0)]],
+    "summed times": [[Probe(8, 1, (8, 90), 12.8, 2, 5.0), Probe(4, 2, (4, 90), 11.0, 0, 4.0)],
+                     [Probe(8, 1, (8, 99), 12.9, 3, 6.0), Probe(4, 2, (4, 99), 11.5, 0, 4.5)]],
+    "nothing in common": [[], [Probe(8, 1, (8, 99), 12.9, 3, 6.0)]],
+}
+out = {}
+for name, candidates in cases.items():
+    c = agree_across_ranks(candidates[rank], 8, 28, torch.device("cpu"))
+    out[name] = None if c is None else [c.micro, c.accumulation, c.layers, c.ms_per_ktoken]
+print("AGREED", rank, json.dumps(out))
+"""
+
+
+def test_ranks_agree_on_one_split_and_layer_count(tmp_path):
+    """Under torchrun each rank searches on its own rows; they train with one split: per split the most layers
+    any rank needed, a split only if every rank measured it, and the fastest by summed time."""
+    script = tmp_path / "agree.py"
+    script.write_text(_RANK_CANDIDATES)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29519", str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    agreed = [json.loads(line.split(" ", 2)[2]) for line in proc.stdout.splitlines() if line.startswith("AGREED")]
+    assert len(agreed) == 2 and agreed[0] == agreed[1]
+    assert agreed[0] == {"one split in common": [8, 1, 3, 11.0], "summed times": [4, 2, 0, 8.5],
+                         "nothing in common": None}
 
 
 @pytest.mark.parametrize("value, message", [
@@ -237,4 +276,35 @@ def test_auto_recompute_fits_the_ceiling_with_the_fewest_layers_and_trains_like_
                          f"trainer.per_device_batch_size={micro}",
                          f"trainer.gradient_accumulation_steps={8 // micro}",
                          f"trainer.gradient_checkpointing={layers}"))
+    assert [r["loss"] for r in logged(tmp_path / "auto")] == [r["loss"] for r in logged(tmp_path / "by_hand")]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two GPUs, one per torchrun rank")
+def test_auto_recompute_under_torchrun_agrees_and_trains_like_that_setting(deep_glm, sample_file, tmp_path):
+    """Two ranks, each probing its own GPU, settle on one split and layer count under a ceiling between none
+    and all recomputed, stay under it, and train exactly as that setting given by hand on two ranks does."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521", "-m"]
+    common = ["trainer.per_device_batch_size=1", "trainer.gradient_accumulation_steps=8", "trainer.max_steps=4",
+              "trainer.save_steps=4", "model.dtype=bfloat16"]
+
+    def two_ranks(name, *extra):
+        return run_train(*small_run(deep_glm, sample_file, tmp_path / name, *common, *extra), launcher=launcher)
+
+    two_ranks("none", "trainer.auto_micro_batch_gib=500")
+    two_ranks("all", "trainer.auto_micro_batch_gib=500", "trainer.gradient_checkpointing=true")
+    none, every = (json.loads((tmp_path / r / "auto_micro_batch.json").read_text()) for r in ("none", "all"))
+    assert (none["micro_batch"], none["recomputed_layers"], every["recomputed_layers"]) == (8, 0, 8)
+    ceiling = (none["probes"][0]["peak_gib"] + every["probes"][0]["peak_gib"]) / 2
+
+    auto = two_ranks("auto", f"trainer.auto_micro_batch_gib={ceiling!r}", "trainer.gradient_checkpointing=auto")
+    report = json.loads((tmp_path / "auto" / "auto_micro_batch.json").read_text())
+    micro, layers = report["micro_batch"], report["recomputed_layers"]
+    assert 0 < next(t["recomputed_layers"] for t in report["timed"] if t["micro_batch"] == 8) < 8
+    assert f"{layers} of 8 layers recomputed in backward" in auto.stderr
+    assert f"global batch 16 ({micro} x {8 // micro} x 2 ranks)" in auto.stderr
+    assert max(r["peak_mem_gib"] for r in logged(tmp_path / "auto")) <= ceiling
+
+    run_train(*small_run(deep_glm, sample_file, tmp_path / "by_hand", *common[2:], f"trainer.per_device_batch_size={micro}",
+                         f"trainer.gradient_accumulation_steps={8 // micro}", f"trainer.gradient_checkpointing={layers}"),
+              launcher=launcher)
     assert [r["loss"] for r in logged(tmp_path / "auto")] == [r["loss"] for r in logged(tmp_path / "by_hand")]
