@@ -118,7 +118,9 @@ out = {}
 for name, candidates in cases.items():
     c = agree_across_ranks(candidates[rank], 8, 28, torch.device("cpu"))
     out[name] = None if c is None else [c.micro, c.accumulation, c.layers, c.ms_per_ktoken]
-print("AGREED", rank, json.dumps(out))
+# one file per rank: two processes printing to one pipe can interleave their lines
+with open(f"{sys.argv[1]}/agreed{rank}.json", "w") as f:
+    json.dump(out, f)
 """
 
 
@@ -128,10 +130,10 @@ def test_ranks_agree_on_one_split_and_layer_count(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(_RANK_CANDIDATES)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29519", str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "29519", str(script), str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    agreed = [json.loads(line.split(" ", 2)[2]) for line in proc.stdout.splitlines() if line.startswith("AGREED")]
-    assert len(agreed) == 2 and agreed[0] == agreed[1]
+    agreed = [json.loads((tmp_path / f"agreed{rank}.json").read_text()) for rank in (0, 1)]
+    assert agreed[0] == agreed[1]
     assert agreed[0] == {"one split in common": [8, 1, 3, 11.0], "summed times": [4, 2, 0, 8.5],
                          "nothing in common": None}
 
