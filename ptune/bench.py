@@ -20,10 +20,11 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ptune.config import refuse_added_settings
+from ptune.config import check_count, check_flag, refuse_added_settings, resolve_device
 from ptune.data import IGNORE, BatchPlan, collate, left_pad
+from ptune.errors import ConfigError, exit_on_user_error
 from ptune.generate import generate
 from ptune.logs import setup_logging
 from ptune.loss import output_softcap
@@ -356,8 +357,44 @@ def append_markdown(path: Path, report: dict, command: str) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def check_settings(cfg: DictConfig) -> torch.device:
+    """conf/bench.yaml's settings no run could use, refused before the model is built; returns the device."""
+    for key in ("fused_layers", "fused_dequantize", "widen_timing", "gradient_checkpointing", "compile", "cuda_graphs"):
+        check_flag(cfg, key)
+    for key in ("prefix_length", "max_source_length", "max_target_length", "num_rows", "steps", "loss_chunk_size",
+                "eval_prompts", "eval_new_tokens", "graphs_pad_to_multiple_of", "quantization_group_size"):
+        check_count(cfg, key)
+    for key in ("seed", "warmup_steps", "eval_prompts_at_batch1", "eval_check_prompts", "adgen_group_by_length"):
+        check_count(cfg, key, least=0)
+    for key in ("train_settings", "adgen_settings"):
+        for i, pair in enumerate(cfg[key]):
+            if not (isinstance(pair, ListConfig) and len(pair) == 2):
+                raise ConfigError(f"{key}[{i}]={pair!r}: expected [micro-batch, accumulation steps], e.g. [16, 1]")
+            check_count(cfg, f"{key}[{i}][0]")
+            check_count(cfg, f"{key}[{i}][1]")
+    for key in ("eval_batches", "decode_steady_batches", "decode_compile_batches"):
+        for i in range(len(cfg[key])):
+            check_count(cfg, f"{key}[{i}]")
+    if any(c != "peft" for c in cfg.compare):
+        raise ConfigError(f"compare={list(cfg.compare)!r}: expected [peft], or [] to time ptune alone")
+    if not (isinstance(cfg.peak_tflops, (int, float)) and cfg.peak_tflops > 0):
+        raise ConfigError(f"peak_tflops={cfg.peak_tflops!r}: the card's dense bf16 peak, a number above 0")
+    from ptune.quant import MODES
+
+    if cfg.quantization is not None and cfg.quantization not in MODES:
+        raise ConfigError(f"quantization={cfg.quantization!r}: expected one of {', '.join(MODES)} or null")
+    device = resolve_device(cfg.device)
+    ceiling = cfg.auto_micro_batch_gib
+    if ceiling is not None:
+        if not (isinstance(ceiling, (int, float)) and not isinstance(ceiling, bool) and ceiling > 0):
+            raise ConfigError(f"auto_micro_batch_gib={ceiling!r}: a ceiling in GiB above 0, or null")
+        if device.type != "cuda":
+            raise ConfigError(f"auto_micro_batch_gib={ceiling}: measures GPU memory, and this run is on {device.type}")
+    return device
+
+
 def run(cfg: DictConfig) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
+    device = check_settings(cfg)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(cfg, device, dtype)
     vocab = model.config.vocab_size
@@ -503,6 +540,7 @@ def command_line() -> str:
 
 
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     refuse_added_settings(cfg)
     setup_logging()

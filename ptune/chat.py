@@ -19,7 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptune.config import refuse_added_settings
+from ptune.config import check_count, check_generation, refuse_added_settings, resolve_device
 from ptune.data import prompt_ids
 from ptune.generate import generate
 from ptune.errors import exit_on_user_error
@@ -55,15 +55,9 @@ class ChatModel:
         return f"{what}, template {self.template}, on {self.device.type}"
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_chat_model(cfg: DictConfig) -> ChatModel:
     """The model named by `cfg.checkpoint` / `cfg.model`, as `ptune.evaluate` loads it."""
-    device = resolve_device(str(cfg.device))
+    device = resolve_device(cfg.device)
     checkpoint = str(Path(str(cfg.checkpoint)).expanduser()) if cfg.checkpoint else None
     model, tokenizer, prefix_config = load_for_inference(checkpoint, cfg.model, device)
     template = cfg.model.get("template") or (prefix_config or {}).get("model", {}).get("template")
@@ -255,6 +249,8 @@ def main(cfg: DictConfig) -> None:
     if not cfg.checkpoint and not cfg.model.get("path"):
         raise SystemExit("config error: pass checkpoint=<run>/checkpoint-N, or checkpoint=null model.path=<dir> "
                          "to chat with the base model alone")
+    check_count(cfg, "max_prompt_tokens")
+    check_generation(cfg)
     log.info("loading %s", cfg.checkpoint or cfg.model.path)
     cm = load_chat_model(cfg)
     log.debug("config: %s", OmegaConf.to_yaml(cfg))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import re
 from importlib import resources
 
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # Registers the training config's types (conf/train.yaml lists them first in its defaults); every
 # entry point that composes `train` imports this module before Hydra runs.
 from ptune import schema as _schema  # noqa: F401
+from ptune.errors import ConfigError
 
 
 def asset_path(name: str) -> str:
@@ -63,3 +67,84 @@ def refuse_added_settings(cfg: DictConfig) -> None:
     if extra:
         raise SystemExit(f"config error: unknown setting {', '.join(extra)}: not a key of "
                          f"conf/{hc.job.config_name}.yaml or the config groups it uses; a misspelling?")
+
+
+# Range and type checks of the settings that inference, serving and benchmarking read. Each names the
+# key and the value given, and runs before a model is loaded, so a typo costs seconds, not a load.
+
+_DEVICE = re.compile(r"auto|cpu|cuda(?::(\d+))?")
+
+
+def resolve_device(value, key: str = "device") -> torch.device:
+    """`auto` (the GPU when there is one), `cpu`, `cuda` or `cuda:N`, checked against this machine."""
+    name = str(value)
+    form = _DEVICE.fullmatch(name)
+    if not form:
+        raise ConfigError(f"{key}={name!r}: expected auto, cpu, cuda or cuda:N")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu":
+        count = torch.cuda.device_count()
+        if not count:
+            raise ConfigError(f"{key}={name}: no CUDA device on this machine; use cpu or auto")
+        if int(form.group(1) or 0) >= count:
+            raise ConfigError(f"{key}={name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return torch.device(name)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_count(cfg: DictConfig, key: str, least: int = 1, nullable: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if (value is None and nullable) or (_whole(value) and value >= least):
+        return
+    raise ConfigError(f"{key}={value!r}: expected a whole number of at least {least}" + (" or null" if nullable else ""))
+
+
+def check_flag(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+
+
+def check_batch_size(cfg: DictConfig, key: str = "batch_size") -> None:
+    if OmegaConf.select(cfg, key) != "auto":
+        check_count(cfg, key)
+
+
+def check_token_ids(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not (isinstance(value, ListConfig) and all(_whole(t) and t >= 0 for t in value)):
+        raise ConfigError(f"{key}={value!r}: expected a list of token ids (whole numbers >= 0), e.g. [2] or []")
+
+
+def check_sampling(cfg: DictConfig, temperature_key: str, top_p_key: str, sampling: bool = True) -> None:
+    """A temperature above 0 where sampling, top_p within [0, 1] (0 keeps only the likeliest token)."""
+    t, p = OmegaConf.select(cfg, temperature_key), OmegaConf.select(cfg, top_p_key)
+    if not _number(t) or (sampling and t <= 0):
+        raise ConfigError(f"{temperature_key}={t!r}: expected a number" + (" above 0 when sampling; greedy decoding "
+                                                                           "is do_sample=false" if sampling else ""))
+    if not (_number(p) and 0 <= p <= 1):
+        raise ConfigError(f"{top_p_key}={p!r}: expected a number from 0 to 1")
+
+
+def check_generation(cfg: DictConfig, key: str = "generation") -> None:
+    """The generation group (conf/generation/): how many tokens, greedy or sampled, extra stop tokens."""
+    check_count(cfg, f"{key}.max_new_tokens")
+    check_flag(cfg, f"{key}.do_sample")
+    check_flag(cfg, f"{key}.compile_step")
+    check_count(cfg, f"{key}.seed", least=0)
+    check_sampling(cfg, f"{key}.temperature", f"{key}.top_p", sampling=OmegaConf.select(cfg, f"{key}.do_sample"))
+    check_token_ids(cfg, f"{key}.extra_eos_token_ids")
+
+
+def check_data_overrides(cfg: DictConfig) -> None:
+    """Length limits given to evaluate (null keeps the checkpoint's)."""
+    for key in ("data.max_source_length", "data.max_target_length"):
+        check_count(cfg, key, nullable=True)

@@ -11,14 +11,19 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite values, a checkpoint that cannot be resumed, a bad setting)."""
 
 
+class ConfigError(ValueError):
+    """A setting of an entry point's config that its type or range rules out, named with the value given."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     # Defined here rather than in ptune.train: under `python -m ptune.train` that module runs as
     # __main__, and an exception class defined there would not be the one caught here.
     from ptune.checkpoint import CheckpointError
     from ptune.data import DataError
     from ptune.models import ModelError
+    from ptune.quant import QuantizationError
 
-    return CheckpointError, DataError, ModelError, TrainingError
+    return CheckpointError, ConfigError, DataError, ModelError, QuantizationError, TrainingError
 
 
 def exit_on_user_error(fn):

@@ -18,7 +18,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ptune.config import refuse_added_settings
+from ptune.config import (check_batch_size, check_count, check_data_overrides, check_generation,
+                          refuse_added_settings, resolve_device)
 from ptune.data import Columns, left_pad, load_examples, prompt_ids
 from ptune.generate import generate
 from ptune.errors import exit_on_user_error
@@ -77,6 +78,7 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
     if batch_size == "auto":
         batch_size = auto_batch_size(model, len(prompts[order[0]]), gen.max_new_tokens, device, len(prompts))
     eos = [tokenizer.eos_token_id] + list(gen.get("extra_eos_token_ids") or [])
+    stops = set(eos)
     generator = torch.Generator(device=device).manual_seed(int(gen.seed)) if gen.do_sample else None
     texts: list[str | None] = [None] * len(prompts)
     new_tokens, start = 0, time.perf_counter()
@@ -89,8 +91,11 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
                        temperature=gen.temperature, top_p=gen.top_p, generator=generator,
                        compile_step=bool(gen.compile_step))
         for row, i in zip(out.tolist(), idx):
-            texts[i] = tokenizer.decode(row, skip_special_tokens=True)
-            new_tokens += sum(1 for t in row if t not in eos and t != tokenizer.pad_token_id)
+            # The reply ends before its stop token, as in chat and serve: an extra stop token that is an
+            # ordinary one (a newline, say) is not part of the prediction, nor is the padding after it.
+            reply = row[:next((j for j, t in enumerate(row) if t in stops), len(row))]
+            texts[i] = tokenizer.decode(reply, skip_special_tokens=True)
+            new_tokens += len(reply)
         bar.update(len(idx))
     bar.close()
     wall = time.perf_counter() - start
@@ -140,8 +145,17 @@ def eval_settings(cfg: DictConfig, prefix_config: dict | None) -> tuple[dict, st
     return data_cfg, template
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """conf/evaluate.yaml's settings (ptune.sweep shares them) that no run could use, refused before loading."""
+    check_batch_size(cfg)
+    check_count(cfg, "limit", nullable=True)
+    check_generation(cfg)
+    check_data_overrides(cfg)
+
+
 def evaluate(cfg: DictConfig) -> dict:
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_settings(cfg)
+    device = resolve_device(cfg.device)
     model, tokenizer, prefix_config = load_for_inference(cfg.checkpoint, cfg.model, device)
     data_cfg, template = eval_settings(cfg, prefix_config)
     if not data_cfg.get("eval_file"):

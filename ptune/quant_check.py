@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from ptune.config import refuse_added_settings, require
+from ptune.config import check_count, refuse_added_settings, require, resolve_device
 from ptune.data import IGNORE, collate, training_rows
 from ptune.errors import exit_on_user_error
 from ptune.logs import setup_logging
@@ -51,7 +51,9 @@ def measure(model, batches: list[dict], cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     require(cfg, "model.path", "data.train_file")
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    for key in ("rows", "batch_size", "prefix_length", "loss_chunk_size"):
+        check_count(cfg, key)
+    device = resolve_device(cfg.device)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) | {"quantization": None, "quantization_cache": None}
     model, tokenizer = load_base(OmegaConf.create(model_cfg), device)
     rows = training_rows(cfg.data, cfg.model.template, tokenizer, limit=cfg.rows)

@@ -47,15 +47,16 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from ptune.chat import ChatModel, StreamDecoder, build_prompt, load_chat_model
-from ptune.config import refuse_added_settings
+from ptune.config import check_count, check_sampling, check_token_ids, refuse_added_settings
 from ptune.data import left_pad
 from ptune.generate import generate
-from ptune.errors import exit_on_user_error
+from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import setup_logging
 
 log = logging.getLogger("ptune.serve")
 
 API_KEY_ENV = "PTUNE_API_KEY"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 WEB_FILES = {"chat.js": "text/javascript; charset=utf-8", "chat.css": "text/css; charset=utf-8"}
 
 
@@ -627,6 +628,22 @@ def _check_exposure(cfg: DictConfig) -> None:
                     "api_key=... or %s", cfg.host, API_KEY_ENV)
 
 
+def check_settings(cfg: DictConfig) -> None:
+    """conf/serve.yaml's limits and request defaults, refused before the model loads or the port opens."""
+    for key in ("max_prompt_tokens", "max_new_tokens", "max_batch_size", "max_body_bytes", "max_queue",
+                "api.max_length", "openai.max_tokens"):
+        check_count(cfg, key)
+    check_count(cfg, "batch_wait_ms", least=0)
+    check_count(cfg, "seed", least=0)
+    if not (isinstance(cfg.port, int) and not isinstance(cfg.port, bool) and 0 <= cfg.port <= 65535):
+        raise ConfigError(f"port={cfg.port!r}: expected a TCP port from 0 to 65535 (0: any free port)")
+    if str(cfg.log_level) not in LOG_LEVELS:
+        raise ConfigError(f"log_level={cfg.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+    for group in ("api", "openai"):  # a temperature <= 0 asks for greedy decoding here
+        check_sampling(cfg, f"{group}.temperature", f"{group}.top_p", sampling=False)
+    check_token_ids(cfg, "generation.extra_eos_token_ids")
+
+
 @hydra.main(config_path="../conf", config_name="serve", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
@@ -637,8 +654,7 @@ def main(cfg: DictConfig) -> None:
     if not cfg.checkpoint and not cfg.model.get("path"):
         raise SystemExit("config error: pass checkpoint=<run>/checkpoint-N, or checkpoint=null model.path=<dir> "
                          "to serve the base model alone")
-    if int(cfg.max_prompt_tokens) < 1 or int(cfg.max_new_tokens) < 1 or int(cfg.max_batch_size) < 1:
-        raise SystemExit("config error: max_prompt_tokens, max_new_tokens and max_batch_size must be >= 1")
+    check_settings(cfg)
     cm = load_chat_model(cfg)
     _check_exposure(cfg)
     app = create_app(cm, cfg)

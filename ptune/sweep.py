@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ptune import checkpoint as ckpt_io
 from ptune.checkpoint import sha256_file
 from ptune.chatglm.ptuning import is_reference_checkpoint
-from ptune.config import refuse_added_settings
+from ptune.config import refuse_added_settings, resolve_device
 from ptune import evaluate as ev
 from ptune import models
 from ptune.data import Columns, load_examples
@@ -248,10 +248,6 @@ def _scores(m: dict) -> str:
     return " ".join(f"{k} {m[k]:.4f}" for k in SCORE_KEYS)
 
 
-def resolve_device(name: str) -> torch.device:
-    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def output_dir(cfg: DictConfig) -> Path:
     if cfg.output_dir:
         return Path(str(cfg.output_dir))
@@ -263,7 +259,8 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def sweep(cfg: DictConfig) -> dict:
     """Score all checkpoints, write the comparison files; returns rows, best per metric and failures."""
-    device = resolve_device(str(cfg.device))
+    ev.check_settings(cfg)
+    device = resolve_device(cfg.device)
     out = output_dir(cfg)
     targets = plan(cfg)
     expected = Expected(cfg, device)

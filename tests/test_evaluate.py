@@ -153,14 +153,16 @@ def test_prefix_weights_that_do_not_match_their_config(ckpt, tmp_path, edit, mes
         load_for_inference(stale, OmegaConf.create({"dtype": "float32"}), "cpu")
 
 
-def test_empty_predictions_are_scored_and_counted(ckpt, sample_file, tmp_path):
+def test_empty_predictions_are_scored_and_counted(ckpt, tiny_model_dir, sample_file, tmp_path):
     metrics = ev.score(["", "  ", "这条裙子很好看"], ["这条包臀裙很好看", "白色的衬衫", "这条裙子很好看"])
     assert metrics["num_empty_predictions"] == 2 and metrics["num_samples"] == 3
     assert 0 < metrics["rouge-l"] < 100
-    # End to end: no new tokens at all gives empty predictions for every row, scored 0 and counted.
+    # End to end: every token a stop token, so each reply stops before its first token; the stop token
+    # (an ordinary character here, not a special one) is not part of the prediction.
     out = tmp_path / "empty"
+    every = list(range(json.loads((tiny_model_dir("llama") / "config.json").read_text())["vocab_size"]))
     result = ev.evaluate(compose(f"checkpoint={ckpt}", f"data.eval_file={sample_file}", "limit=4",
-                                 "generation.max_new_tokens=0", f"output_dir={out}"))
+                                 f"generation.extra_eos_token_ids={every}", f"output_dir={out}"))
     assert result["num_empty_predictions"] == 4 and result["rouge-l"] == 0.0
     rows = [json.loads(line) for line in (out / "generated_predictions.jsonl").open()]
     assert [r["predict"] for r in rows] == [""] * 4

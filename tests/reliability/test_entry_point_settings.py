@@ -1,0 +1,117 @@
+"""Settings of the inference, serving and benchmark entry points that no run could use are refused before a
+model loads, naming the key, the value given and what was expected."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO
+from ptune import bench, evaluate, serve
+from ptune.config import resolve_device
+from ptune.errors import ConfigError
+
+
+def composed(name: str, *overrides: str):
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("batch_size=0", "batch_size=0: expected a whole number of at least 1"),
+    ("batch_size=many", "batch_size='many': expected a whole number of at least 1"),
+    ("limit=0", "limit=0: expected a whole number of at least 1 or null"),
+    ("generation.max_new_tokens=0", "generation.max_new_tokens=0: expected a whole number of at least 1"),
+    ("generation.max_new_tokens=abc", "generation.max_new_tokens='abc': expected a whole number"),
+    ("generation.do_sample=maybe", "generation.do_sample='maybe': expected true or false"),
+    ("generation.top_p=2", "generation.top_p=2: expected a number from 0 to 1"),
+    ("generation.extra_eos_token_ids=[eos]", "generation.extra_eos_token_ids=['eos']: expected a list of token ids"),
+    ("generation.extra_eos_token_ids=7", "generation.extra_eos_token_ids=7: expected a list of token ids"),
+    ("data.max_source_length=0", "data.max_source_length=0: expected a whole number of at least 1 or null"),
+])
+def test_evaluate_refuses(override, message):
+    with pytest.raises(ConfigError) as refused:
+        evaluate.check_settings(composed("evaluate", override))
+    assert message in str(refused.value)
+
+
+def test_sampling_needs_a_temperature_above_zero_greedy_does_not():
+    with pytest.raises(ConfigError, match=r"generation.temperature=0: expected a number above 0 when sampling"):
+        evaluate.check_settings(composed("evaluate", "generation=reference_sampling", "generation.temperature=0"))
+    evaluate.check_settings(composed("evaluate", "generation.temperature=0"))  # greedy ignores it
+    evaluate.check_settings(composed("evaluate", "generation=reference_sampling", "batch_size=4", "limit=3",
+                                     "generation.extra_eos_token_ids=[2,5]", "data.max_target_length=64"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("port=70000", "port=70000: expected a TCP port from 0 to 65535"),
+    ("max_batch_size=0", "max_batch_size=0: expected a whole number of at least 1"),
+    ("batch_wait_ms=-1", "batch_wait_ms=-1: expected a whole number of at least 0"),
+    ("log_level=loud", "log_level='loud': expected one of critical, error, warning, info, debug, trace"),
+    ("api.top_p=1.5", "api.top_p=1.5: expected a number from 0 to 1"),
+    ("openai.temperature=hot", "openai.temperature='hot': expected a number"),
+    ("openai.max_tokens=0", "openai.max_tokens=0: expected a whole number of at least 1"),
+])
+def test_serve_refuses(override, message):
+    with pytest.raises(ConfigError) as refused:
+        serve.check_settings(composed("serve", override))
+    assert message in str(refused.value)
+
+
+def test_serve_takes_its_defaults_and_greedy_temperatures():
+    serve.check_settings(composed("serve"))
+    serve.check_settings(composed("serve", "openai.temperature=-1", "api.temperature=0", "port=0"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("gradient_checkpointing=some", "gradient_checkpointing='some': expected true or false"),
+    ("train_settings=[[0,1]]", "train_settings[0][0]=0: expected a whole number of at least 1"),
+    ("train_settings=[16]", "train_settings[0]=16: expected [micro-batch, accumulation steps]"),
+    ("adgen_settings=[[16,1,2]]", "adgen_settings[0]=[16, 1, 2]: expected [micro-batch, accumulation steps]"),
+    ("eval_batches=[1,0]", "eval_batches[1]=0: expected a whole number of at least 1"),
+    ("compare=[hf]", "compare=['hf']: expected [peft], or [] to time ptune alone"),
+    ("quantization=int3", "quantization='int3': expected one of int8, int4 or null"),
+    ("peak_tflops=0", "peak_tflops=0: the card's dense bf16 peak, a number above 0"),
+    ("device=gpu", "device='gpu': expected auto, cpu, cuda or cuda:N"),
+    ("auto_micro_batch_gib=0", "auto_micro_batch_gib=0: a ceiling in GiB above 0, or null"),
+])
+def test_bench_refuses(override, message):
+    with pytest.raises(ConfigError) as refused:
+        bench.check_settings(composed("bench", override))
+    assert message in str(refused.value)
+
+
+def test_bench_ceiling_needs_a_gpu_device():
+    with pytest.raises(ConfigError, match="auto_micro_batch_gib=13: measures GPU memory, and this run is on cpu"):
+        bench.check_settings(composed("bench", "device=cpu", "auto_micro_batch_gib=13"))
+    assert bench.check_settings(composed("bench", "device=cpu")) == torch.device("cpu")
+
+
+def test_devices():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match=r"device='cuda:x': expected auto, cpu, cuda or cuda:N"):
+        resolve_device("cuda:x")
+    count = torch.cuda.device_count()
+    with pytest.raises(ConfigError, match=f"device=cuda:{count}: " + (
+            f"this machine has {count} CUDA device" if count else "no CUDA device on this machine; use cpu or auto")):
+        resolve_device(f"cuda:{count}")
+
+
+@pytest.mark.parametrize("module, override, message", [
+    ("ptune.evaluate", "batch_size=0", "error: batch_size=0: expected a whole number of at least 1"),
+    ("ptune.chat", "generation.top_p=2", "error: generation.top_p=2: expected a number from 0 to 1"),
+    ("ptune.sweep", "device=gpu", "error: device='gpu': expected auto, cpu, cuda or cuda:N"),
+])
+def test_command_line_refuses_before_loading(module, override, message, tmp_path):
+    """The checkpoint named does not exist: the setting is refused before anything tries to load it."""
+    missing = tmp_path / "run" / "checkpoint-1"
+    target = f"runs=[{missing.parent}]" if module == "ptune.sweep" else f"checkpoint={missing}"
+    proc = subprocess.run([sys.executable, "-m", module, target, override], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, input="")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
