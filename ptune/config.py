@@ -144,7 +144,11 @@ def check_generation(cfg: DictConfig, key: str = "generation") -> None:
     check_token_ids(cfg, f"{key}.extra_eos_token_ids")
 
 
-def check_data_overrides(cfg: DictConfig) -> None:
-    """Length limits given to evaluate (null keeps the checkpoint's)."""
+def check_data_lengths(cfg: DictConfig, nullable: bool = False) -> None:
+    """Length limits and which end of a long prompt is cut (evaluate's null keeps the checkpoint's)."""
     for key in ("data.max_source_length", "data.max_target_length"):
-        check_count(cfg, key, nullable=True)
+        check_count(cfg, key, nullable=nullable)
+    side = cfg.data.truncate_source_from
+    if not (side in ("left", "right") or (nullable and side is None)):
+        raise ConfigError(f"data.truncate_source_from={side!r}: expected right (keep a long prompt's start) or left "
+                          "(keep its end)")

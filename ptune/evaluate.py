@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ptune.config import (check_batch_size, check_count, check_data_overrides, check_generation,
+from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation,
                           refuse_added_settings, resolve_device)
 from ptune.data import Columns, left_pad, load_examples, prompt_ids
 from ptune.generate import generate
@@ -150,7 +150,7 @@ def check_settings(cfg: DictConfig) -> None:
     check_batch_size(cfg)
     check_count(cfg, "limit", nullable=True)
     check_generation(cfg)
-    check_data_overrides(cfg)
+    check_data_lengths(cfg, nullable=True)
 
 
 def evaluate(cfg: DictConfig) -> dict:

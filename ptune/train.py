@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ptune import checkpoint as ckpt_io
-from ptune.config import refuse_added_settings, require
+from ptune.config import check_count, check_data_lengths, refuse_added_settings, require
 from ptune.data import BatchPlan, IGNORE, collate, training_rows
 from ptune.errors import TrainingError, exit_on_user_error
 from ptune.fit import Prober, agree_across_ranks, choose_split, fastest
@@ -78,6 +78,14 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.optim.lr <= 0 or cfg.optim.warmup_steps < 0 or not 0 <= cfg.prefix.dropout < 1:
         raise TrainingError("optim.lr must be > 0, optim.warmup_steps >= 0 and 0 <= prefix.dropout < 1; got "
                             f"{cfg.optim.lr}, {cfg.optim.warmup_steps}, {cfg.prefix.dropout}")
+    o = cfg.optim
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise TrainingError(f"optim.betas={list(o.betas)}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if not o.eps > 0 or o.weight_decay < 0 or (o.max_grad_norm is not None and o.max_grad_norm < 0):
+        raise TrainingError("optim.eps must be > 0, optim.weight_decay >= 0 and optim.max_grad_norm >= 0 (0 or null: "
+                            f"no clipping); got {o.eps}, {o.weight_decay}, {o.max_grad_norm}")
+    check_count(cfg, "prefix.projection_hidden_size", nullable=True)
+    check_data_lengths(cfg)
     if t.auto_micro_batch_gib is not None and not t.auto_micro_batch_gib > 0:
         raise TrainingError(f"trainer.auto_micro_batch_gib={t.auto_micro_batch_gib}: a ceiling in GiB above 0, "
                             "or null to keep the micro-batch as set")

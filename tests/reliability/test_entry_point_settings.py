@@ -1,5 +1,6 @@
-"""Settings of the inference, serving and benchmark entry points that no run could use are refused before a
-model loads, naming the key, the value given and what was expected."""
+"""Settings that no run could use are refused before a model loads, naming the key, the value given and what
+was expected: the training config's data and optimizer values, and the inference, serving and benchmark
+entry points' settings."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO
-from ptune import bench, evaluate, serve
+import ptune.schema  # noqa: F401 -- registers the training config's types
+from ptune import bench, evaluate, serve, train
 from ptune.config import resolve_device
-from ptune.errors import ConfigError
+from ptune.errors import ConfigError, TrainingError
 
 
 def composed(name: str, *overrides: str):
@@ -32,6 +34,7 @@ def composed(name: str, *overrides: str):
     ("generation.extra_eos_token_ids=[eos]", "generation.extra_eos_token_ids=['eos']: expected a list of token ids"),
     ("generation.extra_eos_token_ids=7", "generation.extra_eos_token_ids=7: expected a list of token ids"),
     ("data.max_source_length=0", "data.max_source_length=0: expected a whole number of at least 1 or null"),
+    ("data.truncate_source_from=middle", "data.truncate_source_from='middle': expected right"),
 ])
 def test_evaluate_refuses(override, message):
     with pytest.raises(ConfigError) as refused:
@@ -45,6 +48,29 @@ def test_sampling_needs_a_temperature_above_zero_greedy_does_not():
     evaluate.check_settings(composed("evaluate", "generation.temperature=0"))  # greedy ignores it
     evaluate.check_settings(composed("evaluate", "generation=reference_sampling", "batch_size=4", "limit=3",
                                      "generation.extra_eos_token_ids=[2,5]", "data.max_target_length=64"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.max_source_length=0", "data.max_source_length=0: expected a whole number of at least 1"),
+    ("data.max_target_length=-1", "data.max_target_length=-1: expected a whole number of at least 1"),
+    ("data.truncate_source_from=middle", "data.truncate_source_from='middle': expected right (keep a long prompt's "
+                                         "start) or left (keep its end)"),
+    ("prefix.projection_hidden_size=0", "prefix.projection_hidden_size=0: expected a whole number of at least 1 or null"),
+    ("optim.betas=[0.9]", "optim.betas=[0.9]: expected two numbers in [0, 1)"),
+    ("optim.betas=[1.5,0.9]", "optim.betas=[1.5, 0.9]: expected two numbers in [0, 1)"),
+    ("optim.eps=0", "optim.eps must be > 0, optim.weight_decay >= 0 and optim.max_grad_norm >= 0 (0 or null: no "
+                    "clipping); got 0.0, 0.0, 1.0"),
+    ("optim.max_grad_norm=-1", "got 1e-08, 0.0, -1.0"),
+])
+def test_train_refuses(override, message):
+    with pytest.raises((ConfigError, TrainingError)) as refused:
+        train.check_settings(composed("train", override))
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize("experiment", ["quickstart", "adgen_60steps", "adgen_3000steps", "adgen_smollm2"])
+def test_shipped_experiments_pass_the_checks(experiment):
+    train.check_settings(composed("train", f"+experiment={experiment}", "optim.max_grad_norm=0"))
 
 
 @pytest.mark.parametrize("override, message", [

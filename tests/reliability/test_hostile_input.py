@@ -184,6 +184,8 @@ def test_every_entry_point_refuses_a_setting_added_on_the_command_line(module, o
     pytest.param("trainer.save_steps=0", "trainer.save_steps", id="save-steps-zero"),
     pytest.param("trainer.per_device_batch_size=0", "trainer.per_device_batch_size", id="batch-size-zero"),
     pytest.param("trainer.group_by_length=-3", "trainer.group_by_length=-3: must be 0 or more", id="group-negative"),
+    pytest.param("data.truncate_source_from=middle", "data.truncate_source_from='middle': expected right",
+                 id="truncate-side"),
 ])
 def test_out_of_range_config_value_is_one_clear_line(env, tmp_path, override, fragment):
     res, _ = run_over_existing(env, tmp_path, override)
