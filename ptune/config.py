@@ -104,7 +104,8 @@ def check_count(cfg: DictConfig, key: str, least: int = 1, nullable: bool = Fals
     value = OmegaConf.select(cfg, key)
     if (value is None and nullable) or (_whole(value) and value >= least):
         return
-    raise ConfigError(f"{key}={value!r}: expected a whole number of at least {least}" + (" or null" if nullable else ""))
+    null = " or null" if nullable else ""
+    raise ConfigError(f"{key}={value!r}: expected a whole number of at least {least}{null}")
 
 
 def check_flag(cfg: DictConfig, key: str) -> None:

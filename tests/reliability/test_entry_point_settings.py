@@ -23,22 +23,61 @@ def composed(name: str, *overrides: str):
         return compose(name, overrides=list(overrides))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("batch_size=0", "batch_size=0: expected a whole number of at least 1"),
-    ("batch_size=many", "batch_size='many': expected a whole number of at least 1"),
-    ("limit=0", "limit=0: expected a whole number of at least 1 or null"),
-    ("generation.max_new_tokens=0", "generation.max_new_tokens=0: expected a whole number of at least 1"),
-    ("generation.max_new_tokens=abc", "generation.max_new_tokens='abc': expected a whole number"),
-    ("generation.do_sample=maybe", "generation.do_sample='maybe': expected true or false"),
-    ("generation.top_p=2", "generation.top_p=2: expected a number from 0 to 1"),
-    ("generation.extra_eos_token_ids=[eos]", "generation.extra_eos_token_ids=['eos']: expected a list of token ids"),
-    ("generation.extra_eos_token_ids=7", "generation.extra_eos_token_ids=7: expected a list of token ids"),
-    ("data.max_source_length=0", "data.max_source_length=0: expected a whole number of at least 1 or null"),
-    ("data.truncate_source_from=middle", "data.truncate_source_from='middle': expected right"),
-])
-def test_evaluate_refuses(override, message):
-    with pytest.raises(ConfigError) as refused:
-        evaluate.check_settings(composed("evaluate", override))
+REFUSED = [  # (config, override, what the message says)
+    # conf/train.yaml
+    ("train", "data.max_source_length=0", "data.max_source_length=0: expected a whole number of at least 1"),
+    ("train", "data.max_target_length=-1", "data.max_target_length=-1: expected a whole number of at least 1"),
+    ("train", "data.truncate_source_from=middle",
+     "data.truncate_source_from='middle': expected right (keep a long prompt's start) or left (keep its end)"),
+    ("train", "prefix.projection_hidden_size=0",
+     "prefix.projection_hidden_size=0: expected a whole number of at least 1 or null"),
+    ("train", "optim.betas=[0.9]", "optim.betas=[0.9]: expected two numbers in [0, 1)"),
+    ("train", "optim.betas=[1.5,0.9]", "optim.betas=[1.5, 0.9]: expected two numbers in [0, 1)"),
+    ("train", "optim.eps=0", "optim.eps must be > 0, optim.weight_decay >= 0 and optim.max_grad_norm >= 0 (0 or "
+                             "null: no clipping); got 0.0, 0.0, 1.0"),
+    ("train", "optim.max_grad_norm=-1", "got 1e-08, 0.0, -1.0"),
+    # conf/evaluate.yaml
+    ("evaluate", "batch_size=0", "batch_size=0: expected a whole number of at least 1"),
+    ("evaluate", "batch_size=many", "batch_size='many': expected a whole number of at least 1"),
+    ("evaluate", "limit=0", "limit=0: expected a whole number of at least 1 or null"),
+    ("evaluate", "generation.max_new_tokens=0", "generation.max_new_tokens=0: expected a whole number of at least"),
+    ("evaluate", "generation.max_new_tokens=abc", "generation.max_new_tokens='abc': expected a whole number"),
+    ("evaluate", "generation.do_sample=maybe", "generation.do_sample='maybe': expected true or false"),
+    ("evaluate", "generation.top_p=2", "generation.top_p=2: expected a number from 0 to 1"),
+    ("evaluate", "generation.extra_eos_token_ids=[eos]",
+     "generation.extra_eos_token_ids=['eos']: expected a list of token ids"),
+    ("evaluate", "generation.extra_eos_token_ids=7", "generation.extra_eos_token_ids=7: expected a list of token"),
+    ("evaluate", "data.max_source_length=0",
+     "data.max_source_length=0: expected a whole number of at least 1 or null"),
+    ("evaluate", "data.truncate_source_from=middle", "data.truncate_source_from='middle': expected right"),
+    # conf/serve.yaml
+    ("serve", "port=70000", "port=70000: expected a TCP port from 0 to 65535"),
+    ("serve", "max_batch_size=0", "max_batch_size=0: expected a whole number of at least 1"),
+    ("serve", "batch_wait_ms=-1", "batch_wait_ms=-1: expected a whole number of at least 0"),
+    ("serve", "log_level=loud", "log_level='loud': expected one of critical, error, warning, info, debug"),
+    ("serve", "api.top_p=1.5", "api.top_p=1.5: expected a number from 0 to 1"),
+    ("serve", "openai.temperature=hot", "openai.temperature='hot': expected a number"),
+    ("serve", "openai.max_tokens=0", "openai.max_tokens=0: expected a whole number of at least 1"),
+    # conf/bench.yaml
+    ("bench", "gradient_checkpointing=some", "gradient_checkpointing='some': expected true or false"),
+    ("bench", "train_settings=[[0,1]]", "train_settings[0][0]=0: expected a whole number of at least 1"),
+    ("bench", "train_settings=[16]", "train_settings[0]=16: expected [micro-batch, accumulation steps]"),
+    ("bench", "adgen_settings=[[16,1,2]]", "adgen_settings[0]=[16, 1, 2]: expected [micro-batch, accumulation"),
+    ("bench", "eval_batches=[1,0]", "eval_batches[1]=0: expected a whole number of at least 1"),
+    ("bench", "compare=[hf]", "compare=['hf']: expected [peft], or [] to time ptune alone"),
+    ("bench", "quantization=int3", "quantization='int3': expected one of int8, int4 or null"),
+    ("bench", "peak_tflops=0", "peak_tflops=0: the card's dense bf16 peak, a number above 0"),
+    ("bench", "device=gpu", "device='gpu': expected auto, cpu, cuda or cuda:N"),
+    ("bench", "auto_micro_batch_gib=0", "auto_micro_batch_gib=0: a ceiling in GiB above 0, or null"),
+]
+CHECKS = {"train": train.check_settings, "evaluate": evaluate.check_settings, "serve": serve.check_settings,
+          "bench": bench.check_settings}
+
+
+@pytest.mark.parametrize("config, override, message", REFUSED)
+def test_refused(config, override, message):
+    with pytest.raises((ConfigError, TrainingError)) as refused:
+        CHECKS[config](composed(config, override))
     assert message in str(refused.value)
 
 
@@ -50,65 +89,14 @@ def test_sampling_needs_a_temperature_above_zero_greedy_does_not():
                                      "generation.extra_eos_token_ids=[2,5]", "data.max_target_length=64"))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.max_source_length=0", "data.max_source_length=0: expected a whole number of at least 1"),
-    ("data.max_target_length=-1", "data.max_target_length=-1: expected a whole number of at least 1"),
-    ("data.truncate_source_from=middle", "data.truncate_source_from='middle': expected right (keep a long prompt's "
-                                         "start) or left (keep its end)"),
-    ("prefix.projection_hidden_size=0", "prefix.projection_hidden_size=0: expected a whole number of at least 1 or null"),
-    ("optim.betas=[0.9]", "optim.betas=[0.9]: expected two numbers in [0, 1)"),
-    ("optim.betas=[1.5,0.9]", "optim.betas=[1.5, 0.9]: expected two numbers in [0, 1)"),
-    ("optim.eps=0", "optim.eps must be > 0, optim.weight_decay >= 0 and optim.max_grad_norm >= 0 (0 or null: no "
-                    "clipping); got 0.0, 0.0, 1.0"),
-    ("optim.max_grad_norm=-1", "got 1e-08, 0.0, -1.0"),
-])
-def test_train_refuses(override, message):
-    with pytest.raises((ConfigError, TrainingError)) as refused:
-        train.check_settings(composed("train", override))
-    assert message in str(refused.value)
-
-
 @pytest.mark.parametrize("experiment", ["quickstart", "adgen_60steps", "adgen_3000steps", "adgen_smollm2"])
 def test_shipped_experiments_pass_the_checks(experiment):
     train.check_settings(composed("train", f"+experiment={experiment}", "optim.max_grad_norm=0"))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("port=70000", "port=70000: expected a TCP port from 0 to 65535"),
-    ("max_batch_size=0", "max_batch_size=0: expected a whole number of at least 1"),
-    ("batch_wait_ms=-1", "batch_wait_ms=-1: expected a whole number of at least 0"),
-    ("log_level=loud", "log_level='loud': expected one of critical, error, warning, info, debug, trace"),
-    ("api.top_p=1.5", "api.top_p=1.5: expected a number from 0 to 1"),
-    ("openai.temperature=hot", "openai.temperature='hot': expected a number"),
-    ("openai.max_tokens=0", "openai.max_tokens=0: expected a whole number of at least 1"),
-])
-def test_serve_refuses(override, message):
-    with pytest.raises(ConfigError) as refused:
-        serve.check_settings(composed("serve", override))
-    assert message in str(refused.value)
-
-
 def test_serve_takes_its_defaults_and_greedy_temperatures():
     serve.check_settings(composed("serve"))
     serve.check_settings(composed("serve", "openai.temperature=-1", "api.temperature=0", "port=0"))
-
-
-@pytest.mark.parametrize("override, message", [
-    ("gradient_checkpointing=some", "gradient_checkpointing='some': expected true or false"),
-    ("train_settings=[[0,1]]", "train_settings[0][0]=0: expected a whole number of at least 1"),
-    ("train_settings=[16]", "train_settings[0]=16: expected [micro-batch, accumulation steps]"),
-    ("adgen_settings=[[16,1,2]]", "adgen_settings[0]=[16, 1, 2]: expected [micro-batch, accumulation steps]"),
-    ("eval_batches=[1,0]", "eval_batches[1]=0: expected a whole number of at least 1"),
-    ("compare=[hf]", "compare=['hf']: expected [peft], or [] to time ptune alone"),
-    ("quantization=int3", "quantization='int3': expected one of int8, int4 or null"),
-    ("peak_tflops=0", "peak_tflops=0: the card's dense bf16 peak, a number above 0"),
-    ("device=gpu", "device='gpu': expected auto, cpu, cuda or cuda:N"),
-    ("auto_micro_batch_gib=0", "auto_micro_batch_gib=0: a ceiling in GiB above 0, or null"),
-])
-def test_bench_refuses(override, message):
-    with pytest.raises(ConfigError) as refused:
-        bench.check_settings(composed("bench", override))
-    assert message in str(refused.value)
 
 
 def test_bench_ceiling_needs_a_gpu_device():
