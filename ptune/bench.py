@@ -22,7 +22,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ptune.config import check_count, check_flag, refuse_added_settings, resolve_device
+from ptune.config import check_above_zero, check_count, check_flag, refuse_added_settings, resolve_device
 from ptune.data import IGNORE, BatchPlan, collate, left_pad
 from ptune.errors import ConfigError, exit_on_user_error
 from ptune.generate import generate
@@ -377,19 +377,16 @@ def check_settings(cfg: DictConfig) -> torch.device:
             check_count(cfg, f"{key}[{i}]")
     if any(c != "peft" for c in cfg.compare):
         raise ConfigError(f"compare={list(cfg.compare)!r}: expected [peft], or [] to time ptune alone")
-    if not (isinstance(cfg.peak_tflops, (int, float)) and cfg.peak_tflops > 0):
-        raise ConfigError(f"peak_tflops={cfg.peak_tflops!r}: the card's dense bf16 peak, a number above 0")
-    from ptune.quant import MODES
+    check_above_zero(cfg, "peak_tflops", "the card's dense bf16 peak in TFLOP/s")
+    check_above_zero(cfg, "auto_micro_batch_gib", "a memory ceiling in GiB", nullable=True)
+    if cfg.quantization is not None:
+        from ptune.quant import check_mode
 
-    if cfg.quantization is not None and cfg.quantization not in MODES:
-        raise ConfigError(f"quantization={cfg.quantization!r}: expected one of {', '.join(MODES)} or null")
+        check_mode(cfg.quantization, cfg.quantization_group_size)
     device = resolve_device(cfg.device)
-    ceiling = cfg.auto_micro_batch_gib
-    if ceiling is not None:
-        if not (isinstance(ceiling, (int, float)) and not isinstance(ceiling, bool) and ceiling > 0):
-            raise ConfigError(f"auto_micro_batch_gib={ceiling!r}: a ceiling in GiB above 0, or null")
-        if device.type != "cuda":
-            raise ConfigError(f"auto_micro_batch_gib={ceiling}: measures GPU memory, and this run is on {device.type}")
+    if cfg.auto_micro_batch_gib is not None and device.type != "cuda":
+        raise ConfigError(f"auto_micro_batch_gib={cfg.auto_micro_batch_gib}: measures GPU memory, and this run is "
+                          f"on {device.type}")
     return device
 
 

@@ -69,8 +69,8 @@ def refuse_added_settings(cfg: DictConfig) -> None:
                          f"conf/{hc.job.config_name}.yaml or the config groups it uses; a misspelling?")
 
 
-# Range and type checks of the settings that inference, serving and benchmarking read. Each names the
-# key and the value given, and runs before a model is loaded, so a typo costs seconds, not a load.
+# Range and type checks of the composed config, which the entry points run before a model loads, so a
+# typo costs seconds, not a load. Each error names the key, the value given and what was expected.
 
 _DEVICE = re.compile(r"auto|cpu|cuda(?::(\d+))?")
 
@@ -106,6 +106,14 @@ def check_count(cfg: DictConfig, key: str, least: int = 1, nullable: bool = Fals
         return
     null = " or null" if nullable else ""
     raise ConfigError(f"{key}={value!r}: expected a whole number of at least {least}{null}")
+
+
+def check_above_zero(cfg: DictConfig, key: str, what: str, nullable: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if (value is None and nullable) or (_number(value) and value > 0):
+        return
+    null = ", or null" if nullable else ""
+    raise ConfigError(f"{key}={value!r}: expected {what}, a number above 0{null}")
 
 
 def check_flag(cfg: DictConfig, key: str) -> None:

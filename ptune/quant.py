@@ -88,7 +88,7 @@ class QuantizationError(ValueError):
 # --------------------------------------------------------------------------------------- kernels
 
 
-def _check_mode(mode: str, group_size: int) -> None:
+def check_mode(mode: str, group_size: int) -> None:
     if mode not in MODES:
         raise QuantizationError(f"quantization={mode!r}: expected one of {', '.join(MODES)} (or null)")
     if mode == "int4" and (int(group_size) < 2 or int(group_size) % 2):
@@ -159,7 +159,7 @@ def _fit_int4_groups(wg: torch.Tensor):
 @torch.no_grad()
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(packed uint8 `(out, in_pad / 2)`, scale and offset float32 `(out, in_pad / group_size)`)."""
-    _check_mode("int4", group_size)
+    check_mode("int4", group_size)
     out_f, in_f = weight.shape
     in_pad = padded_in_features(in_f, "int4", group_size)
     groups = in_pad // group_size
@@ -288,7 +288,7 @@ class QuantizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, mode: str, group_size: int = 128, bias: bool = True,
                  bias_dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
-        _check_mode(mode, group_size)
+        check_mode(mode, group_size)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.mode, self.group_size = mode, int(group_size) if mode == "int4" else 0
         if mode == "int8":
@@ -376,7 +376,7 @@ def quantize_model(model, mode: str, group_size: int = 128, skip=("lm_head",)) -
 
     Returns a summary: layers replaced, those padded to the group size, and weight bytes before/after.
     """
-    _check_mode(mode, group_size)
+    check_mode(mode, group_size)
     names = quantizable_layers(model, skip)
     if not names:
         raise QuantizationError(f"{type(model).__name__}: no linear layers found inside the decoder to quantize")
@@ -575,7 +575,7 @@ def quantized_base(load_float: Callable[[], nn.Module], mode: str, group_size: i
                    attn_implementation: str | None = None):
     """The quantized base: from `cache_dir` when it holds this mode/group/dtype of `source`'s current
     files, else `load_float()` quantized layer by layer (and saved to `cache_dir` when given)."""
-    _check_mode(mode, group_size)
+    check_mode(mode, group_size)
     fingerprint = source_fingerprint(source) if source is not None else None
     if cache_dir is not None and cache_matches(cache_dir, mode, group_size, dtype, fingerprint):
         log.info("loading the %s-quantized base from %s", mode, cache_dir)

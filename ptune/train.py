@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ptune import checkpoint as ckpt_io
-from ptune.config import check_count, check_data_lengths, refuse_added_settings, require
+from ptune.config import check_above_zero, check_count, check_data_lengths, refuse_added_settings, require
 from ptune.data import BatchPlan, IGNORE, collate, training_rows
 from ptune.errors import TrainingError, exit_on_user_error
 from ptune.fit import Prober, agree_across_ranks, choose_split, fastest
@@ -86,9 +86,8 @@ def check_settings(cfg: DictConfig) -> None:
                             f"no clipping); got {o.eps}, {o.weight_decay}, {o.max_grad_norm}")
     check_count(cfg, "prefix.projection_hidden_size", nullable=True)
     check_data_lengths(cfg)
-    if t.auto_micro_batch_gib is not None and not t.auto_micro_batch_gib > 0:
-        raise TrainingError(f"trainer.auto_micro_batch_gib={t.auto_micro_batch_gib}: a ceiling in GiB above 0, "
-                            "or null to keep the micro-batch as set")
+    check_above_zero(cfg, "trainer.auto_micro_batch_gib", "a memory ceiling in GiB (null keeps the micro-batch as set)",
+                     nullable=True)
     recompute = t.gradient_checkpointing
     if not (isinstance(recompute, bool) or recompute == "auto" or (isinstance(recompute, int) and recompute >= 0)):
         raise TrainingError(f"trainer.gradient_checkpointing={recompute!r}: expected true, false, auto or a number of "

@@ -144,18 +144,19 @@ def test_ranks_agree_on_one_split_and_layer_count(tmp_path):
     ("gradient_checkpointing=-1", "trainer.gradient_checkpointing=-1: expected true, false, auto or a number of decoder layers"),
     ("gradient_checkpointing=some", "trainer.gradient_checkpointing='some': expected true, false, auto or a number"),
     ("gradient_checkpointing=2.5", "trainer.gradient_checkpointing=2.5: expected true, false, auto or a number"),
-    ("auto_micro_batch_gib=0", "trainer.auto_micro_batch_gib=0.0: a ceiling in GiB above 0")])
+    ("auto_micro_batch_gib=0", "trainer.auto_micro_batch_gib=0.0: expected a memory ceiling in GiB (null keeps the "
+                               "micro-batch as set), a number above 0, or null")])
 def test_fit_settings_refused_before_anything_loads(override, message):
     from hydra import compose, initialize_config_dir
 
     import ptune.schema  # noqa: F401 -- registers the config's types
     from conftest import REPO
-    from ptune.errors import TrainingError
+    from ptune.errors import ConfigError, TrainingError
     from ptune.train import check_settings
 
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"trainer.{override}"])
-    with pytest.raises(TrainingError) as refused:
+    with pytest.raises((ConfigError, TrainingError)) as refused:
         check_settings(cfg)
     assert message in str(refused.value)
 

@@ -16,6 +16,7 @@ import ptune.schema  # noqa: F401 -- registers the training config's types
 from ptune import bench, evaluate, serve, train
 from ptune.config import resolve_device
 from ptune.errors import ConfigError, TrainingError
+from ptune.quant import QuantizationError
 
 
 def composed(name: str, *overrides: str):
@@ -23,7 +24,7 @@ def composed(name: str, *overrides: str):
         return compose(name, overrides=list(overrides))
 
 
-REFUSED = [  # (config, override, what the message says)
+REFUSED = [  # (config, overrides, what the message says)
     # conf/train.yaml
     ("train", "data.max_source_length=0", "data.max_source_length=0: expected a whole number of at least 1"),
     ("train", "data.max_target_length=-1", "data.max_target_length=-1: expected a whole number of at least 1"),
@@ -65,10 +66,12 @@ REFUSED = [  # (config, override, what the message says)
     ("bench", "adgen_settings=[[16,1,2]]", "adgen_settings[0]=[16, 1, 2]: expected [micro-batch, accumulation"),
     ("bench", "eval_batches=[1,0]", "eval_batches[1]=0: expected a whole number of at least 1"),
     ("bench", "compare=[hf]", "compare=['hf']: expected [peft], or [] to time ptune alone"),
-    ("bench", "quantization=int3", "quantization='int3': expected one of int8, int4 or null"),
-    ("bench", "peak_tflops=0", "peak_tflops=0: the card's dense bf16 peak, a number above 0"),
+    ("bench", "quantization=int3", "quantization='int3': expected one of int8, int4 (or null)"),
+    ("bench", "quantization=int4 quantization_group_size=3", "quantization group size 3: int4 needs an even group"),
+    ("bench", "peak_tflops=0", "peak_tflops=0: expected the card's dense bf16 peak in TFLOP/s, a number above 0"),
     ("bench", "device=gpu", "device='gpu': expected auto, cpu, cuda or cuda:N"),
-    ("bench", "auto_micro_batch_gib=0", "auto_micro_batch_gib=0: a ceiling in GiB above 0, or null"),
+    ("bench", "auto_micro_batch_gib=0", "auto_micro_batch_gib=0: expected a memory ceiling in GiB, a number above 0, "
+                                        "or null"),
 ]
 CHECKS = {"train": train.check_settings, "evaluate": evaluate.check_settings, "serve": serve.check_settings,
           "bench": bench.check_settings}
@@ -76,8 +79,8 @@ CHECKS = {"train": train.check_settings, "evaluate": evaluate.check_settings, "s
 
 @pytest.mark.parametrize("config, override, message", REFUSED)
 def test_refused(config, override, message):
-    with pytest.raises((ConfigError, TrainingError)) as refused:
-        CHECKS[config](composed(config, override))
+    with pytest.raises((ConfigError, QuantizationError, TrainingError)) as refused:
+        CHECKS[config](composed(config, *override.split()))
     assert message in str(refused.value)
 
 
