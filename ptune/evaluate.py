@@ -108,13 +108,20 @@ def score(texts: list[str], labels: list[str]) -> dict:
     return compute_metrics(texts, labels)
 
 
+# Which text predict() hands to the metrics; raise it whenever that changes, so that a sweep scores again
+# instead of reusing scores made the old way. 2: a reply ends before its first stop token (an extra stop
+# token that is an ordinary token used to stay in the scored text).
+PREDICTION_RULES = 2
+
+
 def settings_record(data: dict, model: dict, limit, device: torch.device, eval_sha256: str | None = None) -> dict:
     """What produced a metrics.json besides the generation settings: the eval file's contents, the data and
-    model settings, the row limit. ptune.evaluate and ptune.sweep both write it, at the top level; a sweep
-    reuses earlier scores only where it matches."""
+    model settings, the row limit, the prediction rules. ptune.evaluate and ptune.sweep both write it, at the
+    top level; a sweep reuses earlier scores only where it matches."""
     eval_file = Path(str(data["eval_file"])).expanduser().resolve()
     record = {"eval_sha256": eval_sha256 or sha256_file(eval_file), "data": {**data, "eval_file": str(eval_file)},
-              "model": {**model, **base_identity_settings(model, device)}, "limit": limit}
+              "model": {**model, **base_identity_settings(model, device)}, "limit": limit,
+              "prediction_rules": PREDICTION_RULES}
     return json.loads(json.dumps(record))  # as it reads back from the file (tuples become lists)
 
 

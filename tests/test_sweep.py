@@ -122,6 +122,16 @@ def test_sweep_loads_base_once_reuses_scores_and_reports(run_copy, sample_file, 
     assert counted() == {"load_base": 0, "predict": 0}
     assert len(again["reused"]) == 3 and read_csv(out / "sweep.csv") == rows
 
+    # Scores from before the current prediction rules (a file without them, or older ones) are made again.
+    for ckpt, rules in (("checkpoint-1", None), ("checkpoint-2", ptune.evaluate.PREDICTION_RULES - 1)):
+        path = run / ckpt / "eval" / "metrics.json"
+        old = json.loads(path.read_text())
+        assert old.pop("prediction_rules") == ptune.evaluate.PREDICTION_RULES
+        path.write_text(json.dumps(old if rules is None else {**old, "prediction_rules": rules}))
+    again = sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
+    assert counted() == {"load_base": 1, "predict": 2} and again["reused"] == [f"{run}/checkpoint-3"]
+    assert json.loads(path.read_text())["prediction_rules"] == ptune.evaluate.PREDICTION_RULES
+
     # force=true scores all three again, with one base load; other generation settings do as well.
     assert len(sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}", "force=true"))["scored"]) == 3
     assert counted() == {"load_base": 1, "predict": 3}
