@@ -19,7 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptune.config import check_count, check_generation, refuse_added_settings, resolve_device
+from ptune.config import check_count, check_generation, check_quantization, refuse_added_settings, resolve_device
 from ptune.data import prompt_ids
 from ptune.generate import generate
 from ptune.errors import exit_on_user_error
@@ -251,6 +251,7 @@ def main(cfg: DictConfig) -> None:
                          "to chat with the base model alone")
     check_count(cfg, "max_prompt_tokens")
     check_generation(cfg)
+    check_quantization(cfg, inference=True)
     log.info("loading %s", cfg.checkpoint or cfg.model.path)
     cm = load_chat_model(cfg)
     log.debug("config: %s", OmegaConf.to_yaml(cfg))

@@ -161,3 +161,14 @@ def check_data_lengths(cfg: DictConfig, nullable: bool = False) -> None:
     if not (side in ("left", "right") or (nullable and side is None)):
         raise ConfigError(f"data.truncate_source_from={side!r}: expected right (keep a long prompt's start) or left "
                           "(keep its end)")
+
+
+def check_quantization(cfg: DictConfig, inference: bool = False) -> None:
+    """model.quantization: null or a mode that ptune.quant has; the inference entry points also take false,
+    which loads a float base for a checkpoint that trained on a quantized one."""
+    from ptune.quant import check_mode
+
+    mode = cfg.model.get("quantization")
+    if mode is None or (inference and mode is False):
+        return
+    check_mode(mode, cfg.model.get("quantization_group_size") or 128)

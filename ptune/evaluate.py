@@ -18,11 +18,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation,
+from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation, check_quantization,
                           refuse_added_settings, resolve_device)
 from ptune.data import Columns, left_pad, load_examples, prompt_ids
 from ptune.generate import generate
-from ptune.errors import exit_on_user_error
+from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import peak_memory_gib, setup_logging
 from ptune.metrics import compute_metrics
 from ptune.checkpoint import sha256_file
@@ -158,6 +158,9 @@ def check_settings(cfg: DictConfig) -> None:
     check_count(cfg, "limit", nullable=True)
     check_generation(cfg)
     check_data_lengths(cfg, nullable=True)
+    check_quantization(cfg, inference=True)
+    if cfg.data.eval_file is not None and not Path(str(cfg.data.eval_file)).expanduser().is_file():
+        raise ConfigError(f"data.eval_file={cfg.data.eval_file}: no such file")
 
 
 def evaluate(cfg: DictConfig) -> dict:

@@ -190,10 +190,14 @@ def inference_model_settings(prefix_config: dict | None, overrides: dict) -> dic
 def base_identity_settings(settings: dict, device: torch.device) -> dict:
     """The model settings that decide which base gets loaded, resolved (the folder, `auto` dtype): two
     checkpoints with equal ones share a loaded base, and scores made with other ones are not reused."""
+    quant = settings.get("quantization") or None  # false (a float base whatever was recorded) is null here
     return {"path": str(Path(str(settings["path"])).expanduser().resolve()),
             "dtype": str(resolve_dtype(str(settings.get("dtype", "auto")), device)),
             "attn_implementation": settings.get("attn_implementation"),
-            "trust_remote_code": bool(settings.get("trust_remote_code"))}
+            "trust_remote_code": bool(settings.get("trust_remote_code")),
+            "quantization": quant,
+            "quantization_group_size": int(settings.get("quantization_group_size") or 128) if quant else None,
+            "fused_layers": bool(settings.get("fused_layers", True))}
 
 
 def load_for_inference(checkpoint, model_cfg=None, device="cpu"):

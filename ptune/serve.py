@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from ptune.chat import ChatModel, StreamDecoder, build_prompt, load_chat_model
-from ptune.config import check_count, check_sampling, check_token_ids, refuse_added_settings
+from ptune.config import check_count, check_quantization, check_sampling, check_token_ids, refuse_added_settings
 from ptune.data import left_pad
 from ptune.generate import generate
 from ptune.errors import ConfigError, exit_on_user_error
@@ -642,6 +642,7 @@ def check_settings(cfg: DictConfig) -> None:
     for group in ("api", "openai"):  # a temperature <= 0 asks for greedy decoding here
         check_sampling(cfg, f"{group}.temperature", f"{group}.top_p", sampling=False)
     check_token_ids(cfg, "generation.extra_eos_token_ids")
+    check_quantization(cfg, inference=True)
 
 
 @hydra.main(config_path="../conf", config_name="serve", version_base="1.3")

@@ -190,6 +190,40 @@ def test_other_base_is_loaded_separately_and_a_broken_checkpoint_is_reported(run
     assert "Not scored" in (a / "sweep" / "sweep.md").read_text()
 
 
+def test_a_quantized_run_gets_its_own_base_and_false_scores_it_on_a_float_one(run_copy, sample_file, tmp_path,
+                                                                             counted):
+    """Two runs alike but for the quantization they trained with are scored on two bases (they shared the
+    first one's); model.quantization=false scores the quantized run's prefix on the float base."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    plain, quantized = run_copy(tmp_path / "float"), run_copy(tmp_path / "int8")
+    for ckpt in list_checkpoints(quantized):
+        config = json.loads((ckpt / "prefix_config.json").read_text())
+        config["model"]["quantization"] = "int8"
+        (ckpt / "prefix_config.json").write_text(json.dumps(config))
+        _rewrite_manifest(ckpt)
+    result = sw.sweep(compose(f"runs=[{plain},{quantized}]", f"data.eval_file={sample_file}"))
+    assert counted() == {"load_base": 2, "predict": 6} and not result["failed"]
+    swept = {(r["run"], r["step"]): r for r in read_csv(plain / "sweep" / "sweep.csv")}
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = hydra_compose("evaluate", overrides=[f"checkpoint={quantized / 'checkpoint-2'}", "limit=5",
+                                                   f"data.eval_file={sample_file}", "generation.max_new_tokens=8",
+                                                   f"output_dir={tmp_path / 'alone'}"])
+    alone = ptune.evaluate.evaluate(cfg)
+    for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4"):
+        assert float(swept[(str(quantized), "2")][k]) == pytest.approx(alone[k], abs=1e-4), k
+    assert json.loads((quantized / "checkpoint-2" / "eval" / "metrics.json").read_text())["model"]["quantization"] \
+        == "int8"
+
+    counted()
+    as_float = sw.sweep(compose(f"runs=[{quantized}]", f"data.eval_file={sample_file}", "model.quantization=false"))
+    assert counted() == {"load_base": 1, "predict": 3} and not as_float["reused"]
+    rows = read_csv(quantized / "sweep" / "sweep.csv")
+    assert [[r[k] for k in ("step", "rouge-1", "bleu-4")] for r in rows] == [
+        [r[k] for k in ("step", "rouge-1", "bleu-4")] for (run, _), r in swept.items() if run == str(plain)]
+
+
 def test_command_line_and_config_errors(run_copy, sample_file, tmp_path):
     run = run_copy(tmp_path / "run")
     empty = tmp_path / "empty"

@@ -51,6 +51,10 @@ REFUSED = [  # (config, overrides, what the message says)
     ("evaluate", "data.max_source_length=0",
      "data.max_source_length=0: expected a whole number of at least 1 or null"),
     ("evaluate", "data.truncate_source_from=middle", "data.truncate_source_from='middle': expected right"),
+    ("evaluate", "data.eval_file=/nowhere/dev.jsonl", "data.eval_file=/nowhere/dev.jsonl: no such file"),
+    ("evaluate", "model.quantization=int3", "quantization='int3': expected one of int8, int4 (or null)"),
+    ("train", "model.quantization=int2", "quantization='int2': expected one of int8, int4 (or null)"),
+    ("serve", "model.quantization=int4 model.quantization_group_size=3", "group size 3: int4 needs an even group"),
     # conf/serve.yaml
     ("serve", "port=70000", "port=70000: expected a TCP port from 0 to 65535"),
     ("serve", "max_batch_size=0", "max_batch_size=0: expected a whole number of at least 1"),
