@@ -167,12 +167,59 @@ class Encoding:
     truncate_source_from: str = "right"
 
 
+def _shared_start(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def template_frame(tokenizer, ids: list[int], template: str) -> tuple[int, int]:
+    """(head, tail): how many of a prompt's first and last tokens are the template's, not the user's text.
+
+    The head holds what the model needs before any text (BOS, ChatGLM2's [gMASK] sop, a chat template's
+    system and user header), the tail what cues the answer ("答：", an assistant header). Both are read off
+    the prompt itself by comparing it with the template built around stand-in queries and no history:
+    tokens are only counted as the template's where they are the same ids, so a tokenizer that merges text
+    across the boundary shortens the frame rather than moving it into the text. Two different stand-ins, so
+    that a query which happens to start (or end) like the template around it is not taken for the template.
+    """
+    head = tail = len(ids)
+    for stand_in in ("", "0"):
+        frame = prompt_ids(tokenizer, stand_in, [], template)
+        h = _shared_start(ids, frame)
+        head = min(head, h)
+        # Matched from the end over what the head left, so head and tail never overlap.
+        tail = min(tail, _shared_start(ids[h:][::-1], frame[h:][::-1]))
+    return head, tail
+
+
+def source_ids(tokenizer, query: str, history, template: str, max_length: int, truncate_from: str) -> list[int]:
+    """Prompt ids cut to `max_length`; training (encode_example) and evaluate both build prompts here.
+
+    right: the first `max_length` ids, as ChatGLM2's ptuning main.py cuts them (tests/golden pins it).
+    left: the end of the text is kept, but not at the cost of the template: its head and tail stay and
+    the cut falls inside the text (history first, oldest turns first). Cutting the plain id list from the
+    left would drop BOS or [gMASK] sop, which the model cannot do without. Should the template alone not
+    fit, its tail (the answer cue) is kept first, then as much of its head as fits, from the start.
+    """
+    ids = prompt_ids(tokenizer, query, history, template)
+    if len(ids) <= max_length:
+        return ids
+    if truncate_from == "right":
+        return ids[:max_length]
+    head, tail = template_frame(tokenizer, ids, template)
+    tail = min(tail, max_length)
+    head = min(head, max_length - tail)
+    text = max_length - head - tail
+    return ids[:head] + ids[len(ids) - tail - text:]
+
+
 def encode_example(tokenizer, enc: Encoding, prompt: str, response: str, history) -> dict:
     """input_ids = prompt + response + EOS, labels = -100 over the prompt."""
-    source = prompt_ids(tokenizer, prompt, history, enc.template)
-    if len(source) > enc.max_source_length:
-        keep = enc.max_source_length
-        source = source[:keep] if enc.truncate_source_from == "right" else source[len(source) - keep:]
+    source = source_ids(tokenizer, prompt, history, enc.template, enc.max_source_length, enc.truncate_source_from)
     target = tokenizer.encode(response, add_special_tokens=False)[: enc.max_target_length]
     target = target + [tokenizer.eos_token_id]
     return {"input_ids": source + target, "labels": [IGNORE] * len(source) + target}

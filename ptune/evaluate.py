@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation, check_quantization,
                           refuse_added_settings, resolve_device)
-from ptune.data import Columns, left_pad, load_examples, prompt_ids
+from ptune.data import Columns, left_pad, load_examples, source_ids
 from ptune.generate import generate
 from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import peak_memory_gib, setup_logging
@@ -47,10 +47,8 @@ def build_eval_set(path, tokenizer, data_cfg: dict, template: str, limit: int | 
         examples = examples.select(range(min(limit, len(examples))))
     prompts, labels = [], []
     for row in examples:
-        ids = prompt_ids(tokenizer, row["prompt"], row["history"], template)
-        keep = data_cfg["max_source_length"]
-        ids = ids[:keep] if data_cfg.get("truncate_source_from", "right") == "right" else ids[len(ids) - keep:]
-        prompts.append(ids)
+        prompts.append(source_ids(tokenizer, row["prompt"], row["history"], template, data_cfg["max_source_length"],
+                                  data_cfg.get("truncate_source_from", "right")))
         target = tokenizer.encode(row["response"], add_special_tokens=False)[: data_cfg["max_target_length"]]
         labels.append(tokenizer.decode(target, skip_special_tokens=True))
     return EvalSet(prompts, labels, list(examples["prompt"]))

@@ -7,6 +7,7 @@ import logging
 import random
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from ptune.data import (
     load_examples,
     prompt_ids,
     read_rows,
+    source_ids,
     tokenize,
 )
 
@@ -348,6 +350,77 @@ def test_encode_source_truncation_left_keeps_end(tok):
     row = encode_example(tok, enc, "abcdefg", "xy", [])
     assert row["input_ids"] == ids(tok, "efg") + ids(tok, "xy") + [tok.eos_token_id]
     assert row["labels"] == [IGNORE] * 3 + ids(tok, "xy") + [tok.eos_token_id]
+
+
+@pytest.fixture(scope="module")
+def bos_tok(tok):
+    """The fixture tokenizer with a BOS token in front of every encoded text, as Llama's adds one."""
+    import copy
+
+    from tokenizers import processors
+
+    with_bos = copy.deepcopy(tok)
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    assert with_bos.encode("ab") == [tok.bos_token_id] + ids(tok, "ab")
+    return with_bos
+
+
+def test_left_truncation_keeps_bos(bos_tok):
+    enc = Encoding("plain", max_source_length=4, max_target_length=64, truncate_source_from="left")
+    row = encode_example(bos_tok, enc, "abcdefg", "xy", [])
+    assert row["input_ids"][:4] == [bos_tok.bos_token_id] + ids(bos_tok, "efg")
+    assert row["labels"] == [IGNORE] * 4 + ids(bos_tok, "xy") + [bos_tok.eos_token_id]
+
+
+def test_left_truncation_keeps_chat_template_head_and_assistant_header(tok):
+    enc = Encoding("chat_template", max_source_length=6, max_target_length=64, truncate_source_from="left")
+    row = encode_example(tok, enc, "abcdefg", "xy", [])
+    assert row["input_ids"][:6] == ids(tok, "<|user|>defg<|assistant|>")
+
+
+def test_left_truncation_cuts_oldest_history_first(tok):
+    src = source_ids(tok, "hi", [["q1", "a1"], ["q2", "a2"]], "chat_template", 8, "left")
+    assert src == ids(tok, "<|user|>") + ids(tok, "<|assistant|>a2<|user|>hi<|assistant|>")
+
+
+def test_left_truncation_of_a_query_that_starts_like_the_template_around_it(tok):
+    # "<|assistant|>" follows the query in the template: an empty stand-in query alone would count this
+    # query's first token as the template's and keep it.
+    query = "<|assistant|>" + "abcdefgh"
+    src = source_ids(tok, query, [], "chat_template", 5, "left")
+    assert src == ids(tok, "<|user|>fgh<|assistant|>")
+
+
+def test_left_truncation_when_the_template_alone_does_not_fit(tok):
+    # The answer cue is kept first, then the template's start.
+    assert source_ids(tok, "abc", [], "chat_template", 1, "left") == ids(tok, "<|assistant|>")
+    assert source_ids(tok, "abc", [], "chat_template", 2, "left") == ids(tok, "<|user|><|assistant|>")
+
+
+def test_right_truncation_is_a_plain_cut(bos_tok):
+    full = prompt_ids(bos_tok, "abcdefg", [["q", "a"]], "chat_template")
+    assert source_ids(bos_tok, "abcdefg", [["q", "a"]], "chat_template", 5, "right") == full[:5]
+
+
+CHATGLM_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "chatglm"
+
+
+@pytest.mark.skipif(not (CHATGLM_TOKENIZER / "tokenizer.model").is_file(),
+                    reason=f"needs the real ChatGLM tokenizer at {CHATGLM_TOKENIZER}")
+def test_left_truncation_keeps_chatglm2_gmask_sop_and_answer_cue():
+    from ptune.models import load_tokenizer
+
+    t = load_tokenizer(CHATGLM_TOKENIZER)
+    query = "类型#裙*颜色#红色*风格#性感*图案#条纹"
+    full = prompt_ids(t, query, [], "chatglm2")
+    right = source_ids(t, query, [], "chatglm2", 16, "right")
+    assert right == full[:16] and t.convert_ids_to_tokens(right[:2]) == ["[gMASK]", "sop"]
+    left = source_ids(t, query, [], "chatglm2", 20, "left")
+    # [gMASK] sop [Round 1]\n\n问： (12 ids), the query's last 4 ids, \n\n答： (4 ids)
+    assert left == full[:12] + full[-8:]
+    assert t.convert_ids_to_tokens(left[:2]) == ["[gMASK]", "sop"]
+    assert t.decode(left[12:16]) == "图案#条纹" and t.convert_ids_to_tokens(left[-2:]) == ["答", "："]
 
 
 def test_encode_source_at_limit_is_untouched(tok):

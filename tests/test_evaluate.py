@@ -179,3 +179,23 @@ def test_base_model_alone_is_scored_and_recorded_as_no_checkpoint(tiny_model_dir
     assert written["checkpoint"] is None and written["num_samples"] == 3
     assert all(written[k] == metrics[k] for k in SCORES)
     assert len((out / "generated_predictions.jsonl").read_text(encoding="utf-8").splitlines()) == 3
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_eval_prompts_are_cut_as_training_cuts_them(tmp_path, side):
+    """Evaluate builds its prompts with the training code: left truncation keeps the chat template's user
+    and assistant headers and cuts the text between them, right truncation keeps the first ids."""
+    from ptune.data import Encoding, encode_example, prompt_ids
+
+    tok = build_tokenizer(tmp_path / "tok")
+    data = tmp_path / "dev.jsonl"
+    data.write_text(json.dumps({"content": "abcdefghij", "summary": "xy"}) + "\n", encoding="utf-8")
+    data_cfg = {"prompt_column": "content", "response_column": "summary", "history_column": None,
+                "max_source_length": 6, "max_target_length": 8, "truncate_source_from": side}
+    (prompt,) = ev.build_eval_set(data, tok, data_cfg, "chat_template").prompts
+    trained = encode_example(tok, Encoding("chat_template", 6, 8, side), "abcdefghij", "xy", [])
+    assert prompt == trained["input_ids"][:6]
+    full = prompt_ids(tok, "abcdefghij", [], "chat_template")
+    want = full[:6] if side == "right" else full[:1] + full[-5:]
+    assert prompt == want
+    assert tok.convert_ids_to_tokens(prompt)[-1] == ("<|assistant|>" if side == "left" else "e")
