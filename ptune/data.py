@@ -96,14 +96,29 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def load_examples(path: str | Path, columns: Columns):
-    """Validated rows as a table of prompt / response / history; rows with an empty side are skipped."""
-    numbered = read_rows(path)
+def _check_columns(path, numbered: list[tuple[int, dict]], columns: Columns, require_history: bool) -> None:
+    """Every configured column must be in some row: a misspelt name would otherwise read as empty everywhere."""
     present = sorted({k for _, row in numbered for k in row})
-    required = [columns.prompt, columns.response] + ([columns.history] if columns.history else [])
-    for name in required:
-        if name != columns.history and all(name not in row for _, row in numbered):
+    for name in (columns.prompt, columns.response):
+        if all(name not in row for _, row in numbered):
             raise DataError(f"{path}: column {name!r} not found; columns present: {present}")
+    # A row may lack the history column (no earlier turns), but a file where none has it was most likely
+    # given a misspelt name, and training on it would silently drop every history.
+    if columns.history and all(columns.history not in row for _, row in numbered):
+        if require_history:
+            raise DataError(f"{path}: column {columns.history!r} not found; columns present: {present}")
+        log.warning("%s: no row has the history column %r (columns present: %s); every prompt is built without "
+                    "history", path, columns.history, present)
+
+
+def load_examples(path: str | Path, columns: Columns, require_history: bool = False):
+    """Validated rows as a table of prompt / response / history; rows with an empty side are skipped.
+
+    require_history: refuse a file where no row has `columns.history` (training). Evaluation and sweeps only
+    warn: they inherit the checkpoint's history column, which `null` cannot clear for a file without history.
+    """
+    numbered = read_rows(path)
+    _check_columns(path, numbered, columns, require_history)
     prompts, responses, histories, skipped = [], [], [], 0
     for lineno, row in numbered:
         where = f"{path}:{lineno}"
@@ -240,7 +255,7 @@ def tokenize(dataset, tokenizer, enc: Encoding):
 def training_rows(data_cfg, template: str, tokenizer, limit: int | None = None):
     """`data_cfg.train_file` validated, cut to its first `limit` rows, and tokenized for training."""
     examples = load_examples(data_cfg.train_file, Columns(data_cfg.prompt_column, data_cfg.response_column,
-                                                          data_cfg.history_column))
+                                                          data_cfg.history_column), require_history=True)
     if limit is not None:
         examples = examples.select(range(min(limit, len(examples))))
     encoding = Encoding(template, data_cfg.max_source_length, data_cfg.max_target_length,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ptune.data import (
     IGNORE,
@@ -28,6 +29,7 @@ from ptune.data import (
     read_rows,
     source_ids,
     tokenize,
+    training_rows,
 )
 
 COLS = Columns(prompt="content", response="summary")
@@ -257,9 +259,34 @@ def test_load_examples_history_valid(tmp_path):
     assert ds["prompt"][0] == "q3"
 
 
-def test_load_examples_history_column_absent_everywhere_is_allowed(tmp_path):
+def test_load_examples_history_column_absent_everywhere_is_refused_for_training(tmp_path):
+    # data.history_column=histroy while the rows say "history": training would drop every history.
+    path = write_jsonl(tmp_path / "d.jsonl", [{"content": "p", "summary": "r", "history": [["q", "a"]]},
+                                              {"content": "p", "summary": "r"}])
+    cols = Columns("content", "summary", "histroy")
+    with pytest.raises(DataError, match=re.escape(f"{path}: column 'histroy' not found; columns present: "
+                                                  "['content', 'history', 'summary']")):
+        load_examples(path, cols, require_history=True)
+    cfg = OmegaConf.create({"train_file": str(path), "prompt_column": "content", "response_column": "summary",
+                            "history_column": "histroy", "max_source_length": 8, "max_target_length": 8,
+                            "truncate_source_from": "right"})
+    with pytest.raises(DataError, match="column 'histroy' not found"):
+        training_rows(cfg, "plain", None)
+
+
+def test_load_examples_history_column_absent_everywhere_warns_for_evaluation(tmp_path, caplog):
+    # Evaluation inherits the checkpoint's history column and cannot clear it: a dev file without history
+    # is scored, with a warning.
     path = write_jsonl(tmp_path / "d.jsonl", [{"content": "p", "summary": "r"}])
-    assert load_examples(path, HCOLS)["history"] == [[]]
+    with caplog.at_level(logging.WARNING, logger="ptune.data"):
+        assert load_examples(path, HCOLS)["history"] == [[]]
+    assert f"{path}: no row has the history column 'history'" in caplog.text
+
+
+def test_load_examples_history_column_in_some_rows_is_enough(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"content": "p", "summary": "r"},
+                                              {"content": "p", "summary": "r", "history": [["q", "a"]]}])
+    assert load_examples(path, HCOLS, require_history=True)["history"] == [[], [["q", "a"]]]
 
 
 @pytest.mark.parametrize("bad", ["q a", [["q"]], [["q", "a", "b"]], [["q", 1]], ["qa"], [[None, "a"]], {"q": "a"}])

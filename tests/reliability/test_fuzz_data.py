@@ -51,14 +51,14 @@ def files(draw) -> bytes:
 
 
 @settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(content=files(), with_history=st.booleans())
-def test_any_file_loads_or_raises_data_error(content, with_history):
+@given(content=files(), with_history=st.booleans(), require_history=st.booleans())
+def test_any_file_loads_or_raises_data_error(content, with_history, require_history):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.jsonl"
         path.write_bytes(content)
         columns = Columns("content", "summary", "history" if with_history else None)
         try:
-            table = load_examples(path, columns)
+            table = load_examples(path, columns, require_history=require_history)
         except DataError as e:
             event("DataError: " + str(e).split(": ", 1)[1].split(" (")[0].split(";")[0][:40])
             assert str(e) and "\n" not in str(e)  # one line, for the CLI

@@ -100,6 +100,18 @@ def test_lone_surrogate_escape_is_one_clear_line(env, tmp_path):
     assert_clean_error(res, f"error: {data}:3", "content")
 
 
+def test_misspelt_history_column_is_one_clear_line(env, tmp_path):
+    """A history column no row has would train on empty histories; a misspelt name is refused like a
+    misspelt prompt or response column."""
+    rows = [{**r, "history": [["q", "a"]]} for r in sample_rows(3)]
+    data = write(tmp_path, "train.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    out = tmp_path / "fresh"
+    res = cli("ptune.train", *train_args(env.model, data, out, "data.history_column=histroy"))
+    assert not list(out.glob("checkpoint-*"))
+    assert_clean_error(res, f"error: {data}: column 'histroy' not found; columns present: ['content', 'history', "
+                            "'summary']")
+
+
 def fresh_run(env, tmp_path, data: Path, *extra: str):
     out = tmp_path / "fresh"
     res = cli("ptune.train", *train_args(env.model, data, out, "trainer.max_steps=1", "trainer.save_steps=1", *extra))
