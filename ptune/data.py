@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,34 +42,52 @@ def _decode(path: Path) -> str:
         raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file as UTF-8") from None
 
 
+def _parse_error(where: str, e: Exception) -> DataError:
+    """The DataError for JSON that json.loads refused, at `where` (file:line)."""
+    if isinstance(e, json.JSONDecodeError):
+        return DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})")
+    if isinstance(e, RecursionError):
+        return DataError(f"{where}: JSON nested too deeply")
+    if "integer string conversion" in str(e):
+        # Python refuses to read integers this long (sys.get_int_max_str_digits, a guard against slow parsing).
+        return DataError(f"{where}: an integer with more than {sys.get_int_max_str_digits()} digits, more than "
+                         "Python reads; write such a value as a string")
+    return DataError(f"{where}: invalid JSON ({e})")
+
+
+def _line_rows(path: Path, text: str) -> list[tuple[int, object]]:
+    numbered = []
+    # Split on newlines only: str.splitlines also breaks at U+2028/U+0085, which JSON keeps unescaped.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        try:
+            numbered.append((lineno, json.loads(line)))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise _parse_error(f"{path}:{lineno}", e) from None
+    return numbered
+
+
+def _array_rows(path: Path, text: str) -> list[tuple[int, object]]:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _parse_error(f"{path}:{e.lineno}", e) from None
+    except (ValueError, RecursionError) as e:
+        raise _parse_error(str(path), e) from None
+    # A JSON array gives no per-row line numbers; report the row's position instead.
+    return list(enumerate(rows, start=1))
+
+
 def read_rows(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs from a JSON-lines file or a JSON array file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     text = _decode(path)
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-        except RecursionError:
-            raise DataError(f"{path}: JSON nested too deeply") from None
-        # A JSON array gives no per-row line numbers; report the row's position instead.
-        numbered = list(enumerate(rows, start=1))
-    else:
-        numbered = []
-        # Split on newlines only: str.splitlines also breaks at U+2028/U+0085, which JSON keeps unescaped.
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            line = line.rstrip("\r")
-            if not line.strip():
-                continue
-            try:
-                numbered.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-            except RecursionError:
-                raise DataError(f"{path}:{lineno}: JSON nested too deeply") from None
+    is_array = text.lstrip().startswith("[")
+    numbered = _array_rows(path, text) if is_array else _line_rows(path, text)
     for lineno, row in numbered:
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object per row, got {type(row).__name__}")

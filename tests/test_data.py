@@ -100,6 +100,16 @@ def test_read_rows_malformed_json_array_names_line(tmp_path):
         read_rows(path)
 
 
+def test_read_rows_integer_too_long_for_python_names_line(tmp_path):
+    huge = "9" * 5000
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"content": "p", "summary": "r"}\n{"content": "p", "summary": "r", "id": ' + huge + "}",
+                    encoding="utf-8")
+    with pytest.raises(DataError, match=at(path, 2) + " an integer with more than 4300 digits, more than Python "
+                                        "reads; write such a value as a string"):
+        read_rows(path)
+
+
 def test_read_rows_non_object_row(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"a": 1}\n[1, 2]\n{"a": 3}\n', encoding="utf-8")

@@ -34,7 +34,8 @@ def dump(value) -> bytes:
 
 
 odd_line = st.one_of(odd_rows.map(dump), values.map(dump), st.binary(max_size=40),
-                     st.sampled_from([b"", b"   ", b"\xef\xbb\xbf{}", b'{"content": "a", "summary": "b"']))
+                     st.sampled_from([b"", b"   ", b"\xef\xbb\xbf{}", b'{"content": "a", "summary": "b"',
+                                      b'{"content": "a", "summary": "b", "id": ' + b"9" * 5000 + b"}"]))
 
 
 @st.composite

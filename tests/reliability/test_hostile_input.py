@@ -112,6 +112,15 @@ def test_misspelt_history_column_is_one_clear_line(env, tmp_path):
                             "'summary']")
 
 
+def test_integer_too_long_for_python_is_one_clear_line(env, tmp_path):
+    data = write(tmp_path, "train.jsonl", "\n".join(good_lines(2) + ['{"content": "x", "summary": "y", "id": ' +
+                                                                     "9" * 5000 + "}"]) + "\n")
+    out = tmp_path / "fresh"
+    res = cli("ptune.train", *train_args(env.model, data, out))
+    assert not list(out.glob("checkpoint-*"))
+    assert_clean_error(res, f"error: {data}:3: an integer with more than 4300 digits")
+
+
 def fresh_run(env, tmp_path, data: Path, *extra: str):
     out = tmp_path / "fresh"
     res = cli("ptune.train", *train_args(env.model, data, out, "trainer.max_steps=1", "trainer.save_steps=1", *extra))
