@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,14 @@ def _decode(path: Path) -> str:
         raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file as UTF-8") from None
 
 
+# JSON's own whitespace: str.strip would also skip characters a JSON parser rejects.
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    return _JSON_SPACE.match(text, pos).end()
+
+
 def _parse_error(where: str, e: Exception) -> DataError:
     """The DataError for JSON that json.loads refused, at `where` (file:line)."""
     if isinstance(e, json.JSONDecodeError):
@@ -69,15 +78,44 @@ def _line_rows(path: Path, text: str) -> list[tuple[int, object]]:
     return numbered
 
 
-def _array_rows(path: Path, text: str) -> list[tuple[int, object]]:
+def _reject_array(path: Path, text: str):
+    """Raise the JSON parser's own account of what is wrong with a file that is not one well-formed array."""
     try:
-        rows = json.loads(text)
+        json.loads(text)
     except json.JSONDecodeError as e:
         raise _parse_error(f"{path}:{e.lineno}", e) from None
     except (ValueError, RecursionError) as e:
         raise _parse_error(str(path), e) from None
-    # A JSON array gives no per-row line numbers; report the row's position instead.
-    return list(enumerate(rows, start=1))
+    raise DataError(f"{path}: not a well-formed JSON array")
+
+
+def _array_rows(path: Path, text: str) -> list[tuple[int, object]]:
+    """(line, value) of each element of a JSON array file, the line being the one the element starts on.
+
+    Read one element at a time (rather than json.loads of the whole file) to learn where each row is, so
+    that an error names the row's line in the file, not its position in the array.
+    """
+    decoder, numbered = json.JSONDecoder(), []
+    pos = _skip_space(text, _skip_space(text, 0) + 1)  # past the "[" read_rows found
+    line, counted, want_value = 1, 0, False
+    while want_value or not text.startswith("]", pos):
+        line, counted = line + text.count("\n", counted, pos), pos
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise _parse_error(f"{path}:{e.lineno}", e) from None
+        except (ValueError, RecursionError) as e:
+            raise _parse_error(f"{path}:{line}", e) from None
+        numbered.append((line, value))
+        pos = _skip_space(text, pos)
+        want_value = text.startswith(",", pos)  # a comma must be followed by a value, not by "]"
+        if want_value:
+            pos = _skip_space(text, pos + 1)
+        elif not text.startswith("]", pos):
+            _reject_array(path, text)
+    if _skip_space(text, pos + 1) != len(text):
+        _reject_array(path, text)  # something after the closing bracket
+    return numbered
 
 
 def read_rows(path: str | Path) -> list[tuple[int, dict]]:
@@ -86,7 +124,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     text = _decode(path)
-    is_array = text.lstrip().startswith("[")
+    is_array = text.startswith("[", _skip_space(text, 0))
     numbered = _array_rows(path, text) if is_array else _line_rows(path, text)
     for lineno, row in numbered:
         if not isinstance(row, dict):

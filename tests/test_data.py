@@ -72,7 +72,10 @@ def test_read_rows_json_array(tmp_path):
     rows = [{"a": 1}, {"a": 2}, {"a": 3}]
     path = tmp_path / "d.json"
     path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    assert read_rows(path) == [(1, rows[0]), (2, rows[1]), (3, rows[2])]
+    # Each row numbered by the line it starts on: "[", then three lines per row.
+    assert read_rows(path) == [(2, rows[0]), (5, rows[1]), (8, rows[2])]
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    assert read_rows(path) == [(1, rows[0]), (1, rows[1]), (1, rows[2])]
     # Leading whitespace before the bracket still means "array", not "JSON lines".
     path.write_text("\n\n  " + json.dumps(rows), encoding="utf-8")
     assert [r for _, r in read_rows(path)] == rows
@@ -100,12 +103,41 @@ def test_read_rows_malformed_json_array_names_line(tmp_path):
         read_rows(path)
 
 
-def test_read_rows_integer_too_long_for_python_names_line(tmp_path):
+@pytest.mark.parametrize("text, line, reason", [
+    ('[\n{"a": 1},\n{"a": 2}\n{"a": 3}]', 4, "Expecting ',' delimiter"),
+    ('[\n{"a": 1},\n]', 3, "Expecting value"),  # trailing comma
+    ('[\n{"a": 1}\n]\n{"a": 2}\n', 4, "Extra data"),
+    ('[\n{"a": 1},\n', 3, "Expecting value"),  # never closed
+    ('[\n{"a": 1}', 2, "Expecting ',' delimiter"),
+    ('[{"a": 1}, ,]', 1, "Expecting value"),
+    ('[', 1, "Expecting value"),
+])
+def test_read_rows_json_array_that_is_not_well_formed(tmp_path, text, line, reason):
+    path = tmp_path / "d.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=at(path, line) + " invalid JSON \\(" + re.escape(reason)):
+        read_rows(path)
+    with pytest.raises(json.JSONDecodeError):  # the parser agrees that the file is not JSON
+        json.loads(text)
+
+
+def test_json_array_row_errors_name_the_rows_line(tmp_path):
+    """A row of a pretty-printed array is reported at its line in the file, not at its position in the array."""
+    rows = [{"content": "p", "summary": "r"}, {"content": 5, "summary": "r"}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows, indent=2), encoding="utf-8")  # the second row starts on line 6
+    with pytest.raises(DataError, match=at(path, 6) + " column 'content' must be a string, got int"):
+        load_examples(path, COLS)
+
+
+@pytest.mark.parametrize("array", [False, True], ids=["json-lines", "json-array"])
+def test_read_rows_integer_too_long_for_python_names_line(tmp_path, array):
     huge = "9" * 5000
-    path = tmp_path / "d.jsonl"
-    path.write_text('{"content": "p", "summary": "r"}\n{"content": "p", "summary": "r", "id": ' + huge + "}",
-                    encoding="utf-8")
-    with pytest.raises(DataError, match=at(path, 2) + " an integer with more than 4300 digits, more than Python "
+    lines = ['{"content": "p", "summary": "r"}', '{"content": "p", "summary": "r", "id": ' + huge + "}"]
+    path = tmp_path / "d.json"
+    path.write_text("[\n" + ",\n".join(lines) + "\n]" if array else "\n".join(lines), encoding="utf-8")
+    line = 3 if array else 2
+    with pytest.raises(DataError, match=at(path, line) + " an integer with more than 4300 digits, more than Python "
                                         "reads; write such a value as a string"):
         read_rows(path)
 
@@ -119,8 +151,8 @@ def test_read_rows_non_object_row(tmp_path):
     with pytest.raises(DataError, match=at(path, 3) + ".*got str"):
         read_rows(path)
     arr = tmp_path / "d.json"
-    arr.write_text('[{"a": 1}, 5]', encoding="utf-8")
-    with pytest.raises(DataError, match=at(arr, 2) + ".*got int"):
+    arr.write_text('[{"a": 1},\n\n 5]', encoding="utf-8")
+    with pytest.raises(DataError, match=at(arr, 3) + ".*got int"):
         read_rows(arr)
 
 

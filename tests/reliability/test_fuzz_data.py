@@ -16,7 +16,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ptune.data import Columns, DataError, load_examples
+from ptune.data import Columns, DataError, load_examples, read_rows
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) |
@@ -69,3 +69,45 @@ def test_any_file_loads_or_raises_data_error(content, with_history, require_hist
         assert len(table) >= 1
         for row in table:
             assert row["prompt"].strip() and row["response"].strip()
+
+
+@st.composite
+def arrays(draw) -> str:
+    """JSON array text with random spacing, sometimes damaged by deleting or inserting a character."""
+    items = draw(st.lists(st.dictionaries(st.text(max_size=5), values, max_size=3) | values, max_size=4))
+    space = st.sampled_from(["", " ", "\n", "\r\n", "\t", "\n\n  "])
+    text = draw(space) + "[" + draw(space)
+    text += ",".join(draw(space) + json.dumps(v, indent=draw(st.sampled_from([None, 1]))) + draw(space)
+                     for v in items)
+    text += "]" + draw(space)
+    if text and draw(st.integers(0, 2)) == 0:
+        at = draw(st.integers(0, len(text) - 1))
+        text = text[:at] + draw(st.sampled_from(["", ",", "]", "[", "x", "\n"])) + text[at + 1:]
+    return text
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(text=arrays())
+def test_json_array_reads_as_the_json_parser_reads_it(text):
+    """read_rows reads an array file element by element, to number rows by line: it must accept exactly what
+    json.loads accepts, give the same values, and number each row by the line it starts on."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train.json"
+        path.write_text(text, encoding="utf-8", newline="")
+        try:
+            expected = json.loads(text)
+        except ValueError:
+            expected = None
+        if not (isinstance(expected, list) and expected and all(isinstance(v, dict) for v in expected)):
+            if text.lstrip(" \t\r\n").startswith("["):
+                try:
+                    read_rows(path)
+                except DataError:
+                    return
+                raise AssertionError(f"read_rows accepted {text!r}")
+            return
+        numbered = read_rows(path)
+        event("read")
+        assert json.dumps([row for _, row in numbered]) == json.dumps(expected)  # by text: NaN != NaN
+        lines = [line for line, _ in numbered]
+        assert lines == sorted(lines) and 1 <= lines[0] and lines[-1] <= text.count("\n") + 1
