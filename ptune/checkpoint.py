@@ -131,6 +131,11 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """N of a `checkpoint-N` folder as list_checkpoints finds them."""
+    return int(_NAME.match(ckpt.name).group(1))
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
@@ -184,9 +189,10 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     return stale
 
 
-def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints; returns what was removed."""
-    found = list_checkpoints(run_dir)
+def prune(run_dir: str | Path, keep_last: int, up_to_step: int | None = None) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints up to `up_to_step` (later ones are a rewound
+    run's, left alone); returns what was removed."""
+    found = [p for p in list_checkpoints(run_dir) if up_to_step is None or checkpoint_step(p) <= up_to_step]
     doomed = found[:-keep_last] if keep_last > 0 else []
     for p in doomed:
         shutil.rmtree(p)
@@ -226,7 +232,10 @@ def read_prefix_config(ckpt: str | Path) -> dict:
     path = Path(ckpt) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; is {ckpt} a ptune checkpoint?")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the checkpoint is damaged") from None
 
 
 def load_prefix_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:

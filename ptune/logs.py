@@ -46,8 +46,7 @@ class MetricsLog:
         if self.path.exists():
             # Entries past the checkpoint we resume from were made by the interrupted run and will be
             # logged again; keep the file a single, consistent history.
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in self._records() if json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
         self.writer = None
         if tensorboard:
@@ -57,6 +56,22 @@ class MetricsLog:
                 logging.getLogger(__name__).warning("tensorboard is not installed; logging to %s only", self.path)
             else:
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def _records(self) -> list[str]:
+        """The file's lines that hold a JSON object; a kill or a full disk during an append leaves a torn
+        last line, which is dropped with a warning instead of stopping the resume."""
+        lines = []
+        for number, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            try:
+                ok = isinstance(json.loads(line), dict) if line.strip() else False
+            except ValueError:
+                ok = False
+            if ok:
+                lines.append(line)
+            elif line.strip():
+                logging.getLogger(__name__).warning("%s:%d: not a whole log record (cut off by an interrupted "
+                                                    "write?); dropped", self.path, number)
+        return lines
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

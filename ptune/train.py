@@ -77,16 +77,21 @@ def check_settings(cfg: DictConfig) -> None:
         raise TrainingError(f"prefix.length={cfg.prefix.length}: must be at least 1")
     if cfg.optim.schedule not in ("linear", "constant"):
         raise TrainingError(f"optim.schedule={cfg.optim.schedule!r}: expected linear or constant")
-    if cfg.optim.lr <= 0 or cfg.optim.warmup_steps < 0 or not 0 <= cfg.prefix.dropout < 1:
-        raise TrainingError("optim.lr must be > 0, optim.warmup_steps >= 0 and 0 <= prefix.dropout < 1; got "
+    # Written as "not (ok)" so that NaN, which fails every comparison, is refused too.
+    if not (0 < cfg.optim.lr < math.inf and cfg.optim.warmup_steps >= 0 and 0 <= cfg.prefix.dropout < 1):
+        raise TrainingError("optim.lr must be a finite number > 0, optim.warmup_steps >= 0 and 0 <= prefix.dropout "
+                            "< 1; got "
                             f"{cfg.optim.lr}, {cfg.optim.warmup_steps}, {cfg.prefix.dropout}")
     o = cfg.optim
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise TrainingError(f"optim.betas={list(o.betas)}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
-    if not o.eps > 0 or o.weight_decay < 0 or (o.max_grad_norm is not None and o.max_grad_norm < 0):
+    if not (0 < o.eps < math.inf and 0 <= o.weight_decay < math.inf
+            and (o.max_grad_norm is None or 0 <= o.max_grad_norm < math.inf)):
         raise TrainingError("optim.eps must be > 0, optim.weight_decay >= 0 and optim.max_grad_norm >= 0 (0 or null: "
-                            f"no clipping); got {o.eps}, {o.weight_decay}, {o.max_grad_norm}")
+                            f"no clipping), each finite; got {o.eps}, {o.weight_decay}, {o.max_grad_norm}")
     check_count(cfg, "prefix.projection_hidden_size", nullable=True)
+    if not 0 <= cfg.seed < 2**32:  # the per-step dropout seeds add to it and must stay within 64 bits
+        raise TrainingError(f"seed={cfg.seed}: expected a whole number from 0 to 2**32 - 1")
     check_data_lengths(cfg)
     check_above_zero(cfg, "trainer.auto_micro_batch_gib", "a memory ceiling in GiB (null keeps the micro-batch as set)",
                      nullable=True)
@@ -102,6 +107,19 @@ def check_settings(cfg: DictConfig) -> None:
         raise TrainingError(f"trainer.group_by_length={t.group_by_length}: must be 0 or more (0 and 1 turn it off)")
     if t.keep_last is not None and t.keep_last < 1:
         raise TrainingError(f"trainer.keep_last={t.keep_last}: null keeps every checkpoint, else at least 1")
+
+
+def resumed_optimizer_settings(optimizer: torch.optim.Optimizer, optim_cfg, resume_from: Path) -> None:
+    """A resumed optimizer keeps its moments but takes this run's betas, eps and weight decay (the learning rate is
+    set every step); load_state_dict would bring back the checkpoint's, while config.yaml shows this run's."""
+    wanted = {"betas": tuple(optim_cfg.betas), "eps": optim_cfg.eps, "weight_decay": optim_cfg.weight_decay}
+    for group in optimizer.param_groups:
+        changed = {k: (tuple(group[k]) if k == "betas" else group[k], v) for k, v in wanted.items()
+                   if (tuple(group[k]) if k == "betas" else group[k]) != v}
+        if changed:
+            log.info("resume=%s: optimizer %s", resume_from,
+                     ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        group.update(wanted)
 
 
 def find_resume(resume, out: Path) -> Path | None:
@@ -182,6 +200,29 @@ def fitted_split(cfg: DictConfig, lm, params, plan_for, lengths: list[int], rows
     return micro, accum, layers, report
 
 
+def resume_point(resume, out: Path, accelerator: Accelerator) -> tuple[Path | None, dict, dict | None]:
+    """(checkpoint to resume from, its trainer state, its optimizer state), checked against its manifest, after
+    tidying what an interrupted save left. Refuses to start afresh among another run's checkpoints: the two runs'
+    checkpoints and logs would mix, and resume=latest would pick the other run's."""
+    if accelerator.is_main_process:  # before looking for `latest`
+        for folder, what in ckpt_io.restore_interrupted_resaves(out):
+            (log.warning if what.startswith("kept") else log.info)("%s %s", folder, what)
+        for stale in ckpt_io.remove_stale_temporaries(out):
+            log.info("removed %s, left by an interrupted save", stale)
+    accelerator.wait_for_everyone()  # every rank must see the restored folder
+    found = find_resume(resume, out)
+    state, optim_state = ckpt_io.load_trainer_state(found) if found is not None else ({"step": 0}, None)
+    later = [p.name for p in ckpt_io.list_checkpoints(out) if ckpt_io.checkpoint_step(p) > state["step"]]
+    if later and found is None:
+        raise TrainingError(f"output_dir={out} already holds {', '.join(later)} of an earlier run, and this run starts "
+                            "afresh: the two would mix. Continue that run with resume=latest, or give another "
+                            "output_dir")
+    if later:  # a rewind, e.g. to before a divergence
+        log.warning("resume=%s: %s in %s go on from the run being rewound; this run saves over those it reaches, "
+                    "the rest stay (and resume=latest would pick them)", found, ", ".join(later), out)
+    return found, state, optim_state
+
+
 def sum_across_ranks(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(tensor, reduction="sum") if accelerator.num_processes > 1 else tensor
 
@@ -200,6 +241,7 @@ def train(cfg: DictConfig) -> Path:
                             f"needs a CUDA device, not {device.type}; set trainer.per_device_batch_size and "
                             "trainer.gradient_accumulation_steps yourself, or leave it null")
 
+    resume_from, state, optim_state = resume_point(cfg.resume, out, accelerator)
     model, tokenizer = load_base(cfg.model, device)
     num_layers = model.config.num_hidden_layers
     recompute = recompute_setting(t, num_layers)
@@ -238,13 +280,6 @@ def train(cfg: DictConfig) -> Path:
     }
 
     start, skipped = 0, 0
-    if accelerator.is_main_process:  # what an interrupted save left behind, tidied before looking for `latest`
-        for folder, what in ckpt_io.restore_interrupted_resaves(out):
-            (log.warning if what.startswith("kept") else log.info)("%s %s", folder, what)
-        for stale in ckpt_io.remove_stale_temporaries(out):
-            log.info("removed %s, left by an interrupted save", stale)
-    accelerator.wait_for_everyone()  # every rank must see the restored folder
-    resume_from = find_resume(cfg.resume, out)
     if resume_from is not None:
         recorded = ckpt_io.read_prefix_config(resume_from)
         check_fits(recorded, model, str(resume_from))
@@ -254,27 +289,35 @@ def train(cfg: DictConfig) -> Path:
             raise TrainingError(f"resume={resume_from}: its prefix differs from this run's ("
                                 + ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in diff.items())
                                 + "); resume with the prefix settings it was trained with")
-        state, optim_state = ckpt_io.load_trainer_state(resume_from)
         lm.prefix.load_state_dict(ckpt_io.load_prefix_weights(resume_from))
         optimizer.load_state_dict(optim_state)
+        resumed_optimizer_settings(optimizer, cfg.optim, resume_from)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start, skipped = state["step"], state.get("skipped_steps", 0)
         log.info("resumed from %s at step %d (it was written by %d process(es))", resume_from, start,
                  state.get("world_size", 1))
+        if state.get("seed") not in (None, cfg.seed):
+            log.warning("resume=%s: it was trained with seed %d, this run's is %d; data order and dropout from step %d "
+                        "on are not the ones the original run would have had", resume_from, state["seed"], cfg.seed,
+                        start + 1)
         if state.get("global_batch") not in (None, plan.global_batch):
             log.warning("resume=%s: it was trained with global batch %d, this run's is %d (%d x %d x %d ranks); "
                         "the data order from step %d on is not the one the original run would have seen",
                         resume_from, state["global_batch"], plan.global_batch, micro, accum, world, start + 1)
 
-    if accelerator.is_main_process:
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    if accelerator.is_main_process:  # output_dir as used: a multirun job's folder is not the configured one
+        used = OmegaConf.merge(cfg, {"output_dir": str(out)})
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(used, resolve=True), encoding="utf-8")
     metrics = MetricsLog(out, t.tensorboard, resume_step=start) if accelerator.is_main_process else None
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stop.update(signal=signum))
 
     def save(step: int) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in params):  # the step's check saw a finite gradient
+            raise TrainingError(f"step {step}: the prefix holds NaN or inf after the update and was not saved; the "
+                                f"last checkpoint in {out} is intact. Try a lower optim.lr or optim.max_grad_norm=1.0")
         if accelerator.is_main_process:
             trainer_state = {"seed": cfg.seed, "world_size": world, "global_batch": plan.global_batch,
                              "skipped_steps": skipped, "scaler": scaler.state_dict() if scaler.is_enabled() else None}
@@ -283,7 +326,7 @@ def train(cfg: DictConfig) -> Path:
             log.info("saved %s", path)
             metrics.plot()
             if t.keep_last:
-                ckpt_io.prune(out, t.keep_last)
+                ckpt_io.prune(out, t.keep_last, up_to_step=step)
         accelerator.wait_for_everyone()
 
     log.info("training %s: %d rows, %d trainable prefix parameters, global batch %d (%d x %d x %d ranks), %d steps, "

@@ -32,6 +32,7 @@ $PY -m ptune.evaluate model.path="$MODEL" model.template=chat_template data.eval
     data.prompt_column=content data.response_column=summary $LIMITS $GEN output_dir="$OUT/eval-base"
 stage evaluate-base
 
+rm -rf "$OUT/run"  # a rerun starts over: ptune refuses to start afresh among an earlier run's checkpoints
 $PY -m ptune.train +experiment=adgen_smollm2 model.path="$MODEL" data.train_file="$OUT/train.jsonl" \
     output_dir="$OUT/run" "$@"
 stage train

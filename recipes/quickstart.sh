@@ -20,6 +20,7 @@ $PY -m ptune.evaluate model.path="$MODEL" model.template=chat_template data.eval
     output_dir=outputs/quickstart/eval-base
 head -n 2 outputs/quickstart/eval-base/generated_predictions.jsonl
 echo "== P-tuning"
+rm -rf "$RUN"  # a rerun starts over: ptune refuses to start afresh among an earlier run's checkpoints
 $PY -m ptune.train +experiment=quickstart output_dir="$RUN" "$@"
 echo "== tuned prefix"
 $PY -m ptune.evaluate checkpoint="$(ls -d "$RUN"/checkpoint-* | sort -t- -k2 -n | tail -n 1)" \

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import REPO, logged, run_train, small_run
@@ -116,6 +117,8 @@ def test_hydra_multirun_gives_one_run_folder_per_combination(tiny_model_dir, sam
     for job in ("0", "1"):
         (ckpt,) = list_checkpoints(sweep / job)
         lengths[job] = json.loads((ckpt / "prefix_config.json").read_text())["prefix"]["length"]
+        # the recorded config names the folder the job wrote to, so resume=latest with it finds the job's run
+        assert OmegaConf.load(sweep / job / "config.yaml").output_dir == str(sweep / job)
     assert lengths == {"0": 2, "1": 4}
 
 

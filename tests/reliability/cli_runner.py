@@ -97,8 +97,29 @@ def fault_kill_between_renames(step: int) -> None:
     pathlib.Path.rename = rename
 
 
+def fault_overflow_in_step(step: int) -> None:
+    """The update of optimizer step <step> leaves inf in the prefix although its loss and gradient were
+    finite (what a learning rate near float32's limit or a half-precision overflow in the update does)."""
+    import torch
+
+    import ptune.step as step_module  # ptune.train, run as __main__, takes the name from here
+
+    real = step_module.optimizer_step
+    calls = []
+
+    def optimizer_step(loss_fn, params, *args, **kwargs):
+        result = real(loss_fn, params, *args, **kwargs)
+        calls.append(None)
+        if len(calls) == step:
+            with torch.no_grad():
+                params[0].view(-1)[0] = float("inf")
+        return result
+
+    step_module.optimizer_step = optimizer_step
+
+
 FAULTS = {"kill_in_save_file": fault_kill_in_save_file, "kill_at_fsync": fault_kill_at_fsync,
-          "kill_between_renames": fault_kill_between_renames}
+          "kill_between_renames": fault_kill_between_renames, "overflow_in_step": fault_overflow_in_step}
 
 # ----------------------------------------------------------------------------------------- the child
 

@@ -1,0 +1,108 @@
+"""A run folder holds one run's history: a fresh start among another run's checkpoints is refused, a rewind
+keeps what it saves, a resume takes this run's optimizer settings, and what a crash can leave in the folder
+(a torn log line, a damaged file) neither stops a resume silently nor with a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from ptune import checkpoint as ck
+from reliability_harness import (Background, assert_clean_error, cli, cli_start, kill_quietly, logged, prefix_of,
+                                 snapshot, train_args)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, sample_file, tmp_path_factory):
+    model = tiny_model_dir("llama")
+    base = tmp_path_factory.mktemp("folder")
+    ref = Background(cli_start("ptune.train", *train_args(model, sample_file, base / "reference")),
+                     base / "reference")
+    yield model, sample_file, ref
+    kill_quietly(ref.proc)
+
+
+def copy_of(ref: Background, out, keep: tuple[int, ...]):
+    """The reference run with only the checkpoints of `keep` and the log lines up to the last of them."""
+    shutil.copytree(ref.result(), out)
+    for ckpt in ck.list_checkpoints(out):
+        if ck.checkpoint_step(ckpt) not in keep:
+            shutil.rmtree(ckpt)
+    lines = (out / "train_log.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (out / "train_log.jsonl").write_text("".join(lines[:max(keep)]), encoding="utf-8")
+    return out
+
+
+def test_a_fresh_start_among_an_earlier_runs_checkpoints_is_refused(setup, tmp_path):
+    model, data, ref = setup
+    out = copy_of(ref, tmp_path / "run", keep=(2, 4))
+    before = snapshot(out)
+    res = cli("ptune.train", *train_args(model, data, out, "optim.lr=0.01"))
+    assert_clean_error(res, f"output_dir={out} already holds checkpoint-2, checkpoint-4 of an earlier run",
+                       "resume=latest")
+    assert snapshot(out, skip=("train.log",)) == {k: v for k, v in before.items() if k != "train.log"}
+
+
+def test_a_rewind_keeps_the_checkpoint_it_saves_under_keep_last(setup, tmp_path):
+    """Resumed from checkpoint-2 of a run that went on to checkpoint-4, with keep_last=1, the new checkpoint-3
+    stays (pruning used to keep the highest step, the rewound run's checkpoint-4, and delete the new one)."""
+    model, data, ref = setup
+    out = copy_of(ref, tmp_path / "run", keep=(2, 4))
+    res = cli("ptune.train", *train_args(model, data, out, f"resume={out / 'checkpoint-2'}", "trainer.max_steps=3",
+                                         "trainer.save_steps=3", "trainer.keep_last=1"))
+    assert res.rc == 0, str(res)
+    assert "checkpoint-4 in" in res.stderr and "go on from the run being rewound" in res.stderr
+    assert [p.name for p in ck.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+    assert torch.equal(prefix_of(out / "checkpoint-4"), prefix_of(ref.result() / "checkpoint-4"))
+    assert [r["step"] for r in logged(out)] == [1, 2, 3]
+
+
+def test_an_update_that_leaves_the_prefix_non_finite_is_not_saved(setup, tmp_path):
+    """A finite loss and gradient can still step the prefix to inf: the save refuses, so the folder never holds
+    a complete checkpoint of NaN/inf weights, and the one before stays the latest."""
+    model, data, ref = setup
+    out = tmp_path / "run"
+    res = cli("ptune.train", *train_args(model, data, out), fault={"fault": "overflow_in_step", "step": 4})
+    assert_clean_error(res, "step 4: the prefix holds NaN or inf after the update and was not saved",
+                       f"the last checkpoint in {out} is intact")
+    assert ck.list_checkpoints(out) == [out / "checkpoint-2"]
+    assert torch.equal(prefix_of(out / "checkpoint-2"), prefix_of(ref.result() / "checkpoint-2"))
+
+
+def test_a_resume_takes_this_runs_optimizer_settings_and_says_what_changed(setup, tmp_path):
+    model, data, ref = setup
+    out = copy_of(ref, tmp_path / "run", keep=(2,))
+    res = cli("ptune.train", *train_args(model, data, out, "resume=latest", "trainer.max_steps=4",
+                                         "optim.weight_decay=0.5", "optim.eps=1e-6", "optim.betas=[0.8,0.99]", "seed=7"))
+    assert res.rc == 0, str(res)
+    assert "optimizer betas (0.9, 0.999) -> (0.8, 0.99), eps 1e-08 -> 1e-06, weight_decay 0.0 -> 0.5" in res.stderr
+    assert "it was trained with seed 42, this run's is 7" in res.stderr
+    group = ck.load_trainer_state(out / "checkpoint-4")[1]["param_groups"][0]
+    assert (group["betas"], group["eps"], group["weight_decay"]) in (((0.8, 0.99), 1e-6, 0.5), ([0.8, 0.99], 1e-6, 0.5))
+    assert not torch.equal(prefix_of(out / "checkpoint-4"), prefix_of(ref.result() / "checkpoint-4"))
+
+
+def test_a_torn_last_log_line_is_dropped_and_the_resume_ends_like_an_unbroken_run(setup, tmp_path):
+    model, data, ref = setup
+    out = copy_of(ref, tmp_path / "run", keep=(2, 4))
+    whole = (ref.result() / "train_log.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    torn = whole[4][: len(whole[4]) // 2]  # a kill in the middle of appending step 5
+    with open(out / "train_log.jsonl", "a", encoding="utf-8") as f:
+        f.write(torn)
+    res = cli("ptune.train", *train_args(model, data, out, "resume=latest"))
+    assert res.rc == 0, str(res)
+    assert f"{out / 'train_log.jsonl'}:5: not a whole log record" in res.stderr
+    assert [r["loss"] for r in logged(out)] == [r["loss"] for r in logged(ref.result())]
+    assert torch.equal(prefix_of(out / "checkpoint-8"), prefix_of(ref.result() / "checkpoint-8"))
+
+
+def test_a_damaged_prefix_config_stops_a_resume_with_one_line(setup, tmp_path):
+    model, data, ref = setup
+    out = copy_of(ref, tmp_path / "run", keep=(2,))
+    (out / "checkpoint-2" / "prefix_config.json").write_text('{"prefix": ', encoding="utf-8")
+    res = cli("ptune.train", *train_args(model, data, out, "resume=latest"))
+    assert_clean_error(res, f"error: {out / 'checkpoint-2' / 'prefix_config.json'}:", "manifest")
+    assert json.loads((out / "checkpoint-2" / "manifest.json").read_text())  # nothing rewritten
