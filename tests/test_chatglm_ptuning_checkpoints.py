@@ -143,6 +143,24 @@ def test_import_of_golden_records_base_and_step(tmp_path):
                        golden["transformer.prefix_encoder.embedding.weight"])
 
 
+def test_import_refuses_to_replace_an_existing_checkpoint(base, tmp_path, capsys):
+    run = tmp_path / "run"
+    existing = make_ptune_checkpoint(base, run, False)  # checkpoint-3, as a training run leaves it
+    ckpt_io.save_checkpoint(run, 3, ckpt_io.load_prefix_weights(existing), ckpt_io.read_prefix_config(existing),
+                            trainer_state={"global_step": 3},
+                            optimizer_state={"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": []})
+    before = {p.name: p.read_bytes() for p in existing.iterdir()}
+    assert ckpt_io.STATE_FILE in before and ckpt_io.OPTIMIZER_FILE in before
+    old = tmp_path / "checkpoint-3"
+    shutil.copytree(REF_DIR, old)
+    assert ptuning.main(["import", str(old), str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {existing}: exists; import into another run folder (or remove it first)\n"
+    assert {p.name: p.read_bytes() for p in existing.iterdir()} == before
+    # Another step of the same run is imported as before.
+    assert ptuning.import_checkpoint(REF_DIR, run) == run / "checkpoint-0"
+
+
 def test_export_refuses_prefixes_that_are_not_chatglm_shaped(base, tmp_path, capsys):
     llama = make_ptune_checkpoint(base, tmp_path / "llama", False, model_type="llama")
     assert ptuning.main(["export", str(llama), str(tmp_path / "out")]) == 1

@@ -14,8 +14,8 @@ Command line::
     python -m ptune.chatglm.ptuning import <old checkpoint dir> <run dir> [--base /path/to/chatglm2-6b]
     python -m ptune.chatglm.ptuning export <ptune checkpoint> <out dir>
 
-``import`` writes ``<run dir>/checkpoint-N`` (N from the old folder's name, else 0) with a manifest;
-``export`` writes ``model.safetensors`` and ``config.json`` in the reference format, for a prefix
+``import`` writes ``<run dir>/checkpoint-N`` (N from the old folder's name, else 0) with a manifest, and
+refuses a ``checkpoint-N`` that exists; ``export`` writes ``model.safetensors`` and ``config.json`` in the reference format, for a prefix
 trained on a ChatGLM-shaped base only. ``.bin`` files are read with ``torch.load(weights_only=True)``,
 which refuses pickled code.
 """
@@ -208,6 +208,11 @@ def import_checkpoint(old_dir, run_dir, base_path: str | None = None) -> Path:
         config["base"]["path"] = str(base_path)
         config["model"]["path"] = str(base_path)
     step = config.pop("step") or 0
+    target = Path(run_dir) / f"checkpoint-{step}"
+    # save_checkpoint replaces a checkpoint of the same step (right for a resumed run re-saving it), which
+    # here would throw away a run's own checkpoint, its optimizer and trainer state with it.
+    if target.exists():
+        raise PtuningFormatError(f"{target}: exists; import into another run folder (or remove it first)")
     config.pop("format")
     config["imported_from"] = str(old_dir.resolve())
     config.pop("source")
