@@ -16,8 +16,8 @@ Command line::
 
 ``import`` writes ``<run dir>/checkpoint-N`` (N from the old folder's name, else 0) with a manifest, and
 refuses a ``checkpoint-N`` that exists; ``export`` writes ``model.safetensors`` and ``config.json`` in the
-reference format, for a prefix trained on a ChatGLM-shaped base only. ``.bin`` files are read with ``torch.load(weights_only=True)``,
-which refuses pickled code.
+reference format, for a prefix trained on a ChatGLM-shaped base only. ``.bin`` files are read with
+``torch.load(weights_only=True)``, which refuses pickled code.
 """
 
 from __future__ import annotations
