@@ -320,7 +320,9 @@ def train(cfg: DictConfig) -> Path:
                                 f"last checkpoint in {out} is intact. Try a lower optim.lr or optim.max_grad_norm=1.0")
         if accelerator.is_main_process:
             trainer_state = {"seed": cfg.seed, "world_size": world, "global_batch": plan.global_batch,
-                             "skipped_steps": skipped, "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+                             "skipped_steps": skipped, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                             # steps since the last log line, so a resume logs the mean an unbroken run would
+                             "log_window": {"loss": window["loss"], "steps": window["steps"]}}
             path = ckpt_io.save_checkpoint(out, step, lm.prefix.state_dict(), prefix_config, trainer_state,
                                            optimizer.state_dict())
             log.info("saved %s", path)
@@ -335,6 +337,7 @@ def train(cfg: DictConfig) -> Path:
     lm.train()
     bar = tqdm(total=t.max_steps, initial=start, desc="train", disable=not (accelerator.is_main_process and t.progress_bar))
     window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
+    window.update(state.get("log_window") or {})
     for step in range(start, t.max_steps):
         lr = lr_at(step, cfg.optim, t.max_steps)
         for group in optimizer.param_groups:
@@ -377,10 +380,10 @@ def train(cfg: DictConfig) -> Path:
             log.info("step %d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f peak_mem %.2f GiB", done,
                      mean_loss, lr, grad_norm, record["tokens_per_s"], record["peak_mem_gib"])
             window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
-        if done % t.save_steps == 0 or done == t.max_steps:
+        if done % t.save_steps == 0 or done == t.max_steps or stop["signal"] is not None:
             save(done)
-        elif stop["signal"] is not None:
-            save(done)
+            if window["steps"] == 0:  # keep the save's time out of the next line's tokens/s
+                window["time"] = time.perf_counter()
         if stop["signal"] is not None:
             log.warning("stopped by signal %d after step %d; resume with resume=latest output_dir=%s",
                         stop["signal"], done, out)

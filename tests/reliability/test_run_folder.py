@@ -106,3 +106,23 @@ def test_a_damaged_prefix_config_stops_a_resume_with_one_line(setup, tmp_path):
     res = cli("ptune.train", *train_args(model, data, out, "resume=latest"))
     assert_clean_error(res, f"error: {out / 'checkpoint-2' / 'prefix_config.json'}:", "manifest")
     assert json.loads((out / "checkpoint-2" / "manifest.json").read_text())  # nothing rewritten
+
+
+def test_a_resume_between_log_lines_logs_the_losses_of_an_unbroken_run(setup, tmp_path):
+    """Checkpoint 3 with a line every 2 steps: the line for step 4 is the mean of steps 3 and 4 in both runs (a
+    resumed run used to log step 4 alone)."""
+    model, data, _ = setup
+
+    def args(out, *extra):
+        return train_args(model, data, out, "trainer.max_steps=6", "trainer.save_steps=3", "trainer.log_steps=2",
+                          *extra)
+
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert cli("ptune.train", *args(straight)).rc == 0
+    shutil.copytree(straight / "checkpoint-3", out / "checkpoint-3")
+    first = (straight / "train_log.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[0]
+    (out / "train_log.jsonl").write_text(first, encoding="utf-8")
+    res = cli("ptune.train", *args(out, "resume=latest"))
+    assert res.rc == 0, str(res)
+    assert [(r["step"], r["loss"]) for r in logged(out)] == [(r["step"], r["loss"]) for r in logged(straight)]
+    assert [r["step"] for r in logged(straight)] == [2, 4, 6]
