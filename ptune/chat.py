@@ -108,6 +108,15 @@ def fit_history(tokenizer, template: str, query: str, history, max_prompt_tokens
         history = history[1:]
 
 
+def decode_reply(tokenizer, tokens: list[int]) -> str:
+    """The text of a reply's tokens, as chat and the server show it, streamed or not.
+
+    Without the tokenizer's space cleanup: it rewrites text already streamed ('a ' then 'a ,' becomes
+    'a,'), which a stream cannot take back, so a streamed reply would part from the same reply sent whole.
+    """
+    return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 class StreamDecoder:
     """Text of a reply as its tokens arrive: re-decodes the reply so far and hands out the new suffix.
 
@@ -121,7 +130,7 @@ class StreamDecoder:
         self.emitted = ""
 
     def text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return decode_reply(self.tokenizer, self.tokens)
 
     def push(self, token: int) -> str:
         self.tokens.append(int(token))

@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import hydra
 import torch
@@ -44,11 +44,12 @@ try:
 except ImportError as e:  # an optional dependency
     raise ImportError(f"ptune.serve needs fastapi and uvicorn: pip install 'ptune[serve]' ({e})") from None
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      field_validator)
 
-from ptune.chat import ChatModel, StreamDecoder, build_prompt, load_chat_model
+from ptune.chat import ChatModel, StreamDecoder, build_prompt, decode_reply, load_chat_model
 from ptune.config import check_count, check_quantization, check_sampling, check_token_ids, refuse_added_settings
-from ptune.data import left_pad
+from ptune.data import _encodable, left_pad
 from ptune.generate import generate
 from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import setup_logging
@@ -238,7 +239,7 @@ class Engine:
                 rest = decoders[i].flush()
                 if rest:
                     job.on_text(rest)
-            text = cm.tokenizer.decode(tokens[i], skip_special_tokens=True)
+            text = decode_reply(cm.tokenizer, tokens[i])
             self.served += 1
             job.future.set_result(Result(text, len(job.prompt), len(tokens[i]), reasons[i] or "length"))
 
@@ -250,14 +251,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+SURROGATE = "holds an unpaired surrogate escape (\\ud800-\\udfff), which is not text"
+
+
+def _check_text(value: str) -> str:
+    # JSON may escape a lone surrogate ("\ud800"); Python decodes it into a str the tokenizer cannot take.
+    if not _encodable(value):
+        raise ValueError(SURROGATE)
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_check_text)]
+
+
 class ApiRequest(_Strict):
     """ChatGLM2-6B api.py's request."""
 
-    prompt: StrictStr
-    history: list[tuple[StrictStr, StrictStr]] | None = None
+    prompt: Text
+    history: list[tuple[Text, Text]] | None = None
     max_length: StrictInt | None = Field(None, ge=1)
-    top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
-    temperature: float | None = Field(None, allow_inf_nan=False)
+    # Strict numbers (a whole number is one too): a string or `true` is a mistake, not a temperature of 1.
+    top_p: StrictFloat | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    temperature: StrictFloat | None = Field(None, allow_inf_nan=False)
 
 
 class TextPart(_Strict):
@@ -268,6 +283,15 @@ class TextPart(_Strict):
 class Message(_Strict):
     role: Literal["system", "user", "assistant"]
     content: StrictStr | list[TextPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _encodable_content(cls, content):
+        # Checked here rather than with Text in the union, so the error names messages.N.content alone.
+        texts = [content] if isinstance(content, str) else [p.text for p in content or []]
+        for text in texts:
+            _check_text(text)
+        return content
 
     def text(self) -> str:
         if self.content is None:
@@ -280,10 +304,10 @@ class Message(_Strict):
 class ChatCompletionRequest(_Strict):
     """The part of OpenAI's chat completion request that applies here; other fields are ignored."""
 
-    model: StrictStr | None = None
+    model: Text | None = None
     messages: list[Message] = Field(min_length=1)
-    temperature: float | None = Field(None, allow_inf_nan=False)
-    top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    temperature: StrictFloat | None = Field(None, allow_inf_nan=False)
+    top_p: StrictFloat | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     stream: StrictBool = False

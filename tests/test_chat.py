@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import build_tokenizer
 from ptune.chat import StreamDecoder, load_chat_model
 from ptune.data import prompt_ids
 from ptune.evaluate import predict
@@ -147,3 +148,15 @@ def test_stream_decoder_never_splits_a_character():
     pieces = [dec.push(i) for i in ids] + [dec.flush()]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
     assert pieces[:3] == ["", "", "连"]  # held back until the character is complete
+
+
+def test_streamed_text_equals_the_reply_under_a_tokenizer_that_cleans_up_spaces(tmp_path):
+    """Decode cleanup turns 'a ,' into 'a,': text already streamed ('a ') would be rewritten, and the stream
+    stopped for good. Replies are decoded without the cleanup, streamed or not."""
+    tok = build_tokenizer(tmp_path)
+    tok.clean_up_tokenization_spaces = True
+    ids = tok.encode("a , b . c", add_special_tokens=False)
+    assert tok.decode(ids) == "a, b. c"  # the cleanup is on
+    dec = StreamDecoder(tok)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == dec.text() == "a , b . c"

@@ -247,3 +247,34 @@ def test_command_line_server_with_api_key(checkpoint, tmp_path):
     # uvicorn shuts down cleanly on SIGTERM, then re-raises the signal so the exit status tells of it.
     assert proc.returncode in (0, -15), (tmp_path / "serve.log").read_text()
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def chat_request(text: str, **fields) -> tuple[str, dict]:
+    return "/v1/chat/completions", {"messages": [{"role": "user", "content": text}], **fields}
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/", b'{"prompt": "a\\ud800b"}', "prompt"),
+    ("/", b'{"prompt": "hi", "history": [["q", "\\udfff"]]}', "history.0.1"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "system", "content": [{"type": "text", "text": "\\udc00"}]}, '
+                             b'{"role": "user", "content": "hi"}]}', "messages.0.content"),
+])
+def test_a_lone_surrogate_is_refused_naming_the_field(served, path, body, field):
+    url, _ = served
+    r = httpx.post(url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["message"].startswith(f"{field}: ") and "unpaired surrogate" in r.json()["detail"]
+    assert httpx.post(url + "/", json={"prompt": "hi", "temperature": 0}, timeout=60).status_code == 200
+
+
+def test_temperature_and_top_p_take_numbers_only(served):
+    url, _ = served
+    for field, value in [("temperature", True), ("temperature", "0.5"), ("top_p", False), ("top_p", "1")]:
+        for path, body in [("/", {"prompt": "hi"}), chat_request("hi")]:
+            r = httpx.post(url + path, json={**body, field: value}, timeout=60)
+            assert r.status_code == 422 and r.json()["error"]["param"] == field, (path, field, value, r.text)
+    # Whole numbers are numbers.
+    r = httpx.post(url + "/v1/chat/completions", json={**chat_request("hi")[1], "temperature": 1, "top_p": 1, "seed": 1},
+                   timeout=60)
+    assert r.status_code == 200, r.text
