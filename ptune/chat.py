@@ -20,9 +20,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ptune.config import check_count, check_generation, check_quantization, refuse_added_settings, resolve_device
-from ptune.data import prompt_ids
+from ptune.data import _encodable, prompt_ids
 from ptune.generate import generate
-from ptune.errors import exit_on_user_error
+from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import setup_logging
 from ptune.models import load_for_inference
 
@@ -30,6 +30,9 @@ log = logging.getLogger("ptune.chat")
 
 COMMAND_CLEAR = "clear"
 COMMAND_STOP = "stop"
+# Config keys that bound a model's positions (prompt + reply tokens), the first one present counting:
+# past it, learned position tables (GPT-2's n_positions) fail with an IndexError mid-generation.
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "seq_length")
 
 
 @dataclass
@@ -45,6 +48,8 @@ class ChatModel:
     base_path: str
     step: int | None = None
     prefix_config: dict | None = field(default=None, repr=False)
+    max_positions: int | None = None  # prompt + reply tokens the model can take (None: no limit known)
+    positions_key: str | None = None  # the config key that said so
 
     @property
     def pad_token_id(self) -> int:
@@ -53,6 +58,16 @@ class ChatModel:
     def describe(self) -> str:
         what = self.checkpoint if self.checkpoint else f"{self.base_path} (base model, no prefix)"
         return f"{what}, template {self.template}, on {self.device.type}"
+
+
+def position_limit(model) -> tuple[int, str] | None:
+    """(positions, config key) of the model's position limit, or None where its config states none."""
+    config = model.config.get_text_config()
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
 
 
 def load_chat_model(cfg: DictConfig) -> ChatModel:
@@ -68,9 +83,11 @@ def load_chat_model(cfg: DictConfig) -> ChatModel:
     base_path = (prefix_config or {}).get("base", {}).get("path") or str(cfg.model.path)
     if cfg.model.get("path"):
         base_path = str(cfg.model.path)
+    limit, key = position_limit(model) or (None, None)
     return ChatModel(model=model, tokenizer=tokenizer, template=template, device=device, eos_token_ids=eos,
                      checkpoint=checkpoint, base_path=base_path,
-                     step=(prefix_config or {}).get("step"), prefix_config=prefix_config)
+                     step=(prefix_config or {}).get("step"), prefix_config=prefix_config,
+                     max_positions=limit, positions_key=key)
 
 
 def build_prompt(tokenizer, template: str, query: str, history, system: str | None = None) -> list[int]:
@@ -149,6 +166,23 @@ class StreamDecoder:
         return new
 
 
+def prompt_limit(cm: ChatModel, max_prompt_tokens: int, max_new_tokens: int) -> tuple[int, str]:
+    """(most prompt tokens, what sets that limit): max_prompt_tokens, or less where the model's positions
+    must also hold a reply of max_new_tokens."""
+    if cm.max_positions is not None and cm.max_positions - max_new_tokens < max_prompt_tokens:
+        return (cm.max_positions - max_new_tokens,
+                f"the model's {cm.max_positions} positions ({cm.positions_key}) less generation.max_new_tokens="
+                f"{max_new_tokens} for the reply")
+    return max_prompt_tokens, f"max_prompt_tokens={max_prompt_tokens}"
+
+
+def check_room_for_prompt(cm: ChatModel, max_new_tokens: int) -> None:
+    """Refuse a reply length that leaves no position for a prompt (every message would be refused)."""
+    if cm.max_positions is not None and max_new_tokens >= cm.max_positions:
+        raise ConfigError(f"generation.max_new_tokens={max_new_tokens}: expected fewer than the model's "
+                          f"{cm.max_positions} positions ({cm.positions_key}), which hold the prompt and the reply")
+
+
 def generation_kwargs(gen: DictConfig) -> dict:
     return {"do_sample": bool(gen.do_sample), "temperature": float(gen.temperature), "top_p": float(gen.top_p),
             "compile_step": bool(gen.compile_step)}
@@ -185,6 +219,10 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     interactive = stdin.isatty()
+    if hasattr(stdin, "reconfigure"):
+        # Bytes that are not UTF-8 then arrive as lone surrogates, refused line by line below, instead of
+        # a UnicodeDecodeError that ends the chat.
+        stdin.reconfigure(errors="surrogateescape")
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and arrow-key history for input())
@@ -229,14 +267,16 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
             history = []
             out("History cleared.\n")
             continue
-        prompt, kept = fit_history(cm.tokenizer, cm.template, query, history, cfg.max_prompt_tokens)
+        if not _encodable(query):
+            out("[this line is not valid UTF-8 and is skipped; the chat goes on]\n")
+            continue
+        limit, why = prompt_limit(cm, int(cfg.max_prompt_tokens), int(gen.max_new_tokens))
+        prompt, kept = fit_history(cm.tokenizer, cm.template, query, history, limit)
         if len(kept) < len(history):
-            out(f"[dropped the {len(history) - len(kept)} oldest turn(s) to fit max_prompt_tokens="
-                f"{cfg.max_prompt_tokens}]\n")
+            out(f"[dropped the {len(history) - len(kept)} oldest turn(s) to fit {why}]\n")
             history = kept
-        if cfg.max_prompt_tokens and len(prompt) > cfg.max_prompt_tokens:
-            out(f"[this message is {len(prompt)} tokens; the prompt may have at most max_prompt_tokens="
-                f"{cfg.max_prompt_tokens}]\n")
+        if len(prompt) > limit:
+            out(f"[this message is {len(prompt)} tokens; the prompt may have at most {limit}: {why}]\n")
             continue
         if cfg.show_prompt:
             out(f"[turn {len(history) + 1}: history {len(history)} turn(s), prompt {len(prompt)} tokens]\n")
@@ -263,6 +303,7 @@ def main(cfg: DictConfig) -> None:
     check_quantization(cfg, inference=True)
     log.info("loading %s", cfg.checkpoint or cfg.model.path)
     cm = load_chat_model(cfg)
+    check_room_for_prompt(cm, int(cfg.generation.max_new_tokens))
     log.debug("config: %s", OmegaConf.to_yaml(cfg))
     sys.exit(chat_loop(cm, cfg))
 

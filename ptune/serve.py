@@ -87,6 +87,7 @@ class Job:
     on_text: Callable[[str], None] | None = None  # streaming: called from the worker thread with new text
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cancelled: bool = False
+    streamed: bool = False  # some text went out already: the job cannot be generated again from the start
 
     def batch_key(self):
         """Jobs with equal keys can share a batch (generate takes one set of sampling settings)."""
@@ -166,7 +167,7 @@ class Engine:
             key = waiting[0].batch_key()
             batch, rest = [], deque()
             for j in waiting:
-                if j.batch_key() == key and len(batch) < self.max_batch_size:
+                if j.batch_key() == key and len(batch) < self.max_batch_size and self._fits(batch, j):
                     # Once running, a future can no longer be cancelled; a cancelled one is dropped here.
                     if not j.cancelled and j.future.set_running_or_notify_cancel():
                         batch.append(j)
@@ -180,14 +181,33 @@ class Engine:
         for j in waiting:
             j.future.cancel()
 
+    def _fits(self, batch: list[Job], job: Job) -> bool:
+        """Whether `job` may join `batch` within the model's positions. Every row takes a position per step
+        until the longest reply ends, so the longest prompt and the longest reply must fit together; a job
+        that would not waits for a later batch (requests were checked to fit alone)."""
+        limit = self.cm.max_positions
+        if limit is None or not batch:
+            return True
+        rows = batch + [job]
+        return max(len(j.prompt) for j in rows) + max(j.max_new_tokens for j in rows) <= limit
+
     def _run(self, batch: list[Job]) -> None:
         cm = self.cm
         try:
             self._generate(batch)
         except Exception as e:  # a failed batch fails its requests, not the server
-            log.exception("generation failed for a batch of %d", len(batch))
+            if len(batch) == 1:
+                log.exception("generation failed")
+            else:
+                # One request's failure should not fail the others: each one not yet streamed runs alone.
+                log.warning("generation failed for a batch of %d (%s: %s); generating its requests one at a time",
+                            len(batch), type(e).__name__, e)
             for j in batch:
-                if not j.future.done():
+                if j.future.done():
+                    continue
+                if len(batch) > 1 and not j.streamed:
+                    self._run([j])
+                else:
                     j.future.set_exception(e)
         finally:
             if cm.device.type == "cuda":
@@ -213,6 +233,7 @@ class Engine:
                 if decoders[i] is not None and not job.cancelled:
                     new = decoders[i].push(token)
                     if new:
+                        job.streamed = True
                         job.on_text(new)
                 if len(tokens[i]) >= job.max_new_tokens:
                     reasons[i] = "length"
@@ -238,6 +259,7 @@ class Engine:
             if decoders[i] is not None and not job.cancelled:
                 rest = decoders[i].flush()
                 if rest:
+                    job.streamed = True
                     job.on_text(rest)
             text = decode_reply(cm.tokenizer, tokens[i])
             self.served += 1
@@ -450,6 +472,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     model_name = cfg.get("model_name") or default_model_name(cm)
     max_prompt = int(cfg.max_prompt_tokens)
     max_new_cap = int(cfg.max_new_tokens)
+    positions, positions_key = cm.max_positions, cm.positions_key
     created = int(time.time())
     web = resources.files("ptune") / "web"
 
@@ -499,10 +522,31 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
 
     def prompt_for(query: str, history, system: str | None = None, param: str = "messages") -> list[int]:
         ids = build_prompt(cm.tokenizer, cm.template, query, history, system)
+        if not ids:  # e.g. an empty prompt under the plain template: nothing to generate from
+            raise RequestError(400, "the prompt is empty (0 tokens); send some text", param, "empty_prompt")
         if len(ids) > max_prompt:
             raise RequestError(400, f"the prompt is {len(ids)} tokens (history included); this server accepts at "
                                f"most {max_prompt} (max_prompt_tokens)", param, "context_length_exceeded")
+        if positions is not None and len(ids) >= positions:
+            raise RequestError(400, f"the prompt is {len(ids)} tokens (history included); the model's {positions} "
+                               f"positions ({positions_key}) hold prompt and reply together, which leaves no room "
+                               "for a reply", param, "context_length_exceeded")
         return ids
+
+    def fit_reply(prompt: int, new: int, asked: str | None, param: str | None) -> int:
+        """`new` reply tokens, or as many as the model's positions leave where the request named no length
+        (`asked` None). A length asked for past the positions is refused here, before the request joins a
+        batch: generation would fail with an IndexError, and fail every request batched with it."""
+        if positions is None or prompt + new <= positions:
+            return new
+        if asked is None:
+            return positions - prompt
+        raise RequestError(400, f"the prompt is {prompt} tokens and {asked}: {prompt} + {new} > the model's "
+                           f"{positions} positions ({positions_key}), which hold prompt and reply together; at most "
+                           f"{positions - prompt} new tokens fit", param, "context_length_exceeded")
+
+    def capped(new: int) -> str:
+        return f" (max_new_tokens={max_new_cap} caps a reply)" if new > max_new_cap else ""
 
     async def run_job(job: Job) -> Result:
         try:
@@ -535,8 +579,11 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
             raise RequestError(400, f"the prompt is {len(ids)} tokens and max_length is {max_length}: no room for a "
                                "reply (max_length counts prompt and reply tokens)", "max_length",
                                "context_length_exceeded")
+        new = min(room, max_new_cap)
+        asked = None if req.max_length is None else f"max_length={max_length} leaves {new} for the reply{capped(room)}"
+        new = fit_reply(len(ids), new, asked, "max_length")
         temperature = cfg.api.temperature if req.temperature is None else req.temperature
-        job = Job(ids, min(room, max_new_cap), **sampling(temperature, req.top_p, float(cfg.api.top_p)))
+        job = Job(ids, new, **sampling(temperature, req.top_p, float(cfg.api.top_p)))
         result = await run_job(job)
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         history = [list(t) for t in history] + [[req.prompt, result.text]]
@@ -555,13 +602,17 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     async def chat_completions(req: ChatCompletionRequest):
         system, history, query = messages_to_turns(req.messages)
         ids = prompt_for(query, history, system)
+        param = "max_tokens" if req.max_tokens else "max_completion_tokens" if req.max_completion_tokens else None
         wanted = req.max_tokens or req.max_completion_tokens or int(cfg.openai.max_tokens)
+        new = min(wanted, max_new_cap)
+        asked = None if param is None else f"{param}={wanted} asks for {new} more{capped(wanted)}"
+        new = fit_reply(len(ids), new, asked, param)
         temperature = cfg.openai.temperature if req.temperature is None else req.temperature
         params = sampling(temperature, req.top_p, float(cfg.openai.top_p))
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         stamp = int(time.time())
         if not req.stream:
-            result = await run_job(Job(ids, min(wanted, max_new_cap), seed=req.seed, **params))
+            result = await run_job(Job(ids, new, seed=req.seed, **params))
             log.info("POST /v1/chat/completions prompt %d tokens -> %d tokens (%s)", result.prompt_tokens,
                      result.completion_tokens, result.finish_reason)
             return {"id": cid, "object": "chat.completion", "created": stamp, "model": model_name,
@@ -573,7 +624,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         done = object()
-        job = Job(ids, min(wanted, max_new_cap), seed=req.seed,
+        job = Job(ids, new, seed=req.seed,
                   on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text), **params)
         job.future.add_done_callback(lambda f: loop.call_soon_threadsafe(pieces.put_nowait, done))
         try:
@@ -616,7 +667,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         return {"status": "ok", "model": model_name, "checkpoint": cm.checkpoint, "step": cm.step,
                 "base": cm.base_path, "template": cm.template, "device": str(cm.device),
                 "prefix_length": (cm.prefix_config or {}).get("prefix", {}).get("length"),
-                "max_prompt_tokens": max_prompt, "max_new_tokens": max_new_cap,
+                "max_prompt_tokens": max_prompt, "max_new_tokens": max_new_cap, "max_positions": positions,
                 "max_batch_size": engine.max_batch_size, "queued": engine.pending(), "batches": engine.batches,
                 "largest_batch": engine.largest_batch, "served": engine.served,
                 "auth": api_key is not None}

@@ -160,3 +160,31 @@ def test_streamed_text_equals_the_reply_under_a_tokenizer_that_cleans_up_spaces(
     dec = StreamDecoder(tok)
     pieces = [dec.push(i) for i in ids] + [dec.flush()]
     assert "".join(pieces) == dec.text() == "a , b . c"
+
+
+def test_pipe_over_long_or_undecodable_line_is_refused_and_the_chat_goes_on(tiny_model_dir):
+    """GPT-2's 512 learned positions hold prompt and reply: a line that leaves no room for a reply of
+    max_new_tokens gets a one-line refusal, as does a line that is not UTF-8; the next line is answered."""
+    model_dir = tiny_model_dir("gpt2")
+    lines = b"x" * 600 + b"\nab\xff\xfecd\nhello\nstop\n"
+    proc = subprocess.run(chat_cmd("checkpoint=null", f"model.path={model_dir}", "model.template=plain"), input=lines,
+                          cwd=REPO, capture_output=True, timeout=120)
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert (f"[this message is 600 tokens; the prompt may have at most {512 - MAX_NEW}: the model's 512 positions "
+            f"(max_position_embeddings) less generation.max_new_tokens={MAX_NEW} for the reply]") in out
+    assert "[this line is not valid UTF-8 and is skipped; the chat goes on]" in out
+    turns = TURN.findall(out)
+    assert len(turns) == 1 and turns[0][:2] == ("1", "0"), out  # hello, answered with no history
+    cm = load_chat_model(compose("chat", "checkpoint=null", f"model.path={model_dir}", "model.template=plain",
+                                 "device=cpu"))
+    assert turns[0][3] == greedy(cm, prompt_ids(cm.tokenizer, "hello", [], "plain"))
+
+
+def test_a_reply_length_that_fills_the_models_positions_is_refused(tiny_model_dir):
+    proc = subprocess.run(chat_cmd("checkpoint=null", f"model.path={tiny_model_dir('gpt2')}",
+                                   "generation.max_new_tokens=512"), input="hello\n", cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert ("error: generation.max_new_tokens=512: expected fewer than the model's 512 positions "
+            "(max_position_embeddings)") in proc.stderr

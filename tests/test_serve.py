@@ -50,6 +50,19 @@ def served(checkpoint):
     live.stop()
 
 
+@pytest.fixture(scope="module")
+def served_gpt2(tiny_model_dir):
+    """A base GPT-2 (512 learned positions) under the plain template, with a long batching window."""
+    from ptune.serve import create_app
+
+    cfg = compose("serve", "checkpoint=null", f"model.path={tiny_model_dir('gpt2')}", "model.template=plain",
+                  "device=cpu", "max_new_tokens=64", "max_batch_size=8", "batch_wait_ms=300")
+    cm = load_chat_model(cfg)
+    live = LiveServer(create_app(cm, cfg))
+    yield live.url, cm
+    live.stop()
+
+
 def greedy(cm, prompt: list[int], max_new_tokens: int = MAX_NEW) -> str:
     """What `python -m ptune.evaluate` generates for this prompt."""
     gen = OmegaConf.create({"max_new_tokens": max_new_tokens, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "compile_step": False,
@@ -249,8 +262,79 @@ def test_command_line_server_with_api_key(checkpoint, tmp_path):
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
 
 
+def together(url: str, *requests: tuple[str, dict]) -> list[httpx.Response]:
+    """POST the requests at once, so that the server batches them."""
+    async def run():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return await asyncio.gather(*(client.post(path, json=body) for path, body in requests))
+
+    return asyncio.run(run())
+
+
 def chat_request(text: str, **fields) -> tuple[str, dict]:
     return "/v1/chat/completions", {"messages": [{"role": "user", "content": text}], **fields}
+
+
+def test_requests_past_the_models_positions_are_refused_before_batching(served_gpt2):
+    url, cm = served_gpt2
+    ids = lambda text: prompt_ids(cm.tokenizer, text, [], cm.template)  # noqa: E731
+    # 500 prompt tokens + 20 asked for > 512 positions: a 400 naming the numbers, not an IndexError.
+    r = httpx.post(url + "/v1/chat/completions", json=chat_request("x" * 500, max_tokens=20)[1], timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "max_tokens" and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "500 + 20 > the model's 512 positions" in r.json()["error"]["message"]
+    assert "at most 12 new tokens fit" in r.json()["error"]["message"]
+    r = httpx.post(url + "/", json={"prompt": "x" * 500, "max_length": 600, "temperature": 0}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_length", r.text
+    r = httpx.post(url + "/", json={"prompt": "x" * 512}, timeout=60)
+    assert r.status_code == 400 and "no room for a reply" in r.json()["detail"], r.text
+    # Without a length asked for, the reply takes what the positions leave.
+    r = httpx.post(url + "/v1/chat/completions", json=chat_request("x" * 500)[1], timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["total_tokens"] <= 512, r.text
+    assert r.json()["choices"][0]["message"]["content"] == greedy(cm, ids("x" * 500), 12)
+    # Refused alone, it does not fail the valid request that arrived with it.
+    bad, good = together(url, chat_request("x" * 500, max_tokens=20), chat_request("hi", max_tokens=5))
+    assert bad.status_code == 400 and good.status_code == 200, (bad.text, good.text)
+    assert good.json()["choices"][0]["message"]["content"] == greedy(cm, ids("hi"), 5)
+    # Each fits alone, not together: every row of a batch steps until the longest reply ends, so the
+    # 495-token prompt would pass 512 positions beside a 40-token reply. They are generated apart.
+    before = httpx.get(url + "/health").json()["batches"]
+    long, short = together(url, chat_request("x" * 495, max_tokens=5), chat_request("hi", max_tokens=40))
+    assert long.status_code == 200 and short.status_code == 200, (long.text, short.text)
+    assert httpx.get(url + "/health").json()["batches"] - before == 2  # not one that failed, then two
+    assert short.json()["usage"]["completion_tokens"] == 40  # no early EOS: the rows would have collided
+    assert long.json()["choices"][0]["message"]["content"] == greedy(cm, ids("x" * 495), 5)
+    assert short.json()["choices"][0]["message"]["content"] == greedy(cm, ids("hi"), 40)
+    assert httpx.get(url + "/health").json()["max_positions"] == 512
+
+
+def test_a_failing_request_does_not_fail_the_others_in_its_batch(served_gpt2):
+    from ptune.serve import Engine, Job
+
+    _, cm = served_gpt2
+    engine = Engine(cm, max_batch_size=8, batch_wait_ms=300)
+    try:
+        greedy_job = dict(do_sample=False, temperature=1.0, top_p=1.0)
+        good_ids = prompt_ids(cm.tokenizer, "hi", [], cm.template)
+        bad = engine.submit(Job([len(cm.tokenizer) + 100], 4, **greedy_job))  # no such token: an IndexError
+        good = engine.submit(Job(good_ids, 4, **greedy_job))
+        assert good.future.result(timeout=120).text == greedy(cm, good_ids, 4)
+        with pytest.raises(IndexError):
+            bad.future.result(timeout=120)
+    finally:
+        engine.close()
+
+
+def test_an_empty_prompt_is_refused(served_gpt2):
+    url, cm = served_gpt2
+    assert cm.template == "plain"  # where an empty prompt is 0 tokens
+    r = httpx.post(url + "/", json={"prompt": "", "temperature": 0}, timeout=60)
+    assert r.status_code == 400 and "the prompt is empty (0 tokens)" in r.json()["detail"], r.text
+    assert r.json()["error"]["param"] == "prompt"
+    empty, good = together(url, chat_request(""), chat_request("hi", max_tokens=5))
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "messages", empty.text
+    assert "the prompt is empty (0 tokens)" in empty.json()["error"]["message"]
+    assert good.json()["choices"][0]["message"]["content"] == greedy(cm, prompt_ids(cm.tokenizer, "hi", [], "plain"), 5)
 
 
 @pytest.mark.parametrize("path, body, field", [
