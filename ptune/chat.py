@@ -1,5 +1,6 @@
 """Talk to a tuned model in the terminal: `python -m ptune.chat checkpoint=outputs/<run>/checkpoint-N`.
 
+A run folder (`checkpoint=outputs/<run>`) talks to its newest complete checkpoint;
 `checkpoint=null model.path=<dir>` talks to the base model alone. Lines are read from standard input
 one at a time, so the chat can also be driven through a pipe; `clear` forgets the history, `stop` (or
 end of input) quits. Replies stream as they are generated.
@@ -19,6 +20,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ptune import checkpoint as ckpt_io
+from ptune.chatglm.ptuning import is_reference_checkpoint
 from ptune.config import check_count, check_generation, check_quantization, refuse_added_settings, resolve_device
 from ptune.data import _encodable, prompt_ids
 from ptune.generate import generate
@@ -70,10 +73,24 @@ def position_limit(model) -> tuple[int, str] | None:
     return None
 
 
+def resolve_checkpoint(path: str) -> str:
+    """`path`, or for a run folder (no prefix_config.json of its own) its newest complete checkpoint."""
+    if (Path(path) / ckpt_io.CONFIG_FILE).is_file() or is_reference_checkpoint(path):
+        return path
+    if not Path(path).is_dir():
+        raise ckpt_io.CheckpointError(f"checkpoint={path}: no such folder")
+    newest = ckpt_io.latest_checkpoint(path)
+    if newest is None:
+        raise ckpt_io.CheckpointError(f"checkpoint={path}: expected a checkpoint folder (with {ckpt_io.CONFIG_FILE}) "
+                                      "or a run folder with a complete checkpoint-N; found neither")
+    log.info("%s is a run folder: using its newest complete checkpoint, %s", path, newest.name)
+    return str(newest)
+
+
 def load_chat_model(cfg: DictConfig) -> ChatModel:
     """The model named by `cfg.checkpoint` / `cfg.model`, as `ptune.evaluate` loads it."""
     device = resolve_device(cfg.device)
-    checkpoint = str(Path(str(cfg.checkpoint)).expanduser()) if cfg.checkpoint else None
+    checkpoint = resolve_checkpoint(str(Path(str(cfg.checkpoint)).expanduser())) if cfg.checkpoint else None
     model, tokenizer, prefix_config = load_for_inference(checkpoint, cfg.model, device)
     template = cfg.model.get("template") or (prefix_config or {}).get("model", {}).get("template")
     if not template:
@@ -296,8 +313,8 @@ def main(cfg: DictConfig) -> None:
     refuse_added_settings(cfg)
     setup_logging()
     if not cfg.checkpoint and not cfg.model.get("path"):
-        raise SystemExit("config error: pass checkpoint=<run>/checkpoint-N, or checkpoint=null model.path=<dir> "
-                         "to chat with the base model alone")
+        raise SystemExit("config error: pass checkpoint=<run>/checkpoint-N (or a run folder: its newest checkpoint), "
+                         "or checkpoint=null model.path=<dir> to chat with the base model alone")
     check_count(cfg, "max_prompt_tokens")
     check_generation(cfg)
     check_quantization(cfg, inference=True)

@@ -1,4 +1,5 @@
-"""Serve a tuned model over HTTP: `python -m ptune.serve checkpoint=outputs/<run>/checkpoint-N [port=8000]`.
+"""Serve a tuned model over HTTP: `python -m ptune.serve checkpoint=outputs/<run>/checkpoint-N [port=8000]`
+(or `checkpoint=outputs/<run>`: that run's newest complete checkpoint).
 
 Endpoints (one FastAPI app, bound to 127.0.0.1 unless `host` says otherwise):
 
@@ -728,8 +729,8 @@ def main(cfg: DictConfig) -> None:
 
     setup_logging()
     if not cfg.checkpoint and not cfg.model.get("path"):
-        raise SystemExit("config error: pass checkpoint=<run>/checkpoint-N, or checkpoint=null model.path=<dir> "
-                         "to serve the base model alone")
+        raise SystemExit("config error: pass checkpoint=<run>/checkpoint-N (or a run folder: its newest checkpoint), "
+                         "or checkpoint=null model.path=<dir> to serve the base model alone")
     check_settings(cfg)
     cm = load_chat_model(cfg)
     _check_exposure(cfg)

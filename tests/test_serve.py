@@ -19,6 +19,7 @@ from conftest import LiveServer, free_socket
 from omegaconf import OmegaConf
 
 from ptune.chat import build_prompt, load_chat_model
+from ptune.checkpoint import CheckpointError
 from ptune.data import prompt_ids
 from ptune.evaluate import predict
 
@@ -362,3 +363,41 @@ def test_temperature_and_top_p_take_numbers_only(served):
     r = httpx.post(url + "/v1/chat/completions", json={**chat_request("hi")[1], "temperature": 1, "top_p": 1, "seed": 1},
                    timeout=60)
     assert r.status_code == 200, r.text
+
+
+def test_a_run_folder_serves_its_newest_checkpoint(checkpoint, tmp_path):
+    cm = load_chat_model(compose("serve", f"checkpoint={checkpoint.parent}", "device=cpu"))
+    assert cm.checkpoint == str(checkpoint) and cm.step == 2
+    with pytest.raises(CheckpointError, match="found neither"):
+        load_chat_model(compose("serve", f"checkpoint={tmp_path}", "device=cpu"))
+
+
+@pytest.mark.slow
+def test_serve_sh_reads_a_relative_run_folder_from_the_callers_folder(checkpoint, tmp_path):
+    """`bash recipes/serve.sh ../run` from elsewhere than the repo: the caller's ../run, its newest checkpoint."""
+    caller = checkpoint.parent.parent / "elsewhere"
+    caller.mkdir(exist_ok=True)
+    with free_socket() as sock:
+        port = sock.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen(["bash", str(REPO / "recipes" / "serve.sh"), f"../{checkpoint.parent.name}", f"port={port}",
+                             "device=cpu", "log_level=warning"], cwd=caller, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHON": sys.executable})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                health = httpx.get(url + "/health", timeout=2)
+                break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.3)
+        assert health.status_code == 200
+        assert (caller / health.json()["checkpoint"]).resolve() == checkpoint.resolve()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
