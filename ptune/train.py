@@ -306,7 +306,10 @@ def train(cfg: DictConfig) -> Path:
                         "the data order from step %d on is not the one the original run would have seen",
                         resume_from, state["global_batch"], plan.global_batch, micro, accum, world, start + 1)
 
-    if accelerator.is_main_process:  # output_dir as used: a multirun job's folder is not the configured one
+    if start >= t.max_steps:  # config.yaml stays the config that trained the checkpoints
+        log.warning("resume=%s is at step %d, trainer.max_steps=%d: nothing to train; raise trainer.max_steps to go "
+                    "on", resume_from, start, t.max_steps)
+    elif accelerator.is_main_process:  # output_dir as used: a multirun job's folder is not the configured one
         used = OmegaConf.merge(cfg, {"output_dir": str(out)})
         (out / "config.yaml").write_text(OmegaConf.to_yaml(used, resolve=True), encoding="utf-8")
     metrics = MetricsLog(out, t.tensorboard, resume_step=start) if accelerator.is_main_process else None

@@ -84,6 +84,11 @@ def test_a_resume_takes_this_runs_optimizer_settings_and_says_what_changed(setup
     assert (group["betas"], group["eps"], group["weight_decay"]) in (((0.8, 0.99), 1e-6, 0.5), ([0.8, 0.99], 1e-6, 0.5))
     assert not torch.equal(prefix_of(out / "checkpoint-4"), prefix_of(ref.result() / "checkpoint-4"))
 
+    config = (out / "config.yaml").read_text(encoding="utf-8")
+    again = cli("ptune.train", *train_args(model, data, out, "resume=latest", "trainer.max_steps=3"))
+    assert again.rc == 0 and "is at step 4, trainer.max_steps=3: nothing to train" in again.stderr, str(again)
+    assert (out / "config.yaml").read_text(encoding="utf-8") == config  # still the config that trained it
+
 
 def test_a_torn_last_log_line_is_dropped_and_the_resume_ends_like_an_unbroken_run(setup, tmp_path):
     model, data, ref = setup
