@@ -37,12 +37,13 @@ def env(tiny_model_dir, sample_file, tmp_path_factory):
 
 
 def run_over_existing(env, tmp_path, *args, data=None, model=None, module="ptune.train"):
-    """Run the trainer with `args` and the existing run's folder as output_dir; check nothing in it changed
-    (train.log may only grow: the error is logged there too)."""
+    """Continue the existing run (resume=latest unless `args` name another checkpoint) with `args`; check nothing
+    in its folder changed (train.log may only grow: the error is logged there too)."""
     out = shutil.copytree(env.existing, tmp_path / "run")
     before = snapshot(out, skip=("train.log",))
     log_before = (out / "train.log").read_text(encoding="utf-8")
-    res = cli(module, *train_args(model or env.model, data or env.data, out, *args))
+    resume = [] if any(a.startswith("resume=") for a in args) else ["resume=latest"]
+    res = cli(module, *train_args(model or env.model, data or env.data, out, *resume, *args))
     assert snapshot(out, skip=("train.log",)) == before, "a failed run changed files of the existing run"
     assert (out / "train.log").read_text(encoding="utf-8").startswith(log_before)
     return res, out
