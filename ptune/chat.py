@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptune import checkpoint as ckpt_io
 from ptune.chatglm.ptuning import is_reference_checkpoint
-from ptune.config import check_count, check_generation, check_quantization, refuse_added_settings, resolve_device
+from ptune.config import (check_count, check_generation, check_quantization, check_template, refuse_added_settings,
+                          resolve_device)
 from ptune.data import _encodable, prompt_ids
 from ptune.generate import generate
 from ptune.errors import ConfigError, exit_on_user_error
@@ -318,6 +319,7 @@ def main(cfg: DictConfig) -> None:
     check_count(cfg, "max_prompt_tokens")
     check_generation(cfg)
     check_quantization(cfg, inference=True)
+    check_template(cfg, nullable=True)
     log.info("loading %s", cfg.checkpoint or cfg.model.path)
     cm = load_chat_model(cfg)
     check_room_for_prompt(cm, int(cfg.generation.max_new_tokens))

@@ -172,3 +172,14 @@ def check_quantization(cfg: DictConfig, inference: bool = False) -> None:
     if mode is None or (inference and mode is False):
         return
     check_mode(mode, cfg.model.get("quantization_group_size") or 128)
+
+
+def check_template(cfg: DictConfig, nullable: bool = False) -> None:
+    """model.template names a prompt format ptune has (null, where allowed: the checkpoint's, or for a bare base
+    the tokenizer's chat template)."""
+    from ptune.data import TEMPLATES
+
+    value = cfg.model.get("template")
+    if not (value in TEMPLATES or (nullable and value is None)):
+        raise ConfigError(f"model.template={value!r}: expected one of {', '.join(TEMPLATES)}"
+                          + (" (or null)" if nullable else ""))

@@ -214,6 +214,9 @@ def chatglm2_prompt(query: str, history) -> str:
     return text + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
 
 
+TEMPLATES = ("chatglm2", "chat_template", "plain")
+
+
 def prompt_ids(tokenizer, query: str, history, template: str) -> list[int]:
     """Token ids of the prompt, special tokens included, ready for the response to follow."""
     if template == "chatglm2":
@@ -228,7 +231,7 @@ def prompt_ids(tokenizer, query: str, history, template: str) -> list[int]:
     if template == "plain":
         context = "".join(f"{q}\n{a}\n" for q, a in history)
         return tokenizer.encode(context + query, add_special_tokens=True)
-    raise ValueError(f"unknown prompt template {template!r}; expected chatglm2, chat_template or plain")
+    raise ValueError(f"unknown prompt template {template!r}; expected one of {', '.join(TEMPLATES)}")
 
 
 @dataclass(frozen=True)

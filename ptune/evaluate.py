@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation, check_quantization,
-                          refuse_added_settings, resolve_device)
+                          check_template, refuse_added_settings, resolve_device)
 from ptune.data import Columns, left_pad, load_examples, source_ids
 from ptune.generate import generate
 from ptune.errors import ConfigError, exit_on_user_error
@@ -106,10 +106,11 @@ def score(texts: list[str], labels: list[str]) -> dict:
     return compute_metrics(texts, labels)
 
 
-# Which text predict() hands to the metrics; raise it whenever that changes, so that a sweep scores again
-# instead of reusing scores made the old way. 2: a reply ends before its first stop token (an extra stop
-# token that is an ordinary token used to stay in the scored text).
-PREDICTION_RULES = 2
+# How evaluate builds prompts and which text of a reply it scores; raise it whenever either changes, so that a
+# sweep scores again instead of reusing scores made the old way. 2: a reply ends before its first stop token
+# (an ordinary token given as an extra stop token stayed in the text). 3: a prompt cut from the left keeps the
+# template's head and answer cue (they were cut with the text).
+PREDICTION_RULES = 3
 
 
 def settings_record(data: dict, model: dict, limit, device: torch.device, eval_sha256: str | None = None) -> dict:
@@ -157,6 +158,7 @@ def check_settings(cfg: DictConfig) -> None:
     check_generation(cfg)
     check_data_lengths(cfg, nullable=True)
     check_quantization(cfg, inference=True)
+    check_template(cfg, nullable=True)
     if cfg.data.eval_file is not None and not Path(str(cfg.data.eval_file)).expanduser().is_file():
         raise ConfigError(f"data.eval_file={cfg.data.eval_file}: no such file")
 

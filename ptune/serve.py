@@ -49,7 +49,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
                       field_validator)
 
 from ptune.chat import ChatModel, StreamDecoder, build_prompt, decode_reply, load_chat_model
-from ptune.config import check_count, check_quantization, check_sampling, check_token_ids, refuse_added_settings
+from ptune.config import (check_count, check_quantization, check_sampling, check_template, check_token_ids,
+                          refuse_added_settings)
 from ptune.data import _encodable, left_pad
 from ptune.generate import generate
 from ptune.errors import ConfigError, exit_on_user_error
@@ -719,6 +720,7 @@ def check_settings(cfg: DictConfig) -> None:
         check_sampling(cfg, f"{group}.temperature", f"{group}.top_p", sampling=False)
     check_token_ids(cfg, "generation.extra_eos_token_ids")
     check_quantization(cfg, inference=True)
+    check_template(cfg, nullable=True)
 
 
 @hydra.main(config_path="../conf", config_name="serve", version_base="1.3")

@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ptune import checkpoint as ckpt_io
-from ptune.config import (check_above_zero, check_count, check_data_lengths, check_quantization, refuse_added_settings,
-                          require)
+from ptune.config import (check_above_zero, check_count, check_data_lengths, check_quantization, check_template,
+                          refuse_added_settings, require)
 from ptune.data import BatchPlan, IGNORE, collate, training_rows
 from ptune.errors import TrainingError, exit_on_user_error
 from ptune.fit import Prober, agree_across_ranks, choose_split, fastest
@@ -73,6 +73,7 @@ def check_settings(cfg: DictConfig) -> None:
         if t[key] < 1:
             raise TrainingError(f"trainer.{key}={t[key]}: must be at least 1")
     check_quantization(cfg)
+    check_template(cfg)
     if cfg.prefix.length < 1:
         raise TrainingError(f"prefix.length={cfg.prefix.length}: must be at least 1")
     if cfg.optim.schedule not in ("linear", "constant"):

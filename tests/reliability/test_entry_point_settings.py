@@ -60,6 +60,10 @@ REFUSED = [  # (config, overrides, what the message says)
     ("evaluate", "data.eval_file=/nowhere/dev.jsonl", "data.eval_file=/nowhere/dev.jsonl: no such file"),
     ("evaluate", "model.quantization=int3", "quantization='int3': expected one of int8, int4 (or null)"),
     ("train", "model.quantization=int2", "quantization='int2': expected one of int8, int4 (or null)"),
+    ("train", "model.template=chatglm3", "model.template='chatglm3': expected one of chatglm2, chat_template, plain"),
+    ("train", "model.template=null", "model.template=None: expected one of chatglm2, chat_template, plain"),
+    ("evaluate", "model.template=Plain", "model.template='Plain': expected one of chatglm2, chat_template, plain (or"),
+    ("serve", "model.template=chat", "model.template='chat': expected one of"),
     ("serve", "model.quantization=int4 model.quantization_group_size=3", "group size 3: int4 needs an even group"),
     # conf/serve.yaml
     ("serve", "port=70000", "port=70000: expected a TCP port from 0 to 65535"),
