@@ -408,7 +408,10 @@ class BatchPlan:
             self._epochs = {e: p for e, p in self._epochs.items() if e == epoch - 1}
             order = torch.randperm(len(self.lengths), generator=g).tolist()
             if self.group_by_length > 1:
-                order = self._grouped(order, g)
+                # Where this epoch's first full global batch begins in the endless stream: the rows before it
+                # finish the batch that the previous epoch's last rows began.
+                head = min((-epoch * len(order)) % self.global_batch, len(order))
+                order = order[:head] + self._grouped(order[head:], g)
             self._epochs[epoch] = order
         return self._epochs[epoch]
 
@@ -416,7 +419,8 @@ class BatchPlan:
         """Sort each run of `group_by_length` global batches by length, then shuffle the batches.
 
         Every global batch then holds rows of similar length (little padding) while the batches still
-        come in random order; a trailing partial batch stays last so batch boundaries do not move.
+        come in random order; `order` starts on a batch boundary, and a trailing partial batch stays last,
+        to be finished by the next epoch's first rows.
         """
         size, n = self.group_by_length * self.global_batch, len(order)
         order = [r for i in range(0, n, size) for r in sorted(order[i:i + size], key=lambda r: self.lengths[r])]

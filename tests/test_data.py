@@ -690,6 +690,21 @@ def test_group_by_length_keeps_epochs_whole_and_shrinks_padding(n):
     assert firsts != sorted(firsts)
 
 
+def test_group_by_length_keeps_its_effect_in_later_epochs_when_batches_straddle_epochs():
+    """100 rows, global batch 8: each later epoch starts part-way into a batch. Its grouped batches must still
+    line up with the steps (they were cut at the epoch's start, so every step mixed two groups)."""
+    grouped, plain = grouped_plan(100, group=5), grouped_plan(100, group=0)
+
+    def padded(plan, steps):
+        return sum(8 * max(plan.lengths[r] for r in plan.global_rows(s)) for s in steps)
+
+    for epoch in range(1, 4):
+        steps = range(epoch * 100 // 8 + 1, (epoch + 1) * 100 // 8)  # the steps wholly inside the epoch
+        assert padded(grouped, steps) < 0.8 * padded(plain, steps), epoch
+    rows = [r for s in range(100) for r in grouped.global_rows(s)]  # 8 epochs: every row 8 times
+    assert sorted(rows) == sorted(list(range(100)) * 8)
+
+
 def test_group_by_length_is_a_pure_function_of_seed_and_step():
     walked = grouped_plan(n=50, group=3, seed=4)
     seq = [walked.global_rows(s) for s in range(20)]  # crosses three epochs (50 rows, 8 a step)
