@@ -24,7 +24,7 @@ from ptune import checkpoint as ckpt_io
 from ptune.chatglm.ptuning import is_reference_checkpoint
 from ptune.config import (check_count, check_generation, check_quantization, check_template, refuse_added_settings,
                           resolve_device)
-from ptune.data import _encodable, prompt_ids
+from ptune.data import encodable, prompt_ids
 from ptune.generate import generate
 from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import setup_logging
@@ -285,7 +285,7 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
             history = []
             out("History cleared.\n")
             continue
-        if not _encodable(query):
+        if not encodable(query):
             out("[this line is not valid UTF-8 and is skipped; the chat goes on]\n")
             continue
         limit, why = prompt_limit(cm, int(cfg.max_prompt_tokens), int(gen.max_new_tokens))

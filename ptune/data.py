@@ -145,7 +145,7 @@ def _check_history(value, where: str) -> list[tuple[str, str]]:
     return [tuple(turn) for turn in value]
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -188,7 +188,7 @@ def load_examples(path: str | Path, columns: Columns, require_history: bool = Fa
         history = _check_history(row.get(columns.history), where) if columns.history else []
         for name, text in [(columns.prompt, prompt), (columns.response, response)] + [
                 (columns.history, t) for turn in history for t in turn]:
-            if text and not _encodable(text):
+            if text and not encodable(text):
                 raise DataError(f"{where}: column {name!r} holds an unpaired surrogate escape (\\ud800-\\udfff), "
                                 "which is not text")
         if not prompt or not prompt.strip() or not response or not response.strip():

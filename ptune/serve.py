@@ -51,7 +51,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
 from ptune.chat import ChatModel, StreamDecoder, build_prompt, decode_reply, load_chat_model
 from ptune.config import (check_count, check_quantization, check_sampling, check_template, check_token_ids,
                           refuse_added_settings)
-from ptune.data import _encodable, left_pad
+from ptune.data import encodable, left_pad
 from ptune.generate import generate
 from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import setup_logging
@@ -280,7 +280,7 @@ SURROGATE = "holds an unpaired surrogate escape (\\ud800-\\udfff), which is not 
 
 def _check_text(value: str) -> str:
     # JSON may escape a lone surrogate ("\ud800"); Python decodes it into a str the tokenizer cannot take.
-    if not _encodable(value):
+    if not encodable(value):
         raise ValueError(SURROGATE)
     return value
 
