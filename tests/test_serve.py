@@ -4,6 +4,7 @@ batching under 32 concurrent clients, bad requests, and the API key (through the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -222,26 +223,37 @@ def test_bad_requests_are_refused_clearly_and_serving_goes_on(served):
 
 
 @pytest.mark.slow
-def test_command_line_server_with_api_key(checkpoint, tmp_path):
+@contextlib.contextmanager
+def served_by(cmd: list[str], cwd, env: dict, log_path):
+    """(process, url) of a server started by `cmd` plus a free port=..., once it answers /health (with any status);
+    terminated on leaving."""
     with free_socket() as sock:
         port = sock.getsockname()[1]
-    env = {**os.environ, "PTUNE_API_KEY": "s3cret"}
-    cmd = [sys.executable, "-m", "ptune.serve", f"checkpoint={checkpoint}", f"port={port}", "device=cpu",
-           f"max_new_tokens={MAX_NEW}", "log_level=warning"]
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 401:
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen([*cmd, f"port={port}"], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None, Path(log_path).read_text()
+                try:
+                    httpx.get(url + "/health", timeout=2)
                     break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.3)
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.3)
+            yield proc, url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def test_command_line_server_with_api_key(checkpoint, tmp_path):
+    env = {**os.environ, "PTUNE_API_KEY": "s3cret"}
+    with served_by([sys.executable, "-m", "ptune.serve", f"checkpoint={checkpoint}", "device=cpu",
+                    f"max_new_tokens={MAX_NEW}", "log_level=warning"], REPO, env, tmp_path / "serve.log") as (proc, url):
+        assert httpx.get(url + "/health", timeout=2).status_code == 401
         good = {"Authorization": "Bearer s3cret"}
         for method, path, body in [("GET", "/health", None), ("GET", "/v1/models", None),
                                    ("POST", "/", {"prompt": "hi"}),
@@ -254,10 +266,6 @@ def test_command_line_server_with_api_key(checkpoint, tmp_path):
             assert r.status_code == 200, (path, r.text)
         assert httpx.get(url + "/health", headers=good).json()["auth"] is True
         assert httpx.get(url + "/").status_code == 200  # the page itself is static and open
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
     # uvicorn shuts down cleanly on SIGTERM, then re-raises the signal so the exit status tells of it.
     assert proc.returncode in (0, -15), (tmp_path / "serve.log").read_text()
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
@@ -377,27 +385,9 @@ def test_serve_sh_reads_a_relative_run_folder_from_the_callers_folder(checkpoint
     """`bash recipes/serve.sh ../run` from elsewhere than the repo: the caller's ../run, its newest checkpoint."""
     caller = checkpoint.parent.parent / "elsewhere"
     caller.mkdir(exist_ok=True)
-    with free_socket() as sock:
-        port = sock.getsockname()[1]
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(["bash", str(REPO / "recipes" / "serve.sh"), f"../{checkpoint.parent.name}", f"port={port}",
-                             "device=cpu", "log_level=warning"], cwd=caller, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHON": sys.executable})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                health = httpx.get(url + "/health", timeout=2)
-                break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.3)
+    with served_by(["bash", str(REPO / "recipes" / "serve.sh"), f"../{checkpoint.parent.name}", "device=cpu",
+                    "log_level=warning"], caller, {**os.environ, "PYTHON": sys.executable}, tmp_path / "serve.log") \
+            as (_, url):
+        health = httpx.get(url + "/health", timeout=2)
         assert health.status_code == 200
         assert (caller / health.json()["checkpoint"]).resolve() == checkpoint.resolve()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
