@@ -46,7 +46,7 @@ class MetricsLog:
         if self.path.exists():
             # Entries past the checkpoint we resume from were made by the interrupted run and will be
             # logged again; keep the file a single, consistent history.
-            kept = [line for line in self._records() if json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line, record in self._records() if record.get("step", 0) <= resume_step]
             self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
         self.writer = None
         if tensorboard:
@@ -57,21 +57,23 @@ class MetricsLog:
             else:
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
 
-    def _records(self) -> list[str]:
-        """The file's lines that hold a JSON object; a kill or a full disk during an append leaves a torn
-        last line, which is dropped with a warning instead of stopping the resume."""
-        lines = []
+    def _records(self) -> list[tuple[str, dict]]:
+        """(line, record) for each line of the file that holds a JSON object; a kill or a full disk during an
+        append leaves a torn last line, which is dropped with a warning instead of stopping the resume."""
+        records = []
         for number, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
             try:
-                ok = isinstance(json.loads(line), dict) if line.strip() else False
+                record = json.loads(line)
             except ValueError:
-                ok = False
-            if ok:
-                lines.append(line)
-            elif line.strip():
+                record = None
+            if isinstance(record, dict):
+                records.append((line, record))
+            else:
                 logging.getLogger(__name__).warning("%s:%d: not a whole log record (cut off by an interrupted "
                                                     "write?); dropped", self.path, number)
-        return lines
+        return records
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

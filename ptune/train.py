@@ -115,11 +115,10 @@ def resumed_optimizer_settings(optimizer: torch.optim.Optimizer, optim_cfg, resu
     set every step); load_state_dict would bring back the checkpoint's, while config.yaml shows this run's."""
     wanted = {"betas": tuple(optim_cfg.betas), "eps": optim_cfg.eps, "weight_decay": optim_cfg.weight_decay}
     for group in optimizer.param_groups:
-        changed = {k: (tuple(group[k]) if k == "betas" else group[k], v) for k, v in wanted.items()
-                   if (tuple(group[k]) if k == "betas" else group[k]) != v}
+        had = {**group, "betas": tuple(group["betas"])}  # a list once read back from the checkpoint
+        changed = [f"{k} {had[k]} -> {v}" for k, v in wanted.items() if had[k] != v]
         if changed:
-            log.info("resume=%s: optimizer %s", resume_from,
-                     ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+            log.info("resume=%s: optimizer %s", resume_from, ", ".join(changed))
         group.update(wanted)
 
 
