@@ -238,6 +238,11 @@ class Background:
         return self.out
 
 
+def train_in_background(model: Path, data: Path, out: Path, *extra: str) -> Background:
+    """The suite's standard run (train_args) into `out`, started now; a reference for the runs a test breaks."""
+    return Background(cli_start("ptune.train", *train_args(model, data, out, *extra)), out)
+
+
 # ---------------------------------------------------------------------------------------- checks
 
 

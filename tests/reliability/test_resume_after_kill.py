@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from ptune import checkpoint as ck
-from reliability_harness import (LONG, Background, cli, cli_start, logged, last_logged_step, popen_m, prefix_of,
-                                 train_args, wait_for, write_long_rows, kill_quietly)
+from reliability_harness import (LONG, cli, cli_start, kill_quietly, last_logged_step, logged, popen_m, prefix_of,
+                                 train_args, train_in_background, wait_for, write_long_rows)
 
 # PTUNE_KILL_SEED=<n> replays (or varies) the kill moments.
 KILL_SEED = int(os.environ.get("PTUNE_KILL_SEED", "2024"))
@@ -31,8 +31,7 @@ def setup(tiny_model_dir, tmp_path_factory):
     model = tiny_model_dir("llama")
     base = tmp_path_factory.mktemp("kill")
     data = write_long_rows(base / "long.jsonl")
-    ref = Background(cli_start("ptune.train", *train_args(model, data, base / "reference", *LONG)),
-                     base / "reference")
+    ref = train_in_background(model, data, base / "reference", *LONG)
     yield model, data, ref
     kill_quietly(ref.proc)
 

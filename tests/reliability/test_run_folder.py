@@ -11,16 +11,15 @@ import pytest
 import torch
 
 from ptune import checkpoint as ck
-from reliability_harness import (Background, assert_clean_error, cli, cli_start, kill_quietly, logged, prefix_of,
-                                 snapshot, train_args)
+from reliability_harness import (assert_clean_error, Background, cli, kill_quietly, logged, prefix_of, snapshot,
+                                 train_args, train_in_background)
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, sample_file, tmp_path_factory):
     model = tiny_model_dir("llama")
     base = tmp_path_factory.mktemp("folder")
-    ref = Background(cli_start("ptune.train", *train_args(model, sample_file, base / "reference")),
-                     base / "reference")
+    ref = train_in_background(model, sample_file, base / "reference")
     yield model, sample_file, ref
     kill_quietly(ref.proc)
 
