@@ -22,6 +22,20 @@ os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_xdist_auto_num_workers(config):
+    """What `-n auto` (set in pyproject.toml) means: one worker per core on a CPU-only machine, up to 4.
+
+    On a machine with a GPU the tests run in one process: the memory-probing tests (automatic
+    micro-batch, the checkpointing choice) read the card's free memory, which a second worker would change.
+    """
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    if torch.cuda.is_available():
+        return 0
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
 SHARED = REPO.parent / "shared"
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
