@@ -156,27 +156,49 @@ class StreamDecoder:
     """Text of a reply as its tokens arrive: re-decodes the reply so far and hands out the new suffix.
 
     A suffix that ends in U+FFFD (an incomplete UTF-8 sequence of a byte-level tokenizer) is held back
-    until the next token completes the character.
+    until the next token completes the character. With stop strings, the reply ends before the first one
+    that appears (`stopped` turns true), and text that may be the start of one is held back until it is
+    known not to be: a stop string is never handed out, not even in part.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
         self.tokens: list[int] = []
         self.emitted = ""
+        self.stopped = False
 
     def text(self) -> str:
-        return decode_reply(self.tokenizer, self.tokens)
+        """The reply so far, cut before a stop string once one has appeared."""
+        return self._cut(decode_reply(self.tokenizer, self.tokens))
+
+    def _cut(self, text: str) -> str:
+        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        return text[:min(cuts)] if cuts else text
+
+    def _held_back(self, text: str) -> int:
+        """How many characters at the end of `text` could begin a stop string."""
+        return max((n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:n])), default=0)
 
     def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
         self.tokens.append(int(token))
-        text = self.text()
-        if text.endswith("\ufffd") or not text.startswith(self.emitted):
+        whole = decode_reply(self.tokenizer, self.tokens)
+        text = self._cut(whole)
+        self.stopped = len(text) < len(whole)
+        if not self.stopped:
+            if text.endswith("\ufffd"):
+                return ""
+            text = text[:len(text) - self._held_back(text)]
+        if not text.startswith(self.emitted):
             return ""
         new, self.emitted = text[len(self.emitted):], text
         return new
 
     def flush(self) -> str:
-        """What is left to show once the reply is complete (an incomplete character, if any)."""
+        """What is left to show once the reply is complete (an incomplete character, text held back)."""
         text = self.text()
         if not text.startswith(self.emitted):
             return ""

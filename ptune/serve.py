@@ -60,6 +60,7 @@ log = logging.getLogger("ptune.serve")
 
 API_KEY_ENV = "PTUNE_API_KEY"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+MAX_STOP_STRINGS = 4  # as OpenAI's API
 WEB_FILES = {"chat.js": "text/javascript; charset=utf-8", "chat.css": "text/css; charset=utf-8"}
 
 
@@ -75,7 +76,7 @@ class Result:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (EOS) or "length"
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Job:
     temperature: float
     top_p: float
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # the reply ends before the first of these that appears in it
     on_text: Callable[[str], None] | None = None  # streaming: called from the worker thread with new text
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cancelled: bool = False
@@ -221,7 +223,7 @@ class Engine:
         first = batch[0]
         tokens: list[list[int]] = [[] for _ in batch]
         reasons: list[str | None] = [None] * len(batch)
-        decoders = [StreamDecoder(cm.tokenizer) if j.on_text else None for j in batch]
+        decoders = [StreamDecoder(cm.tokenizer, j.stop) if j.on_text or j.stop else None for j in batch]
 
         def on_token(col):
             for i, token in enumerate(col.tolist()):
@@ -234,9 +236,12 @@ class Engine:
                 job = batch[i]
                 if decoders[i] is not None and not job.cancelled:
                     new = decoders[i].push(token)
-                    if new:
+                    if new and job.on_text:
                         job.streamed = True
                         job.on_text(new)
+                    if decoders[i].stopped:
+                        reasons[i] = "stop"
+                        continue
                 if len(tokens[i]) >= job.max_new_tokens:
                     reasons[i] = "length"
             if all(reasons[i] is not None or j.cancelled for i, j in enumerate(batch)):
@@ -258,12 +263,12 @@ class Engine:
         except _AllFinished:
             pass
         for i, job in enumerate(batch):
-            if decoders[i] is not None and not job.cancelled:
+            if job.on_text and not job.cancelled:
                 rest = decoders[i].flush()
                 if rest:
                     job.streamed = True
                     job.on_text(rest)
-            text = decode_reply(cm.tokenizer, tokens[i])
+            text = decode_reply(cm.tokenizer, tokens[i]) if decoders[i] is None else decoders[i].text()
             self.served += 1
             job.future.set_result(Result(text, len(job.prompt), len(tokens[i]), reasons[i] or "length"))
 
@@ -337,6 +342,20 @@ class ChatCompletionRequest(_Strict):
     stream: StrictBool = False
     n: StrictInt = Field(1, ge=1, le=1)
     seed: StrictInt | None = Field(None, ge=-2**63, le=2**64 - 1)  # what torch.Generator accepts
+    stop: Text | list[Text] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, not {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("a stop string must not be empty")
+        return stop
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
 class RequestError(Exception):
@@ -614,7 +633,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         stamp = int(time.time())
         if not req.stream:
-            result = await run_job(Job(ids, new, seed=req.seed, **params))
+            result = await run_job(Job(ids, new, seed=req.seed, stop=req.stop_strings(), **params))
             log.info("POST /v1/chat/completions prompt %d tokens -> %d tokens (%s)", result.prompt_tokens,
                      result.completion_tokens, result.finish_reason)
             return {"id": cid, "object": "chat.completion", "created": stamp, "model": model_name,
@@ -626,7 +645,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         done = object()
-        job = Job(ids, new, seed=req.seed,
+        job = Job(ids, new, seed=req.seed, stop=req.stop_strings(),
                   on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text), **params)
         job.future.add_done_callback(lambda f: loop.call_soon_threadsafe(pieces.put_nowait, done))
         try:

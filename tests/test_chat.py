@@ -150,6 +150,20 @@ def test_stream_decoder_never_splits_a_character():
     assert pieces[:3] == ["", "", "连"]  # held back until the character is complete
 
 
+def test_stream_decoder_holds_back_what_may_begin_a_stop_string(tmp_path):
+    tok = build_tokenizer(tmp_path)
+    ids = tok.encode("abcabd xy", add_special_tokens=False)
+    dec = StreamDecoder(tok, stop=("abd", "xz"))
+    pieces = [dec.push(i) for i in ids[:4]]
+    assert pieces == ["", "", "abc", ""]  # "a", "ab" may begin "abd"; "abc" cannot; the next "a" may again
+    assert dec.push(ids[4]) == "" and dec.push(ids[5]) == "" and dec.stopped  # "abd" ended the reply
+    assert dec.push(ids[6]) == "" and dec.flush() == "" and dec.text() == "abc"
+    # A reply that ends in what might have begun a stop string hands that out at the end.
+    dec = StreamDecoder(tok, stop=("xz",))
+    pieces = [dec.push(i) for i in tok.encode("ab x", add_special_tokens=False)] + [dec.flush()]
+    assert pieces == ["a", "b", " ", "", "x"] and not dec.stopped
+
+
 def test_streamed_text_equals_the_reply_under_a_tokenizer_that_cleans_up_spaces(tmp_path):
     """Decode cleanup turns 'a ,' into 'a,': text already streamed ('a ') would be rewritten, and the stream
     stopped for good. Replies are decoded without the cleanup, streamed or not."""

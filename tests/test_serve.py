@@ -222,7 +222,6 @@ def test_bad_requests_are_refused_clearly_and_serving_goes_on(served):
     assert r.status_code == 200 and r.json()["response"] == greedy(cm, ids)
 
 
-@pytest.mark.slow
 @contextlib.contextmanager
 def served_by(cmd: list[str], cwd, env: dict, log_path):
     """(process, url) of a server started by `cmd` plus a free port=..., once it answers /health (with any status);
@@ -249,6 +248,7 @@ def served_by(cmd: list[str], cwd, env: dict, log_path):
             proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_command_line_server_with_api_key(checkpoint, tmp_path):
     env = {**os.environ, "PTUNE_API_KEY": "s3cret"}
     with served_by([sys.executable, "-m", "ptune.serve", f"checkpoint={checkpoint}", "device=cpu",
@@ -391,3 +391,38 @@ def test_serve_sh_reads_a_relative_run_folder_from_the_callers_folder(checkpoint
         health = httpx.get(url + "/health", timeout=2)
         assert health.status_code == 200
         assert (caller / health.json()["checkpoint"]).resolve() == checkpoint.resolve()
+
+
+def test_stop_strings_end_the_reply_before_them_streamed_or_not(served):
+    """OpenAI's `stop`: the reply ends before the first stop string, which is never sent, not even in part of a
+    streamed chunk; finish_reason is "stop"."""
+    url, _ = served
+    path, body = chat_request("类型#裙*颜色#红色", temperature=0)
+    whole = httpx.post(url + path, json=body, timeout=60).json()
+    want = whole["choices"][0]["message"]["content"]
+    assert len(want) >= 4, want  # the tiny model's greedy reply here runs to the token cap
+    stop = want[2:4]
+    cut = want[:want.find(stop)]
+
+    def ask(stops, stream=False):
+        if not stream:
+            r = httpx.post(url + path, json={**body, "stop": stops}, timeout=60)
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            return choice["message"]["content"], choice["finish_reason"], r.json()["usage"]["completion_tokens"]
+        with httpx.stream("POST", url + path, json={**body, "stop": stops, "stream": True}, timeout=60) as r:
+            chunks = sse(r.iter_lines())[:-1]
+        pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks]
+        return "".join(pieces), chunks[-1]["choices"][0]["finish_reason"], chunks[-1]["usage"]["completion_tokens"]
+
+    for stream in (False, True):
+        text, reason, tokens = ask(stop, stream)
+        assert (text, reason) == (cut, "stop"), (stream, want, stop)
+        assert tokens < whole["usage"]["completion_tokens"]  # generation ended there
+        assert ask(["never in it", stop], stream)[:2] == (cut, "stop")
+        assert ask(["never in it"], stream)[:2] == (want, whole["choices"][0]["finish_reason"])
+    for stops, message in [(["a", "b", "c", "d", "e"], "at most 4 stop strings, not 5"),
+                           ("", "must not be empty"), ([7], "stop")]:
+        r = httpx.post(url + path, json={**body, "stop": stops}, timeout=60)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "stop", r.text
+        assert message in r.json()["detail"], r.text
