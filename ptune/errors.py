@@ -34,7 +34,11 @@ def exit_on_user_error(fn):
         try:
             return fn(*args, **kwargs)
         except user_errors() as e:
-            logging.getLogger("ptune").error("%s", e)
+            # The run's log file records the error too; the console shows it once, as the "error:" line.
+            record = logging.getLogger("ptune").makeRecord("ptune", logging.ERROR, fn.__module__, 0, "%s", (e,), None)
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.FileHandler):
+                    handler.handle(record)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
 

@@ -256,11 +256,15 @@ def snapshot(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def assert_clean_error(res: Result, *fragments: str, rc: tuple[int, ...] = (1,)) -> str:
-    """Exit code in `rc`, no Python traceback, and one stderr line holding every fragment; returns it."""
+    """Exit code in `rc`, no Python traceback, and one stderr line holding every fragment; returns it.
+    An "error: ..." line's message is on the console once (not also as a log line)."""
     assert res.rc in rc, str(res)
     assert "Traceback" not in res.stderr, str(res)
     lines = [line for line in res.stderr.splitlines() if all(f in line for f in fragments)]
     assert lines, f"no stderr line contains all of {fragments}\n{res}"
+    if lines[0].startswith("error: "):
+        message = lines[0][len("error: "):]
+        assert sum(message in line for line in res.stderr.splitlines()) == 1, f"the error is shown twice\n{res}"
     return lines[0]
 
 

@@ -84,8 +84,9 @@ BAD_DATA = [
 @pytest.mark.parametrize("content, fragments", BAD_DATA)
 def test_bad_data_file_is_one_clear_line(env, tmp_path, content, fragments):
     data = write(tmp_path, "train.jsonl", content)
-    res, _ = run_over_existing(env, tmp_path, data=data)
-    assert_clean_error(res, f"error: {data}", *fragments)
+    res, out = run_over_existing(env, tmp_path, data=data)
+    line = assert_clean_error(res, f"error: {data}", *fragments)
+    assert line[len("error: "):] in (out / "train.log").read_text(encoding="utf-8")  # the run's log keeps it
 
 
 def test_deeply_nested_json_is_one_clear_line(env, tmp_path):
