@@ -131,13 +131,24 @@ def test_export_then_import_round_trips_bitwise(base, ref, tmp_path, projection)
     assert torch.equal(logits(attach_checkpoint(base, back), ref["input_ids"]), expected)
 
 
+def test_import_refuses_a_base_that_is_not_a_model_folder_and_records_an_absolute_one(tmp_path, monkeypatch):
+    old = tmp_path / "checkpoint-3000"
+    shutil.copytree(REF_DIR, old)
+    with pytest.raises(ptuning.PtuningFormatError, match="--base /no/such/model: no config.json there"):
+        ptuning.import_checkpoint(old, tmp_path / "run", base_path="/no/such/model")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.chdir(TINY.parent)
+    path = ptuning.import_checkpoint(old, tmp_path / "run", base_path=TINY.name)
+    assert ckpt_io.read_prefix_config(path)["model"]["path"] == str(TINY.resolve())
+
+
 def test_import_of_golden_records_base_and_step(tmp_path):
     old = tmp_path / "checkpoint-3000"
     shutil.copytree(REF_DIR, old)
     path = ptuning.import_checkpoint(old, tmp_path / "run", base_path=str(TINY))
     assert path.name == "checkpoint-3000"
     config = ckpt_io.read_prefix_config(path)
-    assert config["base"]["path"] == str(TINY) and config["model"]["template"] == "chatglm2"
+    assert config["base"]["path"] == str(TINY.resolve()) and config["model"]["template"] == "chatglm2"
     golden = load_file(str(REF_DIR / "model.safetensors"))
     assert torch.equal(ckpt_io.load_prefix_weights(path)["embedding.weight"],
                        golden["transformer.prefix_encoder.embedding.weight"])

@@ -205,8 +205,12 @@ def import_checkpoint(old_dir, run_dir, base_path: str | None = None) -> Path:
     config = reference_prefix_config(old_dir)
     weights = load_reference_weights(old_dir, PrefixSpec(**config["prefix"]))
     if base_path is not None:
-        config["base"]["path"] = str(base_path)
-        config["model"]["path"] = str(base_path)
+        base = Path(base_path)
+        if not (base / "config.json").is_file():
+            raise PtuningFormatError(f"--base {base_path}: no config.json there; pass the folder of the base model "
+                                     "the prefix was trained on (or leave --base out and pass model.path= when loading)")
+        # Absolute: the checkpoint is loaded from other working folders than the one it was imported in.
+        config["base"]["path"] = config["model"]["path"] = str(base.resolve())
     step = config.pop("step") or 0
     target = Path(run_dir) / f"checkpoint-{step}"
     # save_checkpoint replaces a checkpoint of the same step (right for a resumed run re-saving it), which
