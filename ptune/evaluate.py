@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,13 +127,23 @@ def settings_record(data: dict, model: dict, limit, device: torch.device, eval_s
 
 
 def write_results(out_dir: Path, evalset: EvalSet, texts: list[str], metrics: dict, extra: dict) -> None:
+    """Predictions, then the scores that go with them, each file replaced whole. The old metrics.json goes
+    first: a run stopped in between leaves new predictions without scores, never under the old scores,
+    which a sweep would reuse."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "generated_predictions.jsonl", "w", encoding="utf-8") as f:
-        for prompt, label, text in zip(evalset.texts, evalset.labels, texts):
-            f.write(json.dumps({"prompt": prompt, "label": label, "predict": text.strip()}, ensure_ascii=False) + "\n")
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps({**metrics, **extra}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(out_dir / "metrics.json")
+    (out_dir / "metrics.json").unlink(missing_ok=True)
+    rows = [json.dumps({"prompt": prompt, "label": label, "predict": text.strip()}, ensure_ascii=False) + "\n"
+            for prompt, label, text in zip(evalset.texts, evalset.labels, texts)]
+    write_text_atomic(out_dir / "generated_predictions.jsonl", "".join(rows))
+    write_text_atomic(out_dir / "metrics.json", json.dumps({**metrics, **extra}, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename; a writer stopped part-way leaves the old file (or none)."""
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                     delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
 
 
 def format_table(rows: list[dict], keys=("rouge-1", "rouge-2", "rouge-l", "bleu-4")) -> str:
@@ -163,8 +175,18 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"data.eval_file={cfg.data.eval_file}: no such file")
 
 
+# What a checkpoint records and the base model alone (checkpoint=null) does not.
+BASE_ALONE_SETTINGS = ("data.prompt_column", "data.response_column", "data.max_source_length",
+                       "data.max_target_length", "model.template")
+
+
 def evaluate(cfg: DictConfig) -> dict:
     check_settings(cfg)
+    missing = [k for k in BASE_ALONE_SETTINGS if OmegaConf.select(cfg, k) is None] if cfg.checkpoint is None else []
+    if missing:
+        raise ConfigError(f"checkpoint=null evaluates the base model alone, which records no data settings: pass "
+                          f"{', '.join(k + '=...' for k in missing)} (AdvertiseGen: data.prompt_column=content "
+                          "data.response_column=summary data.max_source_length=64 data.max_target_length=128)")
     device = resolve_device(cfg.device)
     model, tokenizer, prefix_config = load_for_inference(cfg.checkpoint, cfg.model, device)
     data_cfg, template = eval_settings(cfg, prefix_config)

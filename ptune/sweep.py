@@ -36,7 +36,7 @@ from ptune.chatglm.ptuning import is_reference_checkpoint
 from ptune.config import refuse_added_settings, resolve_device
 from ptune import evaluate as ev
 from ptune import models
-from ptune.data import Columns, load_examples
+from ptune.data import Columns, DataError, load_examples
 from ptune.errors import exit_on_user_error
 from ptune.logs import setup_logging
 from ptune.metrics import SCORE_KEYS
@@ -204,6 +204,17 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def skip(t: Target, error: str, bar) -> None:
+    """A checkpoint that cannot be scored: reported under "Not scored", the sweep goes on."""
+    t.error = error
+    log.error("%s: skipped: %s", t.name, error)
+    bar.update(1)
+
+
+def data_error(e: DataError) -> str:
+    return f"{e} (the run's recorded data settings; data.prompt_column= and the like override them)"
+
+
 def score_group(targets: list[Target], cfg: DictConfig, device: torch.device, expected: Expected, bar) -> None:
     """Load the group's base once, then attach, generate and score each checkpoint in turn."""
     model_cfg = OmegaConf.create(targets[0].model)
@@ -211,9 +222,7 @@ def score_group(targets: list[Target], cfg: DictConfig, device: torch.device, ex
         base, tokenizer, _ = models.load_for_inference(None, model_cfg, device)
     except models.ModelError as e:
         for t in targets:
-            t.error = str(e)
-            log.error("%s: skipped: %s", t.name, e)
-        bar.update(len(targets))
+            skip(t, str(e), bar)
         return
     lm, evalsets = None, {}
     for t in targets:
@@ -221,14 +230,16 @@ def score_group(targets: list[Target], cfg: DictConfig, device: torch.device, ex
         try:
             lm = models.attach_checkpoint(base, t.ckpt, prefix_lm=lm)
         except ckpt_io.CheckpointError as e:
-            t.error = str(e)
-            log.error("%s: skipped: %s", t.name, e)
-            bar.update(1)
+            skip(t, str(e), bar)
             continue
         template = t.model.get("template")
         key = json.dumps([template, t.data], sort_keys=True)
-        if key not in evalsets:
-            evalsets[key] = ev.build_eval_set(t.data["eval_file"], tokenizer, t.data, template, cfg.limit)
+        try:
+            if key not in evalsets:
+                evalsets[key] = ev.build_eval_set(t.data["eval_file"], tokenizer, t.data, template, cfg.limit)
+        except DataError as e:
+            skip(t, data_error(e), bar)
+            continue
         evalset = evalsets[key]
         texts, stats = ev.predict(lm, tokenizer, evalset.prompts, cfg.generation, cfg.batch_size, device,
                                   progress=False)
@@ -268,9 +279,14 @@ def sweep(cfg: DictConfig) -> dict:
     groups: dict[str, list[Target]] = {}
     for t in targets:
         if t.error:
-            log.error("%s: skipped: %s", t.name, t.error)
-            bar.update(1)
-        elif not cfg.force and (old := expected.reusable(t)) is not None:
+            skip(t, t.error, bar)
+            continue
+        try:
+            old = None if cfg.force else expected.reusable(t)
+        except DataError as e:  # the eval file lacks a column this run's data settings name
+            skip(t, data_error(e), bar)
+            continue
+        if old is not None:
             t.metrics = old
             log.info("%s: already scored, %s (force=true scores it again)", t.name, _scores(old))
             bar.update(1)

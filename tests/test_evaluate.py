@@ -181,6 +181,41 @@ def test_base_model_alone_is_scored_and_recorded_as_no_checkpoint(tiny_model_dir
     assert len((out / "generated_predictions.jsonl").read_text(encoding="utf-8").splitlines()) == 3
 
 
+def test_base_model_alone_without_the_settings_a_checkpoint_records_is_refused_before_loading(tmp_path, monkeypatch):
+    from ptune import models
+
+    monkeypatch.setattr(models, "load_for_inference", lambda *a, **k: pytest.fail("loaded a model"))
+    cfg = compose("model.path=/any/model", "data.eval_file=" + str(ev.__file__), "data.prompt_column=content")
+    with pytest.raises(ev.ConfigError) as e:
+        ev.evaluate(cfg)
+    assert ("pass data.response_column=..., data.max_source_length=..., data.max_target_length=..., "
+            "model.template=...") in str(e.value)
+
+
+def test_a_stopped_write_never_leaves_new_predictions_under_old_scores(ckpt, sample_file, tmp_path, monkeypatch):
+    """The predictions file replaces the old one whole, and the old scores are gone before it does: a
+    writer stopped between the two files leaves predictions without scores, which a sweep scores again."""
+    out = tmp_path / "eval"
+    cfg = compose(f"checkpoint={ckpt}", f"data.eval_file={sample_file}", "generation.max_new_tokens=4", "limit=3",
+                  f"output_dir={out}")
+    ev.evaluate(cfg)
+    before = (out / "generated_predictions.jsonl").read_bytes()
+    real = ev.write_text_atomic
+
+    def stop_before_metrics(path, text):
+        if path.name == "metrics.json":
+            raise KeyboardInterrupt
+        real(path, text)
+        assert path.name == "generated_predictions.jsonl" and not (out / "metrics.json").exists()
+
+    monkeypatch.setattr(ev, "write_text_atomic", stop_before_metrics)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(compose(f"checkpoint={ckpt}", f"data.eval_file={sample_file}", "generation.max_new_tokens=6",
+                            "limit=3", f"output_dir={out}"))
+    assert not (out / "metrics.json").exists() and (out / "generated_predictions.jsonl").read_bytes() != before
+    assert sorted(p.name for p in out.iterdir()) == ["generated_predictions.jsonl"]  # no temporary file left
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_eval_prompts_are_cut_as_training_cuts_them(tmp_path, side):
     """Evaluate builds its prompts with the training code: left truncation keeps the chat template's user

@@ -268,3 +268,19 @@ def test_scores_written_by_evaluate_are_reused_only_when_made_with_the_same_sett
     assert {k: v for k, v in same.items() if k != "generation"} == {
         k: v for k, v in json.loads((run / "checkpoint-1" / "eval" / "metrics.json").read_text()).items()
         if k != "generation"}
+
+
+def test_a_run_whose_columns_the_eval_file_lacks_is_not_scored_and_the_sweep_goes_on(run_copy, sample_file, tmp_path):
+    a, b = run_copy(tmp_path / "a"), run_copy(tmp_path / "b")
+    for ckpt in list_checkpoints(b):
+        config = json.loads((ckpt / "prefix_config.json").read_text())
+        config["data"]["prompt_column"] = "question"
+        (ckpt / "prefix_config.json").write_text(json.dumps(config))
+        _rewrite_manifest(ckpt)
+    for force in ("force=true", "force=false"):  # a fresh scoring, then one that first looks for reusable scores
+        result = sw.sweep(compose(f"runs=[{a},{b}]", f"data.eval_file={sample_file}", force))
+        failed = {f["checkpoint"]: f["error"] for f in result["failed"]}
+        assert list(failed) == [str(b / f"checkpoint-{s}") for s in (1, 2, 3)], force
+        assert all("column 'question' not found" in e and "data.prompt_column=" in e for e in failed.values())
+        assert [int(r["step"]) for r in read_csv(a / "sweep" / "sweep.csv")] == [1, 2, 3]
+        assert "Not scored" in (a / "sweep" / "sweep.md").read_text()
