@@ -61,6 +61,7 @@ log = logging.getLogger("ptune.serve")
 API_KEY_ENV = "PTUNE_API_KEY"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 MAX_STOP_STRINGS = 4  # as OpenAI's API
+SYSTEM_ROLES = ("system", "developer")
 WEB_FILES = {"chat.js": "text/javascript; charset=utf-8", "chat.css": "text/css; charset=utf-8"}
 
 
@@ -117,10 +118,13 @@ class Engine:
         self.batch_wait = max(0.0, float(batch_wait_ms)) / 1000.0
         self.max_queue = int(max_queue)
         self.queue: queue.Queue[Job | None] = queue.Queue()
+        # Jobs the worker took from the queue to batch, not yet running: they still wait, so they count.
+        self.waiting: deque[Job] = deque()
         self.generator = torch.Generator(device=cm.device).manual_seed(int(seed))
         self.batches = 0           # counters for /health and the tests
         self.largest_batch = 0
         self.served = 0
+        self.cancelled = 0  # jobs dropped or ended early because their client went away
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ptune-serve-worker", daemon=True)
         self._thread.start()
@@ -128,13 +132,14 @@ class Engine:
     # -- called from request handlers
 
     def submit(self, job: Job) -> Job:
-        if self.queue.qsize() >= self.max_queue:
-            raise QueueFull(f"{self.queue.qsize()} requests are waiting (max_queue={self.max_queue}); retry later")
+        waiting = self.pending()
+        if waiting >= self.max_queue:
+            raise QueueFull(f"{waiting} requests are waiting (max_queue={self.max_queue}); retry later")
         self.queue.put(job)
         return job
 
     def pending(self) -> int:
-        return self.queue.qsize()
+        return self.queue.qsize() + len(self.waiting)
 
     def close(self) -> None:
         self._stop.set()
@@ -144,7 +149,7 @@ class Engine:
     # -- the worker thread
 
     def _loop(self) -> None:
-        waiting: deque[Job] = deque()
+        waiting = self.waiting
         while not self._stop.is_set():
             if not waiting:
                 job = self.queue.get()
@@ -177,9 +182,10 @@ class Engine:
                         batch.append(j)
                     elif not j.future.done():
                         j.future.cancel()
+                        self.cancelled += 1
                 else:
                     rest.append(j)
-            waiting = rest
+            waiting = self.waiting = rest
             if batch:
                 self._run(batch)
         for j in waiting:
@@ -269,7 +275,10 @@ class Engine:
                     job.streamed = True
                     job.on_text(rest)
             text = decode_reply(cm.tokenizer, tokens[i]) if decoders[i] is None else decoders[i].text()
-            self.served += 1
+            if job.cancelled:
+                self.cancelled += 1
+            else:
+                self.served += 1
             job.future.set_result(Result(text, len(job.prompt), len(tokens[i]), reasons[i] or "length"))
 
 
@@ -310,7 +319,7 @@ class TextPart(_Strict):
 
 
 class Message(_Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # newer OpenAI clients send developer for system
     content: StrictStr | list[TextPart] | None = None
 
     @field_validator("content")
@@ -339,8 +348,8 @@ class ChatCompletionRequest(_Strict):
     top_p: StrictFloat | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    stream: StrictBool = False
-    n: StrictInt = Field(1, ge=1, le=1)
+    stream: StrictBool | None = False  # OpenAI's spec allows null for both: the defaults
+    n: StrictInt | None = Field(1, ge=1, le=1)
     seed: StrictInt | None = Field(None, ge=-2**63, le=2**64 - 1)  # what torch.Generator accepts
     stop: Text | list[Text] | None = None
 
@@ -373,10 +382,10 @@ def messages_to_turns(messages: list[Message]) -> tuple[str | None, list[tuple[s
     assistant messages pair up into [question, answer] turns (consecutive messages of one role are
     joined by newlines, an answer with no question before it gets an empty question).
     """
-    system = "\n".join(m.text() for m in messages if m.role == "system") or None
+    system = "\n".join(m.text() for m in messages if m.role in SYSTEM_ROLES) or None
     turns: list[list[str]] = []  # [role, text] runs of one role
     for m in messages:
-        if m.role == "system":
+        if m.role in SYSTEM_ROLES:
             continue
         if turns and turns[-1][0] == m.role:
             turns[-1][1] += "\n" + m.text()
@@ -528,7 +537,8 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     async def on_request_error(request: Request, exc: RequestError):
         kind = ("server_error" if exc.status >= 500 else "authentication_error" if exc.status == 401
                 else "invalid_request_error")
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        # A 503 here is a full queue, which drains within moments.
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "1"}}.get(exc.status)
         return JSONResponse(error_body(exc.message, exc.code, exc.param, kind), status_code=exc.status,
                             headers=headers)
 
@@ -543,7 +553,8 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
 
     def prompt_for(query: str, history, system: str | None = None, param: str = "messages") -> list[int]:
         ids = build_prompt(cm.tokenizer, cm.template, query, history, system)
-        if not ids:  # e.g. an empty prompt under the plain template: nothing to generate from
+        # A template's role tokens make an empty query more than 0 tokens, yet there is still nothing to answer.
+        if not query or not ids:
             raise RequestError(400, "the prompt is empty (0 tokens); send some text", param, "empty_prompt")
         if len(ids) > max_prompt:
             raise RequestError(400, f"the prompt is {len(ids)} tokens (history included); this server accepts at "
@@ -569,13 +580,21 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     def capped(new: int) -> str:
         return f" (max_new_tokens={max_new_cap} caps a reply)" if new > max_new_cap else ""
 
-    async def run_job(job: Job) -> Result:
+    async def run_job(job: Job, request: Request) -> Result:
         try:
             engine.submit(job)
         except QueueFull as e:
             raise RequestError(503, str(e), code="server_busy") from None
+        result = asyncio.wrap_future(job.future)
         try:
-            return await asyncio.wrap_future(job.future)
+            # The server never cancels a handler whose client hung up; without this check an abandoned
+            # request would keep its batch row (or its place in the queue) to the end.
+            while not (await asyncio.wait({result}, timeout=0.1))[0]:
+                if await request.is_disconnected():
+                    job.cancelled = True
+                    # Nobody reads this answer; 499 is what proxies log for a client that closed the request.
+                    raise RequestError(499, "the client closed the request", code="cancelled")
+            return await result
         except asyncio.CancelledError:
             job.cancelled = True
             raise
@@ -591,7 +610,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     # -- ChatGLM2-6B api.py
 
     @app.post("/", dependencies=[Depends(authorized)])
-    async def chatglm_api(req: ApiRequest):
+    async def chatglm_api(req: ApiRequest, request: Request):
         history = [tuple(t) for t in (req.history or [])]
         ids = prompt_for(req.prompt, history, param="prompt")
         max_length = req.max_length or int(cfg.api.max_length)
@@ -605,7 +624,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         new = fit_reply(len(ids), new, asked, "max_length")
         temperature = cfg.api.temperature if req.temperature is None else req.temperature
         job = Job(ids, new, **sampling(temperature, req.top_p, float(cfg.api.top_p)))
-        result = await run_job(job)
+        result = await run_job(job, request)
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         history = [list(t) for t in history] + [[req.prompt, result.text]]
         log.info("POST / prompt %d tokens -> %d tokens (%s)", result.prompt_tokens, result.completion_tokens,
@@ -620,7 +639,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
                                             "owned_by": "ptune"}]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         system, history, query = messages_to_turns(req.messages)
         ids = prompt_for(query, history, system)
         param = "max_tokens" if req.max_tokens else "max_completion_tokens" if req.max_completion_tokens else None
@@ -633,7 +652,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         stamp = int(time.time())
         if not req.stream:
-            result = await run_job(Job(ids, new, seed=req.seed, stop=req.stop_strings(), **params))
+            result = await run_job(Job(ids, new, seed=req.seed, stop=req.stop_strings(), **params), request)
             log.info("POST /v1/chat/completions prompt %d tokens -> %d tokens (%s)", result.prompt_tokens,
                      result.completion_tokens, result.finish_reason)
             return {"id": cid, "object": "chat.completion", "created": stamp, "model": model_name,
@@ -690,7 +709,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
                 "prefix_length": (cm.prefix_config or {}).get("prefix", {}).get("length"),
                 "max_prompt_tokens": max_prompt, "max_new_tokens": max_new_cap, "max_positions": positions,
                 "max_batch_size": engine.max_batch_size, "queued": engine.pending(), "batches": engine.batches,
-                "largest_batch": engine.largest_batch, "served": engine.served,
+                "largest_batch": engine.largest_batch, "served": engine.served, "cancelled": engine.cancelled,
                 "auth": api_key is not None}
 
     # -- the chat page (static files; the page itself holds no data, so it needs no key)

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -426,3 +427,113 @@ def test_stop_strings_end_the_reply_before_them_streamed_or_not(served):
         r = httpx.post(url + path, json={**body, "stop": stops}, timeout=60)
         assert r.status_code == 422 and r.json()["error"]["param"] == "stop", r.text
         assert message in r.json()["detail"], r.text
+
+
+def gated_engine(cm, **kw):
+    """An Engine whose batches wait for its `gate` before generating; `jobs` are those submitted."""
+    from ptune.serve import Engine
+
+    class Gated(Engine):
+        def __init__(self, *args, **kwargs):
+            self.jobs, self.gate, self.entered = [], threading.Event(), threading.Event()
+            super().__init__(*args, **kwargs)
+
+        def submit(self, job):
+            self.jobs.append(job)
+            return super().submit(job)
+
+        def _generate(self, batch):
+            self.entered.set()
+            assert self.gate.wait(60)
+            super()._generate(batch)
+
+    return Gated(cm, **kw)
+
+
+@pytest.fixture
+def gated(served_gpt2):
+    """A server on served_gpt2's model whose engine generates only once the test opens its gate."""
+    from ptune.serve import create_app
+
+    _, cm = served_gpt2
+    cfg = compose("serve", "checkpoint=null", f"model.path={cm.base_path}", "model.template=plain", "device=cpu",
+                  "max_new_tokens=64")
+    engine = gated_engine(cm, batch_wait_ms=5)
+    live = LiveServer(create_app(cm, cfg, engine))
+    yield live.url, engine
+    engine.gate.set()
+    live.stop()
+
+
+def wait_for(condition, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("path, body", [("/", {"prompt": "hi", "temperature": 0}), chat_request("hi")])
+def test_a_client_that_hangs_up_stops_its_generation(gated, path, body):
+    url, engine = gated
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + path, json={**body, "max_tokens": 60, "max_length": 60}, timeout=0.5)
+    wait_for(lambda: engine.jobs and engine.jobs[0].cancelled)
+    engine.gate.set()
+    wait_for(lambda: httpx.get(url + "/health").json()["cancelled"] == 1)
+    assert httpx.get(url + "/health").json()["served"] == 0  # not generated to the end
+    # The server still answers.
+    r = httpx.post(url + "/v1/chat/completions", json=chat_request("hi", max_tokens=3)[1], timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+
+
+def test_jobs_waiting_to_be_batched_count_against_max_queue(served_gpt2):
+    from ptune.serve import Job, QueueFull
+
+    _, cm = served_gpt2
+    engine = gated_engine(cm, batch_wait_ms=300, max_queue=3)
+    try:
+        # Seeded requests batch alone, so the worker gathers these three, runs the first and holds two back.
+        seeded = lambda: Job([1, 2], 2, do_sample=True, temperature=1.0, top_p=1.0, seed=1)  # noqa: E731
+        for _ in range(3):
+            engine.submit(seeded())
+        wait_for(lambda: engine.entered.is_set() and engine.queue.qsize() == 0)
+        assert engine.pending() == 2
+        engine.submit(seeded())
+        with pytest.raises(QueueFull, match="3 requests are waiting"):
+            engine.submit(seeded())
+    finally:
+        engine.gate.set()
+        engine.close()
+
+
+def test_a_full_queue_answers_503_with_retry_after(gated):
+    url, engine = gated
+    engine.max_queue = 0
+    for path, body in [("/", {"prompt": "hi"}), chat_request("hi"), chat_request("hi", stream=True)]:
+        r = httpx.post(url + path, json=body, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy", r.text
+        assert r.headers["retry-after"] == "1"
+
+
+def test_an_empty_query_is_refused_under_a_chat_template(served):
+    url, cm = served
+    assert cm.template != "plain"  # where role tokens make an empty query more than 0 tokens
+    r = httpx.post(url + "/", json={"prompt": "", "history": [["q", "a"]]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "empty_prompt", r.text
+    assert r.json()["error"]["param"] == "prompt"
+    for content in ["", None, []]:
+        r = httpx.post(url + "/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": content}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "empty_prompt", (content, r.text)
+        assert r.json()["error"]["param"] == "messages"
+
+
+def test_null_stream_and_n_and_the_developer_role_are_accepted(served):
+    url, cm = served
+    messages = [{"role": "developer", "content": "简短"}, {"role": "user", "content": "材质#棉"}]
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "stream": None, "n": None,
+                                                       "max_tokens": 5}, timeout=60)
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text
+    sys_ids = build_prompt(cm.tokenizer, cm.template, "材质#棉", [], "简短")  # a system turn, as OpenAI means it
+    assert r.json()["usage"]["prompt_tokens"] == len(sys_ids)
+    assert r.json()["choices"][0]["message"]["content"] == greedy(cm, sys_ids, 5)
