@@ -555,7 +555,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         ids = build_prompt(cm.tokenizer, cm.template, query, history, system)
         # A template's role tokens make an empty query more than 0 tokens, yet there is still nothing to answer.
         if not query or not ids:
-            raise RequestError(400, "the prompt is empty (0 tokens); send some text", param, "empty_prompt")
+            raise RequestError(400, "the prompt is empty; send some text", param, "empty_prompt")
         if len(ids) > max_prompt:
             raise RequestError(400, f"the prompt is {len(ids)} tokens (history included); this server accepts at "
                                f"most {max_prompt} (max_prompt_tokens)", param, "context_length_exceeded")
