@@ -165,16 +165,21 @@ def _rewrite_manifest(ckpt: Path) -> None:
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
+def recorded_as(run: Path, section: str, key: str, value) -> None:
+    """Rewrite one recorded setting in every checkpoint of `run`, keeping the manifests valid."""
+    for ckpt in list_checkpoints(run):
+        config = json.loads((ckpt / "prefix_config.json").read_text())
+        config[section][key] = value
+        (ckpt / "prefix_config.json").write_text(json.dumps(config))
+        _rewrite_manifest(ckpt)
+
+
 def test_other_base_is_loaded_separately_and_a_broken_checkpoint_is_reported(run_copy, sample_file, tmp_path,
                                                                              tiny_model_dir, counted):
     a, b, c = run_copy(tmp_path / "a"), run_copy(tmp_path / "b"), run_copy(tmp_path / "c")
     moved = shutil.copytree(tiny_model_dir("llama"), tmp_path / "llama-copy")
     for run, base in ((b, moved), (c, tmp_path / "gone")):
-        for ckpt in list_checkpoints(run):
-            config = json.loads((ckpt / "prefix_config.json").read_text())
-            config["base"]["path"] = str(base)
-            (ckpt / "prefix_config.json").write_text(json.dumps(config))
-            _rewrite_manifest(ckpt)
+        recorded_as(run, "base", "path", str(base))
     broken = a / "checkpoint-2" / "prefix.safetensors"
     broken.write_bytes(broken.read_bytes()[:-8])
     result = sw.sweep(compose(f"runs=[{a},{b},{c}]", f"data.eval_file={sample_file}"))
@@ -197,11 +202,7 @@ def test_a_quantized_run_gets_its_own_base_and_false_scores_it_on_a_float_one(ru
     from hydra import compose as hydra_compose, initialize_config_dir
 
     plain, quantized = run_copy(tmp_path / "float"), run_copy(tmp_path / "int8")
-    for ckpt in list_checkpoints(quantized):
-        config = json.loads((ckpt / "prefix_config.json").read_text())
-        config["model"]["quantization"] = "int8"
-        (ckpt / "prefix_config.json").write_text(json.dumps(config))
-        _rewrite_manifest(ckpt)
+    recorded_as(quantized, "model", "quantization", "int8")
     result = sw.sweep(compose(f"runs=[{plain},{quantized}]", f"data.eval_file={sample_file}"))
     assert counted() == {"load_base": 2, "predict": 6} and not result["failed"]
     swept = {(r["run"], r["step"]): r for r in read_csv(plain / "sweep" / "sweep.csv")}
@@ -272,11 +273,7 @@ def test_scores_written_by_evaluate_are_reused_only_when_made_with_the_same_sett
 
 def test_a_run_whose_columns_the_eval_file_lacks_is_not_scored_and_the_sweep_goes_on(run_copy, sample_file, tmp_path):
     a, b = run_copy(tmp_path / "a"), run_copy(tmp_path / "b")
-    for ckpt in list_checkpoints(b):
-        config = json.loads((ckpt / "prefix_config.json").read_text())
-        config["data"]["prompt_column"] = "question"
-        (ckpt / "prefix_config.json").write_text(json.dumps(config))
-        _rewrite_manifest(ckpt)
+    recorded_as(b, "data", "prompt_column", "question")
     for force in ("force=true", "force=false"):  # a fresh scoring, then one that first looks for reusable scores
         result = sw.sweep(compose(f"runs=[{a},{b}]", f"data.eval_file={sample_file}", force))
         failed = {f["checkpoint"]: f["error"] for f in result["failed"]}
