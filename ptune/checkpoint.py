@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -45,6 +46,14 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename; a writer stopped part-way leaves the old file (or none)."""
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                     delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
 
 
 def _write_json(path: Path, obj) -> None:

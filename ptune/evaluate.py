@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from ptune.generate import generate
 from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import peak_memory_gib, setup_logging
 from ptune.metrics import compute_metrics
-from ptune.checkpoint import sha256_file
+from ptune.checkpoint import sha256_file, write_text_atomic
 from ptune.models import base_identity_settings, inference_model_settings, load_for_inference
 from ptune.prefix import attention_shape
 
@@ -136,14 +134,6 @@ def write_results(out_dir: Path, evalset: EvalSet, texts: list[str], metrics: di
             for prompt, label, text in zip(evalset.texts, evalset.labels, texts)]
     write_text_atomic(out_dir / "generated_predictions.jsonl", "".join(rows))
     write_text_atomic(out_dir / "metrics.json", json.dumps({**metrics, **extra}, indent=2, ensure_ascii=False) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename; a writer stopped part-way leaves the old file (or none)."""
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
 
 
 def format_table(rows: list[dict], keys=("rouge-1", "rouge-2", "rouge-l", "bleu-4")) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import io
 import json
 import logging
 import re
@@ -31,7 +32,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ptune import checkpoint as ckpt_io
-from ptune.checkpoint import sha256_file
+from ptune.checkpoint import sha256_file, write_text_atomic
 from ptune.chatglm.ptuning import is_reference_checkpoint
 from ptune.config import refuse_added_settings, resolve_device
 from ptune import evaluate as ev
@@ -324,11 +325,12 @@ def sweep(cfg: DictConfig) -> dict:
 # ---------------------------------------------------------------------------------------------- reports
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["run", "step", *SCORE_KEYS, "checkpoint"])
-        for r in rows:
-            w.writerow([r["run"], r["step"], *(f"{r[k]:.4f}" for k in SCORE_KEYS), r["checkpoint"]])
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["run", "step", *SCORE_KEYS, "checkpoint"])
+    for r in rows:
+        w.writerow([r["run"], r["step"], *(f"{r[k]:.4f}" for k in SCORE_KEYS), r["checkpoint"]])
+    write_text_atomic(path, text.getvalue())
 
 
 def write_markdown(path: Path, rows, best, failed, cfg: DictConfig, targets: list[Target]) -> None:
@@ -341,7 +343,7 @@ def write_markdown(path: Path, rows, best, failed, cfg: DictConfig, targets: lis
     lines += [f"- **{k}**: {r['name']} (step {r['step']}): {r[k]:.4f}" for k, r in best.items()]
     if failed:
         lines += ["", "## Not scored", ""] + [f"- {f['checkpoint']}: {f['error']}" for f in failed]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def plot(path: Path, rows: list[dict]) -> None:
@@ -364,7 +366,9 @@ def plot(path: Path, rows: list[dict]) -> None:
         ax.grid(True, alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(runs), 3), fontsize="small")
-    fig.savefig(path, dpi=100)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    tmp.replace(path)  # whole, like the tables beside it
 
 
 @hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
