@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Data-parallel check on N GPUs (default 2) against 1 GPU with the same global batch, on the
 # ChatGLM2-6B-shaped model of ptune.bench (random bf16 weights, built and saved once, nothing downloaded).
-#   DATA=/path/AdvertiseGen/train.json TOKENIZER=/path/with/tokenizer.model bash recipes/data_parallel.sh
+#   DATA=/path/AdvertiseGen/train.json TOKENIZER=/path/with/tokenizer.model bash recipes/data_parallel.sh [override ...]
+# Extra Hydra overrides on the command line go to every run (e.g. trainer.cuda_graphs=true).
 # Runs, each 20 steps of micro-batch 16 with a checkpoint at 10:
 #   one        python   -m ptune.train  accumulation N   (global batch 16 N)
 #   multi      torchrun -m ptune.train  accumulation 1   (same global batch, same micro-batches)
@@ -33,7 +34,7 @@ fi
 common=(+experiment=adgen_60steps model=local "model.path=$MODEL" model.template=chatglm2 "data.train_file=$DATA"
         trainer.per_device_batch_size=16 trainer.gradient_checkpointing=false trainer.pad_to_multiple_of=8
         trainer.cuda_graphs=false "trainer.max_steps=$STEPS" "trainer.save_steps=$((STEPS / 2))"
-        trainer.log_steps=5 trainer.progress_bar=false trainer.tensorboard=false)
+        trainer.log_steps=5 trainer.progress_bar=false trainer.tensorboard=false "$@")
 torchrun_=(torchrun --standalone --nproc_per_node "$NPROC" -m ptune.train)
 rm -rf "$OUT"
 python -m ptune.train "${common[@]}" "trainer.gradient_accumulation_steps=$NPROC" "output_dir=$OUT/one"
