@@ -8,7 +8,7 @@ Endpoints (one FastAPI app, bound to 127.0.0.1 unless `host` says otherwise):
   as there. Its defaults are api.py's (top_p 0.7, temperature 0.95: sampled); temperature 0 is greedy.
 * `POST /v1/chat/completions` — OpenAI-compatible, `stream: true` answers with server-sent events.
   Without a temperature (or with one <= 0) the reply is greedy.
-* `GET /v1/models`, `GET /health`, and a chat page at `GET /` (also `/chat`).
+* `GET /v1/models` (and `GET /v1/models/{id}`), `GET /health`, and a chat page at `GET /` (also `/chat`).
 
 One worker thread owns the model. Requests wait in a queue; the worker takes every compatible request
 that arrived within `batch_wait_ms` (up to `max_batch_size`) and generates them together, left-padded,
@@ -78,6 +78,10 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 @dataclass
@@ -339,6 +343,10 @@ class Message(_Strict):
         return "".join(p.text for p in self.content)
 
 
+class StreamOptions(_Strict):
+    include_usage: StrictBool | None = None
+
+
 class ChatCompletionRequest(_Strict):
     """The part of OpenAI's chat completion request that applies here; other fields are ignored."""
 
@@ -349,6 +357,7 @@ class ChatCompletionRequest(_Strict):
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     stream: StrictBool | None = False  # OpenAI's spec allows null for both: the defaults
+    stream_options: StreamOptions | None = None  # streaming only: a whole reply always carries its usage
     n: StrictInt | None = Field(1, ge=1, le=1)
     seed: StrictInt | None = Field(None, ge=-2**63, le=2**64 - 1)  # what torch.Generator accepts
     stop: Text | list[Text] | None = None
@@ -414,8 +423,9 @@ def is_greedy(temperature: float | None) -> bool:
 # ---------------------------------------------------------------------------------------------- the app
 
 
-class BodyLimit:
-    """Pure ASGI middleware: refuse request bodies over `limit` bytes with 413, before any parsing."""
+class BodyCheck:
+    """Pure ASGI middleware: reads each request body whole before any parsing, and refuses one over `limit`
+    bytes (413) or a POST body, always JSON here, that is not UTF-8 (422, as for a body that is not JSON)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, int(limit)
@@ -431,7 +441,7 @@ class BodyLimit:
             scope = {**scope, "headers": headers}
         length = dict(headers).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._refuse(send)
+            return await self._refuse_size(send)
         chunks, size = [], 0
         more = True
         while more:
@@ -441,10 +451,18 @@ class BodyLimit:
                 break
             size += len(message.get("body", b""))
             if size > self.limit:
-                return await self._refuse(send)
+                return await self._refuse_size(send)
             chunks.append(message)
             more = message.get("more_body", False)
         body = b"".join(m.get("body", b"") for m in chunks if m["type"] == "http.request")
+        if scope.get("method") == "POST" and not more:  # (a client that went away sent only part of it)
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as e:
+                # JSON between systems is UTF-8 (RFC 8259); without this FastAPI answers a bare "There was an
+                # error parsing the body".
+                return await self._refuse(send, 422, f"the body is not UTF-8 (byte 0x{body[e.start]:02x} at "
+                                          f"offset {e.start}); send JSON encoded as UTF-8", "invalid_encoding")
         replayed = False
 
         async def replay():
@@ -456,12 +474,17 @@ class BodyLimit:
 
         return await self.app(scope, replay, send)
 
-    async def _refuse(self, send):
-        payload = json.dumps(error_body(f"request body is larger than max_body_bytes={self.limit} bytes",
-                                        "request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
+    async def _refuse_size(self, send):
+        # Closed after the answer: the rest of the body was never read.
+        await self._refuse(send, 413, f"request body is larger than max_body_bytes={self.limit} bytes",
+                           "request_too_large", [(b"connection", b"close")])
+
+    @staticmethod
+    async def _refuse(send, status: int, message: str, code: str, headers: list | None = None):
+        payload = json.dumps(error_body(message, code)).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                                (b"connection", b"close")]})
+                                *(headers or [])]})
         await send({"type": "http.response.body", "body": payload})
 
 
@@ -497,8 +520,7 @@ def default_model_name(cm: ChatModel) -> str:
 def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     """The FastAPI app around a loaded model (the tests build it in-process)."""
     engine = engine or Engine(cm, cfg.max_batch_size, cfg.batch_wait_ms, cfg.max_queue, cfg.seed)
-    api_key = cfg.get("api_key") or os.environ.get(API_KEY_ENV) or None
-    api_key = str(api_key) if api_key is not None else None  # `api_key=1234` arrives as a number
+    api_key = api_key_of(cfg)
     model_name = cfg.get("model_name") or default_model_name(cm)
     max_prompt = int(cfg.max_prompt_tokens)
     max_new_cap = int(cfg.max_new_tokens)
@@ -553,8 +575,9 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
 
     def prompt_for(query: str, history, system: str | None = None, param: str = "messages") -> list[int]:
         ids = build_prompt(cm.tokenizer, cm.template, query, history, system)
-        # A template's role tokens make an empty query more than 0 tokens, yet there is still nothing to answer.
-        if not query or not ids:
+        # A template's role tokens make an empty query more than 0 tokens, yet there is still nothing to answer;
+        # nor is there in spaces and newlines alone.
+        if not query.strip() or not ids:
             raise RequestError(400, "the prompt is empty; send some text", param, "empty_prompt")
         if len(ids) > max_prompt:
             raise RequestError(400, f"the prompt is {len(ids)} tokens (history included); this server accepts at "
@@ -633,10 +656,21 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
 
     # -- OpenAI-compatible
 
+    def model_object() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "ptune"}
+
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "ptune"}]}
+        return {"object": "list", "data": [model_object()]}
+
+    # `:path`, as the default id (<run folder>/checkpoint-N) holds a slash; OpenAI's client sends it as %2F,
+    # which arrives decoded.
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorized)])
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise RequestError(404, f"no model {model_id!r} here: this server serves {model_name!r} alone",
+                               "model", "model_not_found")
+        return model_object()
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -658,8 +692,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
             return {"id": cid, "object": "chat.completion", "created": stamp, "model": model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                                  "finish_reason": result.finish_reason}],
-                    "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                              "total_tokens": result.prompt_tokens + result.completion_tokens}}
+                    "usage": result.usage()}
 
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
@@ -672,9 +705,17 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         except QueueFull as e:
             raise RequestError(503, str(e), code="server_busy") from None
 
-        def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        # include_usage asks for OpenAI's shape: `"usage": null` on every chunk, then the usage in a chunk of
+        # its own (no choices) after the finish_reason one. Without it the usage rides on the finish_reason
+        # chunk, as it did before include_usage was read: clients of this server may take it from there.
+        usage_alone = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
+            choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
             body = {"id": cid, "object": "chat.completion.chunk", "created": stamp, "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+                    "choices": choices}
+            if usage_alone or usage is not None:
+                body["usage"] = usage
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         async def events():
@@ -692,9 +733,11 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
                     yield f"data: {json.dumps(error_body(message, 'generation_failed'))}\n\n"
                 else:
                     r = job.future.result()
-                    usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                             "total_tokens": r.prompt_tokens + r.completion_tokens}
-                    yield chunk({}, r.finish_reason, usage=usage)
+                    if usage_alone:
+                        yield chunk({}, r.finish_reason)
+                        yield chunk(None, usage=r.usage())
+                    else:
+                        yield chunk({}, r.finish_reason, r.usage())
                 yield "data: [DONE]\n\n"
             finally:
                 job.cancelled = True  # a client that went away stops costing generation steps
@@ -733,12 +776,33 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     async def favicon():
         return Response(status_code=204)
 
-    return BodyLimit(app, int(cfg.max_body_bytes))
+    return BodyCheck(app, int(cfg.max_body_bytes))
+
+
+def api_key_of(cfg: DictConfig) -> str | None:
+    """The key every request must send: api_key, else the environment's PTUNE_API_KEY; None: no key."""
+    return cfg.get("api_key") or os.environ.get(API_KEY_ENV) or None
+
+
+def check_api_key(cfg: DictConfig) -> None:
+    key = cfg.get("api_key")
+    if key is not None and not isinstance(key, str):
+        # Turned into text it would be another key than the one typed: requests sending that one would fail.
+        what = {bool: "true/false", int: "a number", float: "a number"}.get(type(key), "a list or mapping")
+        raise ConfigError(f"api_key is {what}, not text: the command line reads an unquoted key like 1e5 or true as "
+                          "a value (1e5 would become the key 100000.0); quote it: 'api_key=\"<key>\"' (or set "
+                          f"{API_KEY_ENV})")
+    key = api_key_of(cfg)
+    if key is not None and not key.isascii():
+        setting = "api_key" if cfg.get("api_key") else API_KEY_ENV
+        raise ConfigError(f"{setting} holds characters outside ASCII, which requests cannot send reliably: the key "
+                          "travels in an HTTP header, read here as latin-1, and clients encode such characters in "
+                          "different ways or refuse them; use an ASCII key")
 
 
 def _check_exposure(cfg: DictConfig) -> None:
     loopback = str(cfg.host) in ("127.0.0.1", "localhost", "::1")
-    if not loopback and not (cfg.get("api_key") or os.environ.get(API_KEY_ENV)):
+    if not loopback and not api_key_of(cfg):
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model; set "
                     "api_key=... or %s", cfg.host, API_KEY_ENV)
 
@@ -759,6 +823,7 @@ def check_settings(cfg: DictConfig) -> None:
     check_token_ids(cfg, "generation.extra_eos_token_ids")
     check_quantization(cfg, inference=True)
     check_template(cfg, nullable=True)
+    check_api_key(cfg)
 
 
 @hydra.main(config_path="../conf", config_name="serve", version_base="1.3")
@@ -775,10 +840,14 @@ def main(cfg: DictConfig) -> None:
     cm = load_chat_model(cfg)
     _check_exposure(cfg)
     app = create_app(cm, cfg)
+    config = uvicorn.Config(app, host=str(cfg.host), port=int(cfg.port), log_level=str(cfg.log_level),
+                            access_log=True)
+    # Bound here rather than inside uvicorn.run, so that the log names the port the OS picked for port=0.
+    sock = config.bind_socket()
     log.info("serving %s at http://%s:%d/ (chat page at /, API at / and /v1/chat/completions)", cm.describe(),
-             cfg.host, cfg.port)
+             cfg.host, sock.getsockname()[1])
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    uvicorn.run(app, host=str(cfg.host), port=int(cfg.port), log_level=str(cfg.log_level), access_log=True)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

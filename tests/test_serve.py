@@ -223,24 +223,33 @@ def test_bad_requests_are_refused_clearly_and_serving_goes_on(served):
     assert r.status_code == 200 and r.json()["response"] == greedy(cm, ids)
 
 
+def logged_url(log_path) -> str | None:
+    """The address in the server's "serving ... at http://host:port/" line, once it is logged."""
+    found = re.search(r"serving .* at (http://[^/\s]+)/", Path(log_path).read_text())
+    return found and found[1]
+
+
 @contextlib.contextmanager
-def served_by(cmd: list[str], cwd, env: dict, log_path):
-    """(process, url) of a server started by `cmd` plus a free port=..., once it answers /health (with any status);
-    terminated on leaving."""
-    with free_socket() as sock:
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
+def served_by(cmd: list[str], cwd, env: dict, log_path, port: int | None = None):
+    """(process, url) of a server started by `cmd` plus port=... (a free one unless given; with 0, the url is the
+    one its log names), once it answers /health (with any status); terminated on leaving."""
+    if port is None:
+        with free_socket() as sock:
+            port = sock.getsockname()[1]
     with open(log_path, "w+") as log:
         proc = subprocess.Popen([*cmd, f"port={port}"], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 120
             while True:
                 assert proc.poll() is None, Path(log_path).read_text()
-                try:
-                    httpx.get(url + "/health", timeout=2)
-                    break
-                except httpx.TransportError:
-                    pass
+                url = f"http://127.0.0.1:{port}" if port else logged_url(log_path)
+                assert not (url or "").endswith(":0"), Path(log_path).read_text()  # no one can reach port 0
+                if url:
+                    try:
+                        httpx.get(url + "/health", timeout=2)
+                        break
+                    except httpx.TransportError:
+                        pass
                 assert time.monotonic() < deadline, "the server did not come up"
                 time.sleep(0.3)
             yield proc, url
@@ -256,7 +265,9 @@ def test_command_line_server_with_api_key(checkpoint, tmp_path):
                     f"max_new_tokens={MAX_NEW}", "log_level=warning"], REPO, env, tmp_path / "serve.log") as (proc, url):
         assert httpx.get(url + "/health", timeout=2).status_code == 401
         good = {"Authorization": "Bearer s3cret"}
+        name = httpx.get(url + "/health", headers=good).json()["model"]
         for method, path, body in [("GET", "/health", None), ("GET", "/v1/models", None),
+                                   ("GET", f"/v1/models/{name}", None),
                                    ("POST", "/", {"prompt": "hi"}),
                                    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]:
             r = httpx.request(method, url + path, json=body, timeout=60)
@@ -537,3 +548,130 @@ def test_null_stream_and_n_and_the_developer_role_are_accepted(served):
     sys_ids = build_prompt(cm.tokenizer, cm.template, "材质#棉", [], "简短")  # a system turn, as OpenAI means it
     assert r.json()["usage"]["prompt_tokens"] == len(sys_ids)
     assert r.json()["choices"][0]["message"]["content"] == greedy(cm, sys_ids, 5)
+
+
+def stream_events(url: str, body: dict) -> list:
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        return sse(r.iter_lines())
+
+
+def test_include_usage_sends_the_usage_in_a_chunk_of_its_own(served):
+    """OpenAI's stream_options.include_usage: `"usage": null` on every chunk, then a chunk with no choices and
+    the usage, then [DONE]."""
+    url, cm = served
+    path, body = chat_request("类型#裙*颜色#红色", temperature=0)
+    whole = httpx.post(url + path, json=body, timeout=60).json()
+    assert whole["usage"]["prompt_tokens"] == len(prompt_ids(cm.tokenizer, "类型#裙*颜色#红色", [], cm.template))
+    events = stream_events(url, {**body, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    *content, finish, usage = events[:-1]
+    assert all(c["usage"] is None and len(c["choices"]) == 1 for c in [*content, finish])
+    assert [c["choices"][0]["finish_reason"] for c in [*content, finish]] == \
+        [None] * len(content) + [whole["choices"][0]["finish_reason"]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in content) == \
+        whole["choices"][0]["message"]["content"]
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    assert usage["object"] == "chat.completion.chunk" and usage["id"] == finish["id"]
+    # Without it (absent, false or null) no usage chunk; the usage rides on the finish_reason chunk, as it always
+    # has here.
+    for extra in [{}, {"stream_options": None}, {"stream_options": {}}, {"stream_options": {"include_usage": False}}]:
+        chunks = stream_events(url, {**body, **extra})[:-1]
+        assert all(len(c["choices"]) == 1 for c in chunks), extra
+        assert chunks[-1]["usage"] == whole["usage"] and all("usage" not in c for c in chunks[:-1]), extra
+    r = httpx.post(url + path, json={**body, "stream": True, "stream_options": {"include_usage": "yes"}}, timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "stream_options", r.text
+
+
+def test_one_model_by_its_id(served):
+    url, _ = served
+    listed = httpx.get(url + "/v1/models").json()["data"][0]
+    assert "/" in listed["id"]  # <run folder>/checkpoint-N
+    for path in [listed["id"], listed["id"].replace("/", "%2F")]:  # OpenAI's client sends the latter
+        r = httpx.get(f"{url}/v1/models/{path}")
+        assert r.status_code == 200 and r.json() == listed, r.text
+    r = httpx.get(url + "/v1/models/gpt-4o")
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["param"], error["type"]) == ("model_not_found", "model", "invalid_request_error")
+    assert "'gpt-4o'" in error["message"] and repr(listed["id"]) in error["message"]
+
+
+def test_the_openai_client_reads_streams_usage_and_models(served):
+    openai = pytest.importorskip("openai")
+    url, _ = served
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    name = client.models.list().data[0].id
+    assert client.models.retrieve(name).id == name
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4o")
+    assert e.value.code == "model_not_found"
+    ask = dict(model=name, messages=[{"role": "user", "content": "类型#裙*颜色#红色"}], temperature=0)
+    whole = client.chat.completions.create(**ask)
+    chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == whole.choices[0].message.content
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    assert all(c.choices for c in chunks) and chunks[-1].usage == whole.usage
+
+
+@pytest.mark.parametrize("path", ["/", "/v1/chat/completions"])
+def test_a_body_that_is_not_utf8_is_refused_saying_where(served, path):
+    url, _ = served
+    text = json.dumps({"prompt": "café"} if path == "/" else chat_request("café")[1], ensure_ascii=False)
+    for body, byte, offset in [(text.encode("latin-1"), 0xe9, text.index("é")),
+                               (text.encode("utf-16"), 0xff, 0),  # JSON between systems is UTF-8 only
+                               ("类".encode()[:2], 0xe7, 0)]:  # cut inside a character
+        r = httpx.post(url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == 422, r.text  # as for a body that is not JSON
+        error = r.json()["error"]
+        assert f"the body is not UTF-8 (byte 0x{byte:02x} at offset {offset})" in error["message"], r.text
+        assert error["code"] == "invalid_encoding" and r.json()["detail"] == error["message"]
+    assert httpx.post(url + path, content=text.encode(), timeout=60).status_code == 200
+
+
+def test_a_prompt_of_spaces_and_newlines_alone_is_refused(served):
+    url, _ = served
+    for text in [" ", "\n\n", " \t\r\n\u3000"]:
+        r = httpx.post(url + "/", json={"prompt": text, "history": [["q", "a"]]}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "empty_prompt", (text, r.text)
+        assert r.json()["error"]["param"] == "prompt" and "the prompt is empty" in r.json()["detail"]
+        r = httpx.post(url + "/v1/chat/completions", json=chat_request(text)[1], timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "empty_prompt", (text, r.text)
+        assert r.json()["error"]["param"] == "messages"
+    r = httpx.post(url + "/v1/chat/completions", json=chat_request(" 颜色#白色\n", max_tokens=2)[1], timeout=60)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("api_key=1e5", ["api_key is a number, not text", "quote it", "100000.0"]),
+    ("api_key=1_000", ["api_key is a number", "quote it"]),
+    ("api_key=true", ["api_key is true/false", "quote it"]),
+    ('api_key="clé"', ["api_key holds characters outside ASCII", "use an ASCII key"]),
+])
+def test_an_api_key_requests_could_not_send_is_refused_at_startup(checkpoint, override, fragments):
+    from ptune.errors import ConfigError
+    from ptune.serve import check_settings
+
+    with pytest.raises(ConfigError) as e:
+        check_settings(compose("serve", f"checkpoint={checkpoint}", override))
+    assert all(f in str(e.value) for f in fragments), str(e.value)
+    check_settings(compose("serve", f"checkpoint={checkpoint}", 'api_key="1e5"'))  # quoted, it stays text
+
+
+def test_a_non_ascii_key_from_the_environment_is_refused_at_startup(checkpoint, monkeypatch):
+    from ptune.errors import ConfigError
+    from ptune.serve import check_settings
+
+    monkeypatch.setenv("PTUNE_API_KEY", "密钥")
+    with pytest.raises(ConfigError, match="PTUNE_API_KEY holds characters outside ASCII"):
+        check_settings(compose("serve", f"checkpoint={checkpoint}"))
+
+
+@pytest.mark.slow
+def test_port_0_logs_the_port_the_os_picked(checkpoint, tmp_path):
+    with served_by([sys.executable, "-m", "ptune.serve", f"checkpoint={checkpoint}", "device=cpu",
+                    f"max_new_tokens={MAX_NEW}", "log_level=warning"], REPO, os.environ, tmp_path / "serve.log",
+                   port=0) as (_, url):
+        assert httpx.get(url + "/health", timeout=2).status_code == 200
