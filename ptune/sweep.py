@@ -11,7 +11,12 @@ or by ptune.evaluate, in one layout) records the same eval file contents, data, 
 settings is not generated again unless `force=true`.
 
 Writes `sweep.md`, `sweep.csv` and `sweep.png` (one subplot per metric against step, one line per run)
-to `output_dir` (default `<first run>/sweep`) and names the best checkpoint for every metric.
+to `output_dir` (default `<first run>/sweep`) and names the best checkpoint for every metric, with the
+checkpoints tied with it. The previous report is removed before scoring starts, so a sweep that stops early
+leaves none rather than one that looks like its own. Checkpoint folders that cannot be scored, and multirun
+jobs that wrote none, are listed under "Not scored"; runs whose prompts or references were built with other
+settings are ranked together under a warning that names them. Ctrl-C stops with one line and exit status 130:
+the scores written so far are kept and reused by the next sweep.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import io
 import json
 import logging
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 import torch
@@ -52,11 +59,15 @@ class SweepError(ValueError):
     """A sweep that cannot start: no runs, no eval file, a run folder without checkpoints."""
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C once scoring began; the message says what was kept."""
+
+
 @dataclass
 class Target:
     run: str                 # the run's label in tables and plots
-    ckpt: Path
-    step: int
+    ckpt: Path               # the checkpoint folder; the job folder of a multirun job that wrote none
+    step: int | None         # None: a job without checkpoints
     model: dict = field(default_factory=dict)      # base model settings: recorded, then overridden
     data: dict = field(default_factory=dict)       # data settings: recorded, then overridden
     metrics: dict | None = None
@@ -65,13 +76,14 @@ class Target:
 
     @property
     def name(self) -> str:
-        return f"{self.run}/{self.ckpt.name}"
+        return self.run if self.step is None else f"{self.run}/{self.ckpt.name}"
 
 
 # --------------------------------------------------------------------------------------------- discovery
 
 def expand_runs(runs) -> list[tuple[str, Path]]:
-    """(label, folder) of every run: a folder with checkpoints, or each job folder of a multirun folder."""
+    """(label, folder) of every run: a folder with checkpoints, or each job folder of a multirun folder (those
+    without checkpoints too, so that plan() can list them as not scored)."""
     if isinstance(runs, (str, Path)):
         runs = [runs]
     if not runs:
@@ -85,9 +97,8 @@ def expand_runs(runs) -> list[tuple[str, Path]]:
         if ckpt_io.list_checkpoints(path):
             folders = [(label, path)]
         else:
-            jobs = sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()
-                           and ckpt_io.list_checkpoints(p)), key=lambda p: int(p.name))
-            if not jobs:
+            jobs = sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+            if not any(ckpt_io.list_checkpoints(p) for p in jobs):
                 reference = sorted(p for p in path.iterdir() if _STEP.match(p.name) and is_reference_checkpoint(p))
                 if reference:
                     raise SweepError(
@@ -104,15 +115,28 @@ def expand_runs(runs) -> list[tuple[str, Path]]:
     return found
 
 
+def checkpoint_folders(run: Path) -> list[Path]:
+    """Every `checkpoint-N` folder of a run, complete or not, oldest first (hidden half-saves are not among them)."""
+    found = [(int(m.group(1)), p) for p in run.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def incomplete(ckpt: Path) -> str | None:
+    """Why a `checkpoint-N` folder is not one ptune.checkpoint.list_checkpoints takes, or None."""
+    missing = [n for n in (ckpt_io.MANIFEST_FILE, ckpt_io.PREFIX_FILE, ckpt_io.CONFIG_FILE) if not (ckpt / n).is_file()]
+    return f"not a complete checkpoint: {', '.join(missing)} missing" if missing else None
+
+
 def _non_null(section) -> dict:
     return {k: v for k, v in OmegaConf.to_container(section, resolve=True).items() if v is not None}
 
 
 def plan(cfg: DictConfig) -> list[Target]:
-    """Every complete checkpoint of every run, oldest first within a run, with its effective settings.
+    """Every checkpoint of every run, oldest first within a run, with its effective settings.
 
     The merge is the one ptune.evaluate applies: what the checkpoint recorded, overridden by the
-    non-null values of `cfg.model` and `cfg.data`.
+    non-null values of `cfg.model` and `cfg.data`. Incomplete checkpoint folders and multirun jobs that
+    wrote no checkpoint come with the reason they cannot be scored, to be listed rather than left out.
     """
     model_overrides, data_overrides = _non_null(cfg.model), _non_null(cfg.data)
     if not data_overrides.get("eval_file"):
@@ -123,14 +147,18 @@ def plan(cfg: DictConfig) -> list[Target]:
     data_overrides["eval_file"] = str(eval_file.resolve())
     targets = []
     for label, run in expand_runs(cfg.runs):
-        for ckpt in ckpt_io.list_checkpoints(run):
-            t = Target(label, ckpt, int(_STEP.match(ckpt.name).group(1)))
-            try:
-                config = ckpt_io.read_prefix_config(ckpt)
-                t.model = models.inference_model_settings(config, model_overrides)
-                t.data = {**config.get("data", {}), **data_overrides}
-            except (ckpt_io.CheckpointError, ValueError, KeyError) as e:
-                t.error = f"{ckpt}: unreadable prefix_config.json ({type(e).__name__}: {e})"
+        folders = checkpoint_folders(run)
+        if not folders:  # a multirun job that failed or was stopped before its first save
+            targets.append(Target(label, run, None, error="no checkpoints written"))
+        for ckpt in folders:
+            t = Target(label, ckpt, ckpt_io.checkpoint_step(ckpt), error=incomplete(ckpt))
+            if t.error is None:
+                try:
+                    config = ckpt_io.read_prefix_config(ckpt)
+                    t.model = models.inference_model_settings(config, model_overrides)
+                    t.data = {**config.get("data", {}), **data_overrides}
+                except (ckpt_io.CheckpointError, ValueError, KeyError) as e:
+                    t.error = f"{ckpt}: unreadable prefix_config.json ({type(e).__name__}: {e})"
             targets.append(t)
     return targets
 
@@ -269,57 +297,152 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path(str(runs[0])).expanduser() / "sweep"
 
 
+REPORT_FILES = ("sweep.md", "sweep.csv", "sweep.png")
+
+
+def remove_report(out: Path) -> list[str]:
+    """Delete the report files (and temporaries a stopped writer left); returns the names of those that were there.
+
+    Done before scoring: a sweep that fails or is interrupted part-way then leaves no report, never the previous
+    one standing as if it described this sweep. The scores it would have been built from stay in each
+    checkpoint's eval/metrics.json, so the next sweep rebuilds it without generating again."""
+    if not out.is_dir():
+        return []
+    removed = [name for name in REPORT_FILES if (out / name).is_file()]
+    for name in removed:
+        (out / name).unlink()
+    for tmp in out.glob(".sweep.*.tmp"):
+        tmp.unlink(missing_ok=True)
+    return removed
+
+
 def sweep(cfg: DictConfig) -> dict:
     """Score all checkpoints, write the comparison files; returns rows, best per metric and failures."""
     ev.check_settings(cfg)
     device = resolve_device(cfg.device)
     out = output_dir(cfg)
     targets = plan(cfg)
+    removed = remove_report(out)  # only now: a sweep refused at start-up leaves the last report alone
+    if removed:
+        log.info("removed the previous report (%s) from %s; this sweep writes it anew", ", ".join(removed), out)
+    try:
+        score_all(targets, cfg, device)
+        return report(targets, cfg, out)
+    except KeyboardInterrupt:
+        remove_report(out)  # a report cut off part-way would describe part of this sweep
+        raise SweepInterrupted(interrupted(targets)) from None
+
+
+def score_all(targets: list[Target], cfg: DictConfig, device: torch.device) -> None:
+    """Take earlier scores where they match, then score the rest, one base load per distinct base."""
     expected = Expected(cfg, device)
     bar = tqdm(total=len(targets), desc="sweep", unit="ckpt", disable=not cfg.progress_bar)
-    groups: dict[str, list[Target]] = {}
-    for t in targets:
-        if t.error:
-            skip(t, t.error, bar)
-            continue
-        try:
-            old = None if cfg.force else expected.reusable(t)
-        except DataError as e:  # the eval file lacks a column this run's data settings name
-            skip(t, data_error(e), bar)
-            continue
-        if old is not None:
-            t.metrics = old
-            log.info("%s: already scored, %s (force=true scores it again)", t.name, _scores(old))
-            bar.update(1)
-        else:
-            groups.setdefault(base_key(t, device), []).append(t)
-    if len(groups) > 1:
-        log.info("checkpoints use %d different base models; loading each once", len(groups))
-    for group in groups.values():
-        score_group(group, cfg, device, expected, bar)
-    bar.close()
+    try:
+        groups: dict[str, list[Target]] = {}
+        for t in targets:
+            if t.error:
+                skip(t, t.error, bar)
+                continue
+            try:
+                old = None if cfg.force else expected.reusable(t)
+            except DataError as e:  # the eval file lacks a column this run's data settings name
+                skip(t, data_error(e), bar)
+                continue
+            if old is not None:
+                t.metrics = old
+                log.info("%s: already scored, %s (force=true scores it again)", t.name, _scores(old))
+                bar.update(1)
+            else:
+                groups.setdefault(base_key(t, device), []).append(t)
+        if len(groups) > 1:
+            log.info("checkpoints use %d different base models; loading each once", len(groups))
+        for group in groups.values():
+            score_group(group, cfg, device, expected, bar)
+    finally:
+        bar.close()  # an interrupted bar's line is finished before the message that follows it
 
+
+def interrupted(targets: list[Target]) -> str:
+    """What an interrupted sweep kept. evaluate's write_results replaces metrics.json whole, and removes the old one
+    before it writes the predictions, so a checkpoint cut off mid-write has none and is scored again."""
+    done = sum(t.scored for t in targets)
+    if not done:
+        return "no checkpoint was scored in this sweep; no report was written"
+    return (f"the {done} checkpoint(s) scored before the interrupt keep their scores in eval/metrics.json, which the "
+            "next sweep with the same settings reuses; no report was written")
+
+
+def report(targets: list[Target], cfg: DictConfig, out: Path) -> dict:
+    """Write sweep.csv, sweep.md and sweep.png, print the summary; returns what sweep() returns."""
     rows = [{"run": t.run, "step": t.step, "checkpoint": str(t.ckpt), "name": t.name,
              **{k: float(t.metrics[k]) for k in SCORE_KEYS}} for t in targets if t.metrics is not None]
     failed = [{"checkpoint": str(t.ckpt), "error": t.error} for t in targets if t.error]
     if not rows:
-        raise SweepError("no checkpoint could be scored:\n" + "\n".join(f"  {f['error']}" for f in failed))
-    best = {k: max(rows, key=lambda r: r[k]) for k in SCORE_KEYS}  # max keeps the first of equal scores
+        raise SweepError("no checkpoint could be scored:\n" + "\n".join(f"  {f['checkpoint']}: {f['error']}"
+                                                                       for f in failed))
+    best = best_per_metric(rows)
+    warnings = setting_differences([t for t in targets if t.metrics is not None])
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "sweep.csv", rows)
-    write_markdown(out / "sweep.md", rows, best, failed, cfg, targets)
+    write_markdown(out / "sweep.md", rows, best, failed, warnings, cfg, targets)
     plot(out / "sweep.png", rows)
     print(ev.format_table(rows))
-    for k, r in best.items():
-        print(f"best {k}: {r['name']} ({r[k]:.4f})")
+    for w in warnings:
+        print(f"WARNING {w}")
+    for k, (r, *tied) in best.items():
+        ties = ", tied with " + ", ".join(o["name"] for o in tied) if tied else ""
+        print(f"best {k}: {r['name']} ({r[k]:.4f}){ties}")
     for f in failed:
         print(f"FAILED {f['checkpoint']}: {f['error']}")
-    log.info("%d checkpoints: %d scored, %d reused, %d failed; wrote %s", len(targets),
-             sum(t.scored for t in targets), sum(t.metrics is not None and not t.scored for t in targets),
-             len(failed), out)
-    return {"rows": rows, "best": best, "failed": failed, "output_dir": out,
+    log.info("%d checkpoint(s) scored, %d reused, %d not scored; wrote %s", sum(t.scored for t in targets),
+             sum(t.metrics is not None and not t.scored for t in targets), len(failed), out)
+    return {"rows": rows, "best": {k: tied[0] for k, tied in best.items()},
+            "tied": {k: [r["name"] for r in tied[1:]] for k, tied in best.items()},
+            "warnings": warnings, "failed": failed, "output_dir": out,
             "scored": [t.name for t in targets if t.scored],
             "reused": [t.name for t in targets if t.metrics is not None and not t.scored]}
+
+
+# Scores are compared as the report shows them: a difference it does not show is no reason to name one of two.
+TIE_DECIMALS = 4
+
+
+def best_per_metric(rows: list[dict]) -> dict[str, list[dict]]:
+    """For each metric, the rows with the best score; the one named best first: the fewest steps (the cheapest
+    checkpoint to train), then the run listed first."""
+    best = {}
+    for k in SCORE_KEYS:
+        top = max(round(r[k], TIE_DECIMALS) for r in rows)
+        best[k] = sorted((r for r in rows if round(r[k], TIE_DECIMALS) == top), key=lambda r: r["step"])
+    return best
+
+
+# Settings that build the prompts a checkpoint is scored on and the references its replies are scored against.
+# Runs that differ in one were not scored on the same task: ranking them together is the user's call, so it is
+# done, but said. The base model is not among them: comparing bases is what a sweep across them is for.
+SCORING_SETTINGS = ("data.prompt_column", "data.response_column", "data.history_column", "data.max_source_length",
+                    "data.max_target_length", "data.truncate_source_from", "model.template")
+# A value a checkpoint may not record, as ptune.evaluate.build_eval_set reads it then.
+_DEFAULTS = {"data.truncate_source_from": "right"}
+
+
+def setting_differences(targets: list[Target]) -> list[str]:
+    """One line per scoring setting whose effective value differs between the ranked runs."""
+    lines = []
+    for key in SCORING_SETTINGS:
+        section, name = key.split(".")
+        runs_by_value: dict[str, list[str]] = {}
+        for t in targets:
+            value = getattr(t, section).get(name, _DEFAULTS.get(key))
+            runs = runs_by_value.setdefault("null" if value is None else str(value), [])
+            if t.run not in runs:
+                runs.append(t.run)
+        if len(runs_by_value) > 1:
+            values = "; ".join(f"{value} in {', '.join(runs)}" for value, runs in runs_by_value.items())
+            lines.append(f"runs differ in {key} ({values}), which shapes the prompts or references they are scored "
+                         f"on: their scores are ranked together but do not measure the same task; {key}=<value> "
+                         "scores them all alike")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- reports
@@ -333,17 +456,28 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, text.getvalue())
 
 
-def write_markdown(path: Path, rows, best, failed, cfg: DictConfig, targets: list[Target]) -> None:
+def write_markdown(path: Path, rows, best, failed, warnings, cfg: DictConfig, targets: list[Target]) -> None:
     gen = OmegaConf.to_container(cfg.generation, resolve=True)
     eval_files = sorted({t.data["eval_file"] for t in targets if t.data})
     lines = ["# Checkpoint sweep", "",
              f"Eval file: {', '.join(eval_files)}" + (f" (first {cfg.limit} rows)" if cfg.limit else ""), "",
-             "Generation: " + ", ".join(f"{k}={v}" for k, v in gen.items()), "",
-             ev.format_table(rows), "", "## Best checkpoint per metric", ""]
-    lines += [f"- **{k}**: {r['name']} (step {r['step']}): {r[k]:.4f}" for k, r in best.items()]
+             "Generation: " + ", ".join(f"{k}={v}" for k, v in gen.items()), ""]
+    for w in warnings:
+        lines += [f"**Warning**: {w}", ""]
+    lines += [ev.format_table(rows), "", "## Best checkpoint per metric", ""]
+    lines += [f"- **{k}**: {_best_line(k, tied)}" for k, tied in best.items()]
+    if any(len(tied) > 1 for tied in best.values()):
+        lines += ["", f"Scores equal to {TIE_DECIMALS} decimals are tied: the checkpoint with the fewest steps is "
+                      "named (then the run listed first), followed by the others."]
     if failed:
         lines += ["", "## Not scored", ""] + [f"- {f['checkpoint']}: {f['error']}" for f in failed]
     write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _best_line(key: str, tied: list[dict]) -> str:
+    r, *others = tied
+    line = f"{r['name']} (step {r['step']}): {r[key]:.4f}"
+    return line + ("; tied with " + ", ".join(f"{o['name']} (step {o['step']})" for o in others) if others else "")
 
 
 def plot(path: Path, rows: list[dict]) -> None:
@@ -380,8 +514,18 @@ def main(cfg: DictConfig) -> None:
         result = sweep(cfg)
     except SweepError as e:
         raise SystemExit(str(e)) from None
+    except SweepInterrupted as e:
+        stopped(f"sweep interrupted: {e}")
+    except KeyboardInterrupt:
+        stopped("sweep interrupted before scoring began; nothing was changed")
     if result["failed"]:
-        raise SystemExit(f"{len(result['failed'])} checkpoint(s) could not be scored; see above")
+        raise SystemExit(f"{len(result['failed'])} checkpoint(s) or job(s) not scored; see above")
+
+
+def stopped(message: str) -> NoReturn:
+    """Ctrl-C: one line instead of a traceback, and the status a shell gives a command it stopped (128 + SIGINT)."""
+    print(message, file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from ptune.checkpoint import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+REPORT = ("sweep.md", "sweep.csv", "sweep.png")
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +157,9 @@ def test_multirun_folder_is_expanded_into_its_jobs(run_copy, sample_file, tmp_pa
     # The jobs are copies of one run: greedy decoding scores them identically.
     assert [r["rouge-l"] for r in rows[:3]] == [r["rouge-l"] for r in rows[3:]]
     assert (report / "sweep.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert result["best"]["bleu-4"]["run"] == f"{multi}/0"  # ties go to the first row
+    # Each checkpoint of job 0 ties with job 1's copy at its step: the run listed first is named.
+    assert result["best"]["bleu-4"]["run"] == f"{multi}/0"
+    assert f"{multi}/1/checkpoint-{result['best']['bleu-4']['step']}" in result["tied"]["bleu-4"]
 
 
 def _rewrite_manifest(ckpt: Path) -> None:
@@ -281,3 +286,132 @@ def test_a_run_whose_columns_the_eval_file_lacks_is_not_scored_and_the_sweep_goe
         assert all("column 'question' not found" in e and "data.prompt_column=" in e for e in failed.values())
         assert [int(r["step"]) for r in read_csv(a / "sweep" / "sweep.csv")] == [1, 2, 3]
         assert "Not scored" in (a / "sweep" / "sweep.md").read_text()
+
+
+def test_a_sweep_that_fails_part_way_leaves_no_report_of_the_previous_one(run_copy, sample_file, tmp_path):
+    """The report is removed before scoring starts: after a failed sweep there is none, rather than the previous
+    sweep's standing as if it were this one's. A sweep refused at start-up changes nothing."""
+    run = run_copy(tmp_path / "run")
+    out = run / "sweep"
+    sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
+    assert all((out / name).is_file() for name in REPORT)
+    with pytest.raises(sw.SweepError, match="data.eval_file is not set"):
+        sw.sweep(compose(f"runs=[{run}]"))
+    assert all((out / name).is_file() for name in REPORT)
+
+    recorded_as(run, "base", "path", str(tmp_path / "gone"))  # every checkpoint fails once scoring starts
+    with pytest.raises(sw.SweepError, match="no checkpoint could be scored"):
+        sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
+    assert not [p.name for p in out.iterdir()]
+
+
+def test_ctrl_c_stops_with_one_line_and_status_130_and_the_next_sweep_reuses_the_finished_scores(
+        run_copy, sample_file, tmp_path, counted):
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        pytest.skip("SIGINT is ignored in this process (started in the background), so in the sweep it starts too")
+    run = run_copy(tmp_path / "run")
+    out = run / "sweep"
+    sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))  # a previous report, to be removed
+    evalset = tmp_path / "dev.jsonl"  # 256 rows: a checkpoint takes seconds to score, time to interrupt the second
+    evalset.write_text(sample_file.read_text(encoding="utf-8") * 4, encoding="utf-8")
+    settings = [f"runs=[{run}]", f"data.eval_file={evalset}", "limit=null", "generation.max_new_tokens=32"]
+
+    def scored_here(ckpt: Path) -> bool:
+        path = ckpt / "eval" / "metrics.json"
+        try:
+            return json.loads(path.read_text())["num_samples"] == 256
+        except FileNotFoundError:
+            return False
+
+    proc = subprocess.Popen([sys.executable, "-m", "ptune.sweep", *settings, "progress_bar=false"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    try:
+        seen = []
+        for line in proc.stderr:  # the log line comes once checkpoint-1's scores are on disk
+            seen.append(line)
+            if f"{run}/checkpoint-1: rouge-1 " in line:
+                break
+        proc.send_signal(signal.SIGINT)  # while checkpoint-2 is generating
+        stderr = "".join(seen) + proc.communicate(timeout=120)[1]
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == 130, stderr[-4000:]
+    assert "Traceback" not in stderr and stderr.count("interrupted") == 1
+    kept = [c.name for c in list_checkpoints(run) if scored_here(c)]
+    assert kept[0] == "checkpoint-1" and len(kept) < 3
+    assert stderr.splitlines()[-1] == (
+        f"sweep interrupted: the {len(kept)} checkpoint(s) scored before the interrupt keep their scores in "
+        "eval/metrics.json, which the next sweep with the same settings reuses; no report was written")
+    assert not [p.name for p in out.iterdir()]  # neither the previous report nor part of this one
+
+    counted()
+    again = sw.sweep(compose(*settings))
+    assert again["reused"] == [f"{run}/{name}" for name in kept]
+    assert counted() == {"load_base": 1, "predict": 3 - len(kept)}
+    assert all((out / name).is_file() for name in REPORT)
+
+
+def test_multirun_jobs_without_checkpoints_and_incomplete_checkpoints_are_listed_as_not_scored(
+        run_copy, sample_file, tmp_path):
+    multi = tmp_path / "multirun"
+    run_copy(multi / "0")
+    (multi / "1").mkdir(parents=True)  # a job that failed before its first save
+    (multi / "1" / "config.yaml").write_text("{}\n")
+    run_copy(multi / "2")
+    (multi / "2" / "checkpoint-3" / "manifest.json").unlink()
+    (multi / "multirun.yaml").write_text("{}\n")
+    report = tmp_path / "report"
+    result = sw.sweep(compose(f"runs=[{multi}]", f"data.eval_file={sample_file}", f"output_dir={report}"))
+    assert {f["checkpoint"]: f["error"] for f in result["failed"]} == {
+        str(multi / "1"): "no checkpoints written",
+        str(multi / "2" / "checkpoint-3"): "not a complete checkpoint: manifest.json missing"}
+    assert [(r["run"], int(r["step"])) for r in read_csv(report / "sweep.csv")] == [
+        (f"{multi}/0", 1), (f"{multi}/0", 2), (f"{multi}/0", 3), (f"{multi}/2", 1), (f"{multi}/2", 2)]
+    md = (report / "sweep.md").read_text()
+    not_scored = md[md.index("## Not scored"):]
+    assert f"- {multi / '1'}: no checkpoints written" in not_scored
+    assert f"- {multi / '2' / 'checkpoint-3'}: not a complete checkpoint: manifest.json missing" in not_scored
+
+
+def test_tied_best_scores_are_named_together_and_the_fewest_steps_is_named_first(run_copy, sample_file, tmp_path,
+                                                                                  capsys):
+    """Run b holds a's checkpoints under later steps (checkpoint-11 is a's checkpoint-1): every best score is tied
+    between them. b is listed first, yet a's earlier step is named, and b's copy is named beside it."""
+    a, b = run_copy(tmp_path / "a"), run_copy(tmp_path / "b")
+    for ckpt in list_checkpoints(b):
+        ckpt.rename(b / f"checkpoint-{int(ckpt.name.split('-')[1]) + 10}")
+    result = sw.sweep(compose(f"runs=[{b},{a}]", f"data.eval_file={sample_file}"))
+    md = (b / "sweep" / "sweep.md").read_text()
+    printed = capsys.readouterr().out
+    steps = {r["name"]: r["step"] for r in result["rows"]}
+    for k, best in result["best"].items():
+        copy = f"{b}/checkpoint-{best['step'] + 10}"
+        assert best["run"] == str(a) and copy in result["tied"][k], k
+        tied = ", ".join(f"{name} (step {steps[name]})" for name in result["tied"][k])
+        assert f"- **{k}**: {best['name']} (step {best['step']}): {best[k]:.4f}; tied with {tied}" in md
+        assert f"best {k}: {best['name']} ({best[k]:.4f}), tied with {', '.join(result['tied'][k])}" in printed
+    assert "are tied: the checkpoint with the fewest steps is named" in md
+
+
+def test_runs_scored_with_other_prompt_or_reference_settings_are_ranked_under_a_warning(run_copy, sample_file,
+                                                                                         tmp_path):
+    a, b = run_copy(tmp_path / "a"), run_copy(tmp_path / "b")
+    recorded = json.loads((a / "checkpoint-1" / "prefix_config.json").read_text())
+    recorded_as(b, "data", "max_target_length", 7)
+    recorded_as(b, "model", "template", "plain")
+    result = sw.sweep(compose(f"runs=[{a},{b}]", f"data.eval_file={sample_file}"))
+    assert [w.split(":")[0] for w in result["warnings"]] == [
+        f"runs differ in data.max_target_length ({recorded['data']['max_target_length']} in {a}; 7 in {b}), "
+        "which shapes the prompts or references they are scored on",
+        f"runs differ in model.template ({recorded['model']['template']} in {a}; plain in {b}), "
+        "which shapes the prompts or references they are scored on"]
+    assert len(result["rows"]) == 6 and {r["run"] for r in result["best"].values()} <= {str(a), str(b)}
+    md = (a / "sweep" / "sweep.md").read_text()
+    assert md.count("**Warning**: runs differ in ") == 2 and md.index("**Warning**") < md.index("| name |")
+
+    # One value given on the command line scores every checkpoint alike: that warning goes.
+    result = sw.sweep(compose(f"runs=[{a},{b}]", f"data.eval_file={sample_file}", "data.max_target_length=7"))
+    assert [w.split(" (")[0] for w in result["warnings"]] == ["runs differ in model.template"]
