@@ -359,7 +359,7 @@ def append_markdown(path: Path, report: dict, command: str) -> None:
 
 def check_settings(cfg: DictConfig) -> torch.device:
     """conf/bench.yaml's settings no run could use, refused before the model is built; returns the device."""
-    for key in ("fused_layers", "fused_dequantize", "widen_timing", "gradient_checkpointing", "compile", "cuda_graphs"):
+    for key in ("fused_layers", "fused_dequantize", "fused_small_matmul", "widen_timing", "gradient_checkpointing", "compile", "cuda_graphs"):
         check_flag(cfg, key)
     for key in ("prefix_length", "max_source_length", "max_target_length", "num_rows", "steps", "loss_chunk_size",
                 "eval_prompts", "eval_new_tokens", "graphs_pad_to_multiple_of", "quantization_group_size"):
@@ -401,6 +401,7 @@ def run(cfg: DictConfig) -> dict:
         from ptune import quant as Q
 
         Q.FUSED_DEQUANTIZE = bool(cfg.fused_dequantize)
+        Q.FUSED_SMALL_MATMUL = bool(cfg.fused_small_matmul)
         quant = Q.quantize_model(model, cfg.quantization, int(cfg.quantization_group_size))
         log.info("quantized the base: %s", quant)
     fixed = fixed_rows(cfg.num_rows, cfg.max_source_length, cfg.max_target_length, vocab, cfg.seed)

@@ -22,7 +22,8 @@ Why not torchao or bitsandbytes: the GPU machines this project trains on are off
 installed, and neither can be installed there; this module needs nothing but PyTorch (and, on CUDA, the
 triton that comes with it for a one-pass widening kernel, :mod:`ptune.dequant_kernels`). The price is
 speed: the weight is widened for every matmul instead of using fused low-bit matmul kernels (except
-``torch._weight_int8pack_mm`` for int8 forwards on the CPU where it checks out, see below).
+``torch._weight_int8pack_mm`` for int8 forwards on the CPU where it checks out, and, on CUDA, inputs of
+a few rows -- decoding -- for which ptune.dequant_kernels widens the weight in registers only).
 
 The forward and backward go through :class:`_QuantizedMatmul`, an autograd function that dequantizes
 the weight into the input's dtype, calls ``F.linear``, and in backward dequantizes it again rather than
@@ -249,9 +250,35 @@ def _fused_dequantize(*args) -> torch.Tensor:
         return dequantize(*args)
 
 
+# A few rows (decoding) are multiplied without widening the weight in memory
+# (ptune.dequant_kernels.small_matmul): the widened weight costs 4.5 bytes of traffic a value for int4,
+# the codes 0.5. False, or a failed launch (warned once): widen as for any other input.
+FUSED_SMALL_MATMUL = True
+
+
+def _fused_small_matmul(x, qweight, scale, offset, in_features: int, group_size: int) -> torch.Tensor | None:
+    """x W^T by ptune.dequant_kernels.small_matmul, or None where it does not serve (or failed)."""
+    global FUSED_SMALL_MATMUL
+    try:
+        from ptune import dequant_kernels
+
+        if not dequant_kernels.small_matmul_fits(x, group_size):
+            return None
+        out = dequant_kernels.small_matmul(x.reshape(-1, in_features), qweight, scale, offset, in_features)
+        return out.view(*x.shape[:-1], qweight.shape[0])
+    except Exception as e:  # noqa: BLE001 -- the kernel is an optimisation: fall back, say so once
+        log.warning("multiplying small batches by the widened weight from now on: %s: %s", type(e).__name__, e)
+        FUSED_SMALL_MATMUL = False
+        return None
+
+
 def _linear_forward(x, qweight, scale, offset, bias, in_features: int, group_size: int) -> torch.Tensor:
     dtype = x.dtype
     b = bias.to(dtype) if bias is not None else None
+    if FUSED_SMALL_MATMUL and x.device.type == "cuda":
+        out = _fused_small_matmul(x, qweight, scale, offset, in_features, group_size)
+        if out is not None:
+            return out + b if b is not None else out
     if offset is None and USE_INT8PACK_MM and x.device.type == "cpu" and _int8pack_ok(x.device, dtype):
         out = torch._weight_int8pack_mm(x.reshape(-1, in_features).contiguous(), qweight, scale.to(dtype))
         out = out.view(*x.shape[:-1], qweight.shape[0])

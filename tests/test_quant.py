@@ -361,7 +361,7 @@ def test_cuda_layer(dtype, mode, limit):
     lin = normal_linear(4096, 1024).to("cuda", dtype)
     q = Q.QuantizedLinear.from_float(lin, mode, 128)
     assert q.qweight.is_cuda
-    x = torch.randn(16, 4096, device="cuda", dtype=dtype, requires_grad=True)
+    x = torch.randn(32, 4096, device="cuda", dtype=dtype, requires_grad=True)  # past small_matmul's rows
     y = q(x)
     assert y.dtype == dtype
     assert rel_err(y.detach(), lin(x).detach()) < limit
@@ -396,6 +396,84 @@ def test_cuda_kernel_widens_like_dequantize(dtype, mode, group, shape):
     got, want = dequant_kernels.dequantize(*args), Q.dequantize(*args)
     assert got.shape == want.shape == shape and got.dtype == dtype
     torch.testing.assert_close(got, want, rtol=torch.finfo(dtype).eps, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode,group,shape", [("int4", 128, (4608, 4096)), ("int4", 128, (4096, 13696)),
+                                              ("int4", 32, (40, 100)), ("int4", 2, (3, 6)),
+                                              ("int8", 0, (256, 13696)), ("int8", 0, (5, 7))])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_small_matmul_is_the_widened_weights_product(dtype, mode, group, shape, rows):
+    """dequant_kernels.small_matmul widens in registers what dequantize widens in memory: its output is the
+    widened weight's exact product rounded once, like cuBLAS's with the widened weight, on layer shapes
+    (ChatGLM2-6B's query/key/value and down projections), odd widths, the smallest group and several rows."""
+    from ptune import dequant_kernels
+
+    torch.manual_seed(0)
+    q = Q.QuantizedLinear.from_float(normal_linear(shape[1], shape[0]).to("cuda"), mode, group or 128)
+    x = torch.randn(rows, shape[1], device="cuda").to(dtype)
+    assert dequant_kernels.small_matmul_fits(x, q.group_size)
+    widened = dequant_kernels.dequantize(q.qweight, q.scale, q.offset, q.in_features, q.group_size, dtype)
+    exact = F.linear(x.double(), widened.double())
+    got = dequant_kernels.small_matmul(x, q.qweight, q.scale, q.offset, q.in_features)
+    assert got.shape == (rows, shape[0]) and got.dtype == dtype
+    eps = torch.finfo(dtype).eps  # one rounding of the output is at most eps / 2 of it
+    # (cuBLAS may also round partial sums to the half-precision type: allow_bf16_reduced_precision_reduction)
+    assert rel_err(got, exact) < eps / 2 and rel_err(F.linear(x, widened), exact) < eps
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_layers_route_only_small_half_precision_inputs_to_small_matmul(mode):
+    from ptune import dequant_kernels
+
+    q = Q.QuantizedLinear.from_float(normal_linear(512, 256), mode, 128).to("cuda")
+    q.bias.data = q.bias.data.to(torch.bfloat16)
+    x = torch.randn(2, 3, 512, device="cuda", dtype=torch.bfloat16)  # (batch, tokens, features): 6 rows
+    small = dequant_kernels.small_matmul(x.view(6, 512), q.qweight, q.scale, q.offset, 512).view(2, 3, 256)
+    assert torch.equal(q(x), small + q.bias)
+    for wide in (torch.randn(17, 512, device="cuda", dtype=torch.bfloat16), torch.randn(4, 512, device="cuda")):
+        assert not dequant_kernels.small_matmul_fits(wide, q.group_size)
+        weight = dequant_kernels.dequantize(q.qweight, q.scale, q.offset, 512, q.group_size, wide.dtype)
+        assert torch.equal(q(wide), F.linear(wide, weight, q.bias.to(wide.dtype)))
+    assert not dequant_kernels.small_matmul_fits(x, 48)  # tl.arange needs a power of two a half-group
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_quantized_decoding_is_the_same_with_and_without_cuda_graphs():
+    """Decoding a quantized base goes through small_matmul, inside the static cache's CUDA graph as well as
+    in the growing-cache path: both give the same greedy tokens."""
+    from ptune.data import left_pad
+    from ptune.generate import generate
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("glm", VOCAB)).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8)  # peaked logits: no near-ties to flip
+    Q.quantize_model(model, "int4", 32)
+    prefix = PrefixEncoder(PrefixSpec.for_model(model.config, 4)).to("cuda", torch.bfloat16)
+    batch = left_pad([[5, 9, 11, 40, 7], [17, 23], [60, 61, 62]], pad_token_id=0)
+    ids, mask = batch["input_ids"].cuda(), batch["attention_mask"].cuda()
+    lm = PrefixLM(model, prefix)
+    runs = [generate(lm, ids, mask, max_new_tokens=12, eos_token_ids=[], pad_token_id=0, **options)
+            for options in ({}, {"static_cache": False})]
+    assert runs[0].shape == (3, 12) and torch.equal(runs[0], runs[1])
+
+
+def test_small_matmul_falls_back_to_widening_once_the_kernel_fails(monkeypatch, caplog):
+    import sys
+
+    import ptune
+
+    monkeypatch.setitem(sys.modules, "ptune.dequant_kernels", None)  # as if triton were missing
+    monkeypatch.delattr(ptune, "dequant_kernels", raising=False)  # an earlier test may have imported it
+    monkeypatch.setattr(Q, "FUSED_SMALL_MATMUL", True)
+    q = Q.QuantizedLinear.from_float(nn.Linear(64, 8), "int4", 32)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    assert Q._fused_small_matmul(x, q.qweight, q.scale, q.offset, q.in_features, q.group_size) is None
+    assert Q.FUSED_SMALL_MATMUL is False
+    assert "multiplying small batches by the widened weight from now on: ModuleNotFoundError" in caplog.text
 
 
 # ---------------------------------------------------------------------------------- python -m ptune.quant_check
