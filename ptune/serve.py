@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -826,6 +827,21 @@ def check_settings(cfg: DictConfig) -> None:
     check_api_key(cfg)
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port already taken is reported at once, not
+    after minutes of loading; with port=0 the system picks one, which the startup line then names."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"host={host} port={port}: cannot listen there ({e.strerror or e}); pick another port "
+                          "(port=0 lets the system choose a free one)") from None
+    return sock
+
+
 @hydra.main(config_path="../conf", config_name="serve", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
@@ -837,13 +853,12 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit("config error: pass checkpoint=<run>/checkpoint-N (or a run folder: its newest checkpoint), "
                          "or checkpoint=null model.path=<dir> to serve the base model alone")
     check_settings(cfg)
+    sock = listen_socket(str(cfg.host), int(cfg.port))
     cm = load_chat_model(cfg)
     _check_exposure(cfg)
     app = create_app(cm, cfg)
     config = uvicorn.Config(app, host=str(cfg.host), port=int(cfg.port), log_level=str(cfg.log_level),
                             access_log=True)
-    # Bound here rather than inside uvicorn.run, so that the log names the port the OS picked for port=0.
-    sock = config.bind_socket()
     log.info("serving %s at http://%s:%d/ (chat page at /, API at / and /v1/chat/completions)", cm.describe(),
              cfg.host, sock.getsockname()[1])
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))

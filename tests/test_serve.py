@@ -675,3 +675,16 @@ def test_port_0_logs_the_port_the_os_picked(checkpoint, tmp_path):
                     f"max_new_tokens={MAX_NEW}", "log_level=warning"], REPO, os.environ, tmp_path / "serve.log",
                    port=0) as (_, url):
         assert httpx.get(url + "/health", timeout=2).status_code == 200
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path):
+    """The bind comes first: the error names host and port, and no model is read (model.path does not exist)."""
+    with free_socket() as taken:
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "ptune.serve", "checkpoint=null",
+                               f"model.path={tmp_path / 'no-model-here'}", f"port={port}"],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert f"error: host=127.0.0.1 port={port}: cannot listen there (Address already in use)" in done.stderr
+    assert "Traceback" not in done.stderr and "no-model-here" not in done.stderr
