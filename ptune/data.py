@@ -118,6 +118,16 @@ def _array_rows(path: Path, text: str) -> list[tuple[int, object]]:
     return numbered
 
 
+def row_places(path: Path, numbered: list[tuple[int, object]]) -> list[str]:
+    """`file:line` of each row, for messages; where rows share a line (an array written on one line), also
+    the row's place in the array, which the line alone would not tell apart."""
+    per_line: dict[int, int] = {}
+    for line, _ in numbered:
+        per_line[line] = per_line.get(line, 0) + 1
+    return [f"{path}:{line}" + (f" (array element {i})" if per_line[line] > 1 else "")
+            for i, (line, _) in enumerate(numbered, start=1)]
+
+
 def read_rows(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs from a JSON-lines file or a JSON array file."""
     path = Path(path)
@@ -126,9 +136,9 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
     text = _decode(path)
     is_array = text.startswith("[", _skip_space(text, 0))
     numbered = _array_rows(path, text) if is_array else _line_rows(path, text)
-    for lineno, row in numbered:
+    for where, (_, row) in zip(row_places(path, numbered), numbered):
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object per row, got {type(row).__name__}")
+            raise DataError(f"{where}: expected a JSON object per row, got {type(row).__name__}")
     if not numbered:
         raise DataError(f"{path}: no rows")
     return numbered
@@ -177,8 +187,7 @@ def load_examples(path: str | Path, columns: Columns, require_history: bool = Fa
     numbered = read_rows(path)
     _check_columns(path, numbered, columns, require_history)
     prompts, responses, histories, skipped = [], [], [], 0
-    for lineno, row in numbered:
-        where = f"{path}:{lineno}"
+    for where, (_, row) in zip(row_places(path, numbered), numbered):
         for name in (columns.prompt, columns.response):
             if name not in row:
                 raise DataError(f"{where}: missing column {name!r}; this row has {sorted(row)}")

@@ -121,6 +121,16 @@ def test_read_rows_json_array_that_is_not_well_formed(tmp_path, text, line, reas
         json.loads(text)
 
 
+def test_rows_of_an_array_on_one_line_are_told_apart_by_their_place_in_the_array(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[{"content": "p", "summary": "r"}, {"content": 5, "summary": "r"}]', encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path}:1 (array element 2): column 'content' must be")):
+        load_examples(path, COLS)
+    path.write_text('[{"content": "p", "summary": "r"},\n {"a": 1}, 7]', encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path}:2 (array element 3): expected a JSON object")):
+        read_rows(path)
+
+
 def test_json_array_row_errors_name_the_rows_line(tmp_path):
     """A row of a pretty-printed array is reported at its line in the file, not at its position in the array."""
     rows = [{"content": "p", "summary": "r"}, {"content": 5, "summary": "r"}]
