@@ -37,12 +37,20 @@ class EvalSet:
     prompts: list[list[int]]
     labels: list[str]
     texts: list[str]
+    rows_in_file: int  # before the row limit
+
+
+def effective_limit(limit: int | None, rows_in_file: int) -> int | None:
+    """The row limit as recorded with scores: None where it leaves no row out, so that scores made with
+    limit=null and with a limit past the file's end are known to be the same."""
+    return limit if limit and limit < rows_in_file else None
 
 
 def build_eval_set(path, tokenizer, data_cfg: dict, template: str, limit: int | None = None) -> EvalSet:
     """Prompt ids and reference texts; labels are cut to max_target_length tokens like the training targets."""
     examples = load_examples(path, Columns(data_cfg["prompt_column"], data_cfg["response_column"],
                                            data_cfg.get("history_column")))
+    rows_in_file = len(examples)
     if limit:
         examples = examples.select(range(min(limit, len(examples))))
     prompts, labels = [], []
@@ -51,7 +59,7 @@ def build_eval_set(path, tokenizer, data_cfg: dict, template: str, limit: int | 
                                   data_cfg.get("truncate_source_from", "right")))
         target = tokenizer.encode(row["response"], add_special_tokens=False)[: data_cfg["max_target_length"]]
         labels.append(tokenizer.decode(target, skip_special_tokens=True))
-    return EvalSet(prompts, labels, list(examples["prompt"]))
+    return EvalSet(prompts, labels, list(examples["prompt"]), rows_in_file)
 
 
 def auto_batch_size(model, prompt_len: int, new_tokens: int, device: torch.device, cap: int) -> int:
@@ -188,7 +196,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else (Path(cfg.checkpoint) / "eval" if cfg.checkpoint
                                                             else Path("outputs/eval-base"))
     record = settings_record(data_cfg, inference_model_settings(prefix_config, OmegaConf.to_container(cfg.model)),
-                             cfg.limit, device)
+                             effective_limit(cfg.limit, evalset.rows_in_file), device)
     write_results(out_dir, evalset, texts, metrics,
                   {"generation": {**OmegaConf.to_container(cfg.generation), **stats},
                    "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None,

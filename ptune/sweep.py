@@ -180,13 +180,18 @@ class Expected:
         self._rows: dict[str, int] = {}
         self._sha: dict[str, str] = {}
 
-    def rows(self, data: dict) -> int:
-        """Rows build_eval_set will keep, counted without a tokenizer (so a cached sweep loads no model)."""
+    def rows_in_file(self, data: dict) -> int:
+        """Rows build_eval_set reads before the limit, counted without a tokenizer (so a cached sweep loads no
+        model)."""
         cols = (data["eval_file"], data["prompt_column"], data["response_column"], data.get("history_column"))
         key = json.dumps(cols)
         if key not in self._rows:
             self._rows[key] = len(load_examples(cols[0], Columns(*cols[1:])))
-        n = self._rows[key]
+        return self._rows[key]
+
+    def rows(self, data: dict) -> int:
+        """Rows build_eval_set will keep."""
+        n = self.rows_in_file(data)
         return min(self.limit, n) if self.limit else n
 
     def record(self, t: Target) -> dict:
@@ -194,7 +199,8 @@ class Expected:
         f = t.data["eval_file"]
         if f not in self._sha:
             self._sha[f] = sha256_file(Path(f))
-        return ev.settings_record(t.data, t.model, self.limit, self.device, eval_sha256=self._sha[f])
+        limit = ev.effective_limit(self.limit, self.rows_in_file(t.data))
+        return ev.settings_record(t.data, t.model, limit, self.device, eval_sha256=self._sha[f])
 
     def reusable(self, t: Target) -> dict | None:
         path = t.ckpt / "eval" / METRICS_FILE

@@ -276,6 +276,24 @@ def test_scores_written_by_evaluate_are_reused_only_when_made_with_the_same_sett
         if k != "generation"}
 
 
+def test_a_limit_past_the_files_end_reuses_scores_made_without_one_and_the_reverse(run_copy, sample_file,
+                                                                                     tmp_path, counted):
+    """limit=null and a limit at or past the row count score the same rows: neither makes the other's
+    scores stale (a limit that leaves rows out still does)."""
+    run = run_copy(tmp_path / "run")
+    evalset = tmp_path / "dev.jsonl"
+    evalset.write_text("".join(sample_file.read_text(encoding="utf-8").splitlines(keepends=True)[:4]),
+                       encoding="utf-8")
+    first = sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={evalset}", "limit=null"))
+    assert len(first["scored"]) == 3 and counted()["predict"] == 3
+    for limit, reused in [("4", 3), ("1000", 3), ("null", 3), ("3", 0)]:
+        result = sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={evalset}", f"limit={limit}"))
+        assert len(result["reused"]) == reused, limit
+        assert counted()["predict"] == 3 - reused, limit
+    stored = json.loads((run / "checkpoint-1" / "eval" / "metrics.json").read_text())
+    assert stored["limit"] == 3 and stored["num_samples"] == 3
+
+
 def test_a_run_whose_columns_the_eval_file_lacks_is_not_scored_and_the_sweep_goes_on(run_copy, sample_file, tmp_path):
     a, b = run_copy(tmp_path / "a"), run_copy(tmp_path / "b")
     recorded_as(b, "data", "prompt_column", "question")
