@@ -226,20 +226,70 @@ def chatglm2_prompt(query: str, history) -> str:
 TEMPLATES = ("chatglm2", "chat_template", "plain")
 
 
-def prompt_ids(tokenizer, query: str, history, template: str) -> list[int]:
-    """Token ids of the prompt, special tokens included, ready for the response to follow."""
+def text_ids(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+    """Ids of `text` read as text: a special token's spelling in it ("</s>", "<|im_end|>") stays those
+    characters instead of becoming the control token, which would end a training target early or let a
+    data row or a chat user write the template's own markers. (ChatGLM2's tokenizer never looks for them.)"""
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=True)
+
+
+def _special_spellings(tokenizer) -> set[str]:
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_tokens) | {str(t) for t in decoder.values() if getattr(t, "special", False)}
+
+
+# Stand-ins for the messages' text while the chat template is rendered (Unicode private-use characters,
+# which no template adds or removes), so that the text can be tokenized apart from the template.
+_SLOT = "\ue000{}\ue001"
+_SLOTS = re.compile("\ue000(\\d+)\ue001")
+_WARNED_TEMPLATES: set = set()
+
+
+def chat_template_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Ids of `messages` under the tokenizer's chat template, generation prompt included. The template's
+    markers are control tokens; the messages' text is read as text (:func:`text_ids`)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    spellings = _special_spellings(tokenizer)
+    if not any(s and s in m["content"] for m in messages for s in spellings):
+        return ids  # the common case, tokenized as the template's own code does it
+    slotted = [{**m, "content": _SLOT.format(i)} for i, m in enumerate(messages)]
+    rendered = tokenizer.apply_chat_template(slotted, add_generation_prompt=True, tokenize=False)
+    pieces = _SLOTS.split(rendered)  # template, slot number, template, slot number, ..., template
+    if [int(n) for n in pieces[1::2]] != list(range(len(messages))):
+        if tokenizer.chat_template not in _WARNED_TEMPLATES:
+            _WARNED_TEMPLATES.add(tokenizer.chat_template)
+            log.warning("this chat template moves or repeats the message text, so the spelling of a special "
+                        "token in a message is read as that token")
+        return ids
+    out = []
+    for i, piece in enumerate(pieces):
+        out += (text_ids(tokenizer, messages[int(piece)]["content"]) if i % 2
+                else tokenizer.encode(piece, add_special_tokens=False))
+    return out
+
+
+def prompt_ids(tokenizer, query: str, history, template: str, system: str | None = None) -> list[int]:
+    """Token ids of the prompt, special tokens included, ready for the response to follow.
+
+    `system` (chat and serve): the chat_template template passes it as a system turn; chatglm2 and plain
+    have no such turn, so it goes in front of the first question, separated by a blank line."""
+    if system and template != "chat_template":
+        if history:
+            history = [(f"{system}\n\n{history[0][0]}", history[0][1]), *history[1:]]
+        else:
+            query = f"{system}\n\n{query}"
     if template == "chatglm2":
-        return tokenizer.encode(chatglm2_prompt(query, history), add_special_tokens=True)
+        return text_ids(tokenizer, chatglm2_prompt(query, history), add_special_tokens=True)
     if template == "chat_template":
-        messages = []
+        messages = [{"role": "system", "content": system}] if system else []
         for q, a in history:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         messages.append({"role": "user", "content": query})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return chat_template_ids(tokenizer, messages)
     if template == "plain":
         context = "".join(f"{q}\n{a}\n" for q, a in history)
-        return tokenizer.encode(context + query, add_special_tokens=True)
+        return text_ids(tokenizer, context + query, add_special_tokens=True)
     raise ValueError(f"unknown prompt template {template!r}; expected one of {', '.join(TEMPLATES)}")
 
 
@@ -304,7 +354,7 @@ def source_ids(tokenizer, query: str, history, template: str, max_length: int, t
 def encode_example(tokenizer, enc: Encoding, prompt: str, response: str, history) -> dict:
     """input_ids = prompt + response + EOS, labels = -100 over the prompt."""
     source = source_ids(tokenizer, prompt, history, enc.template, enc.max_source_length, enc.truncate_source_from)
-    target = tokenizer.encode(response, add_special_tokens=False)[: enc.max_target_length]
+    target = text_ids(tokenizer, response)[: enc.max_target_length]
     target = target + [tokenizer.eos_token_id]
     return {"input_ids": source + target, "labels": [IGNORE] * len(source) + target}
 

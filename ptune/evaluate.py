@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation, check_quantization,
                           check_template, refuse_added_settings, resolve_device)
-from ptune.data import Columns, left_pad, load_examples, source_ids
+from ptune.data import Columns, left_pad, load_examples, source_ids, text_ids
 from ptune.generate import generate
 from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import peak_memory_gib, setup_logging
@@ -57,7 +57,7 @@ def build_eval_set(path, tokenizer, data_cfg: dict, template: str, limit: int | 
     for row in examples:
         prompts.append(source_ids(tokenizer, row["prompt"], row["history"], template, data_cfg["max_source_length"],
                                   data_cfg.get("truncate_source_from", "right")))
-        target = tokenizer.encode(row["response"], add_special_tokens=False)[: data_cfg["max_target_length"]]
+        target = text_ids(tokenizer, row["response"])[: data_cfg["max_target_length"]]
         labels.append(tokenizer.decode(target, skip_special_tokens=True))
     return EvalSet(prompts, labels, list(examples["prompt"]), rows_in_file)
 

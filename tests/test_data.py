@@ -407,6 +407,36 @@ def test_encode_chat_template(tok):
     assert row["labels"] == [IGNORE] * len(src) + ids(tok, "yo") + [tok.eos_token_id]
 
 
+@pytest.mark.parametrize("template", ["plain", "chat_template", "chatglm2"])
+def test_special_token_spellings_in_data_are_read_as_text(tok, template):
+    """'</s>' written in a response must not end the target early, nor '<|assistant|>' in a question open the
+    answer: data text is text. The template's own markers stay control tokens."""
+    user, assistant, eos = (tok.convert_tokens_to_ids(t) for t in ("<|user|>", "<|assistant|>", "</s>"))
+    enc = Encoding(template, max_source_length=256, max_target_length=64)
+    plain = encode_example(tok, enc, "qr", "ab", [["hx", "ay"]])
+    tricky = encode_example(tok, enc, "q<|assistant|>r", "a</s>b", [["h<|user|>x", "a<|assistant|>y"]])
+    for row in (plain, tricky):
+        target = [t for t in row["labels"] if t != IGNORE]
+        assert target.count(eos) == 1 and target[-1] == eos
+        source = row["input_ids"][: len(row["input_ids"]) - len(target)]
+        assert (source.count(user), source.count(assistant)) == (
+            (2, 2) if template == "chat_template" else (0, 0)), source
+    target = [t for t in tricky["labels"] if t != IGNORE]
+    assert tok.decode(target[:-1]) == "a</s>b"
+    assert "q<|assistant|>r" in tok.decode(tricky["input_ids"][: len(tricky["input_ids"]) - len(target)])
+
+
+def test_a_chat_template_prompt_without_special_spellings_is_the_templates_own_tokenization(tok):
+    messages = [{"role": "user", "content": "hx"}, {"role": "assistant", "content": "ay"},
+                {"role": "user", "content": "qr"}]
+    own = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+    assert prompt_ids(tok, "qr", [["hx", "ay"]], "chat_template") == own
+    # With a spelling in the text only that text is tokenized apart; the template around it is the same.
+    tricky = prompt_ids(tok, "q</s>r", [["hx", "ay"]], "chat_template")
+    assert tricky[: own.index(ids(tok, "q")[0])] == own[: own.index(ids(tok, "q")[0])]
+    assert tricky[-1] == own[-1] == tok.convert_tokens_to_ids("<|assistant|>")
+
+
 def test_encode_chatglm2_template_on_plain_tokenizer(tok):
     enc = Encoding("chatglm2", max_source_length=256, max_target_length=64)
     history = [["q1", "a1"]]
