@@ -12,6 +12,7 @@ a prompt (with an optional system message), and turning a stream of token ids in
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptune import checkpoint as ckpt_io
 from ptune.chatglm.ptuning import is_reference_checkpoint
-from ptune.config import (check_count, check_generation, check_quantization, check_template, refuse_added_settings,
-                          resolve_device)
+from ptune.config import (check_count, check_flag, check_generation, check_quantization, check_template,
+                          refuse_added_settings, resolve_device)
 from ptune.data import encodable, prompt_ids
 from ptune.generate import generate
 from ptune.errors import ConfigError, exit_on_user_error
@@ -79,7 +80,8 @@ def resolve_checkpoint(path: str) -> str:
     if (Path(path) / ckpt_io.CONFIG_FILE).is_file() or is_reference_checkpoint(path):
         return path
     if not Path(path).is_dir():
-        raise ckpt_io.CheckpointError(f"checkpoint={path}: no such folder")
+        found = "a file, not a folder" if Path(path).exists() else "no such folder"
+        raise ckpt_io.CheckpointError(f"checkpoint={path}: {found}")
     newest = ckpt_io.latest_checkpoint(path)
     if newest is None:
         raise ckpt_io.CheckpointError(f"checkpoint={path}: expected a checkpoint folder (with {ckpt_io.CONFIG_FILE}) "
@@ -223,6 +225,14 @@ def check_room_for_prompt(cm: ChatModel, max_new_tokens: int) -> None:
                           f"{cm.max_positions} positions ({cm.positions_key}), which hold the prompt and the reply")
 
 
+def check_names(cfg: DictConfig) -> None:
+    """user_name and assistant_name label every turn: a word, not null, a list or blank."""
+    for key in ("user_name", "assistant_name"):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
+            raise ConfigError(f"{key}={value!r}: expected a name to label the turns with, e.g. {key}=Ann")
+
+
 def generation_kwargs(gen: DictConfig) -> dict:
     return {"do_sample": bool(gen.do_sample), "temperature": float(gen.temperature), "top_p": float(gen.top_p),
             "compile_step": bool(gen.compile_step)}
@@ -254,6 +264,29 @@ def reply(cm: ChatModel, prompt: list[int], gen: DictConfig, on_text=None, gener
     return decoder.text()
 
 
+def take_turn(cm: ChatModel, cfg: DictConfig, query: str, history: list, out, generator=None) -> list:
+    """Answer `query` (streamed through `out`); returns the history that follows this turn.
+
+    The history changes only with a finished reply: a message refused as too long, or a reply cut short
+    by Ctrl-C, leaves it as it was, older turns included (they are dropped only to make room for a reply).
+    """
+    gen = cfg.generation
+    limit, why = prompt_limit(cm, int(cfg.max_prompt_tokens), int(gen.max_new_tokens))
+    prompt, kept = fit_history(cm.tokenizer, cm.template, query, history, limit)
+    if len(prompt) > limit:
+        out(f"[this message is {len(prompt)} tokens; the prompt may have at most {limit}: {why}; "
+            "the history is kept]\n")
+        return history
+    if len(kept) < len(history):
+        out(f"[dropped the {len(history) - len(kept)} oldest turn(s) to fit {why}]\n")
+    if cfg.show_prompt:
+        out(f"[turn {len(kept) + 1}: history {len(kept)} turn(s), prompt {len(prompt)} tokens]\n")
+    out(f"{cfg.assistant_name}: ")
+    answer = reply(cm, prompt, gen, on_text=out, generator=generator)
+    out("\n")
+    return kept + [(query, answer)]
+
+
 def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
     """The read-reply loop; returns the exit code."""
     stdin = stdin or sys.stdin
@@ -263,6 +296,10 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
         # Bytes that are not UTF-8 then arrive as lone surrogates, refused line by line below, instead of
         # a UnicodeDecodeError that ends the chat.
         stdin.reconfigure(errors="surrogateescape")
+    if hasattr(stdout, "reconfigure"):
+        # A terminal or file whose encoding lacks a reply's characters (latin-1, a Windows code page) shows
+        # them as "?" instead of a UnicodeEncodeError that ends the chat.
+        stdout.reconfigure(errors="replace")
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and arrow-key history for input())
@@ -273,7 +310,6 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
     if gen.do_sample:
         generator = torch.Generator(device=cm.device).manual_seed(int(gen.seed))
     history: list[tuple[str, str]] = []
-    user, bot = cfg.user_name, cfg.assistant_name
 
     def out(text: str) -> None:
         stdout.write(text)
@@ -282,7 +318,7 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
     out(f"Chatting with {cm.describe()}.\nType a message; '{COMMAND_CLEAR}' forgets the history, "
         f"'{COMMAND_STOP}' quits.\n")
     while True:
-        prompt_label = f"\n{user}: "
+        prompt_label = f"\n{cfg.user_name}: "
         try:
             if interactive and stdin is sys.stdin and stdout is sys.stdout:
                 line = input(prompt_label)
@@ -310,24 +346,10 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
         if not encodable(query):
             out("[this line is not valid UTF-8 and is skipped; the chat goes on]\n")
             continue
-        limit, why = prompt_limit(cm, int(cfg.max_prompt_tokens), int(gen.max_new_tokens))
-        prompt, kept = fit_history(cm.tokenizer, cm.template, query, history, limit)
-        if len(kept) < len(history):
-            out(f"[dropped the {len(history) - len(kept)} oldest turn(s) to fit {why}]\n")
-            history = kept
-        if len(prompt) > limit:
-            out(f"[this message is {len(prompt)} tokens; the prompt may have at most {limit}: {why}]\n")
-            continue
-        if cfg.show_prompt:
-            out(f"[turn {len(history) + 1}: history {len(history)} turn(s), prompt {len(prompt)} tokens]\n")
-        out(f"{bot}: ")
         try:
-            answer = reply(cm, prompt, gen, on_text=out, generator=generator)
+            history = take_turn(cm, cfg, query, history, out, generator)
         except KeyboardInterrupt:
             out("\n[interrupted; this turn is not kept]\n")
-            continue
-        out("\n")
-        history.append((query, answer))
 
 
 @hydra.main(config_path="../conf", config_name="chat", version_base="1.3")
@@ -339,14 +361,28 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit("config error: pass checkpoint=<run>/checkpoint-N (or a run folder: its newest checkpoint), "
                          "or checkpoint=null model.path=<dir> to chat with the base model alone")
     check_count(cfg, "max_prompt_tokens")
+    check_flag(cfg, "show_prompt")
+    check_names(cfg)
     check_generation(cfg)
     check_quantization(cfg, inference=True)
     check_template(cfg, nullable=True)
-    log.info("loading %s", cfg.checkpoint or cfg.model.path)
-    cm = load_chat_model(cfg)
+    try:
+        log.info("loading %s", cfg.checkpoint or cfg.model.path)
+        cm = load_chat_model(cfg)
+    except KeyboardInterrupt:
+        # A 6B model loads for tens of seconds: changing one's mind then is no crash to show a traceback for.
+        print("chat interrupted while loading the model", file=sys.stderr)
+        sys.exit(130)
     check_room_for_prompt(cm, int(cfg.generation.max_new_tokens))
     log.debug("config: %s", OmegaConf.to_yaml(cfg))
-    sys.exit(chat_loop(cm, cfg))
+    try:
+        code = chat_loop(cm, cfg)
+    except BrokenPipeError:
+        # The reader of standard output went away (`| head`). Standard output goes to /dev/null so that
+        # the flush at exit cannot fail again; the status is the one a shell gives a command SIGPIPE ended.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -186,7 +187,8 @@ def test_pipe_over_long_or_undecodable_line_is_refused_and_the_chat_goes_on(tiny
     out, err = proc.stdout.decode(), proc.stderr.decode()
     assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
     assert (f"[this message is 600 tokens; the prompt may have at most {512 - MAX_NEW}: the model's 512 positions "
-            f"(max_position_embeddings) less generation.max_new_tokens={MAX_NEW} for the reply]") in out
+            f"(max_position_embeddings) less generation.max_new_tokens={MAX_NEW} for the reply; "
+            "the history is kept]") in out
     assert "[this line is not valid UTF-8 and is skipped; the chat goes on]" in out
     turns = TURN.findall(out)
     assert len(turns) == 1 and turns[0][:2] == ("1", "0"), out  # hello, answered with no history
@@ -202,3 +204,87 @@ def test_a_reply_length_that_fills_the_models_positions_is_refused(tiny_model_di
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert ("error: generation.max_new_tokens=512: expected fewer than the model's 512 positions "
             "(max_position_embeddings)") in proc.stderr
+
+
+def test_a_message_too_long_to_answer_keeps_the_history(checkpoint):
+    """Refusing one over-long message must not cost the conversation so far: history is dropped only to make
+    room for a reply that is then given."""
+    proc = subprocess.run(chat_cmd(f"checkpoint={checkpoint}"), input="hello\n" + "x" * 2100 + "\nworld\n", cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the history is kept]" in proc.stdout and "dropped" not in proc.stdout, proc.stdout
+    turns = TURN.findall(proc.stdout)
+    assert [(t[0], t[1]) for t in turns] == [("1", "0"), ("2", "1")], proc.stdout  # world still follows hello
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_reply_stops_that_reply_and_the_chat_goes_on_without_it(checkpoint):
+    """SIGINT (what a terminal sends for Ctrl-C) while a long reply streams: the reply stops, the turn is not
+    kept, and the next message is answered as a first turn."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(chat_cmd(f"checkpoint={checkpoint}", "generation.max_new_tokens=1900"), stdin=slave,
+                            stdout=slave, stderr=slave, cwd=REPO, env={**os.environ, "TERM": "dumb"}, close_fds=True)
+    os.close(slave)
+    term = Terminal(master)
+    try:
+        term.read_until("User: ")
+        term.type("hello")
+        term.read_until("Assistant: ")
+        time.sleep(0.5)  # into the reply: 1900 tokens take seconds
+        proc.send_signal(signal.SIGINT)
+        assert "[interrupted; this turn is not kept]" in term.read_until("User: ")
+        term.type("hello")
+        assert "[turn 1: history 0 turn(s)" in term.read_until("User: ")
+        term.type("stop")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert "Traceback" not in term.text()
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line_and_status_130(checkpoint):
+    for _ in range(3):  # the tiny model loads in a fraction of a second: try again if the signal came too late
+        proc = subprocess.Popen(chat_cmd(f"checkpoint={checkpoint}"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=REPO, text=True)
+        assert "loading" in proc.stderr.readline()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate("stop\n", timeout=60)
+        if "Chatting with" not in out:
+            break
+    assert "Chatting with" not in out, "the model loaded before the signal three times"
+    assert proc.returncode == 130 and err.strip() == "chat interrupted while loading the model", err[-3000:]
+
+
+def test_a_closed_output_pipe_ends_the_chat_quietly_with_status_141(checkpoint):
+    """`python -m ptune.chat ... | head`: once the reader is gone, no BrokenPipeError traceback."""
+    proc = subprocess.Popen(chat_cmd(f"checkpoint={checkpoint}"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO, text=True)
+    assert proc.stdout.readline().startswith("Chatting with")
+    proc.stdout.close()
+    _, err = proc.communicate("hello\nworld\n", timeout=120)
+    assert proc.returncode == 141 and "Traceback" not in err and "Error" not in err, err[-3000:]
+
+
+def test_an_output_encoding_without_the_replys_characters_shows_them_as_question_marks(checkpoint):
+    """A latin-1 terminal (or a Windows code page) cannot show the Chinese of a reply: '?' instead of a crash."""
+    proc = subprocess.run(chat_cmd(f"checkpoint={checkpoint}"), input=b"hello\nworld\n", cwd=REPO,
+                          capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "latin-1"})
+    out, err = proc.stdout.decode("latin-1"), proc.stderr.decode("latin-1")
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    turns = TURN.findall(out)
+    assert len(turns) == 2 and "?" in turns[0][3], out
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("show_prompt=maybe", "error: show_prompt='maybe': expected true or false"),
+    ("user_name=null", "error: user_name=None: expected a name to label the turns with"),
+    ("checkpoint={file}", "error: checkpoint={file}: a file, not a folder"),
+])
+def test_a_wrong_setting_is_one_line_naming_it(checkpoint, setting, message):
+    file = checkpoint / "prefix_config.json"
+    proc = subprocess.run(chat_cmd(f"checkpoint={checkpoint}", setting.format(file=file)), input="hello\n", cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(message.format(file=file)), proc.stderr
