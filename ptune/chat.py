@@ -111,27 +111,10 @@ def load_chat_model(cfg: DictConfig) -> ChatModel:
 
 
 def build_prompt(tokenizer, template: str, query: str, history, system: str | None = None) -> list[int]:
-    """Prompt ids for `query` after `history` ([question, answer] pairs), as training and evaluation build them.
-
-    Without a system message this is exactly `ptune.data.prompt_ids`. With one, the chat_template
-    template passes it as a system turn; the chatglm2 and plain templates have no such turn, so the
-    system text goes in front of the first question, separated by a blank line.
-    """
+    """Prompt ids for `query` after `history` ([question, answer] pairs), as training and evaluation build
+    them (`ptune.data.prompt_ids`, which also places the system message); history may come as lists."""
     history = [(str(q), str(a)) for q, a in (history or [])]
-    if not system:
-        return prompt_ids(tokenizer, query, history, template)
-    if template == "chat_template":
-        messages = [{"role": "system", "content": system}]
-        for q, a in history:
-            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        messages.append({"role": "user", "content": query})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    if history:
-        history = [(f"{system}\n\n{history[0][0]}", history[0][1])] + history[1:]
-    else:
-        query = f"{system}\n\n{query}"
-    return prompt_ids(tokenizer, query, history, template)
+    return prompt_ids(tokenizer, query, history, template, system)
 
 
 def fit_history(tokenizer, template: str, query: str, history, max_prompt_tokens: int | None,

@@ -95,6 +95,9 @@ def load_base(model_cfg, device: torch.device | str = "cpu"):
             )
         except (OSError, ValueError, SafetensorError) as e:
             raise ModelError(f"model.path={path}: could not load the model: {e}") from None
+        except ImportError as e:  # an attention implementation (or model code) whose package is not installed
+            raise ModelError(f"model.path={path}: could not load the model with model.attn_implementation="
+                             f"{model_cfg.attn_implementation}: {e}") from None
         return model.to(device)
 
     quant = model_cfg.get("quantization")

@@ -437,6 +437,17 @@ def test_a_chat_template_prompt_without_special_spellings_is_the_templates_own_t
     assert tricky[-1] == own[-1] == tok.convert_tokens_to_ids("<|assistant|>")
 
 
+def test_a_system_message_is_a_system_turn_or_goes_before_the_first_question(tok):
+    assert prompt_ids(tok, "q", [("h", "a")], "plain", "s") == prompt_ids(tok, "q", [("s\n\nh", "a")], "plain")
+    assert prompt_ids(tok, "q", [], "chatglm2", "s") == prompt_ids(tok, "s\n\nq", [], "chatglm2")
+    messages = [{"role": "system", "content": "s</s>"}, {"role": "user", "content": "q"}]
+    tricky = prompt_ids(tok, "q", [], "chat_template", "s</s>")
+    assert tok.eos_token_id not in tricky and tok.decode(tricky).endswith("s</s><|user|>q<|assistant|>")
+    messages[0]["content"] = "s"
+    own = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+    assert prompt_ids(tok, "q", [], "chat_template", "s") == own
+
+
 def test_encode_chatglm2_template_on_plain_tokenizer(tok):
     enc = Encoding("chatglm2", max_source_length=256, max_target_length=64)
     history = [["q1", "a1"]]

@@ -291,6 +291,16 @@ def test_model_folder_without_its_weights_is_one_clear_line(env, tmp_path):
     assert_clean_error(res, f"error: model.path={model}: could not load the model", "no file named model.safetensors")
 
 
+def test_an_attention_implementation_whose_package_is_missing_is_one_clear_line(env, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn"):  # a CUDA-only package, absent from most machines
+        pytest.skip("flash_attn is installed here")
+    res, _ = run_over_existing(env, tmp_path, "model.attn_implementation=flash_attention_2")
+    assert_clean_error(res, f"error: model.path={env.model}: could not load the model with "
+                            "model.attn_implementation=flash_attention_2")
+
+
 def _truncate_weights(folder):
     p = folder / "model.safetensors"
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
