@@ -89,15 +89,21 @@ def greedy(cm, prompt: list[int]) -> str:
     return predict(cm.model, cm.tokenizer, [prompt], gen, 1, cm.device, progress=False)[0][0]
 
 
-def test_page_streams_replies_and_keeps_history(served, browser):
-    url, cm = served
+def open_greedy(browser, url: str, cm) -> WebDriverWait:
+    """The page, loaded, with temperature 0 in its settings (greedy, to compare with evaluate's output)."""
     wait = WebDriverWait(browser, 60)
     browser.get(url + "/")
     wait.until(lambda d: str(cm.checkpoint) in d.find_element(By.ID, "model").text)
     browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
     temperature = browser.find_element(By.ID, "temperature")
     temperature.clear()
-    temperature.send_keys("0")  # greedy, to compare with evaluate's output
+    temperature.send_keys("0")
+    return wait
+
+
+def test_page_streams_replies_and_keeps_history(served, browser):
+    url, cm = served
+    wait = open_greedy(browser, url, cm)
 
     def say(text: str, n: int):
         box = browser.find_element(By.ID, "input")
@@ -301,13 +307,7 @@ def test_errors_say_what_to_do_and_the_user_can_go_on(slow_server, browser):
 
 def test_a_reload_keeps_the_conversation(served, browser):
     url, cm = served
-    wait = WebDriverWait(browser, 60)
-    browser.get(url + "/")
-    wait.until(lambda d: str(cm.checkpoint) in d.find_element(By.ID, "model").text)
-    browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
-    temperature = browser.find_element(By.ID, "temperature")
-    temperature.clear()
-    temperature.send_keys("0")
+    wait = open_greedy(browser, url, cm)
     box = browser.find_element(By.ID, "input")
     box.send_keys("类型#裙*颜色#红色", Keys.ENTER)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.msg.assistant[data-done="true"]'))
