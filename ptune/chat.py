@@ -26,7 +26,7 @@ from ptune.chatglm.ptuning import is_reference_checkpoint
 from ptune.config import (check_count, check_flag, check_generation, check_quantization, check_template,
                           refuse_added_settings, resolve_device)
 from ptune.data import encodable, prompt_ids
-from ptune.generate import generate
+from ptune.generate import generate, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import setup_logging
 from ptune.models import load_for_inference
@@ -99,7 +99,7 @@ def load_chat_model(cfg: DictConfig) -> ChatModel:
     if not template:
         # A bare base with no template given: its own chat template when it has one.
         template = "chat_template" if getattr(tokenizer, "chat_template", None) else "plain"
-    eos = [tokenizer.eos_token_id] + [int(t) for t in (cfg.generation.get("extra_eos_token_ids") or [])]
+    eos = stop_token_ids(model, tokenizer, cfg.generation.get("extra_eos_token_ids"))
     base_path = (prefix_config or {}).get("base", {}).get("path") or str(cfg.model.path)
     if cfg.model.get("path"):
         base_path = str(cfg.model.path)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation, check_quantization,
                           check_template, refuse_added_settings, resolve_device)
 from ptune.data import Columns, left_pad, load_examples, source_ids, text_ids
-from ptune.generate import generate
+from ptune.generate import generate, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import peak_memory_gib, setup_logging
 from ptune.metrics import compute_metrics
@@ -83,7 +83,7 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     if batch_size == "auto":
         batch_size = auto_batch_size(model, len(prompts[order[0]]), gen.max_new_tokens, device, len(prompts))
-    eos = [tokenizer.eos_token_id] + list(gen.get("extra_eos_token_ids") or [])
+    eos = stop_token_ids(model, tokenizer, gen.get("extra_eos_token_ids"))
     stops = set(eos)
     generator = torch.Generator(device=device).manual_seed(int(gen.seed)) if gen.do_sample else None
     texts: list[str | None] = [None] * len(prompts)

@@ -21,6 +21,7 @@ import warnings
 import torch
 from transformers import DynamicCache, StaticCache
 
+from ptune.errors import ConfigError
 from ptune.prefix import PREFIX_KWARG, PrefixLM, position_ids_from_mask, prefix_attention_enabled
 
 log = logging.getLogger("ptune.generate")
@@ -34,6 +35,19 @@ KEEP_AT_MOST = 4  # kept decoders per model (one per batch size and length step)
 # transformers 5.17 announces a rename of `past_key_values` whose replacement its models do not read
 # yet (passing the new name silently drops the cache); keep the working name without the per-call noise.
 warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
+
+
+def stop_token_ids(model, tokenizer, extra, key: str = "generation.extra_eos_token_ids") -> list[int]:
+    """The tokenizer's EOS and the configured extra stop ids. An extra id past the model's output layer could
+    never be generated: refused, rather than replies that silently never stop there."""
+    base = model.base if isinstance(model, PrefixLM) else model
+    size = base.get_output_embeddings().weight.shape[0]
+    extra = [int(t) for t in (extra or [])]
+    outside = [t for t in extra if t >= size]
+    if outside:
+        raise ConfigError(f"{key}={extra}: {', '.join(map(str, outside))} is not a token id of this model, whose "
+                          f"output layer has {size} (ids 0 to {size - 1})")
+    return [tokenizer.eos_token_id] + extra
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):

@@ -206,6 +206,14 @@ def test_a_reply_length_that_fills_the_models_positions_is_refused(tiny_model_di
             "(max_position_embeddings)") in proc.stderr
 
 
+def test_an_extra_stop_id_past_the_vocabulary_is_one_clear_line(tiny_model_dir):
+    proc = subprocess.run(chat_cmd("checkpoint=null", f"model.path={tiny_model_dir('gpt2')}",
+                                   "generation.extra_eos_token_ids=[3,100000]"), input="hello\n", cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: generation.extra_eos_token_ids=[3, 100000]: 100000 is not a token id of this model" in proc.stderr
+
+
 def test_a_message_too_long_to_answer_keeps_the_history(checkpoint):
     """Refusing one over-long message must not cost the conversation so far: history is dropped only to make
     room for a reply that is then given."""

@@ -60,6 +60,19 @@ def test_greedy_outputs_do_not_depend_on_batch_size(ckpt, sample_file):
     assert len(set(one)) > 1 and all(t for t in one)
 
 
+def test_an_extra_stop_id_the_model_cannot_produce_is_refused(ckpt):
+    from ptune.errors import ConfigError
+
+    model, tok, _ = load_for_inference(ckpt, OmegaConf.create({"dtype": "float32"}), "cpu")
+    size = model.base.get_output_embeddings().weight.shape[0]
+    with pytest.raises(ConfigError, match=rf"generation.extra_eos_token_ids=\[5, {size}\]: {size} is not a token id "
+                                          rf"of this model, whose output layer has {size} \(ids 0 to {size - 1}\)"):
+        ev.predict(model, tok, [[5, 6]], generation(extra_eos_token_ids=[5, size]), 1, CPU, progress=False)
+    texts, _ = ev.predict(model, tok, [[5, 6]], generation(extra_eos_token_ids=[5, size - 1], max_new_tokens=2), 1,
+                          CPU, progress=False)
+    assert len(texts) == 1
+
+
 def _scores(path: Path) -> dict:
     metrics = json.loads(path.read_text())
     return {k: v for k, v in metrics.items() if k not in ("generation",)}
