@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import re
@@ -99,15 +100,25 @@ class Terminal:
         os.write(self.fd, (line + "\n").encode())
 
 
+@contextlib.contextmanager
+def chat_in_terminal(*settings: str):
+    """(process, Terminal) of `python -m ptune.chat` run on a pseudo-terminal; killed if still running after."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(chat_cmd(*settings), stdin=slave, stdout=slave, stderr=slave, cwd=REPO,
+                            env={**os.environ, "TERM": "dumb"}, close_fds=True)
+    os.close(slave)
+    try:
+        yield proc, Terminal(master)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+
+
 @pytest.mark.slow
 def test_pseudo_terminal_base_model_stop_quits(tiny_model_dir):
     model_dir = tiny_model_dir("llama")
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(chat_cmd("checkpoint=null", f"model.path={model_dir}"), stdin=slave, stdout=slave,
-                            stderr=slave, cwd=REPO, env={**os.environ, "TERM": "dumb"}, close_fds=True)
-    os.close(slave)
-    term = Terminal(master)
-    try:
+    with chat_in_terminal("checkpoint=null", f"model.path={model_dir}") as (proc, term):
         assert "base model, no prefix" in term.read_until("User: ")
         term.type("hello")
         turn1 = term.read_until("User: ")
@@ -117,10 +128,6 @@ def test_pseudo_terminal_base_model_stop_quits(tiny_model_dir):
         assert "History cleared." in term.read_until("User: ")
         term.type("stop")
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
     assert "[turn 1: history 0 turn(s)" in turn1 and "[turn 2: history 1 turn(s)" in turn2
     answer = re.search(r"Assistant: (.*?)\n\nUser: ", turn1, re.S).group(1)
     cm = load_chat_model(compose("chat", "checkpoint=null", f"model.path={model_dir}", "device=cpu"))
@@ -229,12 +236,7 @@ def test_a_message_too_long_to_answer_keeps_the_history(checkpoint):
 def test_ctrl_c_mid_reply_stops_that_reply_and_the_chat_goes_on_without_it(checkpoint):
     """SIGINT (what a terminal sends for Ctrl-C) while a long reply streams: the reply stops, the turn is not
     kept, and the next message is answered as a first turn."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(chat_cmd(f"checkpoint={checkpoint}", "generation.max_new_tokens=1900"), stdin=slave,
-                            stdout=slave, stderr=slave, cwd=REPO, env={**os.environ, "TERM": "dumb"}, close_fds=True)
-    os.close(slave)
-    term = Terminal(master)
-    try:
+    with chat_in_terminal(f"checkpoint={checkpoint}", "generation.max_new_tokens=1900") as (proc, term):
         term.read_until("User: ")
         term.type("hello")
         term.read_until("Assistant: ")
@@ -245,10 +247,6 @@ def test_ctrl_c_mid_reply_stops_that_reply_and_the_chat_goes_on_without_it(check
         assert "[turn 1: history 0 turn(s)" in term.read_until("User: ")
         term.type("stop")
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
     assert "Traceback" not in term.text()
 
 
