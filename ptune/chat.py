@@ -27,7 +27,7 @@ from ptune.config import (check_count, check_flag, check_generation, check_quant
                           refuse_added_settings, resolve_device)
 from ptune.data import encodable, prompt_ids
 from ptune.generate import generate, stop_token_ids
-from ptune.errors import ConfigError, exit_on_user_error
+from ptune.errors import ConfigError, exit_on_user_error, stopped, terminating
 from ptune.logs import setup_logging
 from ptune.models import load_for_inference
 
@@ -314,6 +314,8 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
             out("\n")
             return 0
         except KeyboardInterrupt:
+            if terminating():
+                raise
             out("\n")
             return 0
         query = line.rstrip("\r\n")
@@ -332,6 +334,8 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
         try:
             history = take_turn(cm, cfg, query, history, out, generator)
         except KeyboardInterrupt:
+            if terminating():
+                raise
             out("\n[interrupted; this turn is not kept]\n")
 
 
@@ -354,8 +358,7 @@ def main(cfg: DictConfig) -> None:
         cm = load_chat_model(cfg)
     except KeyboardInterrupt:
         # A 6B model loads for tens of seconds: changing one's mind then is no crash to show a traceback for.
-        print("chat interrupted while loading the model", file=sys.stderr)
-        sys.exit(130)
+        stopped("chat interrupted while loading the model")
     check_room_for_prompt(cm, int(cfg.generation.max_new_tokens))
     log.debug("config: %s", OmegaConf.to_yaml(cfg))
     try:

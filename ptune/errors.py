@@ -1,10 +1,15 @@
-"""User-facing failures: entry points print these as one line and exit 1, without a traceback."""
+"""User-facing failures: entry points print these as one line and exit 1, without a traceback. Ctrl-C and
+SIGTERM end them with one line too, and the status a shell gives a command a signal stopped (128 + signal)."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
+import threading
+from pathlib import Path
+from typing import NoReturn
 
 
 class TrainingError(RuntimeError):
@@ -26,13 +31,43 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return CheckpointError, ConfigError, DataError, ModelError, QuantizationError, TrainingError
 
 
+# The signal that raised the KeyboardInterrupt being handled: SIGINT unless SIGTERM's handler below ran.
+_received = {"signal": signal.SIGINT}
+
+
+def _terminate(signum, _frame) -> None:
+    # SIGTERM (a scheduler, `kill`, a preempted machine) takes Ctrl-C's path, so each entry point's clean-up
+    # for an interrupt runs for it too instead of the process vanishing mid-write.
+    _received["signal"] = signum
+    raise KeyboardInterrupt
+
+
+def terminating() -> bool:
+    """Whether the KeyboardInterrupt being handled came from SIGTERM: a request to end, never to go on."""
+    return _received["signal"] == signal.SIGTERM
+
+
+def stopped(message: str, signum: int | None = None) -> NoReturn:
+    """End after a signal: one line, and exit status 128 + the signal, so `set -e` scripts stop there."""
+    print(message, file=sys.stderr)
+    sys.exit(128 + int(signum if signum is not None else _received["signal"]))
+
+
 def exit_on_user_error(fn):
-    """Wrap an entry point so a known user error ends the run with its message alone."""
+    """Wrap an entry point so a known user error ends the run with its message alone, and an interrupt with
+    one line naming the command."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        name = Path(sys.modules[fn.__module__].__file__ or fn.__module__).stem
+        previous = None
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            previous = signal.signal(signal.SIGTERM, _terminate)
+        _received["signal"] = signal.SIGINT
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            stopped(f"{name} interrupted{' (SIGTERM)' if terminating() else ''}")
         except user_errors() as e:
             # The run's log file records the error too; the console shows it once, as the "error:" line.
             record = logging.getLogger("ptune").makeRecord("ptune", logging.ERROR, fn.__module__, 0, "%s", (e,), None)
@@ -41,5 +76,8 @@ def exit_on_user_error(fn):
                     handler.handle(record)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper

@@ -88,22 +88,22 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
     generator = torch.Generator(device=device).manual_seed(int(gen.seed)) if gen.do_sample else None
     texts: list[str | None] = [None] * len(prompts)
     new_tokens, start = 0, time.perf_counter()
-    bar = tqdm(total=len(prompts), desc="generate", disable=not progress)
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], tokenizer.pad_token_id).items()}
-        out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=gen.max_new_tokens,
-                       eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, do_sample=gen.do_sample,
-                       temperature=gen.temperature, top_p=gen.top_p, generator=generator,
-                       compile_step=bool(gen.compile_step))
-        for row, i in zip(out.tolist(), idx):
-            # The reply ends before its stop token, as in chat and serve: an extra stop token that is an
-            # ordinary one (a newline, say) is not part of the prediction, nor is the padding after it.
-            reply = row[:next((j for j, t in enumerate(row) if t in stops), len(row))]
-            texts[i] = tokenizer.decode(reply, skip_special_tokens=True)
-            new_tokens += len(reply)
-        bar.update(len(idx))
-    bar.close()
+    # `with`: an interrupted bar's line is finished before the message that follows it
+    with tqdm(total=len(prompts), desc="generate", disable=not progress) as bar:
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], tokenizer.pad_token_id).items()}
+            out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=gen.max_new_tokens,
+                           eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, do_sample=gen.do_sample,
+                           temperature=gen.temperature, top_p=gen.top_p, generator=generator,
+                           compile_step=bool(gen.compile_step))
+            for row, i in zip(out.tolist(), idx):
+                # The reply ends before its stop token, as in chat and serve: an extra stop token that is an
+                # ordinary one (a newline, say) is not part of the prediction, nor is the padding after it.
+                reply = row[:next((j for j, t in enumerate(row) if t in stops), len(row))]
+                texts[i] = tokenizer.decode(reply, skip_special_tokens=True)
+                new_tokens += len(reply)
+            bar.update(len(idx))
     wall = time.perf_counter() - start
     stats = {"batch_size": batch_size, "wall_s": round(wall, 3), "new_tokens": new_tokens,
              "tokens_per_s": round(new_tokens / wall, 1), "peak_mem_gib": round(peak_memory_gib(device), 3)}

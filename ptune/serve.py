@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import socket
 import threading
 import time
@@ -862,6 +863,9 @@ def main(cfg: DictConfig) -> None:
     log.info("serving %s at http://%s:%d/ (chat page at /, API at / and /v1/chat/completions)", cm.describe(),
              cfg.host, sock.getsockname()[1])
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    # uvicorn shuts down cleanly on SIGTERM, then raises it again: with the default action the exit status
+    # says "ended by SIGTERM", the clean stop service managers expect, not the interrupt of a start-up.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     uvicorn.Server(config).run(sockets=[sock])
 
 

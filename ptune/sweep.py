@@ -15,8 +15,8 @@ to `output_dir` (default `<first run>/sweep`) and names the best checkpoint for 
 checkpoints tied with it. The previous report is removed before scoring starts, so a sweep that stops early
 leaves none rather than one that looks like its own. Checkpoint folders that cannot be scored, and multirun
 jobs that wrote none, are listed under "Not scored"; runs whose prompts or references were built with other
-settings are ranked together under a warning that names them. Ctrl-C stops with one line and exit status 130:
-the scores written so far are kept and reused by the next sweep.
+settings are ranked together under a warning that names them. Ctrl-C or SIGTERM stops with one line and
+exit status 130 or 143: the scores written so far are kept and reused by the next sweep.
 """
 
 from __future__ import annotations
@@ -27,11 +27,9 @@ import io
 import json
 import logging
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
 import hydra
 import torch
@@ -45,7 +43,7 @@ from ptune.config import refuse_added_settings, resolve_device
 from ptune import evaluate as ev
 from ptune import models
 from ptune.data import Columns, DataError, load_examples
-from ptune.errors import exit_on_user_error
+from ptune.errors import exit_on_user_error, stopped
 from ptune.logs import setup_logging
 from ptune.metrics import SCORE_KEYS
 
@@ -526,12 +524,6 @@ def main(cfg: DictConfig) -> None:
         stopped("sweep interrupted before scoring began; nothing was changed")
     if result["failed"]:
         raise SystemExit(f"{len(result['failed'])} checkpoint(s) or job(s) not scored; see above")
-
-
-def stopped(message: str) -> NoReturn:
-    """Ctrl-C: one line instead of a traceback, and the status a shell gives a command it stopped (128 + SIGINT)."""
-    print(message, file=sys.stderr)
-    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -396,6 +397,8 @@ def train(cfg: DictConfig) -> Path:
         metrics.close()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # NCCL warns of leaked resources at exit otherwise
+    if stop["signal"] is not None:  # saved, and stopped early: not a finished run to a script's next command
+        sys.exit(128 + stop["signal"])
     return out
 
 

@@ -294,3 +294,24 @@ def test_a_wrong_setting_is_one_line_naming_it(checkpoint, setting, message):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(message.format(file=file)), proc.stderr
+
+
+def test_sigterm_mid_reply_ends_the_chat_with_one_line_and_status_143(checkpoint):
+    """Ctrl-C mid-reply only stops that reply; SIGTERM (a `kill`, a closing session) ends the program."""
+    proc = subprocess.Popen(chat_cmd(f"checkpoint={checkpoint}", "generation.max_new_tokens=1900"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        proc.stdin.write(b"hello\n")
+        proc.stdin.flush()
+        seen = b""
+        while b"Assistant: " not in seen:  # the reply has begun: 1900 tokens take seconds
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, f"the chat ended before replying: {proc.stderr.read().decode()[-3000:]}"
+            seen += chunk
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err.decode()[-3000:]
+    assert err.decode().splitlines()[-1] == "chat interrupted (SIGTERM)" and b"Traceback" not in err
+    assert b"this turn is not kept" not in seen + out and b"User: " not in out  # not another turn

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +248,30 @@ def test_eval_prompts_are_cut_as_training_cuts_them(tmp_path, side):
     want = full[:6] if side == "right" else full[:1] + full[-5:]
     assert prompt == want
     assert tok.convert_ids_to_tokens(prompt)[-1] == ("<|assistant|>" if side == "left" else "e")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_mid_generation_is_one_line_with_the_signals_status_and_writes_nothing(ckpt, sample_file, tmp_path,
+                                                                                        sig):
+    if sig == signal.SIGINT and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        pytest.skip("SIGINT is ignored in this process (started in the background), so in evaluate it starts too")
+    evalset = tmp_path / "dev.jsonl"  # long enough to be mid-generation when the signal comes
+    evalset.write_text(sample_file.read_text(encoding="utf-8") * 8, encoding="utf-8")
+    out = tmp_path / "eval"
+    proc = subprocess.Popen([sys.executable, "-m", "ptune.evaluate", f"checkpoint={ckpt}", f"data.eval_file={evalset}",
+                             "limit=null", "generation.max_new_tokens=64", "device=cpu", f"output_dir={out}"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        seen = []
+        for line in proc.stderr:  # the bar's first line: loaded, generating
+            seen.append(line)
+            if "generate:" in line:
+                break
+        proc.send_signal(sig)
+        stderr = "".join(seen) + proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == "evaluate interrupted" + (" (SIGTERM)" if sig == signal.SIGTERM else "")
+    assert not out.exists()

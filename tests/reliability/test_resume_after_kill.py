@@ -103,7 +103,7 @@ def test_sigterm_and_sigint_save_the_step_they_stop_after(setup, tmp_path, sig, 
         stopped = proc.wait(120)
     finally:
         kill_quietly(proc)
-    assert stopped.rc == 0, str(stopped)
+    assert stopped.rc == 128 + sig, str(stopped)  # saved, but not finished: `set -e` scripts stop there
     found = re.search(rf"stopped by signal {int(sig)} after step (\d+); resume with resume=latest", stopped.stderr)
     assert found, str(stopped)
     at = int(found.group(1))
