@@ -442,8 +442,8 @@ def test_layers_route_only_small_half_precision_inputs_to_small_matmul(mode):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_quantized_decoding_is_the_same_with_and_without_cuda_graphs():
-    """Decoding a quantized base goes through small_matmul, inside the static cache's CUDA graph as well as
-    in the growing-cache path: both give the same greedy tokens."""
+    """Decoding a quantized base goes through small_matmul, inside the static cache's CUDA graph, in the
+    compiled step (generation.compile_step) and in the growing-cache path: all give the same greedy tokens."""
     from ptune.data import left_pad
     from ptune.generate import generate
 
@@ -456,9 +456,11 @@ def test_quantized_decoding_is_the_same_with_and_without_cuda_graphs():
     batch = left_pad([[5, 9, 11, 40, 7], [17, 23], [60, 61, 62]], pad_token_id=0)
     ids, mask = batch["input_ids"].cuda(), batch["attention_mask"].cuda()
     lm = PrefixLM(model, prefix)
+    torch._dynamo.reset()
     runs = [generate(lm, ids, mask, max_new_tokens=12, eos_token_ids=[], pad_token_id=0, **options)
-            for options in ({}, {"static_cache": False})]
-    assert runs[0].shape == (3, 12) and torch.equal(runs[0], runs[1])
+            for options in ({}, {"static_cache": False}, {"compile_step": True})]
+    assert runs[0].shape == (3, 12) and torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    assert Q.FUSED_SMALL_MATMUL  # the kernel ran in every path, the compiled one included (no fallback)
 
 
 def test_small_matmul_falls_back_to_widening_once_the_kernel_fails(monkeypatch, caplog):
