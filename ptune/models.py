@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -87,7 +88,12 @@ def load_base(model_cfg, device: torch.device | str = "cpu"):
             model.set_attn_implementation(model_cfg.attn_implementation)
             return model
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
+        # Into a pipe or a log file the loading bar is carriage returns, not progress anyone watches.
+        bar_was_on = hf_logging.is_progress_bar_enabled()
+        if not sys.stderr.isatty():
+            hf_logging.disable_progress_bar()
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, attn_implementation=model_cfg.attn_implementation, local_files_only=True,
@@ -98,6 +104,9 @@ def load_base(model_cfg, device: torch.device | str = "cpu"):
         except ImportError as e:  # an attention implementation (or model code) whose package is not installed
             raise ModelError(f"model.path={path}: could not load the model with model.attn_implementation="
                              f"{model_cfg.attn_implementation}: {e}") from None
+        finally:
+            if bar_was_on:
+                hf_logging.enable_progress_bar()
         return model.to(device)
 
     quant = model_cfg.get("quantization")
