@@ -1,5 +1,6 @@
 """The chat page in a real headless Chromium: it shows the checkpoint, streams replies and keeps the history,
-stays usable through long replies, a narrow window, errors and a reload.
+stays usable through long replies, a narrow window, errors, a busy server, a conversation grown too long, an
+empty reply and a reload.
 
 Needs Debian's `chromium` and `chromium-driver` and the `selenium` package; skipped without them.
 Screenshots are kept at outputs/test-artifacts/web_chat.png (and web_chat_narrow.png, a phone's width).
@@ -7,6 +8,7 @@ Screenshots are kept at outputs/test-artifacts/web_chat.png (and web_chat_narrow
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import threading
@@ -19,8 +21,9 @@ from omegaconf import OmegaConf
 
 from conftest import LiveServer
 from ptune.chat import load_chat_model
-from ptune.data import prompt_ids
+from ptune.data import left_pad, prompt_ids
 from ptune.evaluate import predict
+from ptune.generate import generate
 from ptune.serve import Engine, create_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,15 +81,41 @@ def browser(tmp_path):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--window-size=1000,800", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         options.add_argument(flag)
+    # The network log: what the page really sent (see `posted`).
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(DRIVER))
     yield driver
     driver.quit()
 
 
-def greedy(cm, prompt: list[int]) -> str:
+def greedy(cm, prompt: list[int], extra_eos: tuple[int, ...] = ()) -> str:
     gen = OmegaConf.create({"max_new_tokens": MAX_NEW, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "compile_step": False,
-                            "seed": 0, "extra_eos_token_ids": []})
+                            "seed": 0, "extra_eos_token_ids": list(extra_eos)})
     return predict(cm.model, cm.tokenizer, [prompt], gen, 1, cm.device, progress=False)[0][0]
+
+
+def first_token(cm, prompt: list[int]) -> int:
+    """The greedy reply's first token."""
+    enc = left_pad([prompt], cm.pad_token_id)
+    return generate(cm.model, enc["input_ids"], enc["attention_mask"], max_new_tokens=1,
+                    eos_token_ids=cm.eos_token_ids, pad_token_id=cm.pad_token_id).item()
+
+
+def posted(browser) -> list[list[dict]]:
+    """The messages of each chat request the page sent since the last call, from Chromium's network log."""
+    sent = []
+    for entry in browser.get_log("performance"):
+        event = json.loads(entry["message"])["message"]
+        if event["method"] == "Network.requestWillBeSent":
+            request = event["params"]["request"]
+            if request["url"].endswith("/v1/chat/completions"):
+                sent.append(json.loads(request["postData"])["messages"])
+    return sent
+
+
+def turns(*texts: str) -> list[dict]:
+    """OpenAI messages: a question, its answer, the next question..."""
+    return [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(texts)]
 
 
 def open_greedy(browser, url: str, cm) -> WebDriverWait:
@@ -161,7 +190,8 @@ def slow_server(trained_checkpoint):
             cfg = compose("serve", overrides=[f"checkpoint={trained_checkpoint}", "device=cpu", "max_new_tokens=200",
                                               *overrides])
         cm = load_chat_model(cfg)
-        servers.append(LiveServer(create_app(cm, cfg, SlowEngine(cm))))
+        engine = SlowEngine(cm, cfg.max_batch_size, cfg.batch_wait_ms, cfg.max_queue, cfg.seed)  # as create_app's
+        servers.append(LiveServer(create_app(cm, cfg, engine)))
         return servers[-1]
 
     yield make
@@ -279,11 +309,14 @@ def test_errors_say_what_to_do_and_the_user_can_go_on(slow_server, browser):
     wait.until(lambda d: "checkpoint" in model.text)  # the key reached /health as well
     assert browser.execute_script("return window.injected") is None
 
-    # A prompt over the server's limit: its message, a way out, and the words back.
-    long = "类型#裙*颜色#红色*风格#复古" * 6
+    # A message over the server's limit on its own: its message, what to do, the words back, and the history as
+    # it was (leaving the earlier turn out would not have made room).
+    long = "类型#裙*颜色#红色*风格#复古" * 8
     send(long)
-    assert "max_prompt_tokens" in status.text and "Clear" in status.text, status.text
+    assert "max_prompt_tokens" in status.text and "shorten your message" in status.text, status.text
+    assert "even without the 1 earlier turn" in status.text, status.text
     assert box.get_attribute("value") == long
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.dropped")) == 4  # the two failed turns alone
     box.clear()
     send("材质#棉")
     assert "error" not in sent()[-1].get_attribute("class")
@@ -332,3 +365,161 @@ def test_a_reload_keeps_the_conversation(served, browser):
     browser.refresh()
     wait.until(lambda d: str(cm.checkpoint) in d.find_element(By.ID, "model").text)
     assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
+
+
+def test_enter_while_a_reply_streams_says_why_and_keeps_the_words(served, slow_server, browser):
+    _, cm = served
+    server = slow_server()
+    wait = open_greedy(browser, server.url, cm)  # greedy: a reply of 200 slowed pieces, seconds long
+    box, send = browser.find_element(By.ID, "input"), browser.find_element(By.ID, "send")
+    hint = browser.find_element(By.ID, "hint")
+    box.send_keys("类型#裙*颜色#红色", Keys.ENTER)
+    streaming = browser.find_element(By.CSS_SELECTOR, ".msg.assistant")
+    wait.until(lambda d: chunks_of(streaming) >= 2)
+    assert not hint.is_displayed()
+    assert not send.is_enabled() and "press Stop" in send.get_attribute("title")
+
+    box.send_keys("材质#棉", Keys.ENTER)  # the next message, while the reply still comes
+    wait.until(lambda d: hint.is_displayed())
+    assert "wait for it to end, or press Stop" in hint.text, hint.text
+    assert streaming.get_attribute("data-done") != "true"
+    assert box.get_attribute("value") == "材质#棉" and len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 1
+    inside = browser.execute_script("const r = arguments[0].getBoundingClientRect(); "
+                                    "return r.height > 0 && r.top >= 0 && r.bottom <= innerHeight", hint)
+    assert inside, "the hint is off the screen"
+
+    browser.find_element(By.ID, "stop").click()
+    wait.until(lambda d: streaming.get_attribute("data-done") == "true")
+    assert not hint.is_displayed() and send.is_enabled() and not send.get_attribute("title")
+    assert box.get_attribute("value") == "材质#棉"
+    box.send_keys(Keys.ENTER)  # the words kept are sent now
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.user")) == 2)
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg.user")[1].text == "材质#棉"
+    assert box.get_attribute("value") == ""
+    browser.find_element(By.ID, "stop").click()
+
+
+def test_an_empty_reply_is_marked_and_left_out_of_the_history(served, slow_server, browser):
+    _, cm = served
+    earlier, answer, asked = "类型#裙*颜色#红色", "显瘦的红色连衣裙", "材质#棉"
+    # The reply's first token made an end-of-sequence one: the model ends its reply at once.
+    eos = first_token(cm, prompt_ids(cm.tokenizer, asked, [(earlier, answer)], cm.template))
+    server = slow_server(f"generation.extra_eos_token_ids=[{eos}]")
+    browser.get(server.url + "/")
+    # A conversation kept by the tab (as after a reload), with an empty answer as an older page kept them.
+    stored = turns(earlier, answer, "类型#上衣", "")
+    browser.execute_script("sessionStorage.setItem('ptune.history', arguments[0])", json.dumps(stored))
+    wait = open_greedy(browser, server.url, cm)
+    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".msg")] == [earlier, answer]
+    status = browser.find_element(By.ID, "status")
+    box = browser.find_element(By.ID, "input")
+    posted(browser)
+
+    box.send_keys(asked, Keys.ENTER)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.msg.assistant[data-done="true"]'))  # (not restored ones)
+    empty = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[1]
+    assert "error" not in empty.get_attribute("class")
+    assert empty.text == "(empty reply)"
+    marker = empty.find_element(By.CSS_SELECTOR, ".marker")
+    assert marker.value_of_css_property("font-style") == "italic"
+    assert "empty reply, so this turn is left out of the history" in status.text, status.text
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.dropped")) == 2  # the question and its empty answer
+    assert box.get_attribute("value") == asked  # back in the input, to reword or send again
+    assert posted(browser) == [turns(earlier, answer, asked)]
+
+    # The next request carries the history without the empty turn (nor the stored one).
+    box.clear()
+    box.send_keys("类型#上衣", Keys.ENTER)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.msg.assistant[data-done="true"]')) == 2)
+    assert posted(browser) == [turns(earlier, answer, "类型#上衣")]
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors
+
+
+def test_a_conversation_too_long_for_the_server_leaves_out_its_oldest_turns(served, slow_server, browser):
+    _, cm = served
+    asked = ["类型#裙*颜色#红色", "材质#棉", "类型#上衣"]
+    last = "类型#裙*颜色#红色*风格#复古"
+    said: list[tuple[str, str]] = []  # the turns the page will have, greedy replies of MAX_NEW tokens
+    for text in asked:
+        said.append((text, greedy(cm, prompt_ids(cm.tokenizer, text, said, cm.template))))
+
+    def length(text, history):
+        return len(prompt_ids(cm.tokenizer, text, history, cm.template))
+
+    # A limit the whole conversation fits until the last message, which fits only after the newest turn.
+    limit = max(length(asked[2], said[:2]), length(last, said[2:]))
+    assert length(last, said[1:]) > limit
+    server = slow_server(f"max_prompt_tokens={limit}")
+    wait = open_greedy(browser, server.url, cm)
+    tokens = browser.find_element(By.ID, "max_tokens")
+    tokens.clear()
+    tokens.send_keys(str(MAX_NEW))
+    box, status = browser.find_element(By.ID, "input"), browser.find_element(By.ID, "status")
+
+    def say(text: str):
+        n = len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
+        box.send_keys(text, Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.msg.assistant[data-done="true"]')) == n + 1)
+        return browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+
+    for text, _ in said:
+        say(text)
+    posted(browser)
+    reply = say(last)
+    assert "error" not in reply.get_attribute("class"), reply.text
+    # Refused with three turns, then with two; taken with the newest alone, whose reply it is.
+    flat = [t for turn in said for t in turn]
+    assert posted(browser) == [turns(*flat, last), turns(*flat[2:], last), turns(*flat[4:], last)]
+    assert reply.get_attribute("textContent") == greedy(cm, prompt_ids(cm.tokenizer, last, said[2:], cm.template))
+    assert "oldest 2 turns were left out" in status.text, status.text
+    assert "error" not in status.get_attribute("class")
+    shown = browser.find_elements(By.CSS_SELECTOR, "#messages > *")
+    assert ["dropped" in e.get_attribute("class") for e in shown] == [True] * 4 + [False] * 5
+    assert shown[4].get_attribute("id") == "left-out" and "left out" in shown[4].text
+    assert "no longer sees" in shown[0].get_attribute("title")
+
+    # Later requests start from the shorter history.
+    say("材质#棉")
+    assert posted(browser)[0] == turns(*flat[4:], last, reply.get_attribute("textContent"), "材质#棉")
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert [e for e in errors if "400" not in e["message"]] == [], errors  # (Chromium logs each refusal)
+
+
+def test_a_busy_server_answers_503_and_the_page_says_so(slow_server, browser):
+    server = slow_server("max_queue=1")
+    wait = WebDriverWait(browser, 60)
+    browser.get(server.url + "/")
+    wait.until(lambda d: "checkpoint" in d.find_element(By.ID, "model").text)
+    browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
+    tokens = browser.find_element(By.ID, "max_tokens")
+    tokens.clear()
+    tokens.send_keys("4")  # a short reply once the server is free
+    # Two long greedy replies: one generating (200 slowed pieces, seconds), one waiting, which max_queue=1 allows.
+    body = json.dumps({"messages": turns("类型#裙*颜色#红色"), "stream": True, "temperature": 0,
+                       "max_tokens": 200})
+    held = []
+    for n in (1, 2):
+        conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=60)
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        held.append((conn, conn.getresponse()))  # read no further: the reply keeps coming
+        assert held[-1][1].status == 200
+        # The first generating before the second comes (else the two would share a batch).
+        wait.until(lambda d: health(server.url)["batches"] == 1 and health(server.url)["queued"] == n - 1)
+
+    box, status = browser.find_element(By.ID, "input"), browser.find_element(By.ID, "status")
+    box.send_keys("材质#棉", Keys.ENTER)
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant").get_attribute("data-done") == "true")
+    assert "the server is busy, try again in a moment" in status.text and "max_queue=1" in status.text, status.text
+    assert box.get_attribute("value") == "材质#棉"
+    assert health(server.url)["batches"] == 1  # the refusal came while the first reply was still generating
+
+    for conn, response in held:  # the two clients go away: their generation ends, the queue empties
+        response.close()
+        conn.close()
+    wait.until(lambda d: health(server.url)["queued"] == 0)
+    browser.find_element(By.ID, "send").click()  # the words given back, sent again
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.msg.assistant[data-done="true"]')) == 2)
+    last = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+    assert "error" not in last.get_attribute("class"), last.text
+    assert "error" not in status.get_attribute("class")

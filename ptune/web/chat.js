@@ -4,9 +4,10 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   const messagesEl = $("messages"), input = $("input"), sendBtn = $("send"), stopBtn = $("stop");
-  const statusEl = $("status"), modelEl = $("model");
+  const statusEl = $("status"), modelEl = $("model"), hintEl = $("hint");
   const settings = ["system", "temperature", "top_p", "max_tokens", "api_key"];
-  let history = [];        // [{role, content}] of finished turns
+  let history = [];        // [{role, content}] of finished turns: a question, its answer, the next question…
+  let turnEls = [];        // [question element, answer element] of each turn in the history, oldest first
   let controller = null;   // AbortController of the reply being streamed
   const HISTORY_KEY = "ptune.history";  // a reload (or a slip of F5) must not lose the conversation
 
@@ -43,27 +44,87 @@
     return el;
   }
 
+  // A reply with no text (the model ended it at once) would be an empty bubble: it says so instead.
+  function markEmpty(el) {
+    const marker = document.createElement("span");
+    marker.className = "marker";
+    marker.textContent = "(empty reply)";
+    el.textContent = "";
+    el.appendChild(marker);
+    el.classList.add("empty");
+  }
+
+  function keepTurn(question, answer, questionEl, answerEl) {
+    history.push({ role: "user", content: question }, { role: "assistant", content: answer });
+    turnEls.push([questionEl, answerEl]);
+  }
+
+  function notKept(els, why) {
+    for (const el of els) {
+      el.classList.add("dropped");
+      el.title = "not in the history: " + why;
+    }
+  }
+
+  // The oldest `n` turns leave the history (the server refused the conversation as too long): they stay on
+  // the page, faded, under a note that says the model no longer sees them.
+  function leaveOut(n) {
+    const gone = turnEls.splice(0, n);
+    history.splice(0, 2 * n);
+    saveHistory();
+    const why = "the conversation grew too long for the model, which no longer sees this turn";
+    for (const els of gone) notKept(els, why);
+    let note = $("left-out");
+    if (!note) {
+      note = document.createElement("div");
+      note.id = "left-out";
+      note.className = "note";
+      note.textContent = "↑ left out: the conversation grew too long for the model, which no longer sees the "
+        + "turns above";
+    }
+    gone[gone.length - 1][1].after(note);
+  }
+
+  function hint(text) {
+    hintEl.textContent = text || "";
+    hintEl.hidden = !text;
+  }
+
   function saveHistory() {
     try { sessionStorage.setItem(HISTORY_KEY, JSON.stringify(history)); } catch (e) { /* storage full: memory only */ }
   }
 
   function restoreHistory() {
-    try {
-      const saved = JSON.parse(sessionStorage.getItem(HISTORY_KEY) || "[]");
-      const valid = (m) => m && ["user", "assistant"].includes(m.role) && typeof m.content === "string";
-      if (Array.isArray(saved)) history = saved.filter(valid);
-    } catch (e) { history = []; }
-    for (const m of history) addMessage(m.role, m.content);
+    let saved = [];
+    try { saved = JSON.parse(sessionStorage.getItem(HISTORY_KEY) || "[]"); } catch (e) { /* unreadable: none */ }
+    if (!Array.isArray(saved)) saved = [];
+    const is = (m, role) => m && m.role === role && typeof m.content === "string";
+    for (let i = 0; i + 1 < saved.length; i++) {
+      // Question-and-answer pairs; an empty answer (an older page kept those) is not sent again.
+      const [q, a] = [saved[i], saved[i + 1]];
+      if (!is(q, "user") || !is(a, "assistant")) continue;
+      if (a.content.trim()) {
+        keepTurn(q.content, a.content, addMessage("user", q.content), addMessage("assistant", a.content));
+      }
+      i++;
+    }
     toBottom();
   }
 
-  class Failure extends Error {}  // a failure already put in the user's terms
+  class Failure extends Error {  // a failure already put in the user's terms
+    constructor(message, code, param) {
+      super(message);
+      this.code = code || null;    // the server's error code, e.g. context_length_exceeded
+      this.param = param || null;  // the request field it names, e.g. messages or max_tokens
+    }
+  }
 
   async function failureOf(response) {
-    let message = response.status + " " + response.statusText, code = null;
+    let message = response.status + " " + response.statusText, code = null, param = null;
     try {
       const body = await response.json();
       code = body.error && body.error.code;
+      param = body.error && body.error.param;
       message = (body.error && body.error.message) || (typeof body.detail === "string" && body.detail)
         || JSON.stringify(body);
     } catch (e) { /* not JSON (a proxy's page): the status line says it */ }
@@ -71,9 +132,10 @@
       $("settings").open = true;
       return new Failure("the server needs an API key, or refused this one: enter it under Settings");
     }
-    if (code === "context_length_exceeded") message += "; Clear starts a new, shorter conversation";
-    if (response.status === 503) message += " (the server is busy)";
-    return new Failure(message);
+    if (response.status === 503) {
+      message = "the server is busy, try again in a moment (" + message + ")";
+    }
+    return new Failure(message, code, param);
   }
 
   async function loadHealth() {
@@ -125,12 +187,30 @@
     }
   }
 
-  async function send(text) {
+  // The request for `text` after the history less its oldest `skip` turns.
+  function messagesFor(text, skip) {
     const messages = [];
     const system = $("system").value.trim();
     if (system) messages.push({ role: "system", content: system });
-    messages.push(...history, { role: "user", content: text });
-    const request = { messages: messages, stream: true };
+    messages.push(...history.slice(2 * skip), { role: "user", content: text });
+    return messages;
+  }
+
+  async function post(request) {
+    try {
+      return await fetch("/v1/chat/completions", {
+        method: "POST", headers: headers(), body: JSON.stringify(request), signal: controller.signal,
+      });
+    } catch (e) {
+      if (e.name === "AbortError") throw e;
+      throw new Failure("cannot reach the server (" + e.message + "): is it still running?");
+    }
+  }
+
+  function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
+
+  async function send(text) {
+    const request = { messages: null, stream: true };
     const t = numberOf("temperature"), p = numberOf("top_p"), m = parseInt($("max_tokens").value, 10);
     if (t !== null) request.temperature = t;
     if (p !== null) request.top_p = p;
@@ -141,22 +221,38 @@
     toBottom();
     out.classList.add("pending");
     out.dataset.chunks = "0";
-    let reply = "", finish = null, ended = false;
+    let reply = "", finish = null, ended = false, notice = "";
     controller = new AbortController();
     sendBtn.disabled = true;
+    sendBtn.title = "a reply is still coming: wait for it, or press Stop";
     stopBtn.disabled = false;
     setStatus("generating…");
     try {
-      let r;
-      try {
-        r = await fetch("/v1/chat/completions", {
-          method: "POST", headers: headers(), body: JSON.stringify(request), signal: controller.signal,
-        });
-      } catch (e) {
-        if (e.name === "AbortError") throw e;
-        throw new Failure("cannot reach the server (" + e.message + "): is it still running?");
+      // A conversation past what the server takes is refused whole (400, context_length_exceeded). As the
+      // terminal chat does, the oldest turns make room: one more is left out per refusal (a refusal costs the
+      // server no generation), and the history loses them only once a request is taken.
+      const turns = turnEls.length;
+      let skip = 0, r;
+      for (;;) {
+        request.messages = messagesFor(text, skip);
+        r = await post(request);
+        if (r.ok) break;
+        const failure = await failureOf(r);
+        controller.signal.throwIfAborted();  // Stop or Clear while the refusal was read: not a failure
+        if (failure.code !== "context_length_exceeded") throw failure;
+        if (skip < turns) { skip++; continue; }
+        const without = turns ? " (even without the " + plural(turns, "earlier turn") + ")" : "";
+        const fix = failure.param === "max_tokens" ? "lower Max new tokens under Settings" : "shorten your message";
+        throw new Failure("this message is too long for the model" + without + ": " + failure.message + "; " + fix,
+                          failure.code, failure.param);
       }
-      if (!r.ok) throw await failureOf(r);
+      if (skip) {
+        leaveOut(skip);
+        notice = "the conversation had grown too long for the model: its oldest " + plural(skip, "turn")
+          + (skip === 1 ? " was" : " were") + " left out (faded above), and the model no longer sees "
+          + (skip === 1 ? "it" : "them");
+        setStatus(notice);
+      }
       try {
         for await (const data of sseEvents(r.body)) {
           if (data === "[DONE]") { ended = true; break; }
@@ -180,14 +276,23 @@
       }
       // Without [DONE] the stream was cut short (a server or proxy that gave up): the reply may be partial.
       if (!ended) throw new Failure("the reply was cut off: the server closed the stream before its end");
-      history.push({ role: "user", content: text }, { role: "assistant", content: reply });
-      saveHistory();
-      setStatus(finish === "length" ? "stopped at the token limit" : "");
+      if (!reply.trim()) {
+        // Nothing to keep: sent along, an empty answer would only show the model how to answer nothing again.
+        markEmpty(out);
+        notKept([asked, out], "the reply was empty, so the model will not see this turn");
+        const back = !input.value.trim();
+        if (back) input.value = text;
+        setStatus([notice, "the model gave an empty reply, so this turn is left out of the history"
+          + (back ? "; your message is back in the input" : "") + " (reword it, or raise the temperature under "
+          + "Settings, and send it again)"].filter(Boolean).join("; "));
+      } else {
+        keepTurn(text, reply, asked, out);
+        saveHistory();
+        setStatus([notice, finish === "length" ? "stopped at the token limit" : ""].filter(Boolean).join("; "));
+      }
     } catch (e) {
       // The turn is not in the history: say so on it, so the page shows what the model will be sent.
-      asked.classList.add("dropped");
-      out.classList.add("dropped");
-      asked.title = out.title = "not in the history: the model will not see this turn";
+      notKept([asked, out], "the model will not see this turn");
       if (e.name === "AbortError") {
         if (out.isConnected) setStatus("stopped; this turn is not kept in the history");  // (not after Clear)
       } else {
@@ -204,7 +309,9 @@
       out.dataset.done = "true";
       controller = null;
       sendBtn.disabled = false;
+      sendBtn.title = "";
       stopBtn.disabled = true;
+      hint("");
       input.focus();
     }
   }
@@ -212,7 +319,11 @@
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
     const text = input.value;
-    if (!text.trim() || controller) return;
+    if (!text.trim()) return;
+    if (controller) {  // one reply at a time: the words wait in the input, and the page says so
+      hint("The reply is still coming: wait for it to end, or press Stop. Your message stays here until then.");
+      return;
+    }
     input.value = "";
     send(text);
   });
@@ -226,6 +337,7 @@
   $("clear").addEventListener("click", () => {
     if (controller) controller.abort();
     history = [];
+    turnEls = [];
     saveHistory();
     messagesEl.textContent = "";
     setStatus("history cleared");
