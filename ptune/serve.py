@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime
+import errno
 import hmac
 import json
 import logging
@@ -828,19 +829,62 @@ def check_settings(cfg: DictConfig) -> None:
     check_api_key(cfg)
 
 
-def listen_socket(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before the model loads: a port already taken is reported at once, not
-    after minutes of loading; with port=0 the system picks one, which the startup line then names."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+LOCALHOST = ("127.0.0.1", "::1")
+NO_IPV6 = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT)  # from binding ::1 without IPv6
+
+
+def _bind(address: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
     try:
-        sock.bind((host, port))
-    except OSError as e:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+    except OSError:
         sock.close()
-        raise ConfigError(f"host={host} port={port}: cannot listen there ({e.strerror or e}); pick another port "
-                          "(port=0 lets the system choose a free one)") from None
+        raise
     return sock
+
+
+def _cannot_listen(host: str, address: str, port: int, e: OSError) -> ConfigError:
+    where = "there" if address == host else f"on {address}"
+    return ConfigError(f"host={host} port={port}: cannot listen {where} ({e.strerror or e}); pick another port "
+                       "(port=0 lets the system choose a free one)")
+
+
+def listen_sockets(host: str, port: int) -> list[socket.socket]:
+    """The server's sockets, bound before the model loads: a port already taken is reported at once, not
+    after minutes of loading; with port=0 the system picks one, which the startup line then names.
+
+    `localhost` is both loopback addresses, 127.0.0.1 and ::1 where the machine has IPv6: clients resolve
+    the name to either, and some try only the first address they get (Node.js before 20 did), so a server
+    on one alone refuses them. uvicorn's own `--host localhost` binds 127.0.0.1 alone."""
+    if host.lower() != "localhost":
+        try:
+            return [_bind(host, port)]
+        except OSError as e:
+            raise _cannot_listen(host, host, port, e) from None
+    v4_address, v6_address = LOCALHOST
+    for _ in range(20):
+        try:
+            v4 = _bind(v4_address, port)
+        except OSError as e:
+            raise _cannot_listen(host, v4_address, port, e) from None
+        try:
+            return [v4, _bind(v6_address, v4.getsockname()[1])]
+        except OSError as e:
+            if e.errno in NO_IPV6:
+                log.debug("no IPv6 loopback here (%s): localhost is served on %s alone", e.strerror, v4_address)
+                return [v4]
+            v4.close()
+            if not (port == 0 and e.errno == errno.EADDRINUSE):
+                raise _cannot_listen(host, v6_address, port, e) from None
+            # The port the system picked on 127.0.0.1 is taken on ::1: ask for another.
+    raise ConfigError(f"host={host} port=0: found no port free on both {v4_address} and {v6_address}")
+
+
+def server_url(host: str, port: int) -> str:
+    if ":" in host:  # an IPv6 address goes in brackets (RFC 3986), a zone's % escaped (RFC 6874)
+        host = f"[{host.replace('%', '%25')}]"
+    return f"http://{host}:{port}/"
 
 
 @hydra.main(config_path="../conf", config_name="serve", version_base="1.3")
@@ -854,19 +898,21 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit("config error: pass checkpoint=<run>/checkpoint-N (or a run folder: its newest checkpoint), "
                          "or checkpoint=null model.path=<dir> to serve the base model alone")
     check_settings(cfg)
-    sock = listen_socket(str(cfg.host), int(cfg.port))
+    sockets = listen_sockets(str(cfg.host), int(cfg.port))
     cm = load_chat_model(cfg)
     _check_exposure(cfg)
     app = create_app(cm, cfg)
     config = uvicorn.Config(app, host=str(cfg.host), port=int(cfg.port), log_level=str(cfg.log_level),
                             access_log=True)
-    log.info("serving %s at http://%s:%d/ (chat page at /, API at / and /v1/chat/completions)", cm.describe(),
-             cfg.host, sock.getsockname()[1])
+    addresses = " and ".join(s.getsockname()[0] for s in sockets)
+    log.info("serving %s at %s (%schat page at /, API at / and /v1/chat/completions)", cm.describe(),
+             server_url(str(cfg.host), sockets[0].getsockname()[1]),
+             f"listening on {addresses}; " if len(sockets) > 1 else "")
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     # uvicorn shuts down cleanly on SIGTERM, then raises it again: with the default action the exit status
     # says "ended by SIGTERM", the clean stop service managers expect, not the interrupt of a start-up.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(config).run(sockets=sockets)
 
 
 if __name__ == "__main__":

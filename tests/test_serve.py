@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -688,3 +689,62 @@ def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path):
     assert done.returncode == 1, done.stderr
     assert f"error: host=127.0.0.1 port={port}: cannot listen there (Address already in use)" in done.stderr
     assert "Traceback" not in done.stderr and "no-model-here" not in done.stderr
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+
+
+def serve_cmd(checkpoint, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "ptune.serve", f"checkpoint={checkpoint}", "device=cpu", f"max_new_tokens={MAX_NEW}",
+            "log_level=warning", *overrides]
+
+
+@pytest.mark.slow
+@needs_ipv6
+def test_localhost_is_served_on_both_loopback_addresses(checkpoint, tmp_path):
+    """Clients resolve localhost to 127.0.0.1 or ::1, and some try only the first address they get."""
+    with served_by(serve_cmd(checkpoint, "host=localhost"), REPO, os.environ, tmp_path / "serve.log", port=0) \
+            as (_, url):
+        port = int(url.rsplit(":", 1)[1])
+        assert url == f"http://localhost:{port}"
+        for address in ("127.0.0.1", "[::1]"):
+            assert httpx.get(f"http://{address}:{port}/health", timeout=5).status_code == 200, address
+
+
+@pytest.mark.slow
+@needs_ipv6
+def test_an_ipv6_host_is_bracketed_in_the_startup_line(checkpoint, tmp_path):
+    with served_by(serve_cmd(checkpoint, "host=::1"), REPO, os.environ, tmp_path / "serve.log", port=0) as (_, url):
+        assert re.fullmatch(r"http://\[::1\]:\d+", url), url
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+
+
+@needs_ipv6
+def test_localhost_with_its_port_taken_on_ipv6_is_refused_naming_that_address():
+    """Clients that resolve localhost to ::1 would reach the other server there, so that is no place to serve."""
+    from ptune.errors import ConfigError
+    from ptune.serve import listen_sockets
+
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"host=localhost port={port}: cannot listen on ::1 \(Address already"):
+            listen_sockets("localhost", port)
+    # With port=0 the system's pick for 127.0.0.1 must be free on ::1 too.
+    sockets = listen_sockets("localhost", 0)
+    try:
+        assert sorted(s.getsockname()[0] for s in sockets) == ["127.0.0.1", "::1"]
+        assert len({s.getsockname()[1] for s in sockets}) == 1
+    finally:
+        for s in sockets:
+            s.close()
