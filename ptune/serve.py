@@ -795,12 +795,29 @@ def check_api_key(cfg: DictConfig) -> None:
         raise ConfigError(f"api_key is {what}, not text: the command line reads an unquoted key like 1e5 or true as "
                           "a value (1e5 would become the key 100000.0); quote it: 'api_key=\"<key>\"' (or set "
                           f"{API_KEY_ENV})")
+    if key == "":
+        # `api_key=$KEY` with KEY unset: without this the server would run with no key at all, unasked.
+        raise ConfigError("api_key is empty, which would serve without a key; give the key, or api_key=null "
+                          "(the default) to serve without one")
     key = api_key_of(cfg)
-    if key is not None and not key.isascii():
-        setting = "api_key" if cfg.get("api_key") else API_KEY_ENV
+    if key is None:
+        return
+    setting = "api_key" if cfg.get("api_key") else API_KEY_ENV
+    if not key.isascii():
         raise ConfigError(f"{setting} holds characters outside ASCII, which requests cannot send reliably: the key "
                           "travels in an HTTP header, read here as latin-1, and clients encode such characters in "
                           "different ways or refuse them; use an ASCII key")
+    # Refused rather than stripped: a secret silently made into another one would surprise whoever chose it.
+    for end, char in (("begins", key[0]), ("ends", key[-1])):
+        if char.isspace():
+            hint = " (a key read from a file may keep its line ending)" if char in "\r\n" else ""
+            raise ConfigError(f"{setting} {end} with whitespace ({char!r}), which HTTP strips from the ends of a "
+                              f"header, so no request can match it; remove it{hint}")
+    # A header's value may hold a tab, no other control character (RFC 9110, field-content).
+    control = next((c for c in key if (c < " " and c != "\t") or c == "\x7f"), None)
+    if control is not None:
+        raise ConfigError(f"{setting} holds a control character ({control!r}), which an HTTP header cannot carry, so "
+                          "no request can send this key")
 
 
 def _check_exposure(cfg: DictConfig) -> None:

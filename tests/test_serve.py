@@ -650,6 +650,13 @@ def test_a_prompt_of_spaces_and_newlines_alone_is_refused(served):
     ("api_key=1_000", ["api_key is a number", "quote it"]),
     ("api_key=true", ["api_key is true/false", "quote it"]),
     ('api_key="clé"', ["api_key holds characters outside ASCII", "use an ASCII key"]),
+    # HTTP strips a header's value at both ends, so a request could never send these whole.
+    ('api_key=" s3cret"', ["api_key begins with whitespace (' ')", "no request can match it"]),
+    ('api_key="s3cret\n"', ["api_key ends with whitespace ('\\n')", "line ending"]),
+    ('api_key="two\nlines"', ["api_key holds a control character ('\\n')", "cannot carry"]),
+    # `api_key=$KEY` with KEY unset: the key meant to guard the server would silently be none.
+    ("api_key=", ["api_key is empty", "api_key=null"]),
+    ('api_key=""', ["api_key is empty"]),
 ])
 def test_an_api_key_requests_could_not_send_is_refused_at_startup(checkpoint, override, fragments):
     from ptune.errors import ConfigError
@@ -659,15 +666,22 @@ def test_an_api_key_requests_could_not_send_is_refused_at_startup(checkpoint, ov
         check_settings(compose("serve", f"checkpoint={checkpoint}", override))
     assert all(f in str(e.value) for f in fragments), str(e.value)
     check_settings(compose("serve", f"checkpoint={checkpoint}", 'api_key="1e5"'))  # quoted, it stays text
+    check_settings(compose("serve", f"checkpoint={checkpoint}", 'api_key="a b\tc"'))  # a header carries these inside
 
 
-def test_a_non_ascii_key_from_the_environment_is_refused_at_startup(checkpoint, monkeypatch):
+def test_a_key_from_the_environment_that_requests_could_not_send_is_refused_at_startup(checkpoint, monkeypatch):
     from ptune.errors import ConfigError
-    from ptune.serve import check_settings
+    from ptune.serve import api_key_of, check_settings
 
     monkeypatch.setenv("PTUNE_API_KEY", "密钥")
     with pytest.raises(ConfigError, match="PTUNE_API_KEY holds characters outside ASCII"):
         check_settings(compose("serve", f"checkpoint={checkpoint}"))
+    monkeypatch.setenv("PTUNE_API_KEY", "s3cret\r")  # `$(cat keyfile)` keeps the \r of a file's \r\n
+    with pytest.raises(ConfigError, match=r"PTUNE_API_KEY ends with whitespace \('\\r'\)"):
+        check_settings(compose("serve", f"checkpoint={checkpoint}"))
+    monkeypatch.setenv("PTUNE_API_KEY", "")  # an empty variable is an unset one, as for most programs
+    check_settings(compose("serve", f"checkpoint={checkpoint}"))
+    assert api_key_of(compose("serve", f"checkpoint={checkpoint}")) is None
 
 
 @pytest.mark.slow
