@@ -624,6 +624,8 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         except asyncio.CancelledError:
             job.cancelled = True
             raise
+        except RequestError:  # the 499 above: the client's doing, which a 500 would log as the server's
+            raise
         except Exception as e:  # the worker logged it; the client gets the reason
             raise RequestError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed") from None
 

@@ -471,10 +471,26 @@ def gated(served_gpt2):
     cfg = compose("serve", "checkpoint=null", f"model.path={cm.base_path}", "model.template=plain", "device=cpu",
                   "max_new_tokens=64")
     engine = gated_engine(cm, batch_wait_ms=5)
-    live = LiveServer(create_app(cm, cfg, engine))
-    yield live.url, engine
+    app = StatusLog(create_app(cm, cfg, engine))
+    live = LiveServer(app)
+    yield live.url, engine, app.statuses
     engine.gate.set()
     live.stop()
+
+
+class StatusLog:
+    """ASGI wrapper: (method, path, status) of each response the app sends, as an access log records it."""
+
+    def __init__(self, app):
+        self.app, self.statuses = app, []
+
+    async def __call__(self, scope, receive, send):
+        async def record(message):
+            if message["type"] == "http.response.start":
+                self.statuses.append((scope["method"], scope["path"], message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, record)
 
 
 def wait_for(condition, seconds: float = 20) -> None:
@@ -486,10 +502,13 @@ def wait_for(condition, seconds: float = 20) -> None:
 
 @pytest.mark.parametrize("path, body", [("/", {"prompt": "hi", "temperature": 0}), chat_request("hi")])
 def test_a_client_that_hangs_up_stops_its_generation(gated, path, body):
-    url, engine = gated
+    url, engine, statuses = gated
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + path, json={**body, "max_tokens": 60, "max_length": 60}, timeout=0.5)
     wait_for(lambda: engine.jobs and engine.jobs[0].cancelled)
+    # Logged as the client's doing, not as a server error (a 500 would set off alerts on 5xx).
+    wait_for(lambda: statuses)
+    assert statuses == [("POST", path, 499)]
     engine.gate.set()
     wait_for(lambda: httpx.get(url + "/health").json()["cancelled"] == 1)
     assert httpx.get(url + "/health").json()["served"] == 0  # not generated to the end
@@ -519,7 +538,7 @@ def test_jobs_waiting_to_be_batched_count_against_max_queue(served_gpt2):
 
 
 def test_a_full_queue_answers_503_with_retry_after(gated):
-    url, engine = gated
+    url, engine, _ = gated
     engine.max_queue = 0
     for path, body in [("/", {"prompt": "hi"}), chat_request("hi"), chat_request("hi", stream=True)]:
         r = httpx.post(url + path, json=body, timeout=60)
