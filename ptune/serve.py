@@ -22,6 +22,7 @@ import concurrent.futures
 import datetime
 import errno
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -822,8 +823,15 @@ def check_api_key(cfg: DictConfig) -> None:
                           "no request can send this key")
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve to anything
+        return False
+
+
 def _check_exposure(cfg: DictConfig) -> None:
-    loopback = str(cfg.host) in ("127.0.0.1", "localhost", "::1")
+    loopback = is_loopback(str(cfg.host))
     if not loopback and not api_key_of(cfg):
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model; set "
                     "api_key=... or %s", cfg.host, API_KEY_ENV)

@@ -781,3 +781,13 @@ def test_localhost_with_its_port_taken_on_ipv6_is_refused_naming_that_address():
     finally:
         for s in sockets:
             s.close()
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True),
+                                            ("LOCALHOST", True), ("0.0.0.0", False), ("::", False),
+                                            ("192.168.1.5", False), ("myhost.example", False)])
+def test_only_hosts_outside_loopback_count_as_exposed(host, loopback):
+    """The warning about serving without a key is for addresses others can reach, all of 127/8 being local."""
+    from ptune.serve import is_loopback
+
+    assert is_loopback(host) is loopback
