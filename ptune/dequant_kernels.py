@@ -10,7 +10,10 @@ against. Importing this module needs triton, which CUDA builds of PyTorch bring.
 For a handful of rows (decoding a few sequences) widening is the wrong trade: the layer's matmul then
 reads the weight at 2 bytes a value after the widening wrote it, where the stored codes are 0.5 (int4) or
 1 (int8). :func:`small_matmul` reads the stored codes and widens them tile by tile in registers, one tile
-of output columns per program, so the weight crosses memory once, at its stored size.
+of output columns per program, so the weight crosses memory once, at its stored size. For int4, layers
+with few output tiles (4096 outputs make 32 tiles of 128) also split the input dimension among programs,
+so that every multiprocessor reads its share; the fp32 partial sums are added in a fixed order and
+rounded once.
 """
 
 from __future__ import annotations
@@ -49,36 +52,55 @@ def _int8_kernel(q_ptr, scale_ptr, out_ptr, n, COLS: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
-def _int4_matmul_kernel(x_ptr, packed_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, GROUPS, stride_x, stride_out,
-                        HALF: tl.constexpr, GROUPS_A_STEP: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+def _int4_matmul_kernel(x_ptr, packed_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, GROUPS, PER_SPLIT, stride_x,
+                        HALF: tl.constexpr, WIDTH: tl.constexpr, GROUPS_A_STEP: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
     # Each tile of codes is widened in registers exactly as _int4_kernel widens it, so the product is
-    # the widened weight's, only never written out. Tiles are (columns, groups, half-group): one scale
-    # and offset load per group, broadcast over its codes.
+    # the widened weight's, only never written out. A step is one group: (columns, half-group) tiles,
+    # one scale and offset per column. Program (i, s) takes output columns i and groups
+    # [s * PER_SPLIT, (s + 1) * PER_SPLIT): with SPLIT > 1 it writes an fp32 partial sum for _split_sum.
+    # WIDTH is HALF, or 16 (tl.dot's smallest inner size) for smaller groups, the codes past HALF masked.
     m = tl.arange(0, BLOCK_M)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = tl.arange(0, HALF)
+    k = tl.arange(0, WIDTH)
     keep_m, keep_n = m < M, n < N
     row = n.to(tl.int64) * (GROUPS * HALF)
+    first = tl.program_id(1) * PER_SPLIT
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for first in range(0, GROUPS, GROUPS_A_STEP):
-        group = first + tl.arange(0, GROUPS_A_STEP)
-        keep_w = keep_n[:, None] & (group < GROUPS)[None, :]
-        codes = tl.load(packed_ptr + row[:, None, None] + (group[:, None] * HALF + k[None, :])[None, :, :],
-                        mask=keep_w[:, :, None], other=0)
-        scale = tl.load(scale_ptr + n[:, None] * GROUPS + group[None, :], mask=keep_w, other=0.0)[:, :, None]
-        offset = tl.load(offset_ptr + n[:, None] * GROUPS + group[None, :], mask=keep_w, other=0.0)[:, :, None]
-        low = group[:, None] * (2 * HALF) + k[None, :]  # input columns of the low nibbles; high ones HALF on
-        x_ptrs = x_ptr + m[:, None, None] * stride_x + low[None, :, :]
-        x_low = tl.load(x_ptrs, mask=keep_m[:, None, None] & (low < K)[None, :, :], other=0.0)
-        x_high = tl.load(x_ptrs + HALF, mask=keep_m[:, None, None] & (low + HALF < K)[None, :, :], other=0.0)
-        w_low = ((codes & 15).to(tl.float32) * scale + offset).to(x_low.dtype)
-        w_high = ((codes >> 4).to(tl.float32) * scale + offset).to(x_low.dtype)
-        width: tl.constexpr = GROUPS_A_STEP * HALF
-        acc = tl.dot(tl.reshape(x_low, (BLOCK_M, width)), tl.trans(tl.reshape(w_low, (BLOCK_N, width))), acc)
-        acc = tl.dot(tl.reshape(x_high, (BLOCK_M, width)), tl.trans(tl.reshape(w_high, (BLOCK_N, width))), acc)
-    tl.store(out_ptr + m[:, None] * stride_out + n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=keep_m[:, None] & keep_n[None, :])
+    for step in range(0, PER_SPLIT, GROUPS_A_STEP):  # PER_SPLIT is a multiple of GROUPS_A_STEP
+        for j in tl.static_range(GROUPS_A_STEP):
+            g = first + step + j
+            # (g + zeros) < GROUPS rather than a scalar test: Triton's CPU interpreter refuses scalar masks.
+            keep_w = keep_n & ((g + tl.zeros([BLOCK_N], tl.int32)) < GROUPS)
+            inside = ((g + tl.zeros([WIDTH], tl.int32)) < GROUPS) & (k < HALF)
+            codes = tl.load(packed_ptr + row[:, None] + g * HALF + k[None, :],
+                            mask=keep_w[:, None] & inside[None, :], other=0)
+            scale = tl.load(scale_ptr + n * GROUPS + g, mask=keep_w, other=0.0)[:, None]
+            offset = tl.load(offset_ptr + n * GROUPS + g, mask=keep_w, other=0.0)[:, None]
+            low = g * (2 * HALF) + k  # input columns of the low nibbles; the high ones are HALF on
+            x_ptrs = x_ptr + m[:, None] * stride_x + low[None, :]
+            x_low = tl.load(x_ptrs, mask=keep_m[:, None] & ((low < K) & inside)[None, :], other=0.0)
+            x_high = tl.load(x_ptrs + HALF, mask=keep_m[:, None] & ((low + HALF < K) & inside)[None, :], other=0.0)
+            w_low = ((codes & 15).to(tl.float32) * scale + offset).to(x_low.dtype)
+            w_high = ((codes >> 4).to(tl.float32) * scale + offset).to(x_low.dtype)
+            acc = tl.dot(x_low, tl.trans(w_low), acc)
+            acc = tl.dot(x_high, tl.trans(w_high), acc)
+    mask = keep_m[:, None] & keep_n[None, :]
+    if SPLIT == 1:
+        tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + tl.program_id(1) * M * N + m[:, None] * N + n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _split_sum(partial_ptr, out_ptr, n, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    # The partial sums in a fixed order, so a result does not depend on which program finished first.
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = i < n
+    acc = tl.load(partial_ptr + i, mask=keep, other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        acc += tl.load(partial_ptr + s * n + i, mask=keep, other=0.0)
+    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=keep)
 
 
 @triton.jit
@@ -104,8 +126,25 @@ def _int8_matmul_kernel(x_ptr, q_ptr, scale_ptr, out_ptr, M, N, K, stride_x, str
 # The row count up to which small_matmul serves a layer: tl.dot's smallest tile is 16 rows, and past it
 # the widened weight's matmul is compute-bound enough to pay for the widening.
 SMALL_ROWS = 16
-# Tile and launch shape: output columns a program, codes a step (int4: bytes), warps, pipeline stages.
-SMALL_TILE = {"int4": (64, 256, 4, 2), "int8": (32, 256, 4, 4)}
+# Tile and launch shape: output columns a program, int8: codes a step / int4: groups a step, warps,
+# pipeline stages (BENCHMARKS.md runs 27 and 29: sweeps over ChatGLM2-6B's four layer shapes).
+SMALL_TILE = {"int4": (128, 2, 4, 2), "int8": (32, 256, 4, 4)}
+# int4: at least this many programs per streaming multiprocessor, the input dimension split among them
+# where the output columns alone give fewer (4096 outputs are 32 tiles of 128, on 132 SMs); at most
+# MAX_SPLIT parts, each summed in fp32 before the one rounding.
+PROGRAMS_PER_SM = 2
+MAX_SPLIT = 8
+_sm_count: dict[int, int] = {}
+
+
+def _splits(device: torch.device, tiles: int, groups: int, step: int) -> tuple[int, int]:
+    """(parts, groups a part) for int4's split of the input dimension; groups a part is a multiple of `step`."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_count:
+        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    want = max(1, min(MAX_SPLIT, PROGRAMS_PER_SM * _sm_count[index] // tiles))
+    per = triton.cdiv(triton.cdiv(groups, want), step) * step
+    return triton.cdiv(groups, per), per
 
 
 def small_matmul_fits(x: torch.Tensor, group_size: int) -> bool:
@@ -123,18 +162,24 @@ def small_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, of
     x = x.contiguous()
     rows, out_features = x.shape[0], qweight.shape[0]
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = SMALL_TILE["int8" if offset is None else "int4"]
-    grid = (triton.cdiv(out_features, block_n),)
-    launch = {"BLOCK_M": SMALL_ROWS, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages}
     if offset is None:
-        _int8_matmul_kernel[grid](x, qweight, scale, out, rows, out_features, in_features, x.stride(0), out.stride(0),
-                                  **launch)
-    else:
-        groups, half = scale.shape[1], qweight.shape[1] // scale.shape[1]
-        del launch["BLOCK_K"]  # whole groups a step, at least 16 codes (tl.dot's smallest inner size)
-        _int4_matmul_kernel[grid](x, qweight, scale, offset, out, rows, out_features, in_features, groups, x.stride(0),
-                                  out.stride(0), HALF=half, GROUPS_A_STEP=max(1, block_k // half, 16 // half),
-                                  **launch)
+        block_n, block_k, warps, stages = SMALL_TILE["int8"]
+        _int8_matmul_kernel[(triton.cdiv(out_features, block_n),)](
+            x, qweight, scale, out, rows, out_features, in_features, x.stride(0), out.stride(0), BLOCK_M=SMALL_ROWS,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        return out
+    block_n, step, warps, stages = SMALL_TILE["int4"]
+    groups, half = scale.shape[1], qweight.shape[1] // scale.shape[1]
+    tiles = triton.cdiv(out_features, block_n)
+    parts, per = _splits(x.device, tiles, groups, step)
+    target = out if parts == 1 else torch.empty(parts, rows, out_features, dtype=torch.float32, device=x.device)
+    _int4_matmul_kernel[(tiles, parts)](x, qweight, scale, offset, target, rows, out_features, in_features, groups,
+                                        per, x.stride(0), HALF=half, WIDTH=max(half, 16), GROUPS_A_STEP=step,
+                                        BLOCK_M=SMALL_ROWS, BLOCK_N=block_n, SPLIT=parts, num_warps=warps,
+                                        num_stages=stages)
+    if parts > 1:
+        n = rows * out_features
+        _split_sum[(triton.cdiv(n, _BLOCK),)](target, out, n, SPLIT=parts, BLOCK=_BLOCK)
     return out
 
 

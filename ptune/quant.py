@@ -49,8 +49,8 @@ int4/128   4.2 GiB     2.3 s         0.34 s (1.7x slower)      16.5 / 6.5
 
 Decoding was hit harder (dequantizing a weight costs more than a 16-row matmul with it: ~8x per layer
 for int8); since inputs of up to 16 rows are widened in registers only (dequant_kernels.small_matmul),
-int8 decodes at bf16's speed and int4 at ~60% of it (BENCHMARKS.md run 27). Quantize for memory, not
-speed. On such random deep weights the prefix gradient is very sensitive to any weight noise: its
+int8 decodes at bf16's speed and int4 at ~80% of it (BENCHMARKS.md runs 27 and 29). Quantize for memory,
+not speed. On such random deep weights the prefix gradient is very sensitive to any weight noise: its
 cosine with the bf16 model's was 0.992 for fp32, 0.96 for int8 and 0.15 for int4 at 28 layers (0.86 for
 int4 at 2 layers) -- the same as Gaussian noise of the same relative size (9.3%) gives, so it is the
 precision, not a defect; check int4 on the real model before training with it.
