@@ -751,7 +751,8 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.get("/health", dependencies=[Depends(authorized)])
+    # HEAD too: uptime monitors and load balancers often probe with it
+    @app.api_route("/health", methods=["GET", "HEAD"], dependencies=[Depends(authorized)])
     async def health():
         return {"status": "ok", "model": model_name, "checkpoint": cm.checkpoint, "step": cm.step,
                 "base": cm.base_path, "template": cm.template, "device": str(cm.device),

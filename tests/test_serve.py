@@ -140,6 +140,8 @@ def test_openai_shape_and_stream_equal_evaluate(served):
     health = httpx.get(url + "/health").json()
     assert models["data"][0]["id"] == health["model"] == body["model"]
     assert health["checkpoint"] == str(cm.checkpoint) and health["step"] == 2
+    probe = httpx.head(url + "/health")  # how uptime monitors ask
+    assert probe.status_code == 200 and probe.content == b""
 
 
 def test_seeded_sampling_is_reproducible(served):
