@@ -150,6 +150,34 @@ def recompute_setting(t: DictConfig, num_layers: int) -> int | str:
     return value
 
 
+def learned_positions(model) -> int | None:
+    """How many positions the base's learned position table holds (GPT-2's wpe, OPT's embed_positions), or None
+    for rotary and ALiBi bases, which have no table to index past: past its end a row is not merely out of
+    the base's training range, the embedding lookup fails (a device-side assert on a GPU)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    words = model.get_input_embeddings()
+    for m in model.modules():
+        # OPT's table holds two more rows than it has positions (an offset), hence the small range
+        if isinstance(m, torch.nn.Embedding) and m is not words and limit <= m.num_embeddings <= limit + 2:
+            return limit
+    return None
+
+
+def check_positions(model, lengths: list[int], model_path, data_cfg) -> None:
+    """Refuse, before the first step, rows longer than the base's position table; training would otherwise
+    stop at whichever step first draws one."""
+    limit = learned_positions(model)
+    if limit is None or max(lengths) <= limit:
+        return
+    raise TrainingError(
+        f"model.path={model_path}: this base has learned positions for {limit} tokens, but the longest training "
+        f"row is {max(lengths)} tokens (its prompt cut to data.max_source_length={data_cfg.max_source_length}, "
+        f"its response to data.max_target_length={data_cfg.max_target_length}, plus EOS); lower them so that "
+        f"they add up to at most {limit - 1} ({limit} positions in all)")
+
+
 def fitted_split(cfg: DictConfig, lm, params, plan_for, lengths: list[int], rows, pad_token_id: int,
                  device: torch.device, world: int, recompute: int | str, num_layers: int) -> tuple[int, int, int, dict]:
     """(micro-batch, accumulation steps, recomputed layers, what was measured) for
@@ -249,6 +277,7 @@ def train(cfg: DictConfig) -> Path:
     rows = training_rows(cfg.data, cfg.model.template, tokenizer)
     lengths = [len(ids) for ids in rows["input_ids"]]
     targets = [sum(1 for x in lab[1:] if x != IGNORE) for lab in rows["labels"]]
+    check_positions(model, lengths, cfg.model.path, cfg.data)
 
     def plan_for(micro: int, accumulation: int) -> BatchPlan:
         return BatchPlan(lengths, targets, micro, accumulation, world, cfg.seed, t.sort_by_length, t.group_by_length)

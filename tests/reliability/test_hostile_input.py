@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import build_tokenizer, sample_rows, tiny_config
-from reliability_harness import assert_clean_error, cli, snapshot, train_args
+from reliability_harness import assert_clean_error, cli, snapshot, train_args, write_long_rows
 
 MAIN_MODULE_BUG = (
     "`python -m ptune.train` raises __main__.TrainingError, which ptune.errors.user_errors() does not catch "
@@ -121,6 +121,18 @@ def test_integer_too_long_for_python_is_one_clear_line(env, tmp_path):
     res = cli("ptune.train", *train_args(env.model, data, out))
     assert not list(out.glob("checkpoint-*"))
     assert_clean_error(res, f"error: {data}:3: an integer with more than 4300 digits")
+
+
+def test_rows_longer_than_a_learned_position_table_are_refused_before_training(env, tiny_model_dir, tmp_path):
+    """GPT-2's position table holds n_positions (512 in the tiny one); a longer row used to stop training at the
+    first step that drew it with an IndexError from the embedding (a device-side assert on a GPU), possibly
+    hours into the run."""
+    data, model, out = write_long_rows(tmp_path / "long.jsonl", n=8), tiny_model_dir("gpt2"), tmp_path / "fresh"
+    res = cli("ptune.train", *train_args(model, data, out, "data.max_source_length=400",
+                                         "data.max_target_length=400"))
+    assert_clean_error(res, f"error: model.path={model}", "512 positions", "data.max_source_length=400",
+                       "data.max_target_length=400")
+    assert not list(out.glob("checkpoint-*")) and "step 1 " not in res.stderr
 
 
 def fresh_run(env, tmp_path, data: Path, *extra: str):
