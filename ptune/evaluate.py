@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from ptune.chat import position_limit
 from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation, check_quantization,
                           check_template, refuse_added_settings, resolve_device)
 from ptune.data import Columns, left_pad, load_examples, source_ids, text_ids
@@ -76,10 +77,29 @@ def auto_batch_size(model, prompt_len: int, new_tokens: int, device: torch.devic
     return max(1, min(cap, int(free * 0.5 // per_row)))
 
 
+def check_positions(model, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse prompts and replies that do not fit the model's positions together, before generating: past them,
+    a learned position table (GPT-2's n_positions) fails with an IndexError part-way through the eval set."""
+    limit = position_limit(model)
+    longest = max(map(len, prompts), default=0)
+    if limit is None or longest + max_new_tokens <= limit[0]:
+        return
+    positions, key = limit
+    # data.max_source_length bounds every prompt, template included, so either change alone makes them fit
+    fixes = [f"{name} of at most {most}" for name, most in (("generation.max_new_tokens", positions - longest),
+                                                           ("data.max_source_length", positions - max_new_tokens))
+             if most > 0]
+    fix = ", or ".join(fixes) or f"generation.max_new_tokens and data.max_source_length adding up to {positions}"
+    raise ConfigError(f"generation.max_new_tokens={max_new_tokens}: the longest of the {len(prompts)} eval prompts "
+                      f"has {longest} tokens, which with the reply need {longest + max_new_tokens} positions; the "
+                      f"model has {positions} ({key}): expected {fix}")
+
+
 def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_size: int | str, device,
             progress: bool = True) -> tuple[list[str], dict]:
     """Generated texts in input order, and throughput figures."""
     device = torch.device(device)
+    check_positions(model, prompts, gen.max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     if batch_size == "auto":
         batch_size = auto_batch_size(model, len(prompts[order[0]]), gen.max_new_tokens, device, len(prompts))

@@ -43,7 +43,7 @@ from ptune.config import refuse_added_settings, resolve_device
 from ptune import evaluate as ev
 from ptune import models
 from ptune.data import Columns, DataError, load_examples
-from ptune.errors import exit_on_user_error, stopped
+from ptune.errors import ConfigError, exit_on_user_error, stopped
 from ptune.logs import setup_logging
 from ptune.metrics import SCORE_KEYS
 
@@ -274,8 +274,12 @@ def score_group(targets: list[Target], cfg: DictConfig, device: torch.device, ex
             skip(t, data_error(e), bar)
             continue
         evalset = evalsets[key]
-        texts, stats = ev.predict(lm, tokenizer, evalset.prompts, cfg.generation, cfg.batch_size, device,
-                                  progress=False)
+        try:
+            texts, stats = ev.predict(lm, tokenizer, evalset.prompts, cfg.generation, cfg.batch_size, device,
+                                      progress=False)
+        except ConfigError as e:  # a setting this base cannot take (its positions, its vocabulary): other bases can
+            skip(t, str(e), bar)
+            continue
         t.metrics = ev.score(texts, evalset.labels)
         ev.write_results(t.ckpt / "eval", evalset, texts, t.metrics,
                          {"generation": {**expected.gen, **stats}, "checkpoint": str(t.ckpt),

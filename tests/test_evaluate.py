@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -276,3 +277,23 @@ def test_a_signal_mid_generation_is_one_line_with_the_signals_status_and_writes_
     assert "Traceback" not in stderr
     assert stderr.splitlines()[-1] == "evaluate interrupted" + (" (SIGTERM)" if sig == signal.SIGTERM else "")
     assert not out.exists()
+
+
+def test_prompts_and_replies_past_the_models_positions_are_refused_before_generating(tiny_model_dir, sample_file,
+                                                                                     tmp_path):
+    """GPT-2's learned position table (n_positions=512 here) has no row past its end: generating there failed
+    with an IndexError mid-run. The longest prompt plus generation.max_new_tokens must fit, as in chat."""
+    out = tmp_path / "eval"
+    base = [f"model.path={tiny_model_dir('gpt2')}", "model.template=plain", f"data.eval_file={sample_file}",
+            "data.prompt_column=content", "data.response_column=summary", "data.max_source_length=32",
+            "data.max_target_length=16", "limit=3", f"output_dir={out}"]
+    with pytest.raises(ev.ConfigError) as err:
+        ev.evaluate(compose(*base, "generation.max_new_tokens=500"))
+    longest = int(re.search(r"has (\d+) tokens", str(err.value)).group(1))
+    assert 20 < longest <= 32
+    assert str(err.value) == (
+        f"generation.max_new_tokens=500: the longest of the 3 eval prompts has {longest} tokens, which with the "
+        f"reply need {longest + 500} positions; the model has 512 (max_position_embeddings): expected "
+        f"generation.max_new_tokens of at most {512 - longest}, or data.max_source_length of at most 12")
+    assert not out.exists()
+    assert ev.evaluate(compose(*base, f"generation.max_new_tokens={512 - longest}"))["num_samples"] == 3

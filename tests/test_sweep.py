@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -433,3 +434,23 @@ def test_runs_scored_with_other_prompt_or_reference_settings_are_ranked_under_a_
     # One value given on the command line scores every checkpoint alike: that warning goes.
     result = sw.sweep(compose(f"runs=[{a},{b}]", f"data.eval_file={sample_file}", "data.max_target_length=7"))
     assert [w.split(" (")[0] for w in result["warnings"]] == ["runs differ in model.template"]
+
+
+def test_a_base_whose_positions_cannot_hold_prompt_and_reply_is_not_scored_and_the_sweep_goes_on(
+        run_copy, sample_file, tmp_path, tiny_model_dir, counted):
+    """evaluate refuses a reply that runs past the model's positions; in a sweep that refusal is about one base,
+    so its checkpoints are listed as not scored and the other runs are ranked."""
+    a, b = run_copy(tmp_path / "a"), run_copy(tmp_path / "b")
+    short = shutil.copytree(tiny_model_dir("llama"), tmp_path / "short")
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 40}))
+    recorded_as(b, "base", "path", str(short))
+    result = sw.sweep(compose(f"runs=[{a},{b}]", f"data.eval_file={sample_file}"))
+    assert counted() == {"load_base": 2, "predict": 6}
+    failed = {f["checkpoint"]: f["error"] for f in result["failed"]}
+    assert list(failed) == [str(b / f"checkpoint-{s}") for s in (1, 2, 3)]
+    pattern = (r"generation.max_new_tokens=8: the longest of the 5 eval prompts has \d+ tokens, which with the reply "
+               r"need \d+ positions; the model has 40 \(max_position_embeddings\): expected ")
+    assert all(re.fullmatch(pattern + ".*data.max_source_length of at most 32", e) for e in failed.values()), failed
+    assert [int(r["step"]) for r in read_csv(a / "sweep" / "sweep.csv")] == [1, 2, 3]
+    assert "Not scored" in (a / "sweep" / "sweep.md").read_text()
