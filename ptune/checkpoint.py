@@ -90,11 +90,39 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict
 
 def save_checkpoint(run_dir: str | Path, step: int, prefix_state: dict[str, torch.Tensor], prefix_config: dict,
                     trainer_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
-    """Write `run_dir/checkpoint-<step>` atomically and return its path."""
+    """Write `run_dir/checkpoint-<step>` atomically and return its path.
+
+    A write that fails (a full disk, a read-only folder) raises CheckpointError and leaves the folder as it
+    was: the temporary folder goes, since it holds space the next save needs, and a re-saved step's old copy
+    is put back."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
+    old = run_dir / f".checkpoint-{step}.old-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_into(tmp, step, prefix_state, prefix_config, trainer_state, optimizer_state)
+        if final.exists():
+            # Re-saving a step (e.g. after a resume): move the old one aside first so a crash between the two
+            # renames still leaves one complete copy.
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync(run_dir)
+    except (OSError, SafetensorError) as e:
+        if old.exists() and not final.exists():
+            old.rename(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(f"could not write {final}: {reason}; the checkpoints already in {run_dir} are as they "
+                              "were") from None
+    return final
+
+
+def _write_into(tmp: Path, step: int, prefix_state, prefix_config, trainer_state, optimizer_state) -> None:
+    """A complete checkpoint's files in the new folder `tmp`, flushed, manifest last."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in prefix_state.items()}, tmp / PREFIX_FILE,
@@ -114,17 +142,6 @@ def save_checkpoint(run_dir: str | Path, step: int, prefix_state: dict[str, torc
         name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files
     })
     _fsync(tmp / MANIFEST_FILE)
-    if final.exists():
-        # Re-saving a step (e.g. after a resume): move the old one aside first so a crash between the two
-        # renames still leaves one complete copy.
-        old = run_dir / f".checkpoint-{step}.old-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    _fsync(run_dir)
-    return final
 
 
 def is_complete(ckpt: Path) -> bool:

@@ -356,8 +356,12 @@ def train(cfg: DictConfig) -> Path:
                              "skipped_steps": skipped, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                              # steps since the last log line, so a resume logs the mean an unbroken run would
                              "log_window": {"loss": window["loss"], "steps": window["steps"]}}
-            path = ckpt_io.save_checkpoint(out, step, lm.prefix.state_dict(), prefix_config, trainer_state,
-                                           optimizer.state_dict())
+            try:
+                path = ckpt_io.save_checkpoint(out, step, lm.prefix.state_dict(), prefix_config, trainer_state,
+                                               optimizer.state_dict())
+            except ckpt_io.CheckpointError as e:
+                raise TrainingError(f"step {step}: {e}. Make room (or fix the folder), then go on from the last "
+                                    f"checkpoint with resume=latest output_dir={out}") from None
             log.info("saved %s", path)
             metrics.plot()
             if t.keep_last:

@@ -305,7 +305,7 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ck, "save_file", crash_on_optimizer)
     for step in (5, 6):
-        with pytest.raises(OSError, match="disk full"):
+        with pytest.raises(CheckpointError, match="disk full"):
             full_save(tmp_path, step, seed=2)
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
@@ -317,6 +317,52 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     full_save(tmp_path, 6, seed=3)
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
     verify(tmp_path / "checkpoint-6")
+
+
+@pytest.mark.parametrize("failing", [OPTIMIZER_FILE, MANIFEST_FILE, "rename"])
+@pytest.mark.parametrize("step", [5, 6], ids=["re-save", "new-step"])
+def test_a_full_disk_during_a_save_is_one_checkpoint_error_and_leaves_nothing_behind(tmp_path, monkeypatch,
+                                                                                     failing, step):
+    """A full disk (or a read-only folder) mid-save: a CheckpointError (one line for the user, not a traceback)
+    naming the checkpoint and the reason; the half-written temporary folder is removed (it held the space the
+    next save needs) and checkpoint-5, re-saved or not, is still the complete one it was."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    full_save(tmp_path, 5, seed=1)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoint-5").iterdir()}
+    real_save, real_write, real_rename = ck.save_file, ck._write_json, Path.rename
+
+    def save_file(tensors, path, *a, **kw):
+        if Path(path).name == failing:  # what safetensors raises for ENOSPC
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, path, *a, **kw)
+
+    def write_json(path, obj):
+        if path.name == failing:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(path, obj)
+
+    def rename(self, target):  # the first rename into place only: putting an old copy back must work
+        if failing == "rename" and Path(target).name == f"checkpoint-{step}" and not failed:
+            failed.append(target)
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_rename(self, target)
+
+    failed = []
+
+    monkeypatch.setattr(ck, "save_file", save_file)
+    monkeypatch.setattr(ck, "_write_json", write_json)
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(CheckpointError, match=rf"could not write {tmp_path / f'checkpoint-{step}'}: .*"
+                       r"(No space left on device|Read-only file system)") as e:
+        full_save(tmp_path, step, seed=2)
+    monkeypatch.undo()
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
+    verify(tmp_path / "checkpoint-5")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoint-5").iterdir()} == before
 
 
 # ----------------------------------------------------------------------------------------------- file formats
