@@ -12,6 +12,7 @@ import math
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -64,6 +65,16 @@ def run_dir(accelerator: Accelerator) -> Path:
 def json_number(x: float) -> float | None:
     """Rounded for the log; None for inf/NaN, which strict JSON cannot hold (fp16 overflow steps have them)."""
     return round(x, 6) if math.isfinite(x) else None
+
+
+@contextmanager
+def writing(path: Path, after: str = ""):
+    """An OSError while writing one of the run's files (a read-only output_dir, a full disk) as the one line of a
+    TrainingError naming the file, instead of a traceback; `after` says what to do about it mid-run."""
+    try:
+        yield
+    except OSError as e:
+        raise TrainingError(f"could not write {path}: {e.strerror or e}{after}") from None
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -261,7 +272,8 @@ def train(cfg: DictConfig) -> Path:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     out = run_dir(accelerator)
-    setup_logging(out / "train.log", accelerator.is_main_process)
+    with writing(out / "train.log"):
+        setup_logging(out / "train.log", accelerator.is_main_process)
     require(cfg, "model.path", "data.train_file")
     check_settings(cfg)
     t = cfg.trainer
@@ -341,8 +353,13 @@ def train(cfg: DictConfig) -> Path:
                     "on", resume_from, start, t.max_steps)
     elif accelerator.is_main_process:  # output_dir as used: a multirun job's folder is not the configured one
         used = OmegaConf.merge(cfg, {"output_dir": str(out)})
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(used, resolve=True), encoding="utf-8")
-    metrics = MetricsLog(out, t.tensorboard, resume_step=start) if accelerator.is_main_process else None
+        with writing(out / "config.yaml"):
+            (out / "config.yaml").write_text(OmegaConf.to_yaml(used, resolve=True), encoding="utf-8")
+    with writing(out / "train_log.jsonl"):
+        metrics = MetricsLog(out, t.tensorboard, resume_step=start) if accelerator.is_main_process else None
+    # A log line that cannot be appended stops the run; a resume redoes the steps since the last checkpoint.
+    lost_log = (f"; the last checkpoint in {out} is intact. Make room (or fix the folder), then go on with "
+                f"resume=latest output_dir={out}")
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stop.update(signal=signum))
@@ -413,7 +430,8 @@ def train(cfg: DictConfig) -> Path:
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}",
                             tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['peak_mem_gib']:.2f}G")
             if metrics is not None:
-                metrics.write(record)
+                with writing(metrics.path, lost_log):
+                    metrics.write(record)
             log.info("step %d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f peak_mem %.2f GiB", done,
                      mean_loss, lr, grad_norm, record["tokens_per_s"], record["peak_mem_gib"])
             window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}

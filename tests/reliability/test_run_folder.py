@@ -130,3 +130,15 @@ def test_a_resume_between_log_lines_logs_the_losses_of_an_unbroken_run(setup, tm
     assert res.rc == 0, str(res)
     assert [(r["step"], r["loss"]) for r in logged(out)] == [(r["step"], r["loss"]) for r in logged(straight)]
     assert [r["step"] for r in logged(straight)] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("blocked", ["train.log", "train_log.jsonl"])
+def test_a_run_file_that_cannot_be_written_is_one_line_naming_it(setup, tmp_path, blocked):
+    """A read-only output_dir (or a full disk) used to end in an OSError traceback. Root, which runs these tests
+    in some containers, may write anywhere, so a folder in the file's place stands in for the refusal."""
+    model, data, _ = setup
+    out = tmp_path / "run"
+    (out / blocked).mkdir(parents=True)
+    res = cli("ptune.train", *train_args(model, data, out, "trainer.max_steps=2"))
+    assert_clean_error(res, f"error: could not write {out / blocked}: Is a directory")
+    assert not ck.list_checkpoints(out)
