@@ -64,17 +64,32 @@ def _parse_error(where: str, e: Exception) -> DataError:
     return DataError(f"{where}: invalid JSON ({e})")
 
 
+def _spread_row(path: Path, text: str, start: int, lineno: int) -> DataError | None:
+    """The error for a line that does not parse alone but starts a value ending on a later line: rows written
+    with `json.dump(row, f, indent=2)`, which the parser's account of the first line would not make plain."""
+    try:
+        _, end = json.JSONDecoder().raw_decode(text, _skip_space(text, start))
+    except (ValueError, RecursionError):
+        return None
+    last = lineno + text.count("\n", start, end)
+    if last == lineno:
+        return None
+    return DataError(f"{path}:{lineno}: a row written over lines {lineno}-{last}; JSON lines takes one whole row per "
+                     "line (write each with json.dumps and no indent), or make the file one JSON array: "
+                     "[row, row, ...]")
+
+
 def _line_rows(path: Path, text: str) -> list[tuple[int, object]]:
-    numbered = []
+    numbered, start = [], 0
     # Split on newlines only: str.splitlines also breaks at U+2028/U+0085, which JSON keeps unescaped.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r")
+    for lineno, raw in enumerate(text.split("\n"), start=1):
+        line, line_start, start = raw.rstrip("\r"), start, start + len(raw) + 1
         if not line.strip():
             continue
         try:
             numbered.append((lineno, json.loads(line)))
         except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-            raise _parse_error(f"{path}:{lineno}", e) from None
+            raise _spread_row(path, text, line_start, lineno) or _parse_error(f"{path}:{lineno}", e) from None
     return numbered
 
 

@@ -96,6 +96,25 @@ def test_read_rows_malformed_line_names_file_and_line(tmp_path):
     assert ":4:" not in str(e.value) and ":1:" not in str(e.value)
 
 
+def test_rows_written_over_several_lines_without_brackets_are_named_as_such(tmp_path):
+    """`json.dump(row, f, indent=2)` once per row gives objects over several lines, neither JSON lines nor an
+    array; the parser's own account of line 1 ("Expecting property name ... column 2") did not say that."""
+    rows = [{"content": "a", "summary": "b"}, {"content": "c", "summary": "d"}]
+    path = tmp_path / "d.json"
+    path.write_text("\n".join(json.dumps(r, indent=2) for r in rows) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=at(path, 1) + r" a row written over lines 1-4; JSON lines takes one whole "
+                       r"row per line.*\[row, row, \.\.\.\]"):
+        read_rows(path)
+    # One good line before it: the place is still the line the spread-out row starts on.
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1], indent=1), encoding="utf-8")
+    with pytest.raises(DataError, match=at(path, 2) + " a row written over lines 2-5"):
+        read_rows(path)
+    # A line that is simply broken still gets the parser's account.
+    path.write_text('{"content": "a",\n"summary": }\n', encoding="utf-8")
+    with pytest.raises(DataError, match=at(path, 1) + " invalid JSON"):
+        read_rows(path)
+
+
 def test_read_rows_malformed_json_array_names_line(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('[\n  {"a": 1},\n  {"a": 2,,},\n  {"a": 3}\n]\n', encoding="utf-8")
