@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,26 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"data.eval_file={cfg.data.eval_file}: no such file")
 
 
+def check_writable(folder: Path, setting: str | None) -> None:
+    """Refuse a results folder that cannot be written, before anything is generated: the results are written
+    last, and a failure there would lose the whole generation. Nothing is created: a run refused or stopped
+    later leaves no empty folder behind. `setting` names the config key that chose the folder, None where it is
+    the default."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:  # the nearest folder that is there: makedirs starts there
+        probe = probe.parent
+    why = None if probe.is_dir() else "not a folder"
+    if why is None and not os.access(probe, os.W_OK | os.X_OK):
+        why = "read-only"
+    if why is None:
+        return
+    if setting:
+        raise ConfigError(f"{setting}={folder}: cannot write there, {probe} is {why}; expected a folder that can be "
+                          "written")
+    raise ConfigError(f"cannot write the results to {folder}: {probe} is {why}; pass output_dir=<a folder that can "
+                      "be written>")
+
+
 # What a checkpoint records and the base model alone (checkpoint=null) does not.
 BASE_ALONE_SETTINGS = ("data.prompt_column", "data.response_column", "data.max_source_length",
                        "data.max_target_length", "model.template")
@@ -205,6 +226,9 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError(f"checkpoint=null evaluates the base model alone, which records no data settings: pass "
                           f"{', '.join(k + '=...' for k in missing)} (AdvertiseGen: data.prompt_column=content "
                           "data.response_column=summary data.max_source_length=64 data.max_target_length=128)")
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else (Path(cfg.checkpoint) / "eval" if cfg.checkpoint
+                                                            else Path("outputs/eval-base"))
+    check_writable(out_dir, "output_dir" if cfg.output_dir else None)
     device = resolve_device(cfg.device)
     model, tokenizer, prefix_config = load_for_inference(cfg.checkpoint, cfg.model, device)
     data_cfg, template = eval_settings(cfg, prefix_config)
@@ -213,8 +237,6 @@ def evaluate(cfg: DictConfig) -> dict:
     evalset = build_eval_set(data_cfg["eval_file"], tokenizer, data_cfg, template, cfg.limit)
     texts, stats = predict(model, tokenizer, evalset.prompts, cfg.generation, cfg.batch_size, device)
     metrics = score(texts, evalset.labels)
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else (Path(cfg.checkpoint) / "eval" if cfg.checkpoint
-                                                            else Path("outputs/eval-base"))
     record = settings_record(data_cfg, inference_model_settings(prefix_config, OmegaConf.to_container(cfg.model)),
                              effective_limit(cfg.limit, evalset.rows_in_file), device)
     write_results(out_dir, evalset, texts, metrics,

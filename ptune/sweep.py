@@ -281,9 +281,13 @@ def score_group(targets: list[Target], cfg: DictConfig, device: torch.device, ex
             skip(t, str(e), bar)
             continue
         t.metrics = ev.score(texts, evalset.labels)
-        ev.write_results(t.ckpt / "eval", evalset, texts, t.metrics,
-                         {"generation": {**expected.gen, **stats}, "checkpoint": str(t.ckpt),
-                          "eval_file": t.data["eval_file"], **expected.record(t)})
+        try:
+            ev.write_results(t.ckpt / "eval", evalset, texts, t.metrics,
+                             {"generation": {**expected.gen, **stats}, "checkpoint": str(t.ckpt),
+                              "eval_file": t.data["eval_file"], **expected.record(t)})
+        except OSError as e:  # a run on read-only storage: the scores made are still ranked
+            log.warning("%s: could not write %s (%s); its scores are in this sweep's report only, and the next sweep "
+                        "scores it again", t.name, t.ckpt / "eval", e)
         t.scored = True
         log.info("%s: %s (%d rows, %.1f s, %s tokens/s)", t.name, _scores(t.metrics), len(texts),
                  time.perf_counter() - start, stats["tokens_per_s"])
@@ -330,6 +334,7 @@ def sweep(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     out = output_dir(cfg)
     targets = plan(cfg)
+    ev.check_writable(out, "output_dir" if cfg.output_dir else None)
     removed = remove_report(out)  # only now: a sweep refused at start-up leaves the last report alone
     if removed:
         log.info("removed the previous report (%s) from %s; this sweep writes it anew", ", ".join(removed), out)

@@ -297,3 +297,25 @@ def test_prompts_and_replies_past_the_models_positions_are_refused_before_genera
         f"generation.max_new_tokens of at most {512 - longest}, or data.max_source_length of at most 12")
     assert not out.exists()
     assert ev.evaluate(compose(*base, f"generation.max_new_tokens={512 - longest}"))["num_samples"] == 3
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(ckpt, sample_file, tmp_path, monkeypatch):
+    """Results are written after the whole eval set is generated: a folder that cannot take them failed then,
+    with a traceback, and the generation was lost. It is refused first, in one line that says what to pass."""
+    from ptune import models
+
+    monkeypatch.setattr(models, "load_for_inference", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(ev, "load_for_inference", lambda *a, **k: pytest.fail("loaded a model"))
+    common = (f"checkpoint={ckpt}", f"data.eval_file={sample_file}", "limit=2", "generation.max_new_tokens=4")
+    with pytest.raises(ev.ConfigError) as err:
+        ev.evaluate(compose(*common, f"output_dir={sample_file}/eval"))
+    assert str(err.value) == (f"output_dir={sample_file}/eval: cannot write there, {sample_file} is not a folder; "
+                              "expected a folder that can be written")
+    work = shutil.copytree(ckpt, tmp_path / "read-only")  # as root, permissions would not stop a write
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != work and real_access(p, mode, **k))
+    with pytest.raises(ev.ConfigError) as err:
+        ev.evaluate(compose(*common[1:], f"checkpoint={work}"))
+    assert str(err.value) == (f"cannot write the results to {work}/eval: {work} is read-only; "
+                              "pass output_dir=<a folder that can be written>")
+    assert not (work / "eval").exists()

@@ -454,3 +454,25 @@ def test_a_base_whose_positions_cannot_hold_prompt_and_reply_is_not_scored_and_t
     assert all(re.fullmatch(pattern + ".*data.max_source_length of at most 32", e) for e in failed.values()), failed
     assert [int(r["step"]) for r in read_csv(a / "sweep" / "sweep.csv")] == [1, 2, 3]
     assert "Not scored" in (a / "sweep" / "sweep.md").read_text()
+
+
+def test_folders_that_cannot_be_written_lose_no_scores(run_copy, sample_file, tmp_path, counted, caplog):
+    """A report folder that cannot be written is refused before anything is generated (it was found only at the
+    end, with a traceback, after every checkpoint was scored). A checkpoint whose eval/ cannot be written (a run
+    on read-only storage) is still scored and ranked; its scores are in the report only, and the log says so."""
+    run = run_copy(tmp_path / "run")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ptune.evaluate.ConfigError, match=rf"^output_dir={blocker}/sweep: cannot write there, "
+                                                         rf"{blocker} is not a folder; expected a folder"):
+        sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}", f"output_dir={blocker}/sweep"))
+    assert counted() == {"load_base": 0, "predict": 0}
+
+    (run / "checkpoint-2" / "eval").write_text("")  # as root, permissions would not stop a write
+    result = sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
+    assert len(result["scored"]) == 3 and not result["failed"]
+    assert [int(r["step"]) for r in read_csv(run / "sweep" / "sweep.csv")] == [1, 2, 3]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith(f"{run}/checkpoint-2: could not write {run / 'checkpoint-2' / 'eval'} (") and
+               m.endswith("); its scores are in this sweep's report only, and the next sweep scores it again")
+               for m in warned), warned
