@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ptune.chat import position_limit
+from ptune.chat import position_limit, resolve_checkpoint
 from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation, check_quantization,
                           check_template, refuse_added_settings, resolve_device)
 from ptune.data import Columns, left_pad, load_examples, source_ids, text_ids
@@ -226,11 +226,13 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError(f"checkpoint=null evaluates the base model alone, which records no data settings: pass "
                           f"{', '.join(k + '=...' for k in missing)} (AdvertiseGen: data.prompt_column=content "
                           "data.response_column=summary data.max_source_length=64 data.max_target_length=128)")
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else (Path(cfg.checkpoint) / "eval" if cfg.checkpoint
+    # a run folder stands for its newest complete checkpoint, as in chat and serve
+    checkpoint = resolve_checkpoint(str(Path(str(cfg.checkpoint)).expanduser())) if cfg.checkpoint else None
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else (Path(checkpoint) / "eval" if checkpoint
                                                             else Path("outputs/eval-base"))
     check_writable(out_dir, "output_dir" if cfg.output_dir else None)
     device = resolve_device(cfg.device)
-    model, tokenizer, prefix_config = load_for_inference(cfg.checkpoint, cfg.model, device)
+    model, tokenizer, prefix_config = load_for_inference(checkpoint, cfg.model, device)
     data_cfg, template = eval_settings(cfg, prefix_config)
     if not data_cfg.get("eval_file"):
         raise SystemExit("config error: data.eval_file is not set; pass data.eval_file=/path/to/dev.json")
@@ -241,11 +243,11 @@ def evaluate(cfg: DictConfig) -> dict:
                              effective_limit(cfg.limit, evalset.rows_in_file), device)
     write_results(out_dir, evalset, texts, metrics,
                   {"generation": {**OmegaConf.to_container(cfg.generation), **stats},
-                   "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None,
+                   "checkpoint": checkpoint,
                    "eval_file": record["data"]["eval_file"], **record})
     log.info("%d rows in %.1f s (%s tokens/s, batch %s, peak %.2f GiB); wrote %s", len(texts), stats["wall_s"],
              stats["tokens_per_s"], stats["batch_size"], stats["peak_mem_gib"], out_dir)
-    print(format_table([{"name": str(cfg.checkpoint or "base"), **metrics}]))
+    print(format_table([{"name": checkpoint or "base", **metrics}]))
     return metrics
 
 

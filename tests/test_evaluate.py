@@ -319,3 +319,15 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(ckpt,
     assert str(err.value) == (f"cannot write the results to {work}/eval: {work} is read-only; "
                               "pass output_dir=<a folder that can be written>")
     assert not (work / "eval").exists()
+
+
+def test_a_run_folder_is_scored_at_its_newest_checkpoint_as_chat_and_serve_take_it(ckpt, sample_file, tmp_path):
+    """checkpoint=<run folder> failed with "prefix_config.json: missing; is <run> a ptune checkpoint?" although
+    chat and serve take a run folder for its newest complete checkpoint."""
+    out = tmp_path / "eval"
+    metrics = ev.evaluate(compose(f"checkpoint={ckpt.parent}", f"data.eval_file={sample_file}", "limit=2",
+                                  "generation.max_new_tokens=4", f"output_dir={out}"))
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["checkpoint"] == str(ckpt) and written["num_samples"] == metrics["num_samples"] == 2
+    with pytest.raises(CheckpointError, match=rf"^checkpoint={tmp_path}: expected a checkpoint folder"):
+        ev.evaluate(compose(f"checkpoint={tmp_path}", f"data.eval_file={sample_file}"))
