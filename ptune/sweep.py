@@ -97,6 +97,10 @@ def expand_runs(runs) -> list[tuple[str, Path]]:
         else:
             jobs = sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
             if not any(ckpt_io.list_checkpoints(p) for p in jobs):
+                if (path / ckpt_io.CONFIG_FILE).is_file():  # what ptune.evaluate takes: an easy slip
+                    raise SweepError(f"runs: {path} is a checkpoint, not a run folder; a sweep scores every checkpoint "
+                                     f"of a run: pass runs=[{path.parent}] (or score this one with python -m "
+                                     f"ptune.evaluate checkpoint={path})")
                 reference = sorted(p for p in path.iterdir() if _STEP.match(p.name) and is_reference_checkpoint(p))
                 if reference:
                     raise SweepError(

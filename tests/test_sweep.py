@@ -245,6 +245,12 @@ def test_command_line_and_config_errors(run_copy, sample_file, tmp_path):
         sw.sweep(compose(f"runs=[{empty}]", f"data.eval_file={sample_file}"))
     with pytest.raises(sw.SweepError, match="data.eval_file is not set"):
         sw.sweep(compose(f"runs=[{run}]"))
+    # a checkpoint given for a run: said so, with the run folder to pass
+    with pytest.raises(sw.SweepError) as err:
+        sw.sweep(compose(f"runs=[{run}/checkpoint-2]", f"data.eval_file={sample_file}"))
+    assert str(err.value) == (f"runs: {run}/checkpoint-2 is a checkpoint, not a run folder; a sweep scores every "
+                              f"checkpoint of a run: pass runs=[{run}] (or score this one with python -m "
+                              f"ptune.evaluate checkpoint={run}/checkpoint-2)")
 
 
 def test_scores_written_by_evaluate_are_reused_only_when_made_with_the_same_settings(run_copy, sample_file,
