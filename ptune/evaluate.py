@@ -1,4 +1,5 @@
-"""Score a checkpoint: `python -m ptune.evaluate checkpoint=outputs/<run>/checkpoint-N [data.eval_file=...]`.
+"""Score a checkpoint: `python -m ptune.evaluate checkpoint=outputs/<run>/checkpoint-N [data.eval_file=...]`
+(`checkpoint=outputs/<run>`: its newest complete checkpoint).
 
 Generates for every eval row in large left-padded batches (longest prompts first, so the batch size
 that fits the first batch fits all), writes `generated_predictions.jsonl` and `metrics.json`, and prints
