@@ -250,17 +250,42 @@ def resume_point(resume, out: Path, accelerator: Accelerator) -> tuple[Path | No
         for stale in ckpt_io.remove_stale_temporaries(out):
             log.info("removed %s, left by an interrupted save", stale)
     accelerator.wait_for_everyone()  # every rank must see the restored folder
-    found = find_resume(resume, out)
-    state, optim_state = ckpt_io.load_trainer_state(found) if found is not None else ({"step": 0}, None)
-    later = [p.name for p in ckpt_io.list_checkpoints(out) if ckpt_io.checkpoint_step(p) > state["step"]]
-    if later and found is None:
-        raise TrainingError(f"output_dir={out} already holds {', '.join(later)} of an earlier run, and this run starts "
-                            "afresh: the two would mix. Continue that run with resume=latest, or give another "
-                            "output_dir")
+    try:
+        found = find_resume(resume, out)
+        state, optim_state = ckpt_io.load_trainer_state(found) if found is not None else ({"step": 0}, None)
+        later = [p.name for p in ckpt_io.list_checkpoints(out) if ckpt_io.checkpoint_step(p) > state["step"]]
+        if later and found is None:
+            raise TrainingError(f"output_dir={out} already holds {', '.join(later)} of an earlier run, and this run "
+                                "starts afresh: the two would mix. Continue that run with resume=latest, or give "
+                                "another output_dir")
+        problem = None
+    except (TrainingError, ckpt_io.CheckpointError) as e:
+        found, state, optim_state, later, problem = None, {"step": -1}, None, [], e
+    if accelerator.num_processes > 1:
+        agree_on_resume(accelerator, state["step"], problem is not None, resume, out)
+    if problem is not None:
+        raise problem
     if later:  # a rewind, e.g. to before a divergence
         log.warning("resume=%s: %s in %s go on from the run being rewound; this run saves over those it reaches, "
                     "the rest stay (and resume=latest would pick them)", found, ", ".join(later), out)
     return found, state, optim_state
+
+
+def agree_on_resume(accelerator: Accelerator, step: int, failed: bool, resume, out: Path) -> None:
+    """Every rank starts from the same step, or every rank stops: a rank that stopped alone would leave the
+    others waiting forever, and ranks at different steps would train different runs. On several machines each
+    reads output_dir on its own, which is another folder unless it is shared."""
+    seen = accelerator.gather(torch.tensor([[step, int(failed)]], device=accelerator.device)).tolist()
+    stopped = [rank for rank, (_, bad) in enumerate(seen) if bad]
+    if stopped and not failed:
+        raise TrainingError(f"rank(s) {', '.join(map(str, stopped))} could not resume (their error is above); "
+                            "stopping with them")
+    if not stopped and len({s for s, _ in seen}) > 1:
+        where = ", ".join(f"rank {rank}: " + (f"checkpoint-{s}" if s else "none, so afresh")
+                          for rank, (s, _) in enumerate(seen))
+        raise TrainingError(f"resume={resume}: the ranks do not find the same checkpoint in output_dir={out} "
+                            f"({where}); on several machines output_dir must be a folder they all share, or hold "
+                            "the same checkpoints on each")
 
 
 def sum_across_ranks(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
