@@ -21,24 +21,18 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptune import checkpoint as ckpt_io
-from ptune.chatglm.ptuning import is_reference_checkpoint
 from ptune.config import (check_count, check_flag, check_generation, check_quantization, check_template,
                           refuse_added_settings, resolve_device)
 from ptune.data import encodable, prompt_ids
 from ptune.generate import generate, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error, stopped, terminating
 from ptune.logs import setup_logging
-from ptune.models import load_for_inference
+from ptune.models import load_for_inference, position_limit, resolve_checkpoint
 
 log = logging.getLogger("ptune.chat")
 
 COMMAND_CLEAR = "clear"
 COMMAND_STOP = "stop"
-# Config keys that bound a model's positions (prompt + reply tokens), the first one present counting:
-# past it, learned position tables (GPT-2's n_positions) fail with an IndexError mid-generation.
-POSITION_KEYS = ("max_position_embeddings", "n_positions", "seq_length")
-
 
 @dataclass
 class ChatModel:
@@ -63,31 +57,6 @@ class ChatModel:
     def describe(self) -> str:
         what = self.checkpoint if self.checkpoint else f"{self.base_path} (base model, no prefix)"
         return f"{what}, template {self.template}, on {self.device.type}"
-
-
-def position_limit(model) -> tuple[int, str] | None:
-    """(positions, config key) of the model's position limit, or None where its config states none."""
-    config = model.config.get_text_config()
-    for key in POSITION_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value, key
-    return None
-
-
-def resolve_checkpoint(path: str) -> str:
-    """`path`, or for a run folder (no prefix_config.json of its own) its newest complete checkpoint."""
-    if (Path(path) / ckpt_io.CONFIG_FILE).is_file() or is_reference_checkpoint(path):
-        return path
-    if not Path(path).is_dir():
-        found = "a file, not a folder" if Path(path).exists() else "no such folder"
-        raise ckpt_io.CheckpointError(f"checkpoint={path}: {found}")
-    newest = ckpt_io.latest_checkpoint(path)
-    if newest is None:
-        raise ckpt_io.CheckpointError(f"checkpoint={path}: expected a checkpoint folder (with {ckpt_io.CONFIG_FILE}) "
-                                      "or a run folder with a complete checkpoint-N; found neither")
-    log.info("%s is a run folder: using its newest complete checkpoint, %s", path, newest.name)
-    return str(newest)
 
 
 def load_chat_model(cfg: DictConfig) -> ChatModel:

@@ -20,7 +20,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ptune.chat import position_limit, resolve_checkpoint
 from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation, check_quantization,
                           check_template, refuse_added_settings, resolve_device)
 from ptune.data import Columns, left_pad, load_examples, source_ids, text_ids
@@ -29,7 +28,8 @@ from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import peak_memory_gib, setup_logging
 from ptune.metrics import compute_metrics
 from ptune.checkpoint import sha256_file, write_text_atomic
-from ptune.models import base_identity_settings, inference_model_settings, load_for_inference
+from ptune.models import (base_identity_settings, inference_model_settings, load_for_inference, position_limit,
+                          resolve_checkpoint)
 from ptune.prefix import attention_shape
 
 log = logging.getLogger("ptune.evaluate")

@@ -127,6 +127,51 @@ def load_base(model_cfg, device: torch.device | str = "cpu"):
     return model, load_tokenizer(path)
 
 
+# Config keys that bound a model's positions (prompt + reply tokens), the first one present counting:
+# past it, learned position tables (GPT-2's n_positions) fail with an IndexError mid-generation.
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "seq_length")
+
+
+def position_limit(model) -> tuple[int, str] | None:
+    """(positions, config key) of the model's position limit, or None where its config states none."""
+    config = model.config.get_text_config()
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
+
+
+def learned_positions(model) -> int | None:
+    """How many positions the base's learned position table holds (GPT-2's wpe, OPT's embed_positions), or None
+    for rotary and ALiBi bases, which have no table to index past: past its end a row is not merely out of
+    the base's training range, the embedding lookup fails (a device-side assert on a GPU)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    words = model.get_input_embeddings()
+    for m in model.modules():
+        # OPT's table holds two more rows than it has positions (an offset), hence the small range
+        if isinstance(m, torch.nn.Embedding) and m is not words and limit <= m.num_embeddings <= limit + 2:
+            return limit
+    return None
+
+
+def resolve_checkpoint(path: str) -> str:
+    """`path`, or for a run folder (no prefix_config.json of its own) its newest complete checkpoint."""
+    if (Path(path) / ckpt_io.CONFIG_FILE).is_file() or ptuning.is_reference_checkpoint(path):
+        return path
+    if not Path(path).is_dir():
+        found = "a file, not a folder" if Path(path).exists() else "no such folder"
+        raise ckpt_io.CheckpointError(f"checkpoint={path}: {found}")
+    newest = ckpt_io.latest_checkpoint(path)
+    if newest is None:
+        raise ckpt_io.CheckpointError(f"checkpoint={path}: expected a checkpoint folder (with {ckpt_io.CONFIG_FILE}) "
+                                      "or a run folder with a complete checkpoint-N; found neither")
+    log.info("%s is a run folder: using its newest complete checkpoint, %s", path, newest.name)
+    return str(newest)
+
+
 def build_prefix(model, prefix_cfg) -> PrefixEncoder:
     spec = PrefixSpec.for_model(model.config, int(prefix_cfg.length), bool(prefix_cfg.projection),
                                 prefix_cfg.projection_hidden_size)

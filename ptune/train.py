@@ -32,7 +32,7 @@ from ptune.graphs import micro_batch_loss
 from ptune.logs import MetricsLog, peak_memory_gib, setup_logging
 from ptune.loss import output_softcap
 from ptune.step import optimizer_step
-from ptune.models import base_identity, build_prefix, check_fits, load_base
+from ptune.models import base_identity, build_prefix, check_fits, learned_positions, load_base
 from ptune.prefix import PrefixLM, compile_layers
 
 log = logging.getLogger("ptune.train")
@@ -159,21 +159,6 @@ def recompute_setting(t: DictConfig, num_layers: int) -> int | str:
         raise TrainingError(f"trainer.gradient_checkpointing={value}: this model has {num_layers} decoder layers; "
                             f"give a number from 0 to {num_layers}, true, false or auto")
     return value
-
-
-def learned_positions(model) -> int | None:
-    """How many positions the base's learned position table holds (GPT-2's wpe, OPT's embed_positions), or None
-    for rotary and ALiBi bases, which have no table to index past: past its end a row is not merely out of
-    the base's training range, the embedding lookup fails (a device-side assert on a GPU)."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if not isinstance(limit, int):
-        return None
-    words = model.get_input_embeddings()
-    for m in model.modules():
-        # OPT's table holds two more rows than it has positions (an offset), hence the small range
-        if isinstance(m, torch.nn.Embedding) and m is not words and limit <= m.num_embeddings <= limit + 2:
-            return limit
-    return None
 
 
 def check_positions(model, lengths: list[int], model_path, data_cfg) -> None:
