@@ -277,6 +277,24 @@ def sum_across_ranks(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Te
     return accelerator.reduce(tensor, reduction="sum") if accelerator.num_processes > 1 else tensor
 
 
+def on_rank0(accelerator: Accelerator, work) -> None:
+    """Run `work` (writing files) on rank 0 alone. If it fails there, every rank stops: the others would
+    otherwise wait in their next collective until the process group's timeout (half an hour by default)."""
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 -- re-raised below, on rank 0 as itself
+            failure = e
+    if accelerator.num_processes > 1:
+        failed = torch.tensor([failure is not None], dtype=torch.int32, device=accelerator.device)
+        torch.distributed.broadcast(failed, src=0)
+        if failed.item() and failure is None:
+            raise TrainingError("rank 0 stopped writing the run folder (its error is above); stopping with it")
+    if failure is not None:
+        raise failure
+
+
 def train(cfg: DictConfig) -> Path:
     # accelerate sets up gloo for several CPU processes only when told it runs on the CPU.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -361,12 +379,18 @@ def train(cfg: DictConfig) -> Path:
     if start >= t.max_steps:  # config.yaml stays the config that trained the checkpoints
         log.warning("resume=%s is at step %d, trainer.max_steps=%d: nothing to train; raise trainer.max_steps to go "
                     "on", resume_from, start, t.max_steps)
-    elif accelerator.is_main_process:  # output_dir as used: a multirun job's folder is not the configured one
-        used = OmegaConf.merge(cfg, {"output_dir": str(out)})
-        with writing(out / "config.yaml"):
-            (out / "config.yaml").write_text(OmegaConf.to_yaml(used, resolve=True), encoding="utf-8")
-    with writing(out / "train_log.jsonl"):
-        metrics = MetricsLog(out, t.tensorboard, resume_step=start) if accelerator.is_main_process else None
+    metrics = None
+
+    def start_files() -> None:
+        nonlocal metrics
+        if start < t.max_steps:  # output_dir as used: a multirun job's folder is not the configured one
+            used = OmegaConf.merge(cfg, {"output_dir": str(out)})
+            with writing(out / "config.yaml"):
+                (out / "config.yaml").write_text(OmegaConf.to_yaml(used, resolve=True), encoding="utf-8")
+        with writing(out / "train_log.jsonl"):
+            metrics = MetricsLog(out, t.tensorboard, resume_step=start)
+
+    on_rank0(accelerator, start_files)
     # A log line that cannot be appended stops the run; a resume redoes the steps since the last checkpoint.
     lost_log = (f"; the last checkpoint in {out} is intact. Make room (or fix the folder), then go on with "
                 f"resume=latest output_dir={out}")
@@ -378,7 +402,7 @@ def train(cfg: DictConfig) -> Path:
         if not all(bool(torch.isfinite(p).all()) for p in params):  # the step's check saw a finite gradient
             raise TrainingError(f"step {step}: the prefix holds NaN or inf after the update and was not saved; the "
                                 f"last checkpoint in {out} is intact. Try a lower optim.lr or optim.max_grad_norm=1.0")
-        if accelerator.is_main_process:
+        def write() -> None:
             trainer_state = {"seed": cfg.seed, "world_size": world, "global_batch": plan.global_batch,
                              "skipped_steps": skipped, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                              # steps since the last log line, so a resume logs the mean an unbroken run would
@@ -393,7 +417,8 @@ def train(cfg: DictConfig) -> Path:
             metrics.plot()
             if t.keep_last:
                 ckpt_io.prune(out, t.keep_last, up_to_step=step)
-        accelerator.wait_for_everyone()
+
+        on_rank0(accelerator, write)
 
     log.info("training %s: %d rows, %d trainable prefix parameters, global batch %d (%d x %d x %d ranks), %d steps, "
              "%d of %d layers recomputed in backward", out, len(rows), sum(p.numel() for p in params),
@@ -415,8 +440,16 @@ def train(cfg: DictConfig) -> Path:
         seeds = [cfg.seed + 1_000_003 * (step + 1) + i for i in plan.micro_batch_ids(rank)]
         result = optimizer_step(loss_fn, params, batches, global_targets, optimizer, scaler,
                                 max_grad_norm=cfg.optim.max_grad_norm, world_size=world, seeds=seeds)
-        loss = float(sum_across_ranks(accelerator, result.loss_sum)) / global_targets
-        grad_norm, tokens = result.grad_norm, result.tokens
+        # One reduction for the loss, the tokens and whether any rank was signalled: ranks whose signals
+        # straddle a step boundary must still stop after the same step, or their collectives part ways.
+        totals = sum_across_ranks(accelerator, torch.stack([result.loss_sum.double(), torch.as_tensor(
+            result.tokens, dtype=torch.float64, device=result.loss_sum.device), torch.tensor(
+            float(stop["signal"] is not None), dtype=torch.float64, device=result.loss_sum.device)]))
+        loss_sum, tokens, signalled = totals.tolist()
+        if signalled and stop["signal"] is None:
+            stop["signal"] = signal.SIGTERM  # what torchrun forwards to every rank it stops
+        loss = loss_sum / global_targets
+        grad_norm = result.grad_norm
         if not result.applied and scaler.is_enabled():
             skipped += 1
             log.warning("step %d: fp16 overflow, update skipped (loss scale now %g; %d skipped so far)",
@@ -428,7 +461,7 @@ def train(cfg: DictConfig) -> Path:
                 "optim.max_grad_norm=1.0, or model.dtype=bfloat16 instead of float16.")
 
         window["loss"] += loss
-        window["tokens"] += int(sum_across_ranks(accelerator, tokens))
+        window["tokens"] += int(tokens)
         window["steps"] += 1
         done = step + 1
         bar.update(1)
@@ -439,9 +472,11 @@ def train(cfg: DictConfig) -> Path:
                       "peak_mem_gib": round(peak_memory_gib(device), 3), "skipped_steps": skipped}
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}",
                             tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['peak_mem_gib']:.2f}G")
-            if metrics is not None:
+            def write_log() -> None:
                 with writing(metrics.path, lost_log):
                     metrics.write(record)
+
+            on_rank0(accelerator, write_log)
             log.info("step %d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f peak_mem %.2f GiB", done,
                      mean_loss, lr, grad_norm, record["tokens_per_s"], record["peak_mem_gib"])
             window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
