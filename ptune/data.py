@@ -147,7 +147,8 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs from a JSON-lines file or a JSON array file."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+        raise DataError(f"{path}: a folder, expected a data file (JSON lines or a JSON array)" if path.is_dir()
+                        else f"data file not found: {path}")
     text = _decode(path)
     is_array = text.startswith("[", _skip_space(text, 0))
     numbered = _array_rows(path, text) if is_array else _line_rows(path, text)

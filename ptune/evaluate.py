@@ -191,8 +191,10 @@ def check_settings(cfg: DictConfig) -> None:
     check_data_lengths(cfg, nullable=True)
     check_quantization(cfg, inference=True)
     check_template(cfg, nullable=True)
-    if cfg.data.eval_file is not None and not Path(str(cfg.data.eval_file)).expanduser().is_file():
-        raise ConfigError(f"data.eval_file={cfg.data.eval_file}: no such file")
+    eval_file = Path(str(cfg.data.eval_file)).expanduser() if cfg.data.eval_file is not None else None
+    if eval_file is not None and not eval_file.is_file():
+        raise ConfigError(f"data.eval_file={cfg.data.eval_file}: "
+                          + ("a folder, expected a data file" if eval_file.is_dir() else "no such file"))
 
 
 def check_writable(folder: Path, setting: str | None) -> None:

@@ -420,6 +420,10 @@ def train(cfg: DictConfig) -> Path:
 
         on_rank0(accelerator, write)
 
+    if cfg.optim.warmup_steps > t.max_steps:
+        log.warning("optim.warmup_steps=%d is more than trainer.max_steps=%d: the learning rate only reaches %.3g, "
+                    "not optim.lr=%g", cfg.optim.warmup_steps, t.max_steps,
+                    lr_at(t.max_steps - 1, cfg.optim, t.max_steps), cfg.optim.lr)
     log.info("training %s: %d rows, %d trainable prefix parameters, global batch %d (%d x %d x %d ranks), %d steps, "
              "%d of %d layers recomputed in backward", out, len(rows), sum(p.numel() for p in params),
              plan.global_batch, micro, accum, world, t.max_steps, lm.recomputed_layers, num_layers)

@@ -84,6 +84,9 @@ def test_read_rows_json_array(tmp_path):
 def test_read_rows_missing_file(tmp_path):
     with pytest.raises(DataError, match="not found"):
         read_rows(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}: a folder, expected a data file (JSON lines or a "
+                                                  "JSON array)")):
+        read_rows(tmp_path)
 
 
 def test_read_rows_malformed_line_names_file_and_line(tmp_path):

@@ -132,6 +132,13 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tiny_model_dir
     assert [r["step"] for r in logged(out)][-1] == at
 
 
+def test_a_warmup_longer_than_the_run_is_warned_about(tiny_model_dir, sample_file, tmp_path):
+    proc = run_train(*small_run(tiny_model_dir("llama"), sample_file, tmp_path / "run", "trainer.max_steps=2",
+                                "optim.warmup_steps=8", "optim.lr=0.04"))
+    assert ("optim.warmup_steps=8 is more than trainer.max_steps=2: the learning rate only reaches 0.01, not "
+            "optim.lr=0.04") in proc.stderr, proc.stderr[-3000:]
+
+
 def test_gradient_checkpointing_run(tiny_model_dir, sample_file, tmp_path):
     model = tiny_model_dir("qwen2")
     run_train(*small_run(model, sample_file, tmp_path / "off", "prefix.dropout=0", "trainer.max_steps=2"))

@@ -58,6 +58,7 @@ REFUSED = [  # (config, overrides, what the message says)
      "data.max_source_length=0: expected a whole number of at least 1 or null"),
     ("evaluate", "data.truncate_source_from=middle", "data.truncate_source_from='middle': expected right"),
     ("evaluate", "data.eval_file=/nowhere/dev.jsonl", "data.eval_file=/nowhere/dev.jsonl: no such file"),
+    ("evaluate", "data.eval_file=/tmp", "data.eval_file=/tmp: a folder, expected a data file"),
     ("evaluate", "model.quantization=int3", "quantization='int3': expected one of int8, int4 (or null)"),
     ("train", "model.quantization=int2", "quantization='int2': expected one of int8, int4 (or null)"),
     ("train", "model.template=chatglm3", "model.template='chatglm3': expected one of chatglm2, chat_template, plain"),
