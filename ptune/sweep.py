@@ -16,7 +16,8 @@ checkpoints tied with it. The previous report is removed before scoring starts, 
 leaves none rather than one that looks like its own. Checkpoint folders that cannot be scored, and multirun
 jobs that wrote none, are listed under "Not scored"; runs whose prompts or references were built with other
 settings are ranked together under a warning that names them. Ctrl-C or SIGTERM stops with one line and
-exit status 130 or 143: the scores written so far are kept and reused by the next sweep.
+exit status 130 or 143: the scores written so far are kept and reused by the next sweep (the line names any
+checkpoint scored whose eval/ folder could not be written, which kept none).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Target:
     metrics: dict | None = None
     error: str | None = None
     scored: bool = False     # generated in this sweep (not taken from an earlier metrics.json)
+    saved: bool = False      # those scores written to its eval/metrics.json (not where eval/ could not be written)
 
     @property
     def name(self) -> str:
@@ -289,6 +291,7 @@ def score_group(targets: list[Target], cfg: DictConfig, device: torch.device, ex
             ev.write_results(t.ckpt / "eval", evalset, texts, t.metrics,
                              {"generation": {**expected.gen, **stats}, "checkpoint": str(t.ckpt),
                               "eval_file": t.data["eval_file"], **expected.record(t)})
+            t.saved = True
         except OSError as e:  # a run on read-only storage: the scores made are still ranked
             log.warning("%s: could not write %s (%s); its scores are in this sweep's report only, and the next sweep "
                         "scores it again", t.name, t.ckpt / "eval", e)
@@ -321,7 +324,8 @@ def remove_report(out: Path) -> list[str]:
 
     Done before scoring: a sweep that fails or is interrupted part-way then leaves no report, never the previous
     one standing as if it described this sweep. The scores it would have been built from stay in each
-    checkpoint's eval/metrics.json, so the next sweep rebuilds it without generating again."""
+    checkpoint's eval/metrics.json (where eval/ could be written), so the next sweep rebuilds it without generating
+    again."""
     if not out.is_dir():
         return []
     removed = [name for name in REPORT_FILES if (out / name).is_file()]
@@ -381,12 +385,22 @@ def score_all(targets: list[Target], cfg: DictConfig, device: torch.device) -> N
 
 def interrupted(targets: list[Target]) -> str:
     """What an interrupted sweep kept. evaluate's write_results replaces metrics.json whole, and removes the old one
-    before it writes the predictions, so a checkpoint cut off mid-write has none and is scored again."""
-    done = sum(t.scored for t in targets)
-    if not done:
+    before it writes the predictions, so a checkpoint cut off mid-write has none and is scored again. A checkpoint
+    whose eval/ could not be written kept nothing either: it is named, not counted among those kept."""
+    scored = [t for t in targets if t.scored]
+    if not scored:
         return "no checkpoint was scored in this sweep; no report was written"
-    return (f"the {done} checkpoint(s) scored before the interrupt keep their scores in eval/metrics.json, which the "
-            "next sweep with the same settings reuses; no report was written")
+    kept, lost = sum(t.saved for t in scored), [t.name for t in scored if not t.saved]
+    said = []
+    if kept:
+        said.append(f"the {kept} checkpoint(s) scored before the interrupt keep their scores in eval/metrics.json, "
+                    "which the next sweep with the same settings reuses")
+    if lost:
+        who = f"{len(lost)} other checkpoint(s) scored" if kept else \
+            f"the {len(lost)} checkpoint(s) scored before the interrupt"
+        said.append(f"{who} keep no scores, as their eval/ folder could not be written ({', '.join(lost)}), and the "
+                    "next sweep scores them again")
+    return "; ".join(said + ["no report was written"])
 
 
 def report(targets: list[Target], cfg: DictConfig, out: Path) -> dict:

@@ -482,3 +482,43 @@ def test_folders_that_cannot_be_written_lose_no_scores(run_copy, sample_file, tm
     assert any(m.startswith(f"{run}/checkpoint-2: could not write {run / 'checkpoint-2' / 'eval'} (") and
                m.endswith("); its scores are in this sweep's report only, and the next sweep scores it again")
                for m in warned), warned
+
+
+def interrupt_at(monkeypatch, call: int) -> None:
+    """Ctrl-C while the `call`-th checkpoint of the sweep generates (the ones before it are really scored)."""
+    real, calls = ptune.evaluate.predict, []
+
+    def predict(*a, **k):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(ptune.evaluate, "predict", predict)
+
+
+def test_an_interrupt_says_which_scores_were_kept_and_which_eval_folders_could_not_be_written(
+        run_copy, sample_file, tmp_path, monkeypatch):
+    """The interrupt's line claimed every checkpoint scored kept its eval/metrics.json, those whose eval/ could
+    not be written too: it names those now, and claims only what is on disk."""
+    run = run_copy(tmp_path / "run")
+    (run / "checkpoint-2" / "eval").write_text("")  # as root, permissions would not stop a write
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(sw.SweepInterrupted) as err:
+        sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
+    assert str(err.value) == (
+        "the 1 checkpoint(s) scored before the interrupt keep their scores in eval/metrics.json, which the next "
+        "sweep with the same settings reuses; 1 other checkpoint(s) scored keep no scores, as their eval/ folder "
+        f"could not be written ({run}/checkpoint-2), and the next sweep scores them again; no report was written")
+    assert (run / "checkpoint-1" / "eval" / "metrics.json").is_file()
+    assert not (run / "checkpoint-3" / "eval").exists()
+
+    # None kept: the line says so rather than counting them as kept.
+    shutil.rmtree(run / "checkpoint-1" / "eval")
+    (run / "checkpoint-1" / "eval").write_text("")
+    interrupt_at(monkeypatch, 2)
+    with pytest.raises(sw.SweepInterrupted) as err:
+        sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
+    assert str(err.value) == (
+        "the 1 checkpoint(s) scored before the interrupt keep no scores, as their eval/ folder could not be written "
+        f"({run}/checkpoint-1), and the next sweep scores them again; no report was written")
+
