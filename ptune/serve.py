@@ -297,6 +297,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+DEEP_JSON = ("the body nests arrays or objects too deeply to parse (the JSON parser here stops near 1000 levels); a "
+             "request needs no more than 5")
 SURROGATE = "holds an unpaired surrogate escape (\\ud800-\\udfff), which is not text"
 
 
@@ -557,6 +559,11 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
         # FastAPI's own refusals (e.g. a body it cannot decode) in the same shape as every other error.
+        if isinstance(exc.__cause__, RecursionError):
+            # Valid JSON that Python's parser gives up on: FastAPI would say only "There was an error parsing
+            # the body".
+            return JSONResponse(error_body(DEEP_JSON, "json_too_deep"), status_code=exc.status_code,
+                                headers=exc.headers)
         return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestError)

@@ -653,6 +653,24 @@ def test_a_body_that_is_not_utf8_is_refused_saying_where(served, path):
     assert httpx.post(url + path, content=text.encode(), timeout=60).status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/", "/v1/chat/completions"])
+def test_a_body_nested_too_deeply_to_parse_is_refused_saying_so(served, path):
+    url, cm = served
+    fields = {"prompt": "hi"} if path == "/" else chat_request("hi")[1]
+    deep = 5000  # past what Python's JSON parser follows (about 1000 levels), under max_body_bytes
+    for body in ["[" * deep + "]" * deep,  # the whole body, and a field the request does not read
+                 json.dumps(fields)[:-1] + ', "extra": ' + "[" * deep + "]" * deep + "}",
+                 json.dumps(fields)[:-1] + ', "extra": ' + '{"a": ' * deep + "1" + "}" * deep + "}"]:
+        r = httpx.post(url + path, content=body.encode(), timeout=60)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert "nests arrays or objects too deeply" in error["message"], r.text
+        assert error["code"] == "json_too_deep" and r.json()["detail"] == error["message"]
+    # A body nested a few levels, as every request here is, is served.
+    r = httpx.post(url + path, json={**fields, "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
 def test_a_prompt_of_spaces_and_newlines_alone_is_refused(served):
     url, _ = served
     for text in [" ", "\n\n", " \t\r\n\u3000"]:
