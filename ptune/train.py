@@ -406,7 +406,7 @@ def train(cfg: DictConfig) -> Path:
             trainer_state = {"seed": cfg.seed, "world_size": world, "global_batch": plan.global_batch,
                              "skipped_steps": skipped, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                              # steps since the last log line, so a resume logs the mean an unbroken run would
-                             "log_window": {"loss": window["loss"], "steps": window["steps"]}}
+                             "log_window": {k: window[k] for k in ("loss", "steps", "grad_norm", "norms")}}
             try:
                 path = ckpt_io.save_checkpoint(out, step, lm.prefix.state_dict(), prefix_config, trainer_state,
                                                optimizer.state_dict())
@@ -429,7 +429,11 @@ def train(cfg: DictConfig) -> Path:
              plan.global_batch, micro, accum, world, t.max_steps, lm.recomputed_layers, num_layers)
     lm.train()
     bar = tqdm(total=t.max_steps, initial=start, desc="train", disable=not (accelerator.is_main_process and t.progress_bar))
-    window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
+
+    def new_window() -> dict:  # sums since the last log line; "norms" counts the steps summed into "grad_norm"
+        return {"loss": 0.0, "grad_norm": 0.0, "norms": 0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
+
+    window = new_window()
     window.update(state.get("log_window") or {})
     for step in range(start, t.max_steps):
         lr = lr_at(step, cfg.optim, t.max_steps)
@@ -465,6 +469,11 @@ def train(cfg: DictConfig) -> Path:
                 "optim.max_grad_norm=1.0, or model.dtype=bfloat16 instead of float16.")
 
         window["loss"] += loss
+        # The mean of the window's finite norms: an fp16 overflow step's inf (skipped_steps counts those) would
+        # blank the whole mean. optimizer_step hands the norm back as a float, so this adds no device sync.
+        if math.isfinite(grad_norm):
+            window["grad_norm"] += grad_norm
+            window["norms"] += 1
         window["tokens"] += int(tokens)
         window["steps"] += 1
         done = step + 1
@@ -472,9 +481,11 @@ def train(cfg: DictConfig) -> Path:
         if done % t.log_steps == 0 or done == t.max_steps:
             elapsed = time.perf_counter() - window["time"]
             mean_loss = window["loss"] / window["steps"]
-            record = {"step": done, "loss": json_number(mean_loss), "lr": lr, "grad_norm": json_number(grad_norm), "tokens_per_s": round(window["tokens"] / elapsed, 1),
+            mean_norm = window["grad_norm"] / window["norms"] if window["norms"] else math.nan
+            record = {"step": done, "loss": json_number(mean_loss), "lr": lr, "grad_norm": json_number(mean_norm),
+                      "tokens_per_s": round(window["tokens"] / elapsed, 1),
                       "peak_mem_gib": round(peak_memory_gib(device), 3), "skipped_steps": skipped}
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}",
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{mean_norm:.2f}",
                             tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['peak_mem_gib']:.2f}G")
             def write_log() -> None:
                 with writing(metrics.path, lost_log):
@@ -482,8 +493,8 @@ def train(cfg: DictConfig) -> Path:
 
             on_rank0(accelerator, write_log)
             log.info("step %d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f peak_mem %.2f GiB", done,
-                     mean_loss, lr, grad_norm, record["tokens_per_s"], record["peak_mem_gib"])
-            window = {"loss": 0.0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
+                     mean_loss, lr, mean_norm, record["tokens_per_s"], record["peak_mem_gib"])
+            window = new_window()
         if done % t.save_steps == 0 or done == t.max_steps or stop["signal"] is not None:
             save(done)
             if window["steps"] == 0:  # keep the save's time out of the next line's tokens/s

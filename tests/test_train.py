@@ -202,3 +202,28 @@ def test_group_by_length_run_resumes_bitwise(tiny_model_dir, sample_file, tmp_pa
     plain = tmp_path / "plain"
     run_train(*small_run(model, sample_file, plain))
     assert [r["loss"] for r in logged(plain)] != [r["loss"] for r in straight_log]
+
+
+def window_mean(records: list[dict], key: str) -> float:
+    return sum(r[key] for r in records) / len(records)
+
+
+def test_a_log_line_holds_the_mean_grad_norm_of_its_window_also_across_a_resume(tiny_model_dir, sample_file,
+                                                                                 tmp_path):
+    """grad_norm, like loss, is the mean over the optimizer steps since the previous log line, not the last
+    step's; a checkpoint inside a window (save_steps=3, log_steps=4) carries the partial window to a resume."""
+    model = tiny_model_dir("llama")
+    every = tmp_path / "every"
+    run_train(*small_run(model, sample_file, every))  # a line per step: each step's own grad norm
+    per_step = logged(every)
+    out = tmp_path / "windowed"
+    run_train(*small_run(model, sample_file, out, "trainer.log_steps=4"))
+    windowed = logged(out)
+    assert [r["step"] for r in windowed] == [4, 6]
+    for record, steps in zip(windowed, (per_step[:4], per_step[4:])):
+        for key in ("loss", "grad_norm"):
+            assert record[key] == pytest.approx(window_mean(steps, key), rel=1e-5, abs=2e-6), (key, record, steps)
+    shutil.rmtree(out / "checkpoint-6")
+    run_train(*small_run(model, sample_file, out, "trainer.log_steps=4", "resume=latest"))
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in logged(out)] == [
+        (r["step"], r["loss"], r["grad_norm"]) for r in windowed]
