@@ -73,6 +73,7 @@ class Target:
     error: str | None = None
     scored: bool = False     # generated in this sweep (not taken from an earlier metrics.json)
     saved: bool = False      # those scores written to its eval/metrics.json (not where eval/ could not be written)
+    rows_in_file: int | None = None  # eval rows its data settings read, before the limit (set with its metrics)
 
     @property
     def name(self) -> str:
@@ -286,7 +287,7 @@ def score_group(targets: list[Target], cfg: DictConfig, device: torch.device, ex
         except ConfigError as e:  # a setting this base cannot take (its positions, its vocabulary): other bases can
             skip(t, str(e), bar)
             continue
-        t.metrics = ev.score(texts, evalset.labels)
+        t.metrics, t.rows_in_file = ev.score(texts, evalset.labels), evalset.rows_in_file
         try:
             ev.write_results(t.ckpt / "eval", evalset, texts, t.metrics,
                              {"generation": {**expected.gen, **stats}, "checkpoint": str(t.ckpt),
@@ -370,7 +371,7 @@ def score_all(targets: list[Target], cfg: DictConfig, device: torch.device) -> N
                 skip(t, data_error(e), bar)
                 continue
             if old is not None:
-                t.metrics = old
+                t.metrics, t.rows_in_file = old, expected.rows_in_file(t.data)  # counted already by reusable()
                 log.info("%s: already scored, %s (force=true scores it again)", t.name, _scores(old))
                 bar.update(1)
             else:
@@ -491,7 +492,7 @@ def write_markdown(path: Path, rows, best, failed, warnings, cfg: DictConfig, ta
     gen = OmegaConf.to_container(cfg.generation, resolve=True)
     eval_files = sorted({t.data["eval_file"] for t in targets if t.data})
     lines = ["# Checkpoint sweep", "",
-             f"Eval file: {', '.join(eval_files)}" + (f" (first {cfg.limit} rows)" if cfg.limit else ""), "",
+             f"Eval file: {', '.join(eval_files)} ({rows_scored(targets)})", "",
              "Generation: " + ", ".join(f"{k}={v}" for k, v in gen.items()), ""]
     for w in warnings:
         lines += [f"**Warning**: {w}", ""]
@@ -503,6 +504,24 @@ def write_markdown(path: Path, rows, best, failed, warnings, cfg: DictConfig, ta
     if failed:
         lines += ["", "## Not scored", ""] + [f"- {f['checkpoint']}: {f['error']}" for f in failed]
     write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def rows_scored(targets: list[Target]) -> str:
+    """The eval rows the ranked checkpoints were scored on, as "all 64 rows" or "first 5 of 64 rows": the limit
+    alone would claim rows a shorter file does not have. Said per run where runs differ (rows with an empty prompt
+    or response under a run's columns are not read)."""
+    runs_by_rows: dict[str, list[str]] = {}
+    for t in targets:
+        if t.metrics is None:
+            continue
+        n = t.metrics["num_samples"]
+        said = f"all {n} rows" if n >= t.rows_in_file else f"first {n} of {t.rows_in_file} rows"
+        runs = runs_by_rows.setdefault(said, [])
+        if t.run not in runs:
+            runs.append(t.run)
+    if len(runs_by_rows) == 1:
+        return next(iter(runs_by_rows))
+    return "; ".join(f"{said} in {', '.join(runs)}" for said, runs in runs_by_rows.items())
 
 
 def _best_line(key: str, tied: list[dict]) -> str:

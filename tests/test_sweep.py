@@ -522,3 +522,27 @@ def test_an_interrupt_says_which_scores_were_kept_and_which_eval_folders_could_n
         "the 1 checkpoint(s) scored before the interrupt keep no scores, as their eval/ folder could not be written "
         f"({run}/checkpoint-1), and the next sweep scores them again; no report was written")
 
+
+def test_the_report_says_how_many_rows_were_scored(run_copy, sample_file, tmp_path):
+    """sweep.md said "(first 1000 rows)" for a limit past the eval file's end; it gives the rows really scored,
+    with the file's count where the limit left some out, for fresh scores and reused ones alike."""
+    run = run_copy(tmp_path / "run")
+    evalset = tmp_path / "dev.jsonl"
+    evalset.write_text("".join(sample_file.read_text(encoding="utf-8").splitlines(keepends=True)[:4]),
+                       encoding="utf-8")
+    for limit, said in [("1000", "all 4 rows"), ("1000", "all 4 rows"), ("null", "all 4 rows"),
+                        ("3", "first 3 of 4 rows")]:
+        sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={evalset}", f"limit={limit}"))
+        lines = (run / "sweep" / "sweep.md").read_text(encoding="utf-8").splitlines()
+        assert lines[2] == f"Eval file: {evalset} ({said})", limit
+
+    # A run whose response column is empty in one row reads one row fewer: the counts are given per run.
+    other = run_copy(tmp_path / "other")
+    recorded_as(other, "data", "response_column", "alt")
+    rows = [json.loads(line) for line in evalset.read_text(encoding="utf-8").splitlines()]
+    evalset.write_text("".join(json.dumps({**r, "alt": "" if i == 0 else r["summary"]}, ensure_ascii=False) + "\n"
+                               for i, r in enumerate(rows)), encoding="utf-8")
+    sw.sweep(compose(f"runs=[{run},{other}]", f"data.eval_file={evalset}", "limit=3"))
+    lines = (run / "sweep" / "sweep.md").read_text(encoding="utf-8").splitlines()
+    assert lines[2] == f"Eval file: {evalset} (first 3 of 4 rows in {run}; all 3 rows in {other})"
+
