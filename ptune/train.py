@@ -496,9 +496,11 @@ def train(cfg: DictConfig) -> Path:
                      mean_loss, lr, mean_norm, record["tokens_per_s"], record["peak_mem_gib"])
             window = new_window()
         if done % t.save_steps == 0 or done == t.max_steps or stop["signal"] is not None:
+            saving = time.perf_counter()
             save(done)
-            if window["steps"] == 0:  # keep the save's time out of the next line's tokens/s
-                window["time"] = time.perf_counter()
+            # Saving is not training: the window's clock stops for it, so tokens/s stays the rate of the steps
+            # alone, also when a save falls inside a window (save_steps not a multiple of log_steps).
+            window["time"] += time.perf_counter() - saving
         if stop["signal"] is not None:
             log.warning("stopped by signal %d after step %d; resume with resume=latest output_dir=%s",
                         stop["signal"], done, out)

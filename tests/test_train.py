@@ -227,3 +227,28 @@ def test_a_log_line_holds_the_mean_grad_norm_of_its_window_also_across_a_resume(
     run_train(*small_run(model, sample_file, out, "trainer.log_steps=4", "resume=latest"))
     assert [(r["step"], r["loss"], r["grad_norm"]) for r in logged(out)] == [
         (r["step"], r["loss"], r["grad_norm"]) for r in windowed]
+
+
+def test_time_spent_saving_a_checkpoint_is_left_out_of_tokens_per_s(tiny_model_dir, sample_file, tmp_path):
+    """Saving is not training: a checkpoint inside a logging window (saved after step 3, logged at step 4) does
+    not lower that line's tokens/s. Saving is slowed by PAUSE seconds here; rows are cut to 16 + 16 tokens, so
+    the window's two steps hold at most 2 x 4 rows x 64 tokens, and counting the pause would put it below
+    512 / PAUSE tokens/s."""
+    pause = 4
+    slow_save = ("import time\n"
+                 "from ptune import checkpoint\n"
+                 "save = checkpoint.save_checkpoint\n"
+                 f"def slow(*args, **kwargs): time.sleep({pause}); return save(*args, **kwargs)\n"
+                 "checkpoint.save_checkpoint = slow\n"
+                 "import runpy\n"
+                 "runpy.run_module('ptune.train', run_name='__main__', alter_sys=True)\n")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", slow_save,
+                           *small_run(tiny_model_dir("llama"), sample_file, out, "trainer.log_steps=2",
+                                      "data.max_source_length=16", "data.max_target_length=16")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-6"]
+    by_step = {r["step"]: r for r in logged(out)}
+    assert sorted(by_step) == [2, 4, 6]
+    assert by_step[4]["tokens_per_s"] > 2 * 4 * 64 / pause, by_step
