@@ -548,8 +548,9 @@ def plot(path: Path, rows: list[dict]) -> None:
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(runs), 3), fontsize="small")
+    # Lines and labels named, not gathered: matplotlib leaves a line whose label starts with "_" out of a legend it
+    # gathers, and a run given as a relative folder (runs=[_a]) is labelled so.
+    fig.legend(axes[0].get_lines(), runs, loc="outside lower center", ncol=min(len(runs), 3), fontsize="small")
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, dpi=100, format="png")
     tmp.replace(path)  # whole, like the tables beside it

@@ -546,3 +546,24 @@ def test_the_report_says_how_many_rows_were_scored(run_copy, sample_file, tmp_pa
     lines = (run / "sweep" / "sweep.md").read_text(encoding="utf-8").splitlines()
     assert lines[2] == f"Eval file: {evalset} (first 3 of 4 rows in {run}; all 3 rows in {other})"
 
+
+def test_a_run_whose_label_starts_with_an_underscore_is_in_the_plots_legend(run_copy, sample_file, tmp_path,
+                                                                           monkeypatch):
+    """matplotlib leaves a line whose label starts with "_" out of a legend it gathers itself: a run given as a
+    relative folder such as _a had lines in sweep.png but no legend entry."""
+    from matplotlib.figure import Figure
+
+    saved, real_savefig = [], Figure.savefig
+
+    def savefig(fig, *a, **k):
+        saved.append(fig)
+        return real_savefig(fig, *a, **k)
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    monkeypatch.chdir(tmp_path)
+    run_copy(tmp_path / "_a")
+    run_copy(tmp_path / "b")
+    sw.sweep(compose("runs=[_a,b]", f"data.eval_file={sample_file}"))
+    assert (tmp_path / "_a" / "sweep" / "sweep.png").read_bytes().startswith(PNG_SIGNATURE)
+    [fig] = saved
+    [legend] = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["_a", "b"]
