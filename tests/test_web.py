@@ -171,7 +171,15 @@ class SlowEngine(Engine):
 
     delay = 0.03
 
+    def __init__(self, *args, **kwargs):
+        # A batch generates only while `gate` is open (it is, unless a test closes it); `entered`: one waits there.
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.gate.set()
+        super().__init__(*args, **kwargs)
+
     def _generate(self, batch):
+        self.entered.set()
+        self.gate.wait()
         for job in batch:
             if job.on_text:
                 job.on_text = lambda text, emit=job.on_text: (time.sleep(self.delay), emit(text))
@@ -192,6 +200,7 @@ def slow_server(trained_checkpoint):
         cm = load_chat_model(cfg)
         engine = SlowEngine(cm, cfg.max_batch_size, cfg.batch_wait_ms, cfg.max_queue, cfg.seed)  # as create_app's
         servers.append(LiveServer(create_app(cm, cfg, engine)))
+        servers[-1].engine = engine
         return servers[-1]
 
     yield make
@@ -264,6 +273,47 @@ def test_long_replies_keep_the_input_in_view_and_scrolling_up_stops_following(sl
     assert "stopped" in browser.find_element(By.ID, "status").text
     assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.dropped")) == 2
     wait.until(lambda d: health(server.url)["cancelled"] == cancelled + 1)
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors
+
+
+def test_stop_before_the_first_token_marks_the_reply_and_leaves_the_turn_out(served, slow_server, browser):
+    _, cm = served
+    server = slow_server()
+    wait = open_greedy(browser, server.url, cm)
+    box, status = browser.find_element(By.ID, "input"), browser.find_element(By.ID, "status")
+    earlier, asked = "类型#裙*颜色#红色", "材质#棉"
+    box.send_keys(earlier, Keys.ENTER)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.msg.assistant[data-done="true"]'))
+    answer = browser.find_element(By.CSS_SELECTOR, ".msg.assistant").get_attribute("textContent")
+    posted(browser)
+
+    # The next reply's generation waits at the gate: no token can come before Stop.
+    server.engine.entered.clear()
+    server.engine.gate.clear()
+    cancelled = health(server.url)["cancelled"]
+    box.send_keys(asked, Keys.ENTER)
+    stopped = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[1]
+    wait.until(lambda d: server.engine.entered.is_set())
+    browser.find_element(By.ID, "stop").click()
+    wait.until(lambda d: stopped.get_attribute("data-done") == "true")
+    # Said on the bubble, not left an empty dashed box; the turn is marked as left out of the history.
+    assert stopped.text == "(stopped before any reply)", stopped.text
+    marker = stopped.find_element(By.CSS_SELECTOR, ".marker")
+    assert marker.value_of_css_property("font-style") == "italic"
+    assert "error" not in stopped.get_attribute("class")
+    assert "stopped before any reply" in status.text and "not kept in the history" in status.text, status.text
+    assert "error" not in status.get_attribute("class")
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.dropped")) == 2
+    assert box.get_attribute("value") == asked  # nothing came of it: the words are back, to send again
+    server.engine.gate.set()
+    wait.until(lambda d: health(server.url)["cancelled"] == cancelled + 1)  # the server dropped it too
+
+    # Sent again, the message follows the kept turn alone: the stopped one is not in the history.
+    box.send_keys(Keys.ENTER)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.msg.assistant[data-done="true"]')) == 3)
+    assert "error" not in browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[2].get_attribute("class")
+    assert posted(browser) == [turns(earlier, answer, asked)] * 2
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == [], errors
 

@@ -44,11 +44,12 @@
     return el;
   }
 
-  // A reply with no text (the model ended it at once) would be an empty bubble: it says so instead.
-  function markEmpty(el) {
+  // A reply with no text (the model ended it at once, or Stop came before its first word) would be an empty
+  // bubble: it says so instead.
+  function markEmpty(el, why) {
     const marker = document.createElement("span");
     marker.className = "marker";
-    marker.textContent = "(empty reply)";
+    marker.textContent = why || "(empty reply)";
     el.textContent = "";
     el.appendChild(marker);
     el.classList.add("empty");
@@ -294,7 +295,16 @@
       // The turn is not in the history: say so on it, so the page shows what the model will be sent.
       notKept([asked, out], "the model will not see this turn");
       if (e.name === "AbortError") {
-        if (out.isConnected) setStatus("stopped; this turn is not kept in the history");  // (not after Clear)
+        if (out.isConnected && !reply.trim()) {  // (not after Clear)
+          // Nothing came of the turn: as for an empty reply, the bubble says so and the words come back.
+          markEmpty(out, "(stopped before any reply)");
+          const back = !input.value.trim();
+          if (back) input.value = text;
+          setStatus("stopped before any reply; this turn is not kept in the history"
+            + (back ? "; your message is back in the input" : ""));
+        } else if (out.isConnected) {
+          setStatus("stopped; this turn is not kept in the history");
+        }
       } else {
         const follow = atBottom();
         out.classList.add("error");
