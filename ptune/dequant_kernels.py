@@ -52,13 +52,15 @@ def _int8_kernel(q_ptr, scale_ptr, out_ptr, n, COLS: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
-def _int4_matmul_kernel(x_ptr, packed_ptr, scale_ptr, offset_ptr, out_ptr, M, N, K, GROUPS, PER_SPLIT, stride_x,
-                        HALF: tl.constexpr, WIDTH: tl.constexpr, GROUPS_A_STEP: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+def _int4_matmul_kernel(x_ptr, packed_ptr, scale_ptr, offset_ptr, bias_ptr, out_ptr, partial_ptr, arrived_ptr, M, N,
+                        K, GROUPS, PER_SPLIT, stride_x, HALF: tl.constexpr, WIDTH: tl.constexpr,
+                        GROUPS_A_STEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
     # Each tile of codes is widened in registers exactly as _int4_kernel widens it, so the product is
     # the widened weight's, only never written out. A step is one group: (columns, half-group) tiles,
     # one scale and offset per column. Program (i, s) takes output columns i and groups
-    # [s * PER_SPLIT, (s + 1) * PER_SPLIT): with SPLIT > 1 it writes an fp32 partial sum for _split_sum.
+    # [s * PER_SPLIT, (s + 1) * PER_SPLIT). With SPLIT > 1 each writes an fp32 partial sum, and the last
+    # of a column tile's programs to finish adds them (see _finish).
     # WIDTH is HALF, or 16 (tl.dot's smallest inner size) for smaller groups, the codes past HALF masked.
     m = tl.arange(0, BLOCK_M)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -85,27 +87,38 @@ def _int4_matmul_kernel(x_ptr, packed_ptr, scale_ptr, offset_ptr, out_ptr, M, N,
             w_high = ((codes >> 4).to(tl.float32) * scale + offset).to(x_low.dtype)
             acc = tl.dot(x_low, tl.trans(w_low), acc)
             acc = tl.dot(x_high, tl.trans(w_high), acc)
+    at = m[:, None] * N + n[None, :]
     mask = keep_m[:, None] & keep_n[None, :]
     if SPLIT == 1:
-        tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _finish(acc, bias_ptr, out_ptr, at, n, keep_n, mask, HAS_BIAS)
     else:
-        tl.store(out_ptr + tl.program_id(1) * M * N + m[:, None] * N + n[None, :], acc, mask=mask)
+        tl.store(partial_ptr + tl.program_id(1) * M * N + at, acc, mask=mask)
+        # A count per column tile replaces a second kernel for the sum. Every thread's partial is stored
+        # before the count goes up (the barrier, then the count's release); the program that brings it to
+        # SPLIT sees all of them (acquire) and adds them in split order, so the result does not depend on
+        # which program finished first. It puts the count back to 0 for the next call.
+        tl.debug_barrier()
+        if tl.atomic_add(arrived_ptr + tl.program_id(0), 1, sem="acq_rel") == SPLIT - 1:
+            acc = tl.load(partial_ptr + at, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT):
+                acc += tl.load(partial_ptr + s * M * N + at, mask=mask, other=0.0, cache_modifier=".cg")
+            _finish(acc, bias_ptr, out_ptr, at, n, keep_n, mask, HAS_BIAS)
+            tl.atomic_xchg(arrived_ptr + tl.program_id(0), 0)
 
 
 @triton.jit
-def _split_sum(partial_ptr, out_ptr, n, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    # The partial sums in a fixed order, so a result does not depend on which program finished first.
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    keep = i < n
-    acc = tl.load(partial_ptr + i, mask=keep, other=0.0)
-    for s in tl.static_range(1, SPLIT):
-        acc += tl.load(partial_ptr + s * n + i, mask=keep, other=0.0)
-    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=keep)
+def _finish(acc, bias_ptr, out_ptr, at, n, keep_n, mask, HAS_BIAS: tl.constexpr):
+    # The bias, rounded to the output's type as F.linear's is, joins the fp32 sum: the output is rounded
+    # once, as by cuBLAS's bias epilogue.
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + n, mask=keep_n, other=0.0).to(out_ptr.dtype.element_ty)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _int8_matmul_kernel(x_ptr, q_ptr, scale_ptr, out_ptr, M, N, K, stride_x, stride_out,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _int8_matmul_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_x,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     m = tl.arange(0, BLOCK_M)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep_m, keep_n = m < M, n < N
@@ -119,8 +132,8 @@ def _int8_matmul_kernel(x_ptr, q_ptr, scale_ptr, out_ptr, M, N, K, stride_x, str
         x = tl.load(x_ptr + m[:, None] * stride_x + k[None, :], mask=keep_m[:, None] & keep_k[None, :], other=0.0)
         w = (q.to(tl.float32) * scale[:, None]).to(x.dtype)  # as _int8_kernel widens it
         acc = tl.dot(x, tl.trans(w), acc)
-    tl.store(out_ptr + m[:, None] * stride_out + n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=keep_m[:, None] & keep_n[None, :])
+    _finish(acc, bias_ptr, out_ptr, m[:, None] * N + n[None, :], n, keep_n, keep_m[:, None] & keep_n[None, :],
+            HAS_BIAS)
 
 
 # The row count up to which small_matmul serves a layer: tl.dot's smallest tile is 16 rows, and past it
@@ -134,15 +147,23 @@ SMALL_TILE = {"int4": (128, 2, 4, 2), "int8": (32, 256, 4, 4)}
 # MAX_SPLIT parts, each summed in fp32 before the one rounding.
 PROGRAMS_PER_SM = 2
 MAX_SPLIT = 8
-_sm_count: dict[int, int] = {}
+# Per device: its multiprocessor count, and one arrival count per column tile for split products, all 0
+# between calls. Calls on one device share the counts, so they must not run on two streams at once
+# (ptune decodes on one).
+_devices: dict[int, tuple[int, torch.Tensor]] = {}
 
 
-def _splits(device: torch.device, tiles: int, groups: int, step: int) -> tuple[int, int]:
-    """(parts, groups a part) for int4's split of the input dimension; groups a part is a multiple of `step`."""
+def _device(device: torch.device) -> tuple[int, torch.Tensor]:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_count:
-        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    want = max(1, min(MAX_SPLIT, PROGRAMS_PER_SM * _sm_count[index] // tiles))
+    if index not in _devices:
+        sms = torch.cuda.get_device_properties(index).multi_processor_count
+        _devices[index] = sms, torch.zeros(PROGRAMS_PER_SM * sms, dtype=torch.int32, device=f"cuda:{index}")
+    return _devices[index]
+
+
+def _splits(sms: int, tiles: int, groups: int, step: int) -> tuple[int, int]:
+    """(parts, groups a part) for int4's split of the input dimension; groups a part is a multiple of `step`."""
+    want = max(1, min(MAX_SPLIT, PROGRAMS_PER_SM * sms // tiles))
     per = triton.cdiv(triton.cdiv(groups, want), step) * step
     return triton.cdiv(groups, per), per
 
@@ -156,30 +177,31 @@ def small_matmul_fits(x: torch.Tensor, group_size: int) -> bool:
 
 
 def small_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
-                 in_features: int) -> torch.Tensor:
-    """x @ W^T for the quantized W (:mod:`ptune.quant`'s layout), widening W tile by tile in registers
-    rather than in memory; `x` is 2-D with at most SMALL_ROWS rows (see :func:`small_matmul_fits`)."""
+                 in_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + bias for the quantized W (:mod:`ptune.quant`'s layout), widening W tile by tile in
+    registers rather than in memory, rounded once; `x` is 2-D with at most SMALL_ROWS rows (see
+    :func:`small_matmul_fits`)."""
     x = x.contiguous()
     rows, out_features = x.shape[0], qweight.shape[0]
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
+    bias_args = dict(bias_ptr=bias if bias is not None else out, HAS_BIAS=bias is not None)
     if offset is None:
         block_n, block_k, warps, stages = SMALL_TILE["int8"]
         _int8_matmul_kernel[(triton.cdiv(out_features, block_n),)](
-            x, qweight, scale, out, rows, out_features, in_features, x.stride(0), out.stride(0), BLOCK_M=SMALL_ROWS,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+            x, qweight, scale, out_ptr=out, M=rows, N=out_features, K=in_features, stride_x=x.stride(0),
+            BLOCK_M=SMALL_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **bias_args)
         return out
     block_n, step, warps, stages = SMALL_TILE["int4"]
     groups, half = scale.shape[1], qweight.shape[1] // scale.shape[1]
     tiles = triton.cdiv(out_features, block_n)
-    parts, per = _splits(x.device, tiles, groups, step)
-    target = out if parts == 1 else torch.empty(parts, rows, out_features, dtype=torch.float32, device=x.device)
-    _int4_matmul_kernel[(tiles, parts)](x, qweight, scale, offset, target, rows, out_features, in_features, groups,
-                                        per, x.stride(0), HALF=half, WIDTH=max(half, 16), GROUPS_A_STEP=step,
-                                        BLOCK_M=SMALL_ROWS, BLOCK_N=block_n, SPLIT=parts, num_warps=warps,
-                                        num_stages=stages)
-    if parts > 1:
-        n = rows * out_features
-        _split_sum[(triton.cdiv(n, _BLOCK),)](target, out, n, SPLIT=parts, BLOCK=_BLOCK)
+    sms, arrived = _device(x.device)
+    parts, per = _splits(sms, tiles, groups, step)
+    partial = out if parts == 1 else torch.empty(parts, rows, out_features, dtype=torch.float32, device=x.device)
+    _int4_matmul_kernel[(tiles, parts)](x, qweight, scale, offset, out_ptr=out, partial_ptr=partial,
+                                        arrived_ptr=arrived, M=rows, N=out_features, K=in_features, GROUPS=groups,
+                                        PER_SPLIT=per, stride_x=x.stride(0), HALF=half, WIDTH=max(half, 16),
+                                        GROUPS_A_STEP=step, BLOCK_M=SMALL_ROWS, BLOCK_N=block_n, SPLIT=parts,
+                                        num_warps=warps, num_stages=stages, **bias_args)
     return out
 
 

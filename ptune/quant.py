@@ -257,15 +257,15 @@ def _fused_dequantize(*args) -> torch.Tensor:
 FUSED_SMALL_MATMUL = True
 
 
-def _fused_small_matmul(x, qweight, scale, offset, in_features: int, group_size: int) -> torch.Tensor | None:
-    """x W^T by ptune.dequant_kernels.small_matmul, or None where it does not serve (or failed)."""
+def _fused_small_matmul(x, qweight, scale, offset, bias, in_features: int, group_size: int) -> torch.Tensor | None:
+    """x W^T + bias by ptune.dequant_kernels.small_matmul, or None where it does not serve (or failed)."""
     global FUSED_SMALL_MATMUL
     try:
         from ptune import dequant_kernels
 
         if not dequant_kernels.small_matmul_fits(x, group_size):
             return None
-        out = dequant_kernels.small_matmul(x.reshape(-1, in_features), qweight, scale, offset, in_features)
+        out = dequant_kernels.small_matmul(x.reshape(-1, in_features), qweight, scale, offset, in_features, bias)
         return out.view(*x.shape[:-1], qweight.shape[0])
     except Exception as e:  # noqa: BLE001 -- the kernel is an optimisation: fall back, say so once
         log.warning("multiplying small batches by the widened weight from now on: %s: %s", type(e).__name__, e)
@@ -274,12 +274,12 @@ def _fused_small_matmul(x, qweight, scale, offset, in_features: int, group_size:
 
 
 def _linear_forward(x, qweight, scale, offset, bias, in_features: int, group_size: int) -> torch.Tensor:
+    if FUSED_SMALL_MATMUL and x.device.type == "cuda":
+        out = _fused_small_matmul(x, qweight, scale, offset, bias, in_features, group_size)
+        if out is not None:
+            return out
     dtype = x.dtype
     b = bias.to(dtype) if bias is not None else None
-    if FUSED_SMALL_MATMUL and x.device.type == "cuda":
-        out = _fused_small_matmul(x, qweight, scale, offset, in_features, group_size)
-        if out is not None:
-            return out + b if b is not None else out
     if offset is None and USE_INT8PACK_MM and x.device.type == "cpu" and _int8pack_ok(x.device, dtype):
         out = torch._weight_int8pack_mm(x.reshape(-1, in_features).contiguous(), qweight, scale.to(dtype))
         out = out.view(*x.shape[:-1], qweight.shape[0])

@@ -406,21 +406,49 @@ def test_cuda_kernel_widens_like_dequantize(dtype, mode, group, shape):
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_small_matmul_is_the_widened_weights_product(dtype, mode, group, shape, rows):
     """dequant_kernels.small_matmul widens in registers what dequantize widens in memory: its output is the
-    widened weight's exact product rounded once, like cuBLAS's with the widened weight, on layer shapes
-    (ChatGLM2-6B's query/key/value and down projections), odd widths, the smallest group and several rows."""
+    widened weight's exact product plus the bias rounded once, like cuBLAS's with the widened weight, on
+    layer shapes (ChatGLM2-6B's query/key/value and down projections, whose int4 products are split among
+    programs), odd widths, the smallest group and several rows."""
     from ptune import dequant_kernels
 
     torch.manual_seed(0)
     q = Q.QuantizedLinear.from_float(normal_linear(shape[1], shape[0]).to("cuda"), mode, group or 128)
     x = torch.randn(rows, shape[1], device="cuda").to(dtype)
+    bias = q.bias.to(dtype) if rows != 3 else None  # both epilogues, without more cases
     assert dequant_kernels.small_matmul_fits(x, q.group_size)
     widened = dequant_kernels.dequantize(q.qweight, q.scale, q.offset, q.in_features, q.group_size, dtype)
-    exact = F.linear(x.double(), widened.double())
-    got = dequant_kernels.small_matmul(x, q.qweight, q.scale, q.offset, q.in_features)
+    exact = F.linear(x.double(), widened.double(), bias.double() if bias is not None else None)
+    got = dequant_kernels.small_matmul(x, q.qweight, q.scale, q.offset, q.in_features, bias)
     assert got.shape == (rows, shape[0]) and got.dtype == dtype
     eps = torch.finfo(dtype).eps  # one rounding of the output is at most eps / 2 of it
     # (cuBLAS may also round partial sums to the half-precision type: allow_bf16_reduced_precision_reduction)
-    assert rel_err(got, exact) < eps / 2 and rel_err(F.linear(x, widened), exact) < eps
+    assert rel_err(got, exact) < eps / 2 and rel_err(F.linear(x, widened, bias), exact) < eps
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_split_small_matmul_is_deterministic_and_leaves_its_counts_at_zero():
+    """A split int4 product is summed by whichever of its programs finishes last, in a fixed order: eager
+    calls and CUDA graph replays give the same bits, and the arrival counts are back at 0 after each."""
+    from ptune import dequant_kernels
+
+    torch.manual_seed(0)
+    q = Q.QuantizedLinear.from_float(normal_linear(13696, 4096).to("cuda"), "int4", 128)
+    x = torch.randn(1, 13696, device="cuda", dtype=torch.bfloat16)
+    args = (q.qweight, q.scale, q.offset, q.in_features, q.bias)
+    sms, arrived = dequant_kernels._device(x.device)
+    assert dequant_kernels._splits(sms, 4096 // 128, q.scale.shape[1], 2)[0] > 1  # the split path
+    first = dequant_kernels.small_matmul(x, *args)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        dequant_kernels.small_matmul(x, *args)  # compiled before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            replayed = dequant_kernels.small_matmul(x, *args)
+    for _ in range(20):
+        graph.replay()
+        assert torch.equal(replayed, first)
+        assert torch.equal(dequant_kernels.small_matmul(x, *args), first)
+    assert not arrived.any()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -431,8 +459,8 @@ def test_layers_route_only_small_half_precision_inputs_to_small_matmul(mode):
     q = Q.QuantizedLinear.from_float(normal_linear(512, 256), mode, 128).to("cuda")
     q.bias.data = q.bias.data.to(torch.bfloat16)
     x = torch.randn(2, 3, 512, device="cuda", dtype=torch.bfloat16)  # (batch, tokens, features): 6 rows
-    small = dequant_kernels.small_matmul(x.view(6, 512), q.qweight, q.scale, q.offset, 512).view(2, 3, 256)
-    assert torch.equal(q(x), small + q.bias)
+    small = dequant_kernels.small_matmul(x.view(6, 512), q.qweight, q.scale, q.offset, 512, q.bias).view(2, 3, 256)
+    assert torch.equal(q(x), small)
     for wide in (torch.randn(17, 512, device="cuda", dtype=torch.bfloat16), torch.randn(4, 512, device="cuda")):
         assert not dequant_kernels.small_matmul_fits(wide, q.group_size)
         weight = dequant_kernels.dequantize(q.qweight, q.scale, q.offset, 512, q.group_size, wide.dtype)
@@ -473,7 +501,7 @@ def test_small_matmul_falls_back_to_widening_once_the_kernel_fails(monkeypatch, 
     monkeypatch.setattr(Q, "FUSED_SMALL_MATMUL", True)
     q = Q.QuantizedLinear.from_float(nn.Linear(64, 8), "int4", 32)
     x = torch.randn(1, 64, dtype=torch.bfloat16)
-    assert Q._fused_small_matmul(x, q.qweight, q.scale, q.offset, q.in_features, q.group_size) is None
+    assert Q._fused_small_matmul(x, q.qweight, q.scale, q.offset, q.bias, q.in_features, q.group_size) is None
     assert Q.FUSED_SMALL_MATMUL is False
     assert "multiplying small batches by the widened weight from now on: ModuleNotFoundError" in caplog.text
 
