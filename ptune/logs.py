@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import resource
@@ -110,6 +111,7 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
     # Agg canvas on a bare Figure: no pyplot state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
 
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
@@ -123,7 +125,57 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
         lr_ax = ax.twinx()
         lr_ax.plot(steps, [r["lr"] for r in records], color="tab:gray", linestyle="--")
         lr_ax.set_ylabel("learning rate")
-    ax.set_title(log_path.parent.name)
+    title, font_file = plot_title(log_path.parent.name)
+    ax.set_title(title)
+    if font_file is not None:  # the title's size, in a font that holds its characters
+        ax.title.set_fontproperties(FontProperties(fname=font_file, size=ax.title.get_fontsize()))
     tmp = png_path.with_suffix(".png.tmp")
     fig.savefig(tmp, dpi=100, format="png")
     tmp.replace(png_path)
+
+
+def plot_title(text: str) -> tuple[str, str | None]:
+    """(title, font file or None for the configured font) that draw `text` without a missing-glyph warning.
+
+    The configured font (DejaVu Sans by default) has no CJK glyphs, and a run folder may be named in Chinese: the
+    title then takes an installed font holding its characters, and a character that no font holds is written as
+    its escape (\\u8bad) instead of a box."""
+    default = configured_font()
+    if all(default.get_char_index(ord(c)) for c in text):
+        return text, None
+    path, held = font_holding(frozenset(text))
+    return "".join(c if c in held else c.encode("unicode_escape").decode() for c in text), path
+
+
+@functools.lru_cache(maxsize=8)  # one look per run name, not one per checkpoint
+def font_holding(chars: frozenset[str]) -> tuple[str | None, frozenset[str]]:
+    """(font file, the characters of `chars` it holds) of the installed font holding the most of them, or
+    (None, those the configured font holds) when none holds more. Fonts installed after matplotlib cached its
+    font list are looked at too: it only rescans when its version changes."""
+    from matplotlib import font_manager, ft2font
+
+    default = configured_font()
+    best, best_held = None, frozenset(c for c in chars if default.get_char_index(ord(c)))
+    # The file's first face: a font given by file, as the title's is, cannot name another.
+    paths = dict.fromkeys([f.fname for f in font_manager.fontManager.ttflist] + font_manager.findSystemFonts())
+    for path in paths:
+        try:
+            font = ft2font.FT2Font(path)
+            name = font_manager.ttfFontProperty(font).name
+        except (OSError, RuntimeError, ValueError):  # a broken font file is no reason to lose the plot
+            continue
+        if name.startswith("Last Resort"):  # every character a "missing" box: it would hide missing glyphs
+            continue
+        held = frozenset(c for c in chars if font.get_char_index(ord(c)))
+        if len(held) > len(best_held):
+            best, best_held = path, held
+            if held == chars:
+                break
+    return best, best_held
+
+
+def configured_font():
+    """The font matplotlib draws text in unless told otherwise (rcParams' font.family)."""
+    from matplotlib import font_manager
+
+    return font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))

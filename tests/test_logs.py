@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 
 from matplotlib.image import imread
 
@@ -45,3 +47,28 @@ def test_a_checkpoint_before_the_first_logged_step_draws_nothing_and_a_failed_pl
     (tmp_path / "train_loss.png").mkdir()  # something in the way of the picture
     metrics.plot()
     assert "could not draw" in caplog.text and str(tmp_path / "train_loss.png") in caplog.text
+
+
+def test_a_run_folder_named_in_chinese_is_plotted_without_missing_glyph_warnings(tmp_path, caplog):
+    """The run folder's name is the plot's title, and the default font has no CJK glyphs: the title is drawn
+    with an installed font that has them, or on a machine with none with the characters written as escapes."""
+    run = tmp_path / "训练-运行\U0010fffd"  # and a private-use character that no font holds
+    run.mkdir()
+    write_log(run / "train_log.jsonl", [{"step": 1, "loss": 2.0, "lr": 0.1}, {"step": 2, "loss": 1.5, "lr": 0.1}])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_loss(run / "train_log.jsonl", run / "train_loss.png")
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []  # matplotlib's findfont
+    assert imread(run / "train_loss.png").shape[:2] == (450, 800)
+
+
+def test_a_title_character_no_font_holds_is_written_as_its_escape():
+    from ptune.logs import plot_title
+
+    title, font_file = plot_title("训练-运行\U0010fffd")
+    if font_file is None:  # no installed font has CJK glyphs
+        assert title == "\\u8bad\\u7ec3-\\u8fd0\\u884c\\U0010fffd"
+    else:
+        assert title == "训练-运行\\U0010fffd"
+    assert plot_title("run 7") == ("run 7", None)
