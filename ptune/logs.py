@@ -126,7 +126,7 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
         lr_ax.plot(steps, [r["lr"] for r in records], color="tab:gray", linestyle="--")
         lr_ax.set_ylabel("learning rate")
     title, font_file = plot_title(log_path.parent.name)
-    ax.set_title(title)
+    ax.set_title(title, parse_math=False)  # a run folder's name, not math between two $ signs
     if font_file is not None:  # the title's size, in a font that holds its characters
         ax.title.set_fontproperties(FontProperties(fname=font_file, size=ax.title.get_fontsize()))
     tmp = png_path.with_suffix(".png.tmp")

@@ -72,3 +72,16 @@ def test_a_title_character_no_font_holds_is_written_as_its_escape():
     else:
         assert title == "训练-运行\\U0010fffd"
     assert plot_title("run 7") == ("run 7", None)
+
+
+def test_dollar_signs_in_a_run_folder_name_are_plain_text_not_a_lost_plot(tmp_path, caplog):
+    """Matplotlib reads text between two $ as math, and a name that is not valid math stopped the drawing."""
+    from ptune.logs import MetricsLog
+
+    run = tmp_path / "lr$2^$"
+    run.mkdir()
+    metrics = MetricsLog(run, tensorboard=False)
+    metrics.write({"step": 1, "loss": 2.0, "lr": 0.1})
+    metrics.plot()
+    assert "could not draw" not in caplog.text
+    assert imread(run / "train_loss.png").shape[:2] == (450, 800)
