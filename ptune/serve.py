@@ -385,9 +385,11 @@ class ChatCompletionRequest(_Strict):
 class RequestError(Exception):
     """A request that is well-formed JSON but cannot be served; becomes a 4xx with this message."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 extra: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.extra = extra  # more fields of the error object, for clients that act on them (the chat page)
 
 
 def messages_to_turns(messages: list[Message]) -> tuple[str | None, list[tuple[str, str]], str]:
@@ -495,9 +497,9 @@ class BodyCheck:
 
 
 def error_body(message: str, code: str | None = None, param: str | None = None,
-               kind: str = "invalid_request_error") -> dict:
+               kind: str = "invalid_request_error", extra: dict | None = None) -> dict:
     """Errors in OpenAI's shape, plus FastAPI's `detail` so either kind of client finds the message."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code},
+    return {"error": {"message": message, "type": kind, "param": param, "code": code, **(extra or {})},
             "detail": message}
 
 
@@ -572,7 +574,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
                 else "invalid_request_error")
         # A 503 here is a full queue, which drains within moments.
         headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "1"}}.get(exc.status)
-        return JSONResponse(error_body(exc.message, exc.code, exc.param, kind), status_code=exc.status,
+        return JSONResponse(error_body(exc.message, exc.code, exc.param, kind, exc.extra), status_code=exc.status,
                             headers=headers)
 
     async def authorized(request: Request):
@@ -590,14 +592,31 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         # nor is there in spaces and newlines alone.
         if not query.strip() or not ids:
             raise RequestError(400, "the prompt is empty; send some text", param, "empty_prompt")
-        if len(ids) > max_prompt:
-            raise RequestError(400, f"the prompt is {len(ids)} tokens (history included); this server accepts at "
-                               f"most {max_prompt} (max_prompt_tokens)", param, "context_length_exceeded")
-        if positions is not None and len(ids) >= positions:
-            raise RequestError(400, f"the prompt is {len(ids)} tokens (history included); the model's {positions} "
-                               f"positions ({positions_key}) hold prompt and reply together, which leaves no room "
-                               "for a reply", param, "context_length_exceeded")
+        if too_long(len(ids)):
+            raise overlong(len(ids), system, param)
         return ids
+
+    def too_long(prompt: int) -> bool:
+        return prompt > max_prompt or (positions is not None and prompt >= positions)
+
+    def limit_of(prompt: int) -> str:
+        """What a prompt of `prompt` tokens, too long, is over."""
+        if prompt > max_prompt:
+            return f"this server accepts at most {max_prompt} (max_prompt_tokens)"
+        return (f"the model's {positions} positions ({positions_key}) hold prompt and reply together, which leaves no "
+                "room for a reply")
+
+    def overlong(prompt: int, system: str | None, param: str) -> RequestError:
+        """The refusal of a prompt of `prompt` tokens, too long here. Where the system message alone makes a prompt
+        too long, no shorter message or history could help: the refusal says so, in its message and, for clients
+        to act on, as `system_too_long` in the error object."""
+        alone = len(build_prompt(cm.tokenizer, cm.template, "", [], system)) if system else 0
+        if system and too_long(alone):
+            return RequestError(400, f"the system message alone makes a prompt of {alone} tokens; {limit_of(alone)}; "
+                                "shorten the system message", param, "context_length_exceeded",
+                                {"system_too_long": True})
+        return RequestError(400, f"the prompt is {prompt} tokens (history included); {limit_of(prompt)}", param,
+                            "context_length_exceeded", {"system_too_long": False})
 
     def fit_reply(prompt: int, new: int, asked: str | None, param: str | None) -> int:
         """`new` reply tokens, or as many as the model's positions leave where the request named no length

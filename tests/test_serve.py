@@ -671,6 +671,31 @@ def test_a_body_nested_too_deeply_to_parse_is_refused_saying_so(served, path):
     assert r.status_code == 200, r.text
 
 
+def test_a_system_message_too_long_on_its_own_is_refused_as_such(served):
+    url, _ = served
+    long = "x" * 500  # past max_prompt_tokens (200 here) on its own
+
+    def refusal(path, body) -> dict:
+        r = httpx.post(url + path, json=body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        return r.json()["error"]
+
+    # However short the message and whatever the history, no prompt fits: the system message is what to shorten.
+    error = refusal("/v1/chat/completions", {"messages": [{"role": "system", "content": long},
+                                                          *[{"role": r, "content": "x"} for r in ("user", "assistant")],
+                                                          {"role": "user", "content": "hi"}]})
+    assert error["system_too_long"] is True, error
+    assert "the system message alone makes a prompt of" in error["message"] and "at most 200" in error["message"]
+    assert "shorten the system message" in error["message"]
+    # A message too long beside a short system message: the prompt is what is too long, as before.
+    error = refusal("/v1/chat/completions", {"messages": [{"role": "system", "content": "be brief"},
+                                                          {"role": "user", "content": long}]})
+    assert error["system_too_long"] is False and "system message" not in error["message"], error
+    assert "at most 200" in error["message"]
+    error = refusal("/", {"prompt": long})
+    assert error["system_too_long"] is False, error
+
+
 def test_a_prompt_of_spaces_and_newlines_alone_is_refused(served):
     url, _ = served
     for text in [" ", "\n\n", " \t\r\n\u3000"]:

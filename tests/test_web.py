@@ -536,6 +536,54 @@ def test_a_conversation_too_long_for_the_server_leaves_out_its_oldest_turns(serv
     assert [e for e in errors if "400" not in e["message"]] == [], errors  # (Chromium logs each refusal)
 
 
+def test_a_system_message_too_long_says_so_and_leaves_no_turn_out(served, slow_server, browser):
+    _, cm = served
+    asked = ["类型#裙*颜色#红色", "材质#棉"]
+    system = "类型#裙*颜色#红色*风格#复古" * 8
+    limit = 100
+    assert len(prompt_ids(cm.tokenizer, "", [], cm.template, system)) > limit  # the system message alone
+    server = slow_server(f"max_prompt_tokens={limit}")
+    wait = open_greedy(browser, server.url, cm)
+    tokens = browser.find_element(By.ID, "max_tokens")
+    tokens.clear()
+    tokens.send_keys("4")  # short replies: the conversation stays far below the limit
+    box, status = browser.find_element(By.ID, "input"), browser.find_element(By.ID, "status")
+
+    def say(text: str):
+        n = len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
+        box.send_keys(text, Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.msg.assistant[data-done="true"]')) == n + 1)
+        return browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+
+    said = []
+    for text in asked:
+        reply = say(text)
+        assert "error" not in reply.get_attribute("class"), reply.text
+        said += [text, reply.get_attribute("textContent")]
+    browser.find_element(By.ID, "system").send_keys(system)
+    browser.find_element(By.CSS_SELECTOR, "#settings summary").click()  # closed: the error opens it again
+    posted(browser)
+
+    failed = say("类型#上衣")
+    # One request, refused: leaving the earlier turns out could not have made room, so none was tried.
+    assert posted(browser) == [[{"role": "system", "content": system}, *turns(*said, "类型#上衣")]]
+    assert "error" in failed.get_attribute("class")
+    assert "the system message is too long" in status.text and "shorten the system message under Settings" in \
+        status.text, status.text
+    assert "shorten your message" not in status.text
+    assert browser.find_element(By.ID, "settings").get_attribute("open") is not None
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.dropped")) == 2  # the failed turn alone
+    assert browser.find_elements(By.ID, "left-out") == []
+    assert box.get_attribute("value") == "类型#上衣"
+
+    # Without the system message the same words go, after the whole history.
+    browser.find_element(By.ID, "system").clear()
+    box.clear()
+    reply = say("类型#上衣")
+    assert "error" not in reply.get_attribute("class"), reply.text
+    assert posted(browser) == [turns(*said, "类型#上衣")]
+
+
 def test_a_busy_server_answers_503_and_the_page_says_so(slow_server, browser):
     server = slow_server("max_queue=1")
     wait = WebDriverWait(browser, 60)

@@ -113,19 +113,21 @@
   }
 
   class Failure extends Error {  // a failure already put in the user's terms
-    constructor(message, code, param) {
+    constructor(message, code, param, details) {
       super(message);
       this.code = code || null;    // the server's error code, e.g. context_length_exceeded
       this.param = param || null;  // the request field it names, e.g. messages or max_tokens
+      this.details = details || {};  // the server's whole error object, e.g. its system_too_long
     }
   }
 
   async function failureOf(response) {
-    let message = response.status + " " + response.statusText, code = null, param = null;
+    let message = response.status + " " + response.statusText, code = null, param = null, details = null;
     try {
       const body = await response.json();
       code = body.error && body.error.code;
       param = body.error && body.error.param;
+      details = body.error && typeof body.error === "object" ? body.error : null;
       message = (body.error && body.error.message) || (typeof body.detail === "string" && body.detail)
         || JSON.stringify(body);
     } catch (e) { /* not JSON (a proxy's page): the status line says it */ }
@@ -136,7 +138,7 @@
     if (response.status === 503) {
       message = "the server is busy, try again in a moment (" + message + ")";
     }
-    return new Failure(message, code, param);
+    return new Failure(message, code, param, details);
   }
 
   async function loadHealth() {
@@ -241,9 +243,18 @@
         const failure = await failureOf(r);
         controller.signal.throwIfAborted();  // Stop or Clear while the refusal was read: not a failure
         if (failure.code !== "context_length_exceeded") throw failure;
+        if (failure.details.system_too_long) {
+          // The system message alone leaves no room: leaving turns out would lose them for nothing.
+          $("settings").open = true;
+          // (The server's message ends "shorten the system message".)
+          throw new Failure("the system message is too long for the model: " + failure.message + " under Settings",
+                            failure.code, failure.param);
+        }
         if (skip < turns) { skip++; continue; }
         const without = turns ? " (even without the " + plural(turns, "earlier turn") + ")" : "";
-        const fix = failure.param === "max_tokens" ? "lower Max new tokens under Settings" : "shorten your message";
+        const fix = failure.param === "max_tokens" ? "lower Max new tokens under Settings"
+          : $("system").value.trim() ? "shorten your message, or the system message under Settings"
+            : "shorten your message";
         throw new Failure("this message is too long for the model" + without + ": " + failure.message + "; " + fix,
                           failure.code, failure.param);
       }
