@@ -10,6 +10,10 @@ Endpoints (one FastAPI app, bound to 127.0.0.1 unless `host` says otherwise):
   Without a temperature (or with one <= 0) the reply is greedy.
 * `GET /v1/models` (and `GET /v1/models/{id}`), `GET /health`, and a chat page at `GET /` (also `/chat`).
 
+A prompt too long (history included) is refused with 400 `context_length_exceeded`; its error object also holds
+`prompt_tokens`, `prompt_limit`, `system_too_long` and `turns_to_leave_out` (the fewest oldest turns whose leaving
+out makes it fit, null where none would), which the chat page acts on.
+
 One worker thread owns the model. Requests wait in a queue; the worker takes every compatible request
 that arrived within `batch_wait_ms` (up to `max_batch_size`) and generates them together, left-padded,
 with `ptune.generate.generate`; streamed requests share those batches and get their text as it comes.
@@ -593,7 +597,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         if not query.strip() or not ids:
             raise RequestError(400, "the prompt is empty; send some text", param, "empty_prompt")
         if too_long(len(ids)):
-            raise overlong(len(ids), system, param)
+            raise overlong(len(ids), query, history, system, param)
         return ids
 
     def too_long(prompt: int) -> bool:
@@ -606,17 +610,41 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         return (f"the model's {positions} positions ({positions_key}) hold prompt and reply together, which leaves no "
                 "room for a reply")
 
-    def overlong(prompt: int, system: str | None, param: str) -> RequestError:
-        """The refusal of a prompt of `prompt` tokens, too long here. Where the system message alone makes a prompt
-        too long, no shorter message or history could help: the refusal says so, in its message and, for clients
-        to act on, as `system_too_long` in the error object."""
+    def overlong(prompt: int, query: str, history, system: str | None, param: str) -> RequestError:
+        """The refusal of a prompt of `prompt` tokens, too long here, with what would fit, for clients to act on
+        (the chat page does) as well as in words. The error object holds `prompt_tokens`; `prompt_limit`, the
+        most a prompt may have; `system_too_long`: the system message alone makes a prompt too long, so no
+        shorter message or history could help; and `turns_to_leave_out`: the fewest oldest turns of the history
+        ([question, answer] pairs as they were paired here) whose leaving out makes the prompt fit, null where
+        leaving out all of it would not."""
+        limit = max_prompt if positions is None else min(max_prompt, positions - 1)
         alone = len(build_prompt(cm.tokenizer, cm.template, "", [], system)) if system else 0
-        if system and too_long(alone):
+        extra = {"prompt_tokens": prompt, "prompt_limit": limit, "system_too_long": bool(system) and too_long(alone),
+                 "turns_to_leave_out": None}
+        if extra["system_too_long"]:
             return RequestError(400, f"the system message alone makes a prompt of {alone} tokens; {limit_of(alone)}; "
-                                "shorten the system message", param, "context_length_exceeded",
-                                {"system_too_long": True})
+                                "shorten the system message", param, "context_length_exceeded", extra)
+        extra["turns_to_leave_out"] = turns_to_leave_out(query, history, system)
         return RequestError(400, f"the prompt is {prompt} tokens (history included); {limit_of(prompt)}", param,
-                            "context_length_exceeded", {"system_too_long": False})
+                            "context_length_exceeded", extra)
+
+    def turns_to_leave_out(query: str, history, system: str | None) -> int | None:
+        """The fewest oldest turns of `history` whose leaving out makes the prompt fit (a prompt shortens as turns
+        leave, so a binary search: a few tokenizations, on a refusal only); None where none would do."""
+        def fits(n: int) -> bool:
+            return not too_long(len(build_prompt(cm.tokenizer, cm.template, query, history[n:], system)))
+
+        history = list(history or [])
+        if not history or not fits(len(history)):
+            return None
+        low, high = 1, len(history)  # the prompt with every turn is too long; with `high` left out it fits
+        while low < high:
+            middle = (low + high) // 2
+            if fits(middle):
+                high = middle
+            else:
+                low = middle + 1
+        return high
 
     def fit_reply(prompt: int, new: int, asked: str | None, param: str | None) -> int:
         """`new` reply tokens, or as many as the model's positions leave where the request named no length

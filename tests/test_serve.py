@@ -684,7 +684,7 @@ def test_a_system_message_too_long_on_its_own_is_refused_as_such(served):
     error = refusal("/v1/chat/completions", {"messages": [{"role": "system", "content": long},
                                                           *[{"role": r, "content": "x"} for r in ("user", "assistant")],
                                                           {"role": "user", "content": "hi"}]})
-    assert error["system_too_long"] is True, error
+    assert error["system_too_long"] is True and error["turns_to_leave_out"] is None, error
     assert "the system message alone makes a prompt of" in error["message"] and "at most 200" in error["message"]
     assert "shorten the system message" in error["message"]
     # A message too long beside a short system message: the prompt is what is too long, as before.
@@ -694,6 +694,30 @@ def test_a_system_message_too_long_on_its_own_is_refused_as_such(served):
     assert "at most 200" in error["message"]
     error = refusal("/", {"prompt": long})
     assert error["system_too_long"] is False, error
+
+
+def test_a_conversation_too_long_is_refused_saying_how_many_turns_to_leave_out(served):
+    url, cm = served
+    history = [(f"q{i} " + "x" * 30, f"a{i} " + "y" * 30) for i in range(6)]
+    length = lambda history: len(prompt_ids(cm.tokenizer, "hi", history, cm.template))  # noqa: E731
+    fewest = next(n for n in range(len(history) + 1) if length(history[n:]) <= 200)  # max_prompt_tokens=200 here
+    assert 1 < fewest < len(history)
+    messages = [{"role": r, "content": t} for turn in history for r, t in zip(("user", "assistant"), turn)]
+    for path, body in [("/v1/chat/completions", {"messages": [*messages, {"role": "user", "content": "hi"}]}),
+                       ("/", {"prompt": "hi", "history": [list(turn) for turn in history]})]:
+        r = httpx.post(url + path, json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["turns_to_leave_out"] == fewest, error
+        assert error["prompt_tokens"] == length(history) and error["prompt_limit"] == 200, error
+    # That many left out, the request is taken; one fewer, it is not.
+    r = httpx.post(url + "/", json={"prompt": "hi", "history": history[fewest:], "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.post(url + "/", json={"prompt": "hi", "history": history[fewest - 1:]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["turns_to_leave_out"] == 1, r.text
+    # A message too long on its own: no number of turns would do.
+    r = httpx.post(url + "/", json={"prompt": "x" * 500, "history": history[:1]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["turns_to_leave_out"] is None, r.text
 
 
 def test_a_prompt_of_spaces_and_newlines_alone_is_refused(served):

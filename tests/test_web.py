@@ -362,9 +362,11 @@ def test_errors_say_what_to_do_and_the_user_can_go_on(slow_server, browser):
     # A message over the server's limit on its own: its message, what to do, the words back, and the history as
     # it was (leaving the earlier turn out would not have made room).
     long = "类型#裙*颜色#红色*风格#复古" * 8
+    posted(browser)
     send(long)
     assert "max_prompt_tokens" in status.text and "shorten your message" in status.text, status.text
     assert "even without the 1 earlier turn" in status.text, status.text
+    assert len(posted(browser)) == 1  # the refusal said so: the request without that turn was not even tried
     assert box.get_attribute("value") == long
     assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.dropped")) == 4  # the two failed turns alone
     box.clear()
@@ -518,9 +520,10 @@ def test_a_conversation_too_long_for_the_server_leaves_out_its_oldest_turns(serv
     posted(browser)
     reply = say(last)
     assert "error" not in reply.get_attribute("class"), reply.text
-    # Refused with three turns, then with two; taken with the newest alone, whose reply it is.
+    # Refused with three turns, the refusal saying that leaving out the oldest two makes room; taken with the
+    # newest alone, whose reply it is: no request refused per turn left out.
     flat = [t for turn in said for t in turn]
-    assert posted(browser) == [turns(*flat, last), turns(*flat[2:], last), turns(*flat[4:], last)]
+    assert posted(browser) == [turns(*flat, last), turns(*flat[4:], last)]
     assert reply.get_attribute("textContent") == greedy(cm, prompt_ids(cm.tokenizer, last, said[2:], cm.template))
     assert "oldest 2 turns were left out" in status.text, status.text
     assert "error" not in status.get_attribute("class")

@@ -232,8 +232,9 @@
     setStatus("generating…");
     try {
       // A conversation past what the server takes is refused whole (400, context_length_exceeded). As the
-      // terminal chat does, the oldest turns make room: one more is left out per refusal (a refusal costs the
-      // server no generation), and the history loses them only once a request is taken.
+      // terminal chat does, the oldest turns make room: as many as the refusal says would (its
+      // turns_to_leave_out; null: none would), else one more per refusal (a refusal costs the server no
+      // generation). The shorter request is checked again, and the history loses them only once one is taken.
       const turns = turnEls.length;
       let skip = 0, r;
       for (;;) {
@@ -250,7 +251,11 @@
           throw new Failure("the system message is too long for the model: " + failure.message + " under Settings",
                             failure.code, failure.param);
         }
-        if (skip < turns) { skip++; continue; }
+        const fewest = failure.details.turns_to_leave_out;
+        if (fewest !== null && skip < turns) {
+          skip = Math.min(turns, skip + (Number.isInteger(fewest) && fewest > 0 ? fewest : 1));
+          continue;
+        }
         const without = turns ? " (even without the " + plural(turns, "earlier turn") + ")" : "";
         const fix = failure.param === "max_tokens" ? "lower Max new tokens under Settings"
           : $("system").value.trim() ? "shorten your message, or the system message under Settings"
