@@ -88,13 +88,21 @@ def build_prompt(tokenizer, template: str, query: str, history, system: str | No
 
 def fit_history(tokenizer, template: str, query: str, history, max_prompt_tokens: int | None,
                 system: str | None = None) -> tuple[list[int], list]:
-    """(prompt ids, kept history): the oldest turns are dropped until the prompt fits `max_prompt_tokens`."""
+    """(prompt ids, kept history): the fewest oldest turns are dropped for the prompt to fit
+    `max_prompt_tokens`; all of them where even that is not enough (the ids are then still too long)."""
     history = list(history or [])
-    while True:
-        ids = build_prompt(tokenizer, template, query, history, system)
-        if not max_prompt_tokens or len(ids) <= max_prompt_tokens or not history:
-            return ids, history
-        history = history[1:]
+    ids = build_prompt(tokenizer, template, query, history, system)
+    if not max_prompt_tokens or len(ids) <= max_prompt_tokens or not history:
+        return ids, history
+    # A prompt shortens as turns leave, so a binary search: a few tokenizations for a long conversation.
+    low, high = 1, len(history)  # dropping `high` fits, or it is every turn
+    while low < high:
+        middle = (low + high) // 2
+        if len(build_prompt(tokenizer, template, query, history[middle:], system)) <= max_prompt_tokens:
+            high = middle
+        else:
+            low = middle + 1
+    return build_prompt(tokenizer, template, query, history[high:], system), history[high:]
 
 
 def decode_reply(tokenizer, tokens: list[int]) -> str:

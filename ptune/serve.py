@@ -56,7 +56,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
                       field_validator)
 
-from ptune.chat import ChatModel, StreamDecoder, build_prompt, decode_reply, load_chat_model
+from ptune.chat import ChatModel, StreamDecoder, build_prompt, decode_reply, fit_history, load_chat_model
 from ptune.config import (check_count, check_quantization, check_sampling, check_template, check_token_ids,
                           refuse_added_settings)
 from ptune.data import encodable, left_pad
@@ -600,8 +600,11 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
             raise overlong(len(ids), query, history, system, param)
         return ids
 
+    # The most tokens a prompt may have: the server's cap, and one position left for the reply.
+    prompt_limit = max_prompt if positions is None else min(max_prompt, positions - 1)
+
     def too_long(prompt: int) -> bool:
-        return prompt > max_prompt or (positions is not None and prompt >= positions)
+        return prompt > prompt_limit
 
     def limit_of(prompt: int) -> str:
         """What a prompt of `prompt` tokens, too long, is over."""
@@ -617,9 +620,8 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         shorter message or history could help; and `turns_to_leave_out`: the fewest oldest turns of the history
         ([question, answer] pairs as they were paired here) whose leaving out makes the prompt fit, null where
         leaving out all of it would not."""
-        limit = max_prompt if positions is None else min(max_prompt, positions - 1)
         alone = len(build_prompt(cm.tokenizer, cm.template, "", [], system)) if system else 0
-        extra = {"prompt_tokens": prompt, "prompt_limit": limit, "system_too_long": bool(system) and too_long(alone),
+        extra = {"prompt_tokens": prompt, "prompt_limit": prompt_limit, "system_too_long": bool(system) and too_long(alone),
                  "turns_to_leave_out": None}
         if extra["system_too_long"]:
             return RequestError(400, f"the system message alone makes a prompt of {alone} tokens; {limit_of(alone)}; "
@@ -629,22 +631,9 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
                             "context_length_exceeded", extra)
 
     def turns_to_leave_out(query: str, history, system: str | None) -> int | None:
-        """The fewest oldest turns of `history` whose leaving out makes the prompt fit (a prompt shortens as turns
-        leave, so a binary search: a few tokenizations, on a refusal only); None where none would do."""
-        def fits(n: int) -> bool:
-            return not too_long(len(build_prompt(cm.tokenizer, cm.template, query, history[n:], system)))
-
-        history = list(history or [])
-        if not history or not fits(len(history)):
-            return None
-        low, high = 1, len(history)  # the prompt with every turn is too long; with `high` left out it fits
-        while low < high:
-            middle = (low + high) // 2
-            if fits(middle):
-                high = middle
-            else:
-                low = middle + 1
-        return high
+        """The fewest oldest turns of `history` whose leaving out makes the prompt fit; None where none would."""
+        ids, kept = fit_history(cm.tokenizer, cm.template, query, history, prompt_limit, system)
+        return None if not history or too_long(len(ids)) else len(history) - len(kept)
 
     def fit_reply(prompt: int, new: int, asked: str | None, param: str | None) -> int:
         """`new` reply tokens, or as many as the model's positions leave where the request named no length

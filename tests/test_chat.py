@@ -315,3 +315,21 @@ def test_sigterm_mid_reply_ends_the_chat_with_one_line_and_status_143(checkpoint
     assert proc.returncode == 143, err.decode()[-3000:]
     assert err.decode().splitlines()[-1] == "chat interrupted (SIGTERM)" and b"Traceback" not in err
     assert b"this turn is not kept" not in seen + out and b"User: " not in out  # not another turn
+
+
+def test_fit_history_drops_the_fewest_oldest_turns_that_make_the_prompt_fit(tmp_path):
+    """fit_history finds by binary search what dropping the oldest turn one at a time finds, for every limit
+    from one that fits nothing to one that fits everything."""
+    from ptune.chat import build_prompt, fit_history
+
+    tok = build_tokenizer(tmp_path)
+    history = [(f"question {i} " * (i % 3 + 1), f"answer {i} " * (i % 4 + 1)) for i in range(9)]
+    full = len(build_prompt(tok, "plain", "last one", history))
+    alone = len(build_prompt(tok, "plain", "last one", []))
+    for limit in range(alone - 1, full + 1):
+        kept = history
+        while kept and len(build_prompt(tok, "plain", "last one", kept)) > limit:
+            kept = kept[1:]
+        ids, got = fit_history(tok, "plain", "last one", history, limit)
+        assert got == kept and ids == build_prompt(tok, "plain", "last one", kept), limit
+    assert fit_history(tok, "plain", "last one", history, None)[1] == history
