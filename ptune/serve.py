@@ -57,8 +57,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
                       field_validator)
 
 from ptune.chat import ChatModel, StreamDecoder, build_prompt, decode_reply, fit_history, load_chat_model
-from ptune.config import (check_count, check_quantization, check_sampling, check_template, check_token_ids,
-                          refuse_added_settings)
+from ptune.config import (check_above_zero, check_count, check_quantization, check_sampling, check_template,
+                          check_token_ids, refuse_added_settings)
 from ptune.data import encodable, left_pad
 from ptune.generate import generate
 from ptune.errors import ConfigError, exit_on_user_error
@@ -437,10 +437,11 @@ def is_greedy(temperature: float | None) -> bool:
 
 class BodyCheck:
     """Pure ASGI middleware: reads each request body whole before any parsing, and refuses one over `limit`
-    bytes (413) or a POST body, always JSON here, that is not UTF-8 (422, as for a body that is not JSON)."""
+    bytes (413), one not all arrived within `timeout` seconds (408), or a POST body, always JSON here, that is
+    not UTF-8 (422, as for a body that is not JSON)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, int(limit)
+    def __init__(self, app, limit: int, timeout: float):
+        self.app, self.limit, self.timeout = app, int(limit), float(timeout)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -454,20 +455,17 @@ class BodyCheck:
         length = dict(headers).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._refuse_size(send)
-        chunks, size = [], 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                chunks.append(message)
-                break
-            size += len(message.get("body", b""))
-            if size > self.limit:
-                return await self._refuse_size(send)
-            chunks.append(message)
-            more = message.get("more_body", False)
+        chunks: list[dict] = []
+        try:
+            # A client that stops sending mid-body would otherwise hold its connection and this task for good.
+            cut_short = await asyncio.wait_for(self._read(receive, chunks), self.timeout)
+        except asyncio.TimeoutError:
+            return await self._refuse(send, 408, f"the request body did not all arrive within body_timeout_s="
+                                      f"{self.timeout:g} seconds", "body_timeout", [(b"connection", b"close")])
+        if cut_short is None:
+            return await self._refuse_size(send)
         body = b"".join(m.get("body", b"") for m in chunks if m["type"] == "http.request")
-        if scope.get("method") == "POST" and not more:  # (a client that went away sent only part of it)
+        if scope.get("method") == "POST" and not cut_short:  # (a client that went away sent only part of it)
             try:
                 body.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -485,6 +483,21 @@ class BodyCheck:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+    async def _read(self, receive, chunks: list) -> bool | None:
+        """Receives the body's messages into `chunks`: whether the body was cut short (the client went away),
+        or None once it passes `limit` bytes."""
+        size = 0
+        while True:
+            message = await receive()
+            chunks.append(message)
+            if message["type"] != "http.request":
+                return True
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return None
+            if not message.get("more_body", False):
+                return False
 
     async def _refuse_size(self, send):
         # Closed after the answer: the rest of the body was never read.
@@ -826,7 +839,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     async def favicon():
         return Response(status_code=204)
 
-    return BodyCheck(app, int(cfg.max_body_bytes))
+    return BodyCheck(app, int(cfg.max_body_bytes), float(cfg.body_timeout_s))
 
 
 def api_key_of(cfg: DictConfig) -> str | None:
@@ -887,6 +900,7 @@ def check_settings(cfg: DictConfig) -> None:
                 "api.max_length", "openai.max_tokens"):
         check_count(cfg, key)
     check_count(cfg, "batch_wait_ms", least=0)
+    check_above_zero(cfg, "body_timeout_s", "the seconds a request body may take to arrive")
     check_count(cfg, "seed", least=0)
     if not (isinstance(cfg.port, int) and not isinstance(cfg.port, bool) and 0 <= cfg.port <= 65535):
         raise ConfigError(f"port={cfg.port!r}: expected a TCP port from 0 to 65535 (0: any free port)")

@@ -860,3 +860,31 @@ def test_only_hosts_outside_loopback_count_as_exposed(host, loopback):
     from ptune.serve import is_loopback
 
     assert is_loopback(host) is loopback
+
+
+def test_a_body_that_stops_arriving_is_refused_with_408_and_the_server_goes_on(checkpoint, served):
+    """A client that sends headers and part of its body, then nothing, gets 408 once body_timeout_s passes and
+    its connection closed; it does not hold the connection for good, and other requests are served meanwhile."""
+    from ptune.serve import create_app
+
+    _, cm = served
+    cfg = compose("serve", f"checkpoint={checkpoint}", "device=cpu", f"max_new_tokens={MAX_NEW}", "body_timeout_s=1")
+    live = LiveServer(create_app(cm, cfg))
+    try:
+        port = int(live.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 200\r\n\r\n{\"messages\": [")
+            started = time.monotonic()
+            assert httpx.get(f"{live.url}/health", timeout=10).status_code == 200  # not held up by the stalled one
+            answer = b""
+            while chunk := sock.recv(65536):  # until the server closes the connection
+                answer += chunk
+            waited = time.monotonic() - started
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 "), answer
+        error = json.loads(body)["error"]
+        assert error["code"] == "body_timeout" and "body_timeout_s=1 seconds" in error["message"], error
+        assert 0.5 < waited < 20, waited
+    finally:
+        live.stop()
