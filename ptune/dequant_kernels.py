@@ -93,17 +93,16 @@ def _int4_matmul_kernel(x_ptr, packed_ptr, scale_ptr, offset_ptr, bias_ptr, out_
         _finish(acc, bias_ptr, out_ptr, at, n, keep_n, mask, HAS_BIAS)
     else:
         tl.store(partial_ptr + tl.program_id(1) * M * N + at, acc, mask=mask)
-        # A count per column tile replaces a second kernel for the sum. Every thread's partial is stored
-        # before the count goes up (the barrier, then the count's release); the program that brings it to
-        # SPLIT sees all of them (acquire) and adds them in split order, so the result does not depend on
-        # which program finished first. It puts the count back to 0 for the next call.
+        # A count per column tile (zeroed by the caller) replaces a second kernel for the sum. Every thread's
+        # partial is stored before the count goes up (the barrier, then the count's release); the program
+        # that brings it to SPLIT sees all of them (acquire) and adds them in split order, so the result does
+        # not depend on which program finished first.
         tl.debug_barrier()
         if tl.atomic_add(arrived_ptr + tl.program_id(0), 1, sem="acq_rel") == SPLIT - 1:
             acc = tl.load(partial_ptr + at, mask=mask, other=0.0, cache_modifier=".cg")
             for s in tl.static_range(1, SPLIT):
                 acc += tl.load(partial_ptr + s * M * N + at, mask=mask, other=0.0, cache_modifier=".cg")
             _finish(acc, bias_ptr, out_ptr, at, n, keep_n, mask, HAS_BIAS)
-            tl.atomic_xchg(arrived_ptr + tl.program_id(0), 0)
 
 
 @triton.jit
@@ -147,18 +146,14 @@ SMALL_TILE = {"int4": (128, 2, 4, 2), "int8": (32, 256, 4, 4)}
 # MAX_SPLIT parts, each summed in fp32 before the one rounding.
 PROGRAMS_PER_SM = 2
 MAX_SPLIT = 8
-# Per device: its multiprocessor count, and one arrival count per column tile for split products, all 0
-# between calls. Calls on one device share the counts, so they must not run on two streams at once
-# (ptune decodes on one).
-_devices: dict[int, tuple[int, torch.Tensor]] = {}
+_sm_count: dict[int, int] = {}
 
 
-def _device(device: torch.device) -> tuple[int, torch.Tensor]:
+def _multiprocessors(device: torch.device) -> int:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _devices:
-        sms = torch.cuda.get_device_properties(index).multi_processor_count
-        _devices[index] = sms, torch.zeros(PROGRAMS_PER_SM * sms, dtype=torch.int32, device=f"cuda:{index}")
-    return _devices[index]
+    if index not in _sm_count:
+        _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_count[index]
 
 
 def _splits(sms: int, tiles: int, groups: int, step: int) -> tuple[int, int]:
@@ -194,9 +189,13 @@ def small_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, of
     block_n, step, warps, stages = SMALL_TILE["int4"]
     groups, half = scale.shape[1], qweight.shape[1] // scale.shape[1]
     tiles = triton.cdiv(out_features, block_n)
-    sms, arrived = _device(x.device)
-    parts, per = _splits(sms, tiles, groups, step)
-    partial = out if parts == 1 else torch.empty(parts, rows, out_features, dtype=torch.float32, device=x.device)
+    parts, per = _splits(_multiprocessors(x.device), tiles, groups, step)
+    partial, arrived = out, out
+    if parts > 1:
+        # Made for each call, not kept between calls: nothing outlives a CUDA graph or a compiled step that
+        # made it, and calls on other streams cannot share a count.
+        partial = torch.empty(parts, rows, out_features, dtype=torch.float32, device=x.device)
+        arrived = torch.zeros(tiles, dtype=torch.int32, device=x.device)
     _int4_matmul_kernel[(tiles, parts)](x, qweight, scale, offset, out_ptr=out, partial_ptr=partial,
                                         arrived_ptr=arrived, M=rows, N=out_features, K=in_features, GROUPS=groups,
                                         PER_SPLIT=per, stride_x=x.stride(0), HALF=half, WIDTH=max(half, 16),

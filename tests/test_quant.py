@@ -426,16 +426,16 @@ def test_small_matmul_is_the_widened_weights_product(dtype, mode, group, shape, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_split_small_matmul_is_deterministic_and_leaves_its_counts_at_zero():
+def test_split_small_matmul_is_deterministic():
     """A split int4 product is summed by whichever of its programs finishes last, in a fixed order: eager
-    calls and CUDA graph replays give the same bits, and the arrival counts are back at 0 after each."""
+    calls and CUDA graph replays give the same bits."""
     from ptune import dequant_kernels
 
     torch.manual_seed(0)
     q = Q.QuantizedLinear.from_float(normal_linear(13696, 4096).to("cuda"), "int4", 128)
     x = torch.randn(1, 13696, device="cuda", dtype=torch.bfloat16)
     args = (q.qweight, q.scale, q.offset, q.in_features, q.bias)
-    sms, arrived = dequant_kernels._device(x.device)
+    sms = dequant_kernels._multiprocessors(x.device)
     assert dequant_kernels._splits(sms, 4096 // 128, q.scale.shape[1], 2)[0] > 1  # the split path
     first = dequant_kernels.small_matmul(x, *args)
     stream = torch.cuda.Stream()
@@ -448,7 +448,6 @@ def test_split_small_matmul_is_deterministic_and_leaves_its_counts_at_zero():
         graph.replay()
         assert torch.equal(replayed, first)
         assert torch.equal(dequant_kernels.small_matmul(x, *args), first)
-    assert not arrived.any()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -486,7 +485,7 @@ def test_quantized_decoding_is_the_same_with_and_without_cuda_graphs():
     lm = PrefixLM(model, prefix)
     torch._dynamo.reset()
     runs = [generate(lm, ids, mask, max_new_tokens=12, eos_token_ids=[], pad_token_id=0, **options)
-            for options in ({}, {"static_cache": False}, {"compile_step": True})]
+            for options in ({"compile_step": True}, {}, {"static_cache": False})]
     assert runs[0].shape == (3, 12) and torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
     assert Q.FUSED_SMALL_MATMUL  # the kernel ran in every path, the compiled one included (no fallback)
 
