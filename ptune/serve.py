@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import socket
 import threading
@@ -839,7 +840,15 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     async def favicon():
         return Response(status_code=204)
 
-    return BodyCheck(app, int(cfg.max_body_bytes), float(cfg.body_timeout_s))
+    checked = BodyCheck(app, int(cfg.max_body_bytes), float(cfg.body_timeout_s))
+    origins = list(cfg.get("cors_origins") or [])
+    if not origins:
+        return checked
+    # Outside the body check, so that its refusals (413, 408, 422) reach a page on another origin readable too.
+    from starlette.middleware.cors import CORSMiddleware
+
+    return CORSMiddleware(checked, allow_origins=origins, allow_methods=["GET", "HEAD", "POST"],
+                          allow_headers=["Authorization", "Content-Type"], max_age=600)
 
 
 def api_key_of(cfg: DictConfig) -> str | None:
@@ -912,6 +921,23 @@ def check_settings(cfg: DictConfig) -> None:
     check_quantization(cfg, inference=True)
     check_template(cfg, nullable=True)
     check_api_key(cfg)
+    check_cors_origins(cfg)
+
+
+def check_cors_origins(cfg: DictConfig) -> None:
+    """cors_origins: a list of origins as a browser sends them (scheme://host[:port], no path), or "*"."""
+    origins = cfg.get("cors_origins")
+    if origins is None:
+        return
+    if not OmegaConf.is_list(origins) and not isinstance(origins, list):
+        raise ConfigError(f"cors_origins={origins!r}: expected a list, e.g. 'cors_origins=[\"http://localhost:3000\"]'")
+    for i, origin in enumerate(origins):
+        if origin == "*":
+            continue
+        if not isinstance(origin, str) or re.fullmatch(r"https?://[^/\s?#]+", origin) is None:
+            raise ConfigError(f"cors_origins[{i}]={origin!r}: expected an origin as a browser sends it, "
+                              "scheme://host[:port] with no path or trailing slash (e.g. http://localhost:3000), "
+                              "or \"*\" for any")
 
 
 LOCALHOST = ("127.0.0.1", "::1")

@@ -888,3 +888,33 @@ def test_a_body_that_stops_arriving_is_refused_with_408_and_the_server_goes_on(c
         assert 0.5 < waited < 20, waited
     finally:
         live.stop()
+
+
+def test_cors_origins_answers_preflights_and_marks_replies_for_the_listed_origins_only(checkpoint, served):
+    """With cors_origins the server answers a browser's preflight and marks its replies, refusals of the body
+    check included, for the listed origins, and for no other; without it (the default) for none."""
+    from ptune.serve import create_app
+
+    url, cm = served
+    page = "http://localhost:3000"
+    cfg = compose("serve", f"checkpoint={checkpoint}", "device=cpu", f"max_new_tokens={MAX_NEW}",
+                  "max_body_bytes=1024", "api_key=k", f"cors_origins=[\"{page}\"]")
+    live = LiveServer(create_app(cm, cfg))
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    try:
+        r = httpx.options(f"{live.url}/v1/chat/completions", headers={"Origin": page, **preflight})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page, r.headers
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        r = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=60,
+                       headers={"Origin": page, "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        r = httpx.post(f"{live.url}/v1/chat/completions", content=b"x" * 2048, timeout=60,
+                       headers={"Origin": page, "Authorization": "Bearer k"})
+        assert r.status_code == 413 and r.headers["access-control-allow-origin"] == page
+        r = httpx.options(f"{live.url}/v1/chat/completions", headers={"Origin": "http://elsewhere", **preflight})
+        assert "access-control-allow-origin" not in r.headers
+    finally:
+        live.stop()
+    r = httpx.options(f"{url}/v1/chat/completions", headers={"Origin": page, **preflight})
+    assert "access-control-allow-origin" not in r.headers

@@ -624,3 +624,43 @@ def test_a_busy_server_answers_503_and_the_page_says_so(slow_server, browser):
     last = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
     assert "error" not in last.get_attribute("class"), last.text
     assert "error" not in status.get_attribute("class")
+
+
+def test_a_page_on_another_origin_calls_the_api_only_where_cors_origins_lets_it(served, browser, tmp_path):
+    """A page served from another origin (another port) calls the API with fetch, sending a key: Chromium's
+    preflight and the reply pass where the server lists that origin in cors_origins, and Chromium blocks
+    the call where it does not (the default)."""
+    import functools
+    import http.server
+
+    from hydra import compose, initialize_config_dir
+
+    url, cm = served
+    (tmp_path / "page").mkdir()
+    (tmp_path / "page" / "index.html").write_text("<!doctype html><title>elsewhere</title>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "page"))
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    origin = "http://127.0.0.1:%d" % site.server_address[1]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("serve", overrides=[f"checkpoint={cm.checkpoint}", "device=cpu", f"max_new_tokens={MAX_NEW}",
+                                          "api_key=k", f"cors_origins=[\"{origin}\"]"])
+    open_to_page = LiveServer(create_app(cm, cfg))
+    call = """
+        const [api, done] = [arguments[0], arguments[arguments.length - 1]];
+        fetch(api + "/v1/chat/completions", {method: "POST",
+              headers: {"Authorization": "Bearer k", "Content-Type": "application/json"},
+              body: JSON.stringify({messages: [{role: "user", content: "hi"}], max_tokens: 2})})
+          .then(r => r.json().then(j => done({status: r.status, object: j.object || null})))
+          .catch(e => done({error: String(e)}));
+    """
+    try:
+        browser.set_script_timeout(60)
+        browser.get(origin + "/index.html")
+        assert browser.title == "elsewhere"
+        assert browser.execute_async_script(call, open_to_page.url) == {"status": 200, "object": "chat.completion"}
+        blocked = browser.execute_async_script(call, url)  # the default server: no cors_origins
+        assert "Failed to fetch" in blocked.get("error", ""), blocked
+    finally:
+        open_to_page.stop()
+        site.shutdown()

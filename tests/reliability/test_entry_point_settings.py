@@ -70,6 +70,8 @@ REFUSED = [  # (config, overrides, what the message says)
     ("serve", "port=70000", "port=70000: expected a TCP port from 0 to 65535"),
     ("serve", "max_batch_size=0", "max_batch_size=0: expected a whole number of at least 1"),
     ("serve", "batch_wait_ms=-1", "batch_wait_ms=-1: expected a whole number of at least 0"),
+    ("serve", "cors_origins=[http://localhost:3000/]", "cors_origins[0]='http://localhost:3000/': expected an origin"),
+    ("serve", "cors_origins=localhost", "cors_origins='localhost': expected a list"),
     ("serve", "body_timeout_s=0", "body_timeout_s=0: expected the seconds a request body may take to arrive, a number"),
     ("serve", "log_level=loud", "log_level='loud': expected one of critical, error, warning, info, debug"),
     ("serve", "api.top_p=1.5", "api.top_p=1.5: expected a number from 0 to 1"),
