@@ -118,6 +118,14 @@ def turns(*texts: str) -> list[dict]:
     return [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(texts)]
 
 
+def send_and_wait(browser, wait: WebDriverWait, box, text: str):
+    """Types `text` into the input, sends it with Enter and returns the reply bubble once it is done."""
+    n = len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
+    box.send_keys(text, Keys.ENTER)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.msg.assistant[data-done="true"]')) == n + 1)
+    return browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+
+
 def open_greedy(browser, url: str, cm) -> WebDriverWait:
     """The page, loaded, with temperature 0 in its settings (greedy, to compare with evaluate's output)."""
     wait = WebDriverWait(browser, 60)
@@ -510,10 +518,7 @@ def test_a_conversation_too_long_for_the_server_leaves_out_its_oldest_turns(serv
     box, status = browser.find_element(By.ID, "input"), browser.find_element(By.ID, "status")
 
     def say(text: str):
-        n = len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
-        box.send_keys(text, Keys.ENTER)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.msg.assistant[data-done="true"]')) == n + 1)
-        return browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+        return send_and_wait(browser, wait, box, text)
 
     for text, _ in said:
         say(text)
@@ -553,10 +558,7 @@ def test_a_system_message_too_long_says_so_and_leaves_no_turn_out(served, slow_s
     box, status = browser.find_element(By.ID, "input"), browser.find_element(By.ID, "status")
 
     def say(text: str):
-        n = len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
-        box.send_keys(text, Keys.ENTER)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.msg.assistant[data-done="true"]')) == n + 1)
-        return browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+        return send_and_wait(browser, wait, box, text)
 
     said = []
     for text in asked:
