@@ -120,9 +120,10 @@ def turns(*texts: str) -> list[dict]:
 
 def send_and_wait(browser, wait: WebDriverWait, box, text: str):
     """Types `text` into the input, sends it with Enter and returns the reply bubble once it is done."""
-    n = len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
+    done = '.msg.assistant[data-done="true"]'  # (replies restored after a reload carry no data-done)
+    n = len(browser.find_elements(By.CSS_SELECTOR, done))
     box.send_keys(text, Keys.ENTER)
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.msg.assistant[data-done="true"]')) == n + 1)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, done)) == n + 1)
     return browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
 
 
@@ -539,7 +540,25 @@ def test_a_conversation_too_long_for_the_server_leaves_out_its_oldest_turns(serv
 
     # Later requests start from the shorter history.
     say("材质#棉")
-    assert posted(browser)[0] == turns(*flat[4:], last, reply.get_attribute("textContent"), "材质#棉")
+    answered = reply.get_attribute("textContent")
+    assert posted(browser)[0] == turns(*flat[4:], last, answered, "材质#棉")
+
+    # A reload shows the page as it was, the turns left out faded under the note, and sends only the others.
+    def page():
+        return [("dropped" in e.get_attribute("class"), e.get_attribute("id"), e.get_attribute("textContent"))
+                for e in browser.find_elements(By.CSS_SELECTOR, "#messages > *")]
+
+    before = page()
+    dropped = sum(d for d, _, _ in before)
+    assert dropped >= 4 and before[dropped][1] == "left-out" and all(d for d, _, _ in before[:dropped])
+    browser.refresh()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#messages > *")) == len(before))
+    assert page() == before
+    kept = [text for dropped, id_, text in before if not dropped and id_ != "left-out"]
+    box = browser.find_element(By.ID, "input")
+    posted(browser)
+    send_and_wait(browser, wait, box, "颜色#红色")
+    assert posted(browser)[0] == turns(*kept, "颜色#红色")
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert [e for e in errors if "400" not in e["message"]] == [], errors  # (Chromium logs each refusal)
 

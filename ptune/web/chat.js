@@ -8,8 +8,10 @@
   const settings = ["system", "temperature", "top_p", "max_tokens", "api_key"];
   let history = [];        // [{role, content}] of finished turns: a question, its answer, the next question…
   let turnEls = [];        // [question element, answer element] of each turn in the history, oldest first
+  let leftOut = [];        // [{role, content}] of the turns left out for length: shown faded, never sent
   let controller = null;   // AbortController of the reply being streamed
   const HISTORY_KEY = "ptune.history";  // a reload (or a slip of F5) must not lose the conversation
+  const LEFT_OUT_KEY = "ptune.leftOut";  // nor show the turns left out for length as if the model saw them
 
   for (const id of settings) {  // settings live in this tab only
     const saved = sessionStorage.getItem("ptune." + id);
@@ -71,8 +73,12 @@
   // the page, faded, under a note that says the model no longer sees them.
   function leaveOut(n) {
     const gone = turnEls.splice(0, n);
-    history.splice(0, 2 * n);
+    leftOut.push(...history.splice(0, 2 * n));
     saveHistory();
+    showLeftOut(gone);
+  }
+
+  function showLeftOut(gone) {
     const why = "the conversation grew too long for the model, which no longer sees this turn";
     for (const els of gone) notKept(els, why);
     let note = $("left-out");
@@ -92,23 +98,35 @@
   }
 
   function saveHistory() {
-    try { sessionStorage.setItem(HISTORY_KEY, JSON.stringify(history)); } catch (e) { /* storage full: memory only */ }
+    try {
+      sessionStorage.setItem(HISTORY_KEY, JSON.stringify(history));
+      sessionStorage.setItem(LEFT_OUT_KEY, JSON.stringify(leftOut));
+    } catch (e) { /* storage full: memory only */ }
+  }
+
+  // Question-and-answer pairs of a stored list; an empty answer (an older page kept those) is skipped.
+  function storedTurns(key) {
+    let saved = [];
+    try { saved = JSON.parse(sessionStorage.getItem(key) || "[]"); } catch (e) { /* unreadable: none */ }
+    if (!Array.isArray(saved)) return [];
+    const is = (m, role) => m && m.role === role && typeof m.content === "string";
+    const pairs = [];
+    for (let i = 0; i + 1 < saved.length; i++) {
+      const [q, a] = [saved[i], saved[i + 1]];
+      if (!is(q, "user") || !is(a, "assistant")) continue;
+      if (a.content.trim()) pairs.push([q.content, a.content]);
+      i++;
+    }
+    return pairs;
   }
 
   function restoreHistory() {
-    let saved = [];
-    try { saved = JSON.parse(sessionStorage.getItem(HISTORY_KEY) || "[]"); } catch (e) { /* unreadable: none */ }
-    if (!Array.isArray(saved)) saved = [];
-    const is = (m, role) => m && m.role === role && typeof m.content === "string";
-    for (let i = 0; i + 1 < saved.length; i++) {
-      // Question-and-answer pairs; an empty answer (an older page kept those) is not sent again.
-      const [q, a] = [saved[i], saved[i + 1]];
-      if (!is(q, "user") || !is(a, "assistant")) continue;
-      if (a.content.trim()) {
-        keepTurn(q.content, a.content, addMessage("user", q.content), addMessage("assistant", a.content));
-      }
-      i++;
-    }
+    const gone = storedTurns(LEFT_OUT_KEY).map(([q, a]) => {
+      leftOut.push({ role: "user", content: q }, { role: "assistant", content: a });
+      return [addMessage("user", q), addMessage("assistant", a)];
+    });
+    if (gone.length) showLeftOut(gone);
+    for (const [q, a] of storedTurns(HISTORY_KEY)) keepTurn(q, a, addMessage("user", q), addMessage("assistant", a));
     toBottom();
   }
 
@@ -364,6 +382,7 @@
     if (controller) controller.abort();
     history = [];
     turnEls = [];
+    leftOut = [];
     saveHistory();
     messagesEl.textContent = "";
     setStatus("history cleared");
