@@ -435,6 +435,7 @@ def train(cfg: DictConfig) -> Path:
 
     window = new_window()
     window.update(state.get("log_window") or {})
+    stopping = False
     for step in range(start, t.max_steps):
         lr = lr_at(step, cfg.optim, t.max_steps)
         for group in optimizer.param_groups:
@@ -454,7 +455,10 @@ def train(cfg: DictConfig) -> Path:
             result.tokens, dtype=torch.float64, device=result.loss_sum.device), torch.tensor(
             float(stop["signal"] is not None), dtype=torch.float64, device=result.loss_sum.device)]))
         loss_sum, tokens, signalled = totals.tolist()
-        if signalled and stop["signal"] is None:
+        # Every rank decides from this sum alone: a signal landing after the reduction waits for the next step's,
+        # or this rank would save (a collective) while the others went on into the next step's.
+        stopping = signalled > 0
+        if stopping and stop["signal"] is None:
             stop["signal"] = signal.SIGTERM  # what torchrun forwards to every rank it stops
         loss = loss_sum / global_targets
         grad_norm = result.grad_norm
@@ -495,13 +499,13 @@ def train(cfg: DictConfig) -> Path:
             log.info("step %d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f peak_mem %.2f GiB", done,
                      mean_loss, lr, mean_norm, record["tokens_per_s"], record["peak_mem_gib"])
             window = new_window()
-        if done % t.save_steps == 0 or done == t.max_steps or stop["signal"] is not None:
+        if done % t.save_steps == 0 or done == t.max_steps or stopping:
             saving = time.perf_counter()
             save(done)
             # Saving is not training: the window's clock stops for it, so tokens/s stays the rate of the steps
             # alone, also when a save falls inside a window (save_steps not a multiple of log_steps).
             window["time"] += time.perf_counter() - saving
-        if stop["signal"] is not None:
+        if stopping:
             log.warning("stopped by signal %d after step %d; resume with resume=latest output_dir=%s",
                         stop["signal"], done, out)
             break
@@ -510,7 +514,7 @@ def train(cfg: DictConfig) -> Path:
         metrics.close()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # NCCL warns of leaked resources at exit otherwise
-    if stop["signal"] is not None:  # saved, and stopped early: not a finished run to a script's next command
+    if stopping:  # saved, and stopped early: not a finished run to a script's next command
         sys.exit(128 + stop["signal"])
     return out
 

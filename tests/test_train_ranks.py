@@ -45,7 +45,17 @@ def two_gloo_ranks(*overrides: str) -> subprocess.Popen:
         port = sock.getsockname()[1]
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                              str(port), "-m", "ptune.train", *overrides], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                            start_new_session=True)  # its own process group: see stop_all
+
+
+def stop_all(proc: subprocess.Popen) -> None:
+    """Kills torchrun and its workers: killing torchrun alone would leave a hung worker running."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def test_a_run_file_rank_0_cannot_write_stops_every_rank(tiny_model_dir, sample_file, tmp_path):
@@ -57,7 +67,7 @@ def test_a_run_file_rank_0_cannot_write_stops_every_rank(tiny_model_dir, sample_
     try:
         _, err = proc.communicate(timeout=180)
     finally:
-        proc.kill()
+        stop_all(proc)
     assert proc.returncode != 0
     assert f"error: could not write {out / 'train_log.jsonl'}" in err, err[-3000:]
     assert "error: rank 0 stopped writing the run folder (its error is above); stopping with it" in err, err[-3000:]
@@ -86,7 +96,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tiny_model_dir
         os.kill(workers[1], signal.SIGTERM)  # the later-started worker; torchrun itself is not told
         _, err = proc.communicate(timeout=120)
     finally:
-        proc.kill()
+        stop_all(proc)
     stopped = [line for line in err.splitlines() if "stopped by signal 15 after step" in line]
     assert stopped, err[-3000:]
     at = int(stopped[0].split("after step ")[1].split(";")[0])
