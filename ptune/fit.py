@@ -31,8 +31,8 @@ from typing import Callable
 
 import torch
 
+from ptune.capture import clear_cublas_workspaces
 from ptune.data import BatchPlan, collate
-from ptune.graphs import clear_cublas_workspaces
 from ptune.step import gradient_buffers
 
 log = logging.getLogger("ptune.fit")
@@ -70,7 +70,7 @@ def outermost(shapes: set[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def release_probe_memory() -> None:
     """Frees what a probe left: its graphs and their memory pool (held through reference cycles), and the
-    cuBLAS workspaces of the streams it ran on (ptune.graphs.clear_cublas_workspaces). Run between
+    cuBLAS workspaces of the streams it ran on (ptune.capture.clear_cublas_workspaces). Run between
     probes, while no graph exists that will be replayed again."""
     gc.collect()
     clear_cublas_workspaces()

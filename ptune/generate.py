@@ -21,6 +21,7 @@ import warnings
 import torch
 from transformers import DynamicCache, StaticCache
 
+from ptune.capture import own_cublas_workspace
 from ptune.errors import ConfigError
 from ptune.prefix import PREFIX_KWARG, PrefixLM, position_ids_from_mask, prefix_attention_enabled
 
@@ -186,7 +187,7 @@ class StaticDecoder:
     def _capture(self) -> None:
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with own_cublas_workspace(), torch.cuda.graph(graph):
                 self._forward()
         except Exception as e:  # noqa: BLE001 -- a model that cannot be captured still decodes, just slower
             log.warning("decoding without a CUDA graph: capturing the step failed (%s)", e)

@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from ptune.capture import own_cublas_workspace
 from ptune.generate import has_sliding_layers
 from ptune.step import MicroBatchLoss
 
@@ -27,21 +28,6 @@ log = logging.getLogger("ptune.graphs")
 # stream (capture runs on a side stream) and warns of a possible extra synchronisation; gradients are
 # unaffected (the tests compare them with eager ones) and the warning would only alarm.
 warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match", category=UserWarning)
-
-
-def clear_cublas_workspaces() -> None:
-    """Drops cuBLAS's per-stream workspaces; the next matmul on a stream allocates its own again.
-
-    `make_graphed_callables` warms up on a new stream each call, and cuBLAS keeps a workspace for every
-    stream it has seen for the life of the process (two of 32 MiB on an H100): without this each captured
-    shape kept ~64 MiB, so a run grew past the peak its first steps showed. A graph captured earlier keeps
-    using the workspace it was captured with, which lives in the graphs' shared pool; another capture may
-    later reuse that memory, which is safe because micro-batches replay one at a time, forward then
-    backward, and a graph's scratch space holds nothing between its replays. torch's own graph trees clear
-    them the same way around each recording."""
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None:
-        clear()
 
 
 class GraphedMicroBatchLoss:
@@ -70,8 +56,15 @@ class GraphedMicroBatchLoss:
         # RNG before each micro-batch, so the masks this micro-batch uses are unaffected.
         state = torch.cuda.get_rng_state()
         try:
-            fn = torch.cuda.make_graphed_callables(fn, (input_ids.clone(), attention_mask.clone(), labels.clone()),
-                                                   num_warmup_iters=self.warmup, pool=self.pool)
+            # Each capture makes its cuBLAS workspace in the shared pool and nobody keeps it after (the
+            # warm-up's, on a new stream each call, goes too): kept, each captured shape held ~64 MiB more
+            # and a run grew past the peak its first steps showed. A later capture may reuse that memory,
+            # which is safe because micro-batches replay one at a time, forward then backward, and a
+            # graph's scratch space holds nothing between its replays.
+            with own_cublas_workspace():
+                fn = torch.cuda.make_graphed_callables(fn, (input_ids.clone(), attention_mask.clone(),
+                                                            labels.clone()),
+                                                       num_warmup_iters=self.warmup, pool=self.pool)
         except Exception as e:  # noqa: BLE001 -- a model that cannot be captured still trains, only slower
             log.warning("training without CUDA graphs: capturing a micro-batch of shape %s failed (%s: %s)",
                         tuple(input_ids.shape), type(e).__name__, e)
@@ -79,7 +72,6 @@ class GraphedMicroBatchLoss:
             return None
         finally:
             torch.cuda.set_rng_state(state)
-            clear_cublas_workspaces()
         self.graphed[tuple(input_ids.shape)] = fn
         log.info("captured the forward and backward pass for micro-batches of shape %s (%d of at most %d)",
                  tuple(input_ids.shape), len(self.graphed), self.max_shapes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -66,6 +68,43 @@ def test_optimizer_step_keeps_gradient_buffers():
 @pytest.mark.parametrize("family", ["llama", "glm"])
 def test_replayed_graphs_match_eager_steps(family):
     """Two optimizer steps of 3 micro-batches in 2 shapes, with prefix dropout: graphs vs eager, same seeds."""
+    assert_graphed_steps_match_eager(family)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("mode", [None, "int4"])
+def test_training_graphs_after_a_freed_decoding_graph(mode):
+    """Every capture runs on torch's one default capture stream. Training graphs captured after a decoding
+    graph had been freed used the cuBLAS workspace that graph had made in its own pool; once that pool went
+    back to the driver, their replay hit an illegal memory access (bf16 and int4 bases alike). Each capture
+    now makes its own."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from ptune import quant
+    from ptune.data import left_pad
+    from ptune.generate import generate
+    from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec
+
+    model = AutoModelForCausalLM.from_config(tiny_config("glm", VOCAB)).to("cuda", torch.bfloat16)
+    if mode:
+        quant.quantize_model(model, mode, 32)
+    lm = PrefixLM(model, PrefixEncoder(PrefixSpec.for_model(model.config, 4)).to("cuda", torch.bfloat16))
+    batch = left_pad([[5, 9, 11, 40, 7], [17, 23]], pad_token_id=0)
+    tokens = generate(lm, batch["input_ids"].cuda(), batch["attention_mask"].cuda(), max_new_tokens=6,
+                      eos_token_ids=[], pad_token_id=0)
+    assert tokens.shape == (2, 6)
+    del lm, model
+    gc.collect()
+
+    def release_free_memory():  # what torch holds unused, a freed graph's pool included, back to the driver
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    assert_graphed_steps_match_eager("llama", between_steps=release_free_memory)
+
+
+def assert_graphed_steps_match_eager(family, between_steps=lambda: None):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     results = []
@@ -87,6 +126,7 @@ def test_replayed_graphs_match_eager_steps(family):
             r = optimizer_step(fn, params, micro, 25, opt, scaler, max_grad_norm=1.0,
                                seeds=[100 * step + i for i in range(3)])
             losses.append(float(r.loss_sum))
+            between_steps()
         if graphed:
             assert len(fn.graphed) == 2 and not fn.failed
         results.append((losses, [p.detach().cpu() for p in params]))
