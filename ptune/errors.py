@@ -53,6 +53,26 @@ def stopped(message: str, signum: int | None = None) -> NoReturn:
     sys.exit(128 + int(signum if signum is not None else _received["signal"]))
 
 
+def end_quietly_if_interrupted_while_starting() -> None:
+    """Ctrl-C while the command's module runs its top-level imports ends with "<command> interrupted" and
+    status 130; anywhere else it raises KeyboardInterrupt as usual, for the command's own handling."""
+    command = sys.orig_argv[sys.orig_argv.index("-m") + 1] if "-m" in sys.orig_argv[:-1] else "ptune"
+
+    def handler(signum, frame):
+        # Find the running module's own top-level frame; the frame it called into tells what it is doing.
+        called = None
+        while frame is not None:
+            if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__main__":
+                if called is None or called.f_code.co_filename.startswith("<frozen importlib"):
+                    stopped(f"{command.rsplit('.', 1)[-1]} interrupted", signum)
+                break
+            called, frame = frame, frame.f_back
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C was set to be ignored
+        signal.signal(signal.SIGINT, handler)
+
+
 def exit_on_user_error(fn):
     """Wrap an entry point so a known user error ends the run with its message alone, and an interrupt with
     one line naming the command."""
