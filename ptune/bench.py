@@ -64,13 +64,12 @@ def adgen_rows(cfg: DictConfig, vocab: int, seed: int) -> list[dict] | None:
         log.info("no AdvertiseGen slice at %s (or tokenizer at %s): skipping the real-lengths run", data, tok_dir)
         return None
     from ptune.chatglm.tokenizer import load_tokenizer
-    from ptune.data import chatglm2_prompt
+    from ptune.data import chatglm2_prompt, read_rows
 
     tok = load_tokenizer(tok_dir)
     g = random.Random(seed)
     rows = []
-    for line in data.read_text(encoding="utf-8").splitlines()[: cfg.num_rows]:
-        row = json.loads(line)
+    for _, row in read_rows(data)[: cfg.num_rows]:
         src = len(tok.encode(chatglm2_prompt(row["content"], []), add_special_tokens=True)[: cfg.max_source_length])
         tgt = len(tok.encode(row["summary"], add_special_tokens=False)[: cfg.max_target_length]) + 1
         ids = [g.randrange(10, vocab) for _ in range(src + tgt)]

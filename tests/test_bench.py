@@ -7,7 +7,7 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO
+from conftest import REPO, SHARED
 from ptune import bench
 
 
@@ -101,3 +101,23 @@ def test_bench_table_heading_is_the_command_as_run(tmp_path):
     heading = next(line for line in (tmp_path / "B.md").read_text().splitlines() if line.startswith("## "))
     assert heading.endswith("`python -m ptune.bench " + " ".join(overrides) + "`"), heading
     assert str(tmp_path) not in heading
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not (SHARED / "chatglm" / "tokenizer.model").is_file(), reason="needs ../shared's ChatGLM tokenizer")
+def test_adgen_lengths_are_read_like_training_data(tmp_path):
+    """The real-lengths rows come from the data reader the trainer uses: a JSON array works, and a row whose
+    text holds U+2028 (JSON leaves it unescaped) stays one row instead of two broken lines."""
+    rows = [{"content": "类型#裤*版型#宽松", "summary": "宽松的\u2028阔腿裤"}, {"content": "类型#上衣", "summary": "短款上衣"}]
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("bench", overrides=[f"chatglm_tokenizer_dir={SHARED / 'chatglm'}", "num_rows=8"])
+    got = []
+    for path in (lines, array):
+        cfg.adgen_file = str(path)
+        got.append([(len(r["input_ids"]), sum(x != -100 for x in r["labels"])) for r in bench.adgen_rows(cfg, 100, 0)])
+    assert len(got[0]) == 2 and got[0] == got[1]
+    assert got[0][0][1] > got[0][1][1]  # the U+2028 summary is the longer target, not cut at the separator
