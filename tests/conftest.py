@@ -37,6 +37,20 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 SHARED = REPO.parent / "shared"
+
+# Each file runs whole on one worker (--dist loadfile), handed out in collection order (xdist's own
+# reordering by test count is off in pyproject.toml: it put the few-test, minutes-long training files last,
+# and one worker ran them alone at the end). The slowest files go first; seconds of CPU on 2 cores from
+# `pytest --durations=0`, 2026-11-27: 223, 198, 106, 105, 93, 91, 88, 80, 72, 68, 68, 59, 52.
+SLOWEST_FILES = ["test_train.py", "test_chat.py", "test_serve.py", "test_web.py", "test_recipes.py",
+                 "test_train_ranks.py", "test_train_logs.py", "test_sweep.py", "test_hostile_input.py",
+                 "test_bench.py", "test_fit.py", "test_evaluate.py", "test_resume_after_kill.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: rank for rank, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: a file's tests keep their order
+
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}{% endfor %}"
