@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from importlib import resources
+from pathlib import Path
 
 import torch
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # Registers the training config's types (conf/train.yaml lists them first in its defaults); every
@@ -22,6 +25,33 @@ def asset_path(name: str) -> str:
 
 if not OmegaConf.has_resolver("ptune_asset"):
     OmegaConf.register_new_resolver("ptune_asset", asset_path)
+
+
+class MakeRunFolder(Callback):
+    """Creates the run's folder before Hydra does (conf/train.yaml lists it under hydra.callbacks).
+
+    Hydra makes the folder before any ptune code runs, and a path it cannot make (under a file, without
+    permission) ended in Hydra's traceback; made here first, it is the usual one line naming the setting.
+    `setting` is what the user sets to choose the folder of a single run (hydra.run.dir interpolates it).
+    """
+
+    def __init__(self, setting: str = "hydra.run.dir"):
+        self.setting = setting
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _make_folder(config.hydra.run.dir, self.setting)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _make_folder(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def _make_folder(path: str, setting: str) -> None:
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        # A Hydra callback: an exception here would only become Hydra's warning, and the traceback follow.
+        print(f"error: {setting}={path}: cannot create this folder ({e.strerror or e})", file=sys.stderr)
+        sys.exit(1)
 
 
 def require(cfg: DictConfig, *keys: str) -> None:

@@ -142,3 +142,20 @@ def test_a_run_file_that_cannot_be_written_is_one_line_naming_it(setup, tmp_path
     res = cli("ptune.train", *train_args(model, data, out, "trainer.max_steps=2"))
     assert_clean_error(res, f"error: could not write {out / blocked}: Is a directory")
     assert not ck.list_checkpoints(out)
+
+
+@pytest.mark.parametrize("mode", ["run", "multirun"])
+def test_a_run_folder_that_cannot_be_made_is_one_line_naming_the_setting(setup, tmp_path, mode):
+    """Hydra makes the run's folder before ptune's code runs; under a file it used to end in Hydra's traceback
+    (a file in the path stands in for a missing permission, which root would not feel)."""
+    model, data, _ = setup
+    (tmp_path / "file").write_text("not a folder", encoding="utf-8")
+    out = tmp_path / "file" / "run"
+    if mode == "run":
+        res = cli("ptune.train", *train_args(model, data, out))
+        assert_clean_error(res, f"error: output_dir={out}: cannot create this folder (Not a directory)")
+    else:
+        res = cli("ptune.train", "-m", *train_args(model, data, tmp_path / "unused"), f"hydra.sweep.dir={out}",
+                  "prefix.length=2,4")
+        assert_clean_error(res, f"error: hydra.sweep.dir={out}: cannot create this folder (Not a directory)")
+    assert (tmp_path / "file").read_text(encoding="utf-8") == "not a folder" and not (tmp_path / "unused").exists()
