@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,8 +21,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # (the CLI tests, torchrun) slow such runs down 30x on two cores. Subprocesses inherit the variable.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+# A suite started as a background job of a shell without job control (`(pytest &)` in a script) inherits
+# SIGINT ignored, and so would every command line it starts: the Ctrl-C tests would find their signal
+# dropped. The commands themselves keep Ctrl-C ignored where it was, as a shell's `&` asks.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "reliability"))  # its harness runs command lines for other files too
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -40,11 +47,13 @@ SHARED = REPO.parent / "shared"
 
 # Each file runs whole on one worker (--dist loadfile), handed out in collection order (xdist's own
 # reordering by test count is off in pyproject.toml: it put the few-test, minutes-long training files last,
-# and one worker ran them alone at the end). The slowest files go first; seconds of CPU on 2 cores from
-# `pytest --durations=0`, 2026-11-27: 223, 198, 106, 105, 93, 91, 88, 80, 72, 68, 68, 59, 52.
-SLOWEST_FILES = ["test_train.py", "test_chat.py", "test_serve.py", "test_web.py", "test_recipes.py",
-                 "test_train_ranks.py", "test_train_logs.py", "test_sweep.py", "test_hostile_input.py",
-                 "test_bench.py", "test_fit.py", "test_evaluate.py", "test_resume_after_kill.py"]
+# and one worker ran them alone at the end). The slowest files go first; seconds on 2 cores from
+# `pytest --durations=0`, 2026-11-27 (training runs forked from a warm interpreter): about 150, 120, 101, 86,
+# 83, 75, 61, 57, 57, 56, 48, 41, 40, 37.
+SLOWEST_FILES = ["test_chat.py", "test_recipes.py", "test_web.py", "test_serve.py", "test_train_ranks.py",
+                 "test_sweep.py", "test_train.py", "test_hostile_input.py", "test_bench.py",
+                 "test_resume_after_kill.py", "test_crash_safe_saves.py", "test_evaluate.py",
+                 "test_entry_point_settings.py", "test_train_logs.py"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -135,20 +144,31 @@ def sample_file(tmp_path_factory) -> Path:
 
 def train_tiny_run(model_dir: Path, data: Path, out: Path, steps: int = 2) -> Path:
     """Train a tiny prefix through the trainer's command line; returns the last checkpoint."""
-    cmd = [sys.executable, "-m", "ptune.train", f"model.path={model_dir}", f"data.train_file={data}",
-           f"output_dir={out}", "prefix.length=4", f"trainer.max_steps={steps}", f"trainer.save_steps={steps}",
-           "trainer.log_steps=1", "trainer.per_device_batch_size=2", "trainer.gradient_accumulation_steps=1",
-           "trainer.progress_bar=false", "trainer.tensorboard=false", "optim.lr=0.05"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_train(f"model.path={model_dir}", f"data.train_file={data}", f"output_dir={out}", "prefix.length=4",
+              f"trainer.max_steps={steps}", f"trainer.save_steps={steps}", "trainer.log_steps=1",
+              "trainer.per_device_batch_size=2", "trainer.gradient_accumulation_steps=1", "trainer.progress_bar=false",
+              "trainer.tensorboard=false", "optim.lr=0.05")
     return out / f"checkpoint-{steps}"
 
 
 # Training through the command line, for tests that check what a whole run does.
 def run_train(*overrides: str, check: bool = True, launcher: list[str] | None = None,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable, "-m"]) + ["ptune.train", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    """`python -m ptune.train overrides...`, or `launcher + [ptune.train, ...]` (torchrun) as a subprocess.
+
+    Without a launcher the command runs as a forked child of the reliability suite's warm interpreter: the
+    same entry point, argv, exit status and output, without importing torch and transformers again (~8 s a
+    run). The recipe and quickstart tests run the trainer as a fresh process."""
+    if launcher is None:
+        from reliability_harness import cli
+
+        res = cli("ptune.train", *overrides, env=env, timeout=600)
+        cmd = ["python", "-m", "ptune.train", *overrides]
+        proc = subprocess.CompletedProcess(cmd, -9 if res.rc is None else res.rc, res.stdout, res.stderr)
+    else:
+        cmd = launcher + ["ptune.train", *overrides]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

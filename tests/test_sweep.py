@@ -18,6 +18,7 @@ import pytest
 
 import ptune.evaluate
 import ptune.models
+from conftest import run_train
 from ptune import sweep as sw
 from ptune.checkpoint import list_checkpoints
 
@@ -30,13 +31,10 @@ REPORT = ("sweep.md", "sweep.csv", "sweep.png")
 def trained(tiny_model_dir, sample_file, tmp_path_factory) -> Path:
     """A tiny llama run with checkpoint-1, -2 and -3 (trained once for the whole module)."""
     out = tmp_path_factory.mktemp("sweep") / "run"
-    cmd = [sys.executable, "-m", "ptune.train", f"model.path={tiny_model_dir('llama')}",
-           f"data.train_file={sample_file}", f"output_dir={out}", "prefix.length=4", "trainer.max_steps=3",
-           "trainer.save_steps=1", "trainer.log_steps=1", "trainer.per_device_batch_size=2",
-           "trainer.gradient_accumulation_steps=1", "trainer.progress_bar=false", "trainer.tensorboard=false",
-           "optim.lr=0.05"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_train(f"model.path={tiny_model_dir('llama')}", f"data.train_file={sample_file}", f"output_dir={out}",
+              "prefix.length=4", "trainer.max_steps=3", "trainer.save_steps=1", "trainer.log_steps=1",
+              "trainer.per_device_batch_size=2", "trainer.gradient_accumulation_steps=1", "trainer.progress_bar=false",
+              "trainer.tensorboard=false", "optim.lr=0.05")
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     return out
 
