@@ -4,10 +4,13 @@ SIGTERM end them with one line too, and the status a shell gives a command a sig
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -73,6 +76,20 @@ def end_quietly_if_interrupted_while_starting() -> None:
         signal.signal(signal.SIGINT, handler)
 
 
+def tell_launcher(message: str) -> None:
+    """Under torchrun, hand it the error line: the failure summary it prints last then shows that line for this
+    rank, instead of "To enable traceback see: <url>" (the file and its format are torchrun's)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(record, f, ensure_ascii=False)
+    except OSError:
+        pass  # the line is on stderr already; the summary keeps torchrun's own text
+
+
 def exit_on_user_error(fn):
     """Wrap an entry point so a known user error ends the run with its message alone, and an interrupt with
     one line naming the command."""
@@ -95,6 +112,7 @@ def exit_on_user_error(fn):
                 if isinstance(handler, logging.FileHandler):
                     handler.handle(record)
             print(f"error: {e}", file=sys.stderr)
+            tell_launcher(f"error: {e}")
             sys.exit(1)
         finally:
             if previous is not None:

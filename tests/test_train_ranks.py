@@ -71,6 +71,12 @@ def test_a_run_file_rank_0_cannot_write_stops_every_rank(tiny_model_dir, sample_
     assert proc.returncode != 0
     assert f"error: could not write {out / 'train_log.jsonl'}" in err, err[-3000:]
     assert "error: rank 0 stopped writing the run folder (its error is above); stopping with it" in err, err[-3000:]
+    # torchrun's closing summary names each rank's error line, not a pointer to a traceback. (Which rank it calls
+    # the root cause is its choice: the earliest failure, to the second.)
+    summary = err.rsplit("ptune.train FAILED\n", 1)[-1]
+    assert "To enable traceback" not in summary, summary
+    assert f"traceback : error: could not write {out / 'train_log.jsonl'}" in summary, summary
+    assert "traceback : error: rank 0 stopped writing the run folder" in summary, summary
 
 
 def worker_pids(agent: int) -> list[int]:
