@@ -553,6 +553,10 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     positions, positions_key = cm.max_positions, cm.positions_key
     created = int(time.time())
     web = resources.files("ptune") / "web"
+    # Tokenizing a prompt near max_body_bytes takes up to a second or two; on the event loop it would stall every
+    # other client's stream meanwhile. One thread: prompts wait for each other, never for the streams, and
+    # encoding stays one call at a time as it was on the loop.
+    tokenizing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptune-prompts")
 
     def lifespan(app):
         from contextlib import asynccontextmanager
@@ -560,6 +564,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         @asynccontextmanager
         async def span(app):
             yield
+            tokenizing.shutdown(wait=False, cancel_futures=True)
             await asyncio.get_running_loop().run_in_executor(None, engine.close)
 
         return span(app)
@@ -604,7 +609,11 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
             raise RequestError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                                code="invalid_api_key")
 
-    def prompt_for(query: str, history, system: str | None = None, param: str = "messages") -> list[int]:
+    async def prompt_for(query: str, history, system: str | None = None, param: str = "messages") -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, checked_prompt, query, history, system,
+                                                                param)
+
+    def checked_prompt(query: str, history, system: str | None, param: str) -> list[int]:
         ids = build_prompt(cm.tokenizer, cm.template, query, history, system)
         # A template's role tokens make an empty query more than 0 tokens, yet there is still nothing to answer;
         # nor is there in spaces and newlines alone.
@@ -698,7 +707,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     @app.post("/", dependencies=[Depends(authorized)])
     async def chatglm_api(req: ApiRequest, request: Request):
         history = [tuple(t) for t in (req.history or [])]
-        ids = prompt_for(req.prompt, history, param="prompt")
+        ids = await prompt_for(req.prompt, history, param="prompt")
         max_length = req.max_length or int(cfg.api.max_length)
         room = max_length - len(ids)
         if room < 1:
@@ -738,7 +747,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         system, history, query = messages_to_turns(req.messages)
-        ids = prompt_for(query, history, system)
+        ids = await prompt_for(query, history, system)
         param = "max_tokens" if req.max_tokens else "max_completion_tokens" if req.max_completion_tokens else None
         wanted = req.max_tokens or req.max_completion_tokens or int(cfg.openai.max_tokens)
         new = min(wanted, max_new_cap)

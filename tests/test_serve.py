@@ -4,6 +4,7 @@ batching under 32 concurrent clients, bad requests, and the API key (through the
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -546,6 +547,33 @@ def test_a_full_queue_answers_503_with_retry_after(gated):
         r = httpx.post(url + path, json=body, timeout=60)
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy", r.text
         assert r.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize("path, body", [("/", {"prompt": "slow", "max_length": 40}), chat_request("slow", max_tokens=3)])
+def test_a_prompt_being_tokenized_holds_up_no_other_request(served, monkeypatch, path, body):
+    """Tokenizing a prompt near max_body_bytes takes a second or more; meanwhile the server keeps answering."""
+    import ptune.serve
+
+    url, _ = served
+    real, entered, gate = ptune.serve.build_prompt, threading.Event(), threading.Event()
+
+    def held(tokenizer, template, query, *rest):
+        if query == "slow":  # stands in for a long one: tokenized only once the test opens the gate
+            entered.set()
+            assert gate.wait(60)
+        return real(tokenizer, template, query, *rest)
+
+    monkeypatch.setattr(ptune.serve, "build_prompt", held)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(httpx.post, url + path, json=body, timeout=60)
+        try:
+            assert entered.wait(30)
+            # The event loop is free: it answers (and would go on streaming other replies) while the prompt is
+            # being tokenized. Tokenized on the loop, this request waited for the gate and timed out.
+            assert httpx.get(url + "/health", timeout=10).status_code == 200
+        finally:
+            gate.set()
+        assert slow.result().status_code == 200, slow.result().text
 
 
 def test_an_empty_query_is_refused_under_a_chat_template(served):
