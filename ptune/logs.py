@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -37,6 +39,54 @@ def peak_memory_gib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     # ru_maxrss is in KiB on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def json_number(x: float) -> float | None:
+    """Rounded for the log; None for inf/NaN, which strict JSON cannot hold (fp16 overflow steps have them)."""
+    return round(x, 6) if math.isfinite(x) else None
+
+
+class LogWindow:
+    """What the training steps since the last log line add up to, and the line they make."""
+
+    # What a checkpoint keeps of an open window, so that a resume logs the means an unbroken run would.
+    KEPT = ("loss", "steps", "grad_norm", "norms")
+
+    def __init__(self, kept: dict | None = None):
+        self.loss, self.steps, self.grad_norm, self.norms, self.tokens = 0.0, 0, 0.0, 0, 0
+        for key in self.KEPT:
+            if kept and key in kept:
+                setattr(self, key, kept[key])
+        self.started = time.perf_counter()
+
+    def add(self, loss: float, grad_norm: float, tokens: int) -> None:
+        self.loss += loss
+        # The mean of the finite norms only: an fp16 overflow step's inf (skipped_steps counts those) would
+        # blank the whole mean.
+        if math.isfinite(grad_norm):
+            self.grad_norm += grad_norm
+            self.norms += 1
+        self.tokens += tokens
+        self.steps += 1
+
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` (a save) out of tokens/s, which stays the rate of the training steps alone."""
+        self.started += seconds
+
+    def means(self) -> tuple[float, float]:
+        """The mean loss and the mean finite gradient norm (NaN where no step had one)."""
+        return self.loss / self.steps, self.grad_norm / self.norms if self.norms else math.nan
+
+    def record(self, step: int, lr: float, skipped_steps: int, device: torch.device) -> dict:
+        """The log line: means over the window, tokens/s since it opened, peak memory so far."""
+        elapsed = time.perf_counter() - self.started
+        loss, grad_norm = self.means()
+        return {"step": step, "loss": json_number(loss), "lr": lr, "grad_norm": json_number(grad_norm),
+                "tokens_per_s": round(self.tokens / elapsed, 1), "peak_mem_gib": round(peak_memory_gib(device), 3),
+                "skipped_steps": skipped_steps}
+
+    def kept(self) -> dict:
+        return {key: getattr(self, key) for key in self.KEPT}
 
 
 class MetricsLog:

@@ -29,7 +29,7 @@ from ptune.data import BatchPlan, IGNORE, collate, training_rows
 from ptune.errors import TrainingError, exit_on_user_error
 from ptune.fit import Prober, agree_across_ranks, choose_split, fastest
 from ptune.graphs import micro_batch_loss
-from ptune.logs import MetricsLog, peak_memory_gib, setup_logging
+from ptune.logs import LogWindow, MetricsLog, setup_logging
 from ptune.loss import output_softcap
 from ptune.step import optimizer_step
 from ptune.models import base_identity, build_prefix, check_fits, learned_positions, load_base
@@ -60,11 +60,6 @@ def run_dir(accelerator: Accelerator) -> Path:
     if chosen != mine and mine.is_dir() and not any(mine.iterdir()):
         mine.rmdir()
     return chosen
-
-
-def json_number(x: float) -> float | None:
-    """Rounded for the log; None for inf/NaN, which strict JSON cannot hold (fp16 overflow steps have them)."""
-    return round(x, 6) if math.isfinite(x) else None
 
 
 @contextmanager
@@ -405,8 +400,7 @@ def train(cfg: DictConfig) -> Path:
         def write() -> None:
             trainer_state = {"seed": cfg.seed, "world_size": world, "global_batch": plan.global_batch,
                              "skipped_steps": skipped, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                             # steps since the last log line, so a resume logs the mean an unbroken run would
-                             "log_window": {k: window[k] for k in ("loss", "steps", "grad_norm", "norms")}}
+                             "log_window": window.kept()}
             try:
                 path = ckpt_io.save_checkpoint(out, step, lm.prefix.state_dict(), prefix_config, trainer_state,
                                                optimizer.state_dict())
@@ -430,11 +424,7 @@ def train(cfg: DictConfig) -> Path:
     lm.train()
     bar = tqdm(total=t.max_steps, initial=start, desc="train", disable=not (accelerator.is_main_process and t.progress_bar))
 
-    def new_window() -> dict:  # sums since the last log line; "norms" counts the steps summed into "grad_norm"
-        return {"loss": 0.0, "grad_norm": 0.0, "norms": 0, "tokens": 0, "steps": 0, "time": time.perf_counter()}
-
-    window = new_window()
-    window.update(state.get("log_window") or {})
+    window = LogWindow(state.get("log_window"))
     stopping = False
     for step in range(start, t.max_steps):
         lr = lr_at(step, cfg.optim, t.max_steps)
@@ -460,8 +450,7 @@ def train(cfg: DictConfig) -> Path:
         stopping = signalled > 0
         if stopping and stop["signal"] is None:
             stop["signal"] = signal.SIGTERM  # what torchrun forwards to every rank it stops
-        loss = loss_sum / global_targets
-        grad_norm = result.grad_norm
+        loss, grad_norm = loss_sum / global_targets, result.grad_norm
         if not result.applied and scaler.is_enabled():
             skipped += 1
             log.warning("step %d: fp16 overflow, update skipped (loss scale now %g; %d skipped so far)",
@@ -472,23 +461,12 @@ def train(cfg: DictConfig) -> Path:
                 f"(loss={loss}, grad_norm={grad_norm}); the last checkpoint in {out} is intact. Try a lower optim.lr, "
                 "optim.max_grad_norm=1.0, or model.dtype=bfloat16 instead of float16.")
 
-        window["loss"] += loss
-        # The mean of the window's finite norms: an fp16 overflow step's inf (skipped_steps counts those) would
-        # blank the whole mean. optimizer_step hands the norm back as a float, so this adds no device sync.
-        if math.isfinite(grad_norm):
-            window["grad_norm"] += grad_norm
-            window["norms"] += 1
-        window["tokens"] += int(tokens)
-        window["steps"] += 1
+        window.add(loss, grad_norm, int(tokens))  # optimizer_step hands the norm back as a float: no device sync
         done = step + 1
         bar.update(1)
         if done % t.log_steps == 0 or done == t.max_steps:
-            elapsed = time.perf_counter() - window["time"]
-            mean_loss = window["loss"] / window["steps"]
-            mean_norm = window["grad_norm"] / window["norms"] if window["norms"] else math.nan
-            record = {"step": done, "loss": json_number(mean_loss), "lr": lr, "grad_norm": json_number(mean_norm),
-                      "tokens_per_s": round(window["tokens"] / elapsed, 1),
-                      "peak_mem_gib": round(peak_memory_gib(device), 3), "skipped_steps": skipped}
+            record = window.record(done, lr, skipped, device)
+            mean_loss, mean_norm = window.means()
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{mean_norm:.2f}",
                             tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['peak_mem_gib']:.2f}G")
             def write_log() -> None:
@@ -498,13 +476,11 @@ def train(cfg: DictConfig) -> Path:
             on_rank0(accelerator, write_log)
             log.info("step %d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f peak_mem %.2f GiB", done,
                      mean_loss, lr, mean_norm, record["tokens_per_s"], record["peak_mem_gib"])
-            window = new_window()
+            window = LogWindow()
         if done % t.save_steps == 0 or done == t.max_steps or stopping:
             saving = time.perf_counter()
             save(done)
-            # Saving is not training: the window's clock stops for it, so tokens/s stays the rate of the steps
-            # alone, also when a save falls inside a window (save_steps not a multiple of log_steps).
-            window["time"] += time.perf_counter() - saving
+            window.pause(time.perf_counter() - saving)  # also where a save falls inside a window
         if stopping:
             log.warning("stopped by signal %d after step %d; resume with resume=latest output_dir=%s",
                         stop["signal"], done, out)

@@ -1,14 +1,16 @@
-"""The run folder's loss plot."""
+"""The run folder's loss plot, and the sums behind each line of train_log.jsonl."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 
+import torch
 from matplotlib.image import imread
 
-from ptune.logs import plot_loss
+from ptune.logs import LogWindow, plot_loss
 
 
 def write_log(path, records):
@@ -85,3 +87,24 @@ def test_dollar_signs_in_a_run_folder_name_are_plain_text_not_a_lost_plot(tmp_pa
     metrics.plot()
     assert "could not draw" not in caplog.text
     assert imread(run / "train_loss.png").shape[:2] == (450, 800)
+
+
+def test_a_log_window_averages_finite_norms_only_and_a_kept_window_goes_on_where_it_was():
+    window = LogWindow()
+    window.add(2.0, 1.0, 10)
+    window.add(4.0, math.inf, 10)  # an fp16 overflow step: its loss counts, its norm does not
+    assert window.means() == (3.0, 1.0)
+    resumed = LogWindow(window.kept())  # as a checkpoint saved between two log lines hands it back
+    resumed.add(6.0, 3.0, 5)
+    record = resumed.record(3, 0.01, 1, torch.device("cpu"))
+    assert (record["step"], record["loss"], record["grad_norm"], record["lr"], record["skipped_steps"]) == \
+        (3, 4.0, 2.0, 0.01, 1)
+    assert record["tokens_per_s"] > 0  # tokens since the resume only: 5, over the resumed window's time
+
+
+def test_a_window_of_overflow_steps_logs_null_norms_and_a_kept_window_takes_only_its_own_sums():
+    window = LogWindow({"loss": 1.0, "steps": 1, "grad_norm": 0.0, "norms": 0, "add": None})
+    window.add(math.inf, math.inf, 4)
+    record = window.record(2, 0.01, 2, torch.device("cpu"))
+    assert record["loss"] is None and record["grad_norm"] is None  # strict JSON holds no inf or NaN
+    assert callable(window.add)
