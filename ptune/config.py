@@ -23,8 +23,15 @@ def asset_path(name: str) -> str:
     return str(resources.files("ptune.assets") / name)
 
 
+def conf_path(name: str) -> str:
+    """Path of one of ptune's config files (each command's --help points at its own, for the comments)."""
+    return str(Path(__file__).resolve().parents[1] / "conf" / name)
+
+
 if not OmegaConf.has_resolver("ptune_asset"):
     OmegaConf.register_new_resolver("ptune_asset", asset_path)
+if not OmegaConf.has_resolver("ptune_conf"):
+    OmegaConf.register_new_resolver("ptune_conf", conf_path)
 
 
 class MakeRunFolder(Callback):

@@ -133,6 +133,7 @@ def _child(req: dict) -> None:
             f = os.open(req["log"] + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(f, fd)
             os.close(f)
+        sys.stdout = sys.__stdout__  # the warm parent points print() at stderr to keep its protocol stream clean
         for key, value in (req.get("env") or {}).items():
             if value is None:
                 os.environ.pop(key, None)
