@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from ptune import checkpoint as ckpt_io
 from ptune.chatglm import ptuning
 from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec, attention_shape
+from ptune.quickstart import DEFAULT_MODEL_DIR
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,10 @@ def load_base(model_cfg, device: torch.device | str = "cpu"):
     device = torch.device(device)
     path = Path(str(model_cfg.path)).expanduser()
     if not path.is_dir():
+        made_by = (" It is the built-in default model, made once by `python -m ptune.quickstart prepare-model` "
+                   "(or `bash recipes/quickstart.sh`)." if path == DEFAULT_MODEL_DIR else "")
         raise ModelError(f"model.path={path}: no such folder. Point model.path at a local model folder "
-                         "(config.json + weights + tokenizer); ptune downloads nothing at run time.")
+                         f"(config.json + weights + tokenizer); ptune downloads nothing at run time.{made_by}")
     if not (path / "config.json").is_file():
         raise ModelError(f"model.path={path}: no config.json in it; expected a transformers model folder")
     dtype = resolve_dtype(str(model_cfg.dtype), device)

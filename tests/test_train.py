@@ -75,6 +75,22 @@ def test_missing_model_path_is_a_clear_error(sample_file, tmp_path):
     assert f"model.path={tmp_path / 'nope'}: no such folder" in proc.stderr
 
 
+def test_the_missing_default_model_names_the_command_that_makes_it(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from ptune.models import ModelError, load_base
+    from ptune.quickstart import DEFAULT_MODEL_DIR
+
+    monkeypatch.chdir(tmp_path)  # a fresh machine: the quickstart has not made it here
+    with pytest.raises(ModelError) as e:
+        load_base(OmegaConf.create({"path": str(DEFAULT_MODEL_DIR)}))
+    assert str(e.value).startswith(f"model.path={DEFAULT_MODEL_DIR}: no such folder")
+    assert "`python -m ptune.quickstart prepare-model`" in str(e.value)
+    with pytest.raises(ModelError) as other:
+        load_base(OmegaConf.create({"path": "elsewhere"}))
+    assert "quickstart" not in str(other.value)  # only the default is the quickstart's to make
+
+
 def test_quantized_base_trains_and_evaluates_through_the_command_line(tiny_model_dir, sample_file, tmp_path):
     model = tiny_model_dir("llama")
     out = tmp_path / "run"
