@@ -322,8 +322,8 @@ def main(cfg: DictConfig) -> None:
     refuse_added_settings(cfg)
     setup_logging()
     if not cfg.checkpoint and not cfg.model.get("path"):
-        raise SystemExit("config error: pass checkpoint=<run>/checkpoint-N (or a run folder: its newest checkpoint), "
-                         "or checkpoint=null model.path=<dir> to chat with the base model alone")
+        raise ConfigError("pass checkpoint=<run>/checkpoint-N (or a run folder: its newest checkpoint), or "
+                          "checkpoint=null model.path=<dir> to chat with the base model alone")
     check_count(cfg, "max_prompt_tokens")
     check_flag(cfg, "show_prompt")
     check_names(cfg)

@@ -66,7 +66,7 @@ def require(cfg: DictConfig, *keys: str) -> None:
     for key in keys:
         value = OmegaConf.select(cfg, key, default=None)
         if value is None or value == "":
-            raise SystemExit(f"config error: {key} is not set; pass {key}=... on the command line")
+            raise ConfigError(f"{key} is not set; pass {key}=... on the command line")
 
 
 def _override_key(override: str) -> str:
@@ -102,8 +102,8 @@ def refuse_added_settings(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     extra = added_settings(cfg, hc.job.config_name, list(hc.overrides.task), hc.runtime.choices)
     if extra:
-        raise SystemExit(f"config error: unknown setting {', '.join(extra)}: not a key of "
-                         f"conf/{hc.job.config_name}.yaml or the config groups it uses; a misspelling?")
+        raise ConfigError(f"unknown setting {', '.join(extra)}: not a key of conf/{hc.job.config_name}.yaml or the "
+                          "config groups it uses; a misspelling?")
 
 
 # Range and type checks of the composed config, which the entry points run before a model loads, so a

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation, check_quantization,
-                          check_template, refuse_added_settings, resolve_device)
+                          check_template, refuse_added_settings, require, resolve_device)
 from ptune.data import Columns, left_pad, load_examples, source_ids, text_ids
 from ptune.generate import generate, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error
@@ -224,6 +224,7 @@ BASE_ALONE_SETTINGS = ("data.prompt_column", "data.response_column", "data.max_s
 
 def evaluate(cfg: DictConfig) -> dict:
     check_settings(cfg)
+    require(cfg, "data.eval_file")  # a checkpoint records its columns and lengths, never the file to score
     missing = [k for k in BASE_ALONE_SETTINGS if OmegaConf.select(cfg, k) is None] if cfg.checkpoint is None else []
     if missing:
         raise ConfigError(f"checkpoint=null evaluates the base model alone, which records no data settings: pass "
@@ -237,8 +238,6 @@ def evaluate(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     model, tokenizer, prefix_config = load_for_inference(checkpoint, cfg.model, device)
     data_cfg, template = eval_settings(cfg, prefix_config)
-    if not data_cfg.get("eval_file"):
-        raise SystemExit("config error: data.eval_file is not set; pass data.eval_file=/path/to/dev.json")
     evalset = build_eval_set(data_cfg["eval_file"], tokenizer, data_cfg, template, cfg.limit)
     texts, stats = predict(model, tokenizer, evalset.prompts, cfg.generation, cfg.batch_size, device)
     metrics = score(texts, evalset.labels)

@@ -1015,8 +1015,8 @@ def main(cfg: DictConfig) -> None:
 
     setup_logging()
     if not cfg.checkpoint and not cfg.model.get("path"):
-        raise SystemExit("config error: pass checkpoint=<run>/checkpoint-N (or a run folder: its newest checkpoint), "
-                         "or checkpoint=null model.path=<dir> to serve the base model alone")
+        raise ConfigError("pass checkpoint=<run>/checkpoint-N (or a run folder: its newest checkpoint), or "
+                          "checkpoint=null model.path=<dir> to serve the base model alone")
     check_settings(cfg)
     sockets = listen_sockets(str(cfg.host), int(cfg.port))
     cm = load_chat_model(cfg)

@@ -88,7 +88,7 @@ def expand_runs(runs) -> list[tuple[str, Path]]:
     if isinstance(runs, (str, Path)):
         runs = [runs]
     if not runs:
-        raise SweepError("config error: runs is empty; pass runs='[outputs/run_a,outputs/run_b]'")
+        raise SweepError("runs is empty; pass runs='[outputs/run_a,outputs/run_b]'")
     found, seen = [], set()
     for r in runs:
         label = str(r).rstrip("/") or str(r)
@@ -145,7 +145,7 @@ def plan(cfg: DictConfig) -> list[Target]:
     """
     model_overrides, data_overrides = _non_null(cfg.model), _non_null(cfg.data)
     if not data_overrides.get("eval_file"):
-        raise SweepError("config error: data.eval_file is not set; pass data.eval_file=/path/to/dev.json")
+        raise SweepError("data.eval_file is not set; pass data.eval_file=/path/to/dev.json")
     eval_file = Path(str(data_overrides["eval_file"])).expanduser()
     if not eval_file.is_file():
         raise SweepError(f"data.eval_file={eval_file}: no such file")
@@ -313,7 +313,7 @@ def output_dir(cfg: DictConfig) -> Path:
         return Path(str(cfg.output_dir))
     runs = cfg.runs if isinstance(cfg.runs, (list, ListConfig)) else [cfg.runs]
     if not runs:
-        raise SweepError("config error: runs is empty; pass runs='[outputs/run_a,outputs/run_b]'")
+        raise SweepError("runs is empty; pass runs='[outputs/run_a,outputs/run_b]'")
     return Path(str(runs[0])).expanduser() / "sweep"
 
 
@@ -563,14 +563,14 @@ def main(cfg: DictConfig) -> None:
     setup_logging()
     try:
         result = sweep(cfg)
-    except SweepError as e:
-        raise SystemExit(str(e)) from None
+    except SweepError as e:  # defined in this module, which runs as __main__: exit_on_user_error cannot name it
+        raise SystemExit(f"error: {e}") from None
     except SweepInterrupted as e:
         stopped(f"sweep interrupted: {e}")
     except KeyboardInterrupt:
         stopped("sweep interrupted before scoring began; nothing was changed")
     if result["failed"]:
-        raise SystemExit(f"{len(result['failed'])} checkpoint(s) or job(s) not scored; see above")
+        raise SystemExit(f"error: {len(result['failed'])} checkpoint(s) or job(s) not scored; see above")
 
 
 if __name__ == "__main__":

@@ -141,6 +141,7 @@ def test_devices():
     ("ptune.evaluate", "batch_size=0", "error: batch_size=0: expected a whole number of at least 1"),
     ("ptune.chat", "generation.top_p=2", "error: generation.top_p=2: expected a number from 0 to 1"),
     ("ptune.sweep", "device=gpu", "error: device='gpu': expected auto, cpu, cuda or cuda:N"),
+    ("ptune.evaluate", "limit=3", "error: data.eval_file is not set; pass data.eval_file=... on the command line"),
 ])
 def test_command_line_refuses_before_loading(module, override, message, tmp_path):
     """The checkpoint named does not exist: the setting is refused before anything tries to load it."""

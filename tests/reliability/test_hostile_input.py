@@ -211,7 +211,7 @@ def test_every_entry_point_refuses_a_setting_added_on_the_command_line(module, o
     res = cli(module, override)
     key = override.lstrip("+").split("=")[0]
     assert res.rc == 1 and "Traceback" not in res.stderr, str(res)
-    assert f"config error: unknown setting {key}: not a key of conf/{module.split('.')[1]}.yaml" in res.stderr, str(res)
+    assert f"error: unknown setting {key}: not a key of conf/{module.split('.')[1]}.yaml" in res.stderr, str(res)
 
 
 @pytest.mark.parametrize("override, fragment", [
