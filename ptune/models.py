@@ -70,9 +70,8 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def load_base(model_cfg, device: torch.device | str = "cpu"):
-    """(model, tokenizer) from `model_cfg.path`, frozen, in eval mode, on `device`."""
-    device = torch.device(device)
+def model_folder(model_cfg) -> Path:
+    """`model_cfg.path`, checked to be a model folder before anything is loaded from it."""
     path = Path(str(model_cfg.path)).expanduser()
     if not path.is_dir():
         made_by = (" It is the built-in default model, made once by `python -m ptune.quickstart prepare-model` "
@@ -81,6 +80,20 @@ def load_base(model_cfg, device: torch.device | str = "cpu"):
                          f"(config.json + weights + tokenizer); ptune downloads nothing at run time.{made_by}")
     if not (path / "config.json").is_file():
         raise ModelError(f"model.path={path}: no config.json in it; expected a transformers model folder")
+    return path
+
+
+def load_base(model_cfg, device: torch.device | str = "cpu"):
+    """(model, tokenizer) from `model_cfg.path`, frozen, in eval mode, on `device`. The tokenizer first: it
+    loads in seconds, and a folder without a usable one fails before the model's minutes."""
+    tokenizer = load_tokenizer(model_folder(model_cfg))
+    return load_model(model_cfg, device), tokenizer
+
+
+def load_model(model_cfg, device: torch.device | str = "cpu"):
+    """The base model of `model_cfg.path` alone, frozen, in eval mode, on `device`."""
+    device = torch.device(device)
+    path = model_folder(model_cfg)
     dtype = resolve_dtype(str(model_cfg.dtype), device)
 
     def load_float():
@@ -127,7 +140,7 @@ def load_base(model_cfg, device: torch.device | str = "cpu"):
         from ptune.layers import fuse_layers
 
         fuse_layers(model)
-    return model, load_tokenizer(path)
+    return model
 
 
 # Config keys that bound a model's positions (prompt + reply tokens), the first one present counting:

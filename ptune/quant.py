@@ -33,7 +33,7 @@ input gets a gradient (the weights are frozen), which is what carries the gradie
 Quantizing is done layer by layer on the device the model is on, freeing each float weight as soon as
 its replacement exists. :func:`save_quantized` / :func:`load_quantized` cache the result (one
 safetensors file + ``quantization.json``) so a second load skips both the float load and the
-quantization; :func:`quantized_base` is the one call ``models.load_base`` needs.
+quantization; :func:`quantized_base` is the one call ``models.load_model`` needs.
 
 Measured on one H100 (torch 2.11) with the eager dequantize, before the CUDA kernels (which bring int4 to
 75% of bf16's speed at micro-batch 1 x 16 and 96% at micro-batch 16, BENCHMARKS.md runs 14 and 17), a

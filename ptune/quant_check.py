@@ -23,7 +23,7 @@ from ptune.data import IGNORE, collate, training_rows
 from ptune.errors import exit_on_user_error
 from ptune.logs import setup_logging
 from ptune.loss import lm_loss_sum, output_softcap
-from ptune.models import load_base
+from ptune.models import load_base, load_model
 from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec
 
 log = logging.getLogger("ptune.quant_check")
@@ -65,8 +65,8 @@ def run(cfg: DictConfig) -> dict:
     report = {"model": str(cfg.model.path), "dtype": str(ref["grad"].dtype), "rows": len(rows),
               "response_tokens": int(ref["predictions"].numel()), "float_loss": ref["loss"], "modes": []}
     for mode, group in cfg.modes:
-        quantized, _ = load_base(OmegaConf.create(model_cfg | {"quantization": mode,
-                                                               "quantization_group_size": group}), device)
+        quantized = load_model(OmegaConf.create(model_cfg | {"quantization": mode, "quantization_group_size": group}),
+                               device)
         got = measure(quantized, batches, cfg)
         del quantized
         row = {"mode": mode, "group_size": group if mode == "int4" else None, "loss": got["loss"],

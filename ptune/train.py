@@ -32,7 +32,8 @@ from ptune.graphs import micro_batch_loss
 from ptune.logs import LogWindow, MetricsLog, setup_logging
 from ptune.loss import output_softcap
 from ptune.step import optimizer_step
-from ptune.models import base_identity, build_prefix, check_fits, learned_positions, load_base
+from ptune.models import (base_identity, build_prefix, check_fits, learned_positions, load_model, load_tokenizer,
+                          model_folder)
 from ptune.prefix import PrefixLM, compile_layers
 
 log = logging.getLogger("ptune.train")
@@ -306,12 +307,14 @@ def train(cfg: DictConfig) -> Path:
                             "trainer.gradient_accumulation_steps yourself, or leave it null")
 
     resume_from, state, optim_state = resume_point(cfg.resume, out, accelerator)
-    model, tokenizer = load_base(cfg.model, device)
-    num_layers = model.config.num_hidden_layers
-    recompute = recompute_setting(t, num_layers)
+    # The data before the model: a bad row is refused in seconds, not after the model's minutes of loading.
+    tokenizer = load_tokenizer(model_folder(cfg.model))
     rows = training_rows(cfg.data, cfg.model.template, tokenizer)
     lengths = [len(ids) for ids in rows["input_ids"]]
     targets = [sum(1 for x in lab[1:] if x != IGNORE) for lab in rows["labels"]]
+    model = load_model(cfg.model, device)
+    num_layers = model.config.num_hidden_layers
+    recompute = recompute_setting(t, num_layers)
     check_positions(model, lengths, cfg.model.path, cfg.data)
 
     def plan_for(micro: int, accumulation: int) -> BatchPlan:

@@ -89,6 +89,19 @@ def test_bad_data_file_is_one_clear_line(env, tmp_path, content, fragments):
     assert line[len("error: "):] in (out / "train.log").read_text(encoding="utf-8")  # the run's log keeps it
 
 
+def test_a_bad_data_file_is_refused_before_the_model_loads(env, tmp_path):
+    """The rows are read and tokenized before the weights load (minutes for a 6B base): here the weights are
+    truncated, and the data file's error is still the one reported."""
+    model = shutil.copytree(env.model, tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    data = write(tmp_path, "train.jsonl", good_lines(2)[0] + '\n{"content": "x", "summary": 7}\n')
+    res = cli("ptune.train", *train_args(model, data, tmp_path / "run"))
+    assert_clean_error(res, f"error: {data}:2")
+    good = cli("ptune.train", *train_args(model, env.data, tmp_path / "run2"))  # the weights were the next stop
+    assert_clean_error(good, f"error: model.path={model}: could not load the model")
+
+
 def test_deeply_nested_json_is_one_clear_line(env, tmp_path):
     data = write(tmp_path, "train.jsonl", good_lines(1)[0] + '\n{"content": ' + "[" * 100_000 + "]" * 100_000 +
                  ', "summary": "y"}\n')
