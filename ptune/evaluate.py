@@ -29,7 +29,7 @@ from ptune.logs import peak_memory_gib, setup_logging
 from ptune.metrics import compute_metrics
 from ptune.checkpoint import sha256_file, write_text_atomic
 from ptune.models import (base_identity_settings, inference_model_settings, load_for_inference, position_limit,
-                          resolve_checkpoint)
+                          read_checkpoint_config, resolve_checkpoint)
 from ptune.prefix import attention_shape
 
 log = logging.getLogger("ptune.evaluate")
@@ -49,10 +49,15 @@ def effective_limit(limit: int | None, rows_in_file: int) -> int | None:
     return limit if limit and limit < rows_in_file else None
 
 
-def build_eval_set(path, tokenizer, data_cfg: dict, template: str, limit: int | None = None) -> EvalSet:
-    """Prompt ids and reference texts; labels are cut to max_target_length tokens like the training targets."""
-    examples = load_examples(path, Columns(data_cfg["prompt_column"], data_cfg["response_column"],
-                                           data_cfg.get("history_column")))
+def eval_examples(path, data_cfg: dict):
+    """The eval file's rows, read and checked without a tokenizer: a bad row is refused before a model loads."""
+    return load_examples(path, Columns(data_cfg["prompt_column"], data_cfg["response_column"],
+                                       data_cfg.get("history_column")))
+
+
+def build_eval_set(examples, tokenizer, data_cfg: dict, template: str, limit: int | None = None) -> EvalSet:
+    """Prompt ids and reference texts of `eval_examples`' rows; labels are cut to max_target_length tokens like
+    the training targets."""
     rows_in_file = len(examples)
     if limit:
         examples = examples.select(range(min(limit, len(examples))))
@@ -235,10 +240,12 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else (Path(checkpoint) / "eval" if checkpoint
                                                             else Path("outputs/eval-base"))
     check_writable(out_dir, "output_dir" if cfg.output_dir else None)
-    device = resolve_device(cfg.device)
-    model, tokenizer, prefix_config = load_for_inference(checkpoint, cfg.model, device)
+    prefix_config = read_checkpoint_config(checkpoint) if checkpoint else None
     data_cfg, template = eval_settings(cfg, prefix_config)
-    evalset = build_eval_set(data_cfg["eval_file"], tokenizer, data_cfg, template, cfg.limit)
+    examples = eval_examples(data_cfg["eval_file"], data_cfg)  # before the model's minutes of loading
+    device = resolve_device(cfg.device)
+    model, tokenizer, _ = load_for_inference(checkpoint, cfg.model, device)
+    evalset = build_eval_set(examples, tokenizer, data_cfg, template, cfg.limit)
     texts, stats = predict(model, tokenizer, evalset.prompts, cfg.generation, cfg.batch_size, device)
     metrics = score(texts, evalset.labels)
     record = settings_record(data_cfg, inference_model_settings(prefix_config, OmegaConf.to_container(cfg.model)),

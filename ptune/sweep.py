@@ -43,7 +43,7 @@ from ptune.chatglm.ptuning import is_reference_checkpoint
 from ptune.config import refuse_added_settings, resolve_device
 from ptune import evaluate as ev
 from ptune import models
-from ptune.data import Columns, DataError, load_examples
+from ptune.data import DataError
 from ptune.errors import ConfigError, exit_on_user_error, stopped
 from ptune.logs import setup_logging
 from ptune.metrics import SCORE_KEYS
@@ -191,7 +191,7 @@ class Expected:
         cols = (data["eval_file"], data["prompt_column"], data["response_column"], data.get("history_column"))
         key = json.dumps(cols)
         if key not in self._rows:
-            self._rows[key] = len(load_examples(cols[0], Columns(*cols[1:])))
+            self._rows[key] = len(ev.eval_examples(cols[0], data))
         return self._rows[key]
 
     def rows(self, data: dict) -> int:
@@ -276,7 +276,8 @@ def score_group(targets: list[Target], cfg: DictConfig, device: torch.device, ex
         key = json.dumps([template, t.data], sort_keys=True)
         try:
             if key not in evalsets:
-                evalsets[key] = ev.build_eval_set(t.data["eval_file"], tokenizer, t.data, template, cfg.limit)
+                evalsets[key] = ev.build_eval_set(ev.eval_examples(t.data["eval_file"], t.data), tokenizer, t.data,
+                                                  template, cfg.limit)
         except DataError as e:
             skip(t, data_error(e), bar)
             continue

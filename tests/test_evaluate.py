@@ -50,7 +50,8 @@ def test_greedy_outputs_do_not_depend_on_batch_size(ckpt, sample_file):
     # batching bug (mask, positions, prefix broadcast) moves hidden states far more and still shows.
     with torch.no_grad():
         model.base.get_output_embeddings().weight.mul_(25.0)
-    evalset = ev.build_eval_set(sample_file, tok, config["data"], config["model"]["template"], limit=21)
+    evalset = ev.build_eval_set(ev.eval_examples(sample_file, config["data"]), tok, config["data"],
+                                config["model"]["template"], limit=21)
     lengths = sorted({len(p) for p in evalset.prompts})
     assert len(lengths) >= 5 and lengths[-1] - lengths[0] >= 8, lengths  # left padding is exercised
     gen = generation(max_new_tokens=12)
@@ -243,7 +244,7 @@ def test_eval_prompts_are_cut_as_training_cuts_them(tmp_path, side):
     data.write_text(json.dumps({"content": "abcdefghij", "summary": "xy"}) + "\n", encoding="utf-8")
     data_cfg = {"prompt_column": "content", "response_column": "summary", "history_column": None,
                 "max_source_length": 6, "max_target_length": 8, "truncate_source_from": side}
-    (prompt,) = ev.build_eval_set(data, tok, data_cfg, "chat_template").prompts
+    (prompt,) = ev.build_eval_set(ev.eval_examples(data, data_cfg), tok, data_cfg, "chat_template").prompts
     trained = encode_example(tok, Encoding("chat_template", 6, 8, side), "abcdefghij", "xy", [])
     assert prompt == trained["input_ids"][:6]
     full = prompt_ids(tok, "abcdefghij", [], "chat_template")

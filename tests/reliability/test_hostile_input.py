@@ -100,6 +100,11 @@ def test_a_bad_data_file_is_refused_before_the_model_loads(env, tmp_path):
     assert_clean_error(res, f"error: {data}:2")
     good = cli("ptune.train", *train_args(model, env.data, tmp_path / "run2"))  # the weights were the next stop
     assert_clean_error(good, f"error: model.path={model}: could not load the model")
+    # evaluate too: its eval file is read before the base loads
+    scored = shutil.copytree(env.existing / "checkpoint-4", tmp_path / "checkpoint-4")
+    res = cli("ptune.evaluate", f"checkpoint={scored}", f"model.path={model}", f"data.eval_file={data}",
+              "device=cpu")
+    assert_clean_error(res, f"error: {data}:2")
 
 
 def test_deeply_nested_json_is_one_clear_line(env, tmp_path):
