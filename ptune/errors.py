@@ -23,15 +23,19 @@ class ConfigError(ValueError):
     """A setting of an entry point's config that its type or range rules out, named with the value given."""
 
 
+class SweepError(ValueError):
+    """A sweep that cannot start or scored nothing: no runs, no eval file, a run folder without checkpoints."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
-    # Defined here rather than in ptune.train: under `python -m ptune.train` that module runs as
-    # __main__, and an exception class defined there would not be the one caught here.
+    # Defined here rather than in ptune.train or ptune.sweep: under `python -m ptune.train` that module runs
+    # as __main__, and an exception class defined there would not be the one caught here.
     from ptune.checkpoint import CheckpointError
     from ptune.data import DataError
     from ptune.models import ModelError
     from ptune.quant import QuantizationError
 
-    return CheckpointError, ConfigError, DataError, ModelError, QuantizationError, TrainingError
+    return CheckpointError, ConfigError, DataError, ModelError, QuantizationError, SweepError, TrainingError
 
 
 # The signal that raised the KeyboardInterrupt being handled: SIGINT unless SIGTERM's handler below ran.

@@ -44,7 +44,7 @@ from ptune.config import refuse_added_settings, resolve_device
 from ptune import evaluate as ev
 from ptune import models
 from ptune.data import DataError
-from ptune.errors import ConfigError, exit_on_user_error, stopped
+from ptune.errors import ConfigError, SweepError, exit_on_user_error, stopped
 from ptune.logs import setup_logging
 from ptune.metrics import SCORE_KEYS
 
@@ -52,10 +52,6 @@ log = logging.getLogger("ptune.sweep")
 
 METRICS_FILE = "metrics.json"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
-
-
-class SweepError(ValueError):
-    """A sweep that cannot start: no runs, no eval file, a run folder without checkpoints."""
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -564,8 +560,6 @@ def main(cfg: DictConfig) -> None:
     setup_logging()
     try:
         result = sweep(cfg)
-    except SweepError as e:  # defined in this module, which runs as __main__: exit_on_user_error cannot name it
-        raise SystemExit(f"error: {e}") from None
     except SweepInterrupted as e:
         stopped(f"sweep interrupted: {e}")
     except KeyboardInterrupt:

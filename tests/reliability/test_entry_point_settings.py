@@ -142,6 +142,7 @@ def test_devices():
     ("ptune.chat", "generation.top_p=2", "error: generation.top_p=2: expected a number from 0 to 1"),
     ("ptune.sweep", "device=gpu", "error: device='gpu': expected auto, cpu, cuda or cuda:N"),
     ("ptune.evaluate", "limit=3", "error: data.eval_file is not set; pass data.eval_file=... on the command line"),
+    ("ptune.sweep", "data.eval_file=README.md", "error: runs: "),  # a SweepError: no such run folder
 ])
 def test_command_line_refuses_before_loading(module, override, message, tmp_path):
     """The checkpoint named does not exist: the setting is refused before anything tries to load it."""
