@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import NoReturn
 
@@ -80,13 +81,16 @@ def end_quietly_if_interrupted_while_starting() -> None:
         signal.signal(signal.SIGINT, handler)
 
 
-def tell_launcher(message: str) -> None:
-    """Under torchrun, hand it the error line: the failure summary it prints last then shows that line for this
-    rank, instead of "To enable traceback see: <url>" (the file and its format are torchrun's)."""
+def tell_launcher(message: str, callstack: str | None = None) -> None:
+    """Under torchrun, hand it the error line (and a bug's traceback): the failure summary it prints last then
+    shows them for this rank, instead of "To enable traceback see: <url>" (the file and its format are torchrun's)."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    record = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}
+    extra = {"timestamp": str(int(time.time()))}
+    if callstack is not None:
+        extra["py_callstack"] = callstack  # the summary shows this in place of the message
+    record = {"message": {"message": message, "extraInfo": extra}}
     try:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(record, f, ensure_ascii=False)
@@ -118,6 +122,10 @@ def exit_on_user_error(fn):
             print(f"error: {e}", file=sys.stderr)
             tell_launcher(f"error: {e}")
             sys.exit(1)
+        except Exception as e:
+            # A bug, not a mistake of the user's: Python prints the traceback here; torchrun's summary gets it too.
+            tell_launcher(f"{type(e).__name__}: {e}", traceback.format_exc())
+            raise
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)

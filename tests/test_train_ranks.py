@@ -108,3 +108,26 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tiny_model_dir
     at = int(stopped[0].split("after step ")[1].split(";")[0])
     assert [p.name for p in list_checkpoints(out)] == [f"checkpoint-{at}"] and at < 500
     assert [r["step"] for r in logged(out)][-1] == at
+
+
+def test_a_bug_under_torchrun_puts_its_traceback_in_torchruns_summary(tmp_path, monkeypatch):
+    """A user's mistake reaches the summary as its one line (above); an unexpected exception, a bug, as its
+    traceback, read back here by torchrun's own failure summary."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from ptune.errors import exit_on_user_error
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+
+    @exit_on_user_error
+    def main():
+        return {}["no such key"]
+
+    with pytest.raises(KeyError):
+        main()
+    failure = ProcessFailure(local_rank=1, pid=1234, exitcode=1, error_file=str(error_file))
+    summary = ChildFailedError("ptune.train", {1: failure}).format_msg()
+    assert "To enable traceback" not in summary, summary
+    assert "Traceback (most recent call last)" in summary and "KeyError: 'no such key'" in summary, summary
+    assert 'return {}["no such key"]' in summary, summary
