@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptune.config import (check_count, check_flag, check_generation, check_quantization, check_template,
                           refuse_added_settings, resolve_device)
-from ptune.data import encodable, prompt_ids
+from ptune.data import check_template_fits, encodable, prompt_ids
 from ptune.generate import generate, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error, stopped, terminating
 from ptune.logs import setup_logging
@@ -68,6 +68,7 @@ def load_chat_model(cfg: DictConfig) -> ChatModel:
     if not template:
         # A bare base with no template given: its own chat template when it has one.
         template = "chat_template" if getattr(tokenizer, "chat_template", None) else "plain"
+    check_template_fits(tokenizer, template)  # at start-up, not at the first message or request
     eos = stop_token_ids(model, tokenizer, cfg.generation.get("extra_eos_token_ids"))
     base_path = (prefix_config or {}).get("base", {}).get("path") or str(cfg.model.path)
     if cfg.model.get("path"):

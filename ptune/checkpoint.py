@@ -234,10 +234,7 @@ def verify(ckpt: str | Path, files: list[str] | None = None) -> None:
     if not manifest_path.is_file():
         raise CheckpointError(f"{ckpt} is not a complete ptune checkpoint (no {MANIFEST_FILE}); it may be a save "
                               "that was interrupted")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise CheckpointError(f"{manifest_path}: unreadable ({e}); the checkpoint is damaged") from None
+    manifest = read_manifest(manifest_path)
     for name in files or sorted(manifest):
         entry = manifest.get(name)
         path = ckpt / name
@@ -254,14 +251,59 @@ def verify(ckpt: str | Path, files: list[str] | None = None) -> None:
             raise CheckpointError(f"{path}: SHA-256 {actual} does not match the manifest's {entry['sha256']}")
 
 
+def read_manifest(path: Path) -> dict[str, dict]:
+    """A manifest's entries, {file name: {"sha256": hex, "bytes": size}}, refused whole if any is malformed.
+
+    It must list the prefix and its config: a manifest that lists nothing would let every check pass."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); the checkpoint is damaged") from None
+    expected = 'an object of {"<file>": {"sha256": "<hex>", "bytes": <size>}}'
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: a JSON {type(manifest).__name__}, expected {expected}; the checkpoint is "
+                              "damaged")
+    for name, entry in manifest.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("bytes"), int) and not isinstance(entry.get("bytes"), bool)):
+            raise CheckpointError(f"{path}: entry {name!r} is {json.dumps(entry)}, expected {expected}; the "
+                                  "checkpoint is damaged")
+    missing = [name for name in (PREFIX_FILE, CONFIG_FILE) if name not in manifest]
+    if missing:
+        raise CheckpointError(f"{path}: lists no {' or '.join(missing)}; the checkpoint is damaged")
+    return manifest
+
+
+# What every ptune checkpoint's prefix_config.json records, and the readers take without asking.
+_RECORDED = {"prefix": ("num_layers", "num_kv_heads", "head_dim", "length"), "base": ("path",), "model": (),
+             "data": ("prompt_column", "response_column", "max_source_length", "max_target_length",
+                      "truncate_source_from")}
+
+
 def read_prefix_config(ckpt: str | Path) -> dict:
     path = Path(ckpt) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; is {ckpt} a ptune checkpoint?")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: a JSON {type(config).__name__}, expected an object; the checkpoint is damaged")
+    for section, keys in _RECORDED.items():
+        value = config.get(section)
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path}: no {section!r} object; the checkpoint is damaged")
+        missing = [k for k in keys if k not in value]
+        if missing:
+            raise CheckpointError(f"{path}: {section!r} lacks {', '.join(map(repr, missing))}; the checkpoint is "
+                                  "damaged")
+    bad = {k: v for k, v in config["prefix"].items() if k in _RECORDED["prefix"] and
+           (not isinstance(v, int) or isinstance(v, bool) or v < 1)}
+    if bad:
+        raise CheckpointError(f"{path}: prefix {json.dumps(bad)}, expected whole numbers above 0; the checkpoint is "
+                              "damaged")
+    return config
 
 
 def load_prefix_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:

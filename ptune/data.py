@@ -261,9 +261,21 @@ _SLOTS = re.compile("\ue000(\\d+)\ue001")
 _WARNED_TEMPLATES: set = set()
 
 
+def check_template_fits(tokenizer, template: str) -> None:
+    """model.template=chat_template needs a tokenizer that has one: base models (GPT-2, most checkpoints that were
+    not tuned for chat) do not."""
+    if template == "chat_template" and not getattr(tokenizer, "chat_template", None):
+        from ptune.errors import ConfigError
+
+        raise ConfigError(f"model.template=chat_template: the tokenizer of {tokenizer.name_or_path} has no chat "
+                          "template (a base model, not a chat one?); pass model.template=plain, or chatglm2 for "
+                          "ChatGLM2's round format")
+
+
 def chat_template_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Ids of `messages` under the tokenizer's chat template, generation prompt included. The template's
     markers are control tokens; the messages' text is read as text (:func:`text_ids`)."""
+    check_template_fits(tokenizer, "chat_template")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     spellings = _special_spellings(tokenizer)

@@ -98,9 +98,13 @@ def load_model(model_cfg, device: torch.device | str = "cpu"):
 
     def load_float():
         if _is_chatglm(path):
-            from ptune.chatglm.convert import load_chatglm
+            from ptune.chatglm.convert import ChatGLMConversionError, load_chatglm
+            from ptune.chatglm.integrity import IntegrityError
 
-            model = load_chatglm(path, dtype=dtype, device=device)
+            try:
+                model = load_chatglm(path, dtype=dtype, device=device)
+            except (ChatGLMConversionError, IntegrityError) as e:  # a damaged download or an unsupported config
+                raise ModelError(f"model.path={path}: {e}") from None
             model.set_attn_implementation(model_cfg.attn_implementation)
             return model
         from transformers import AutoModelForCausalLM

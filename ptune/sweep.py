@@ -155,11 +155,14 @@ def plan(cfg: DictConfig) -> list[Target]:
             t = Target(label, ckpt, ckpt_io.checkpoint_step(ckpt), error=incomplete(ckpt))
             if t.error is None:
                 try:
+                    # Checked before earlier scores are reused too: a prefix damaged since is not ranked.
+                    ckpt_io.verify(ckpt, [ckpt_io.PREFIX_FILE, ckpt_io.CONFIG_FILE])
                     config = ckpt_io.read_prefix_config(ckpt)
+                except ckpt_io.CheckpointError as e:
+                    t.error = str(e)
+                else:
                     t.model = models.inference_model_settings(config, model_overrides)
-                    t.data = {**config.get("data", {}), **data_overrides}
-                except (ckpt_io.CheckpointError, ValueError, KeyError) as e:
-                    t.error = f"{ckpt}: unreadable prefix_config.json ({type(e).__name__}: {e})"
+                    t.data = {**config["data"], **data_overrides}
             targets.append(t)
     return targets
 
@@ -276,6 +279,9 @@ def score_group(targets: list[Target], cfg: DictConfig, device: torch.device, ex
                                                   template, cfg.limit)
         except DataError as e:
             skip(t, data_error(e), bar)
+            continue
+        except ConfigError as e:  # a template this base's tokenizer lacks: other bases may have it
+            skip(t, str(e), bar)
             continue
         evalset = evalsets[key]
         try:

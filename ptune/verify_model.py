@@ -11,7 +11,6 @@ or ``--manifest FILE``.  Exit status 0 when every file passes, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,10 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.path.is_dir():
         print(f"error: {args.path} is not a folder", file=sys.stderr)
         return 2
-    manifest = json.loads(args.manifest.read_text(encoding="utf-8")) if args.manifest else None
     level = "full" if args.full else "size"
-    checks = integrity.verify_dir(args.path, level=level, manifest=manifest)
-    used = manifest or integrity.find_manifest(args.path)
+    try:
+        manifest = integrity.read_manifest(args.manifest) if args.manifest else None
+        checks = integrity.verify_dir(args.path, level=level, manifest=manifest)
+        used = manifest or integrity.find_manifest(args.path)
+    except integrity.IntegrityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{args.path}: {'manifest ' + str(used.get('name')) if used else 'no manifest for this model'}"
           f" (check: {'SHA-256 of every file' if args.full else 'size and structure; hashes remembered from earlier checks'})")
     if not checks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -29,8 +30,12 @@ from ptune.checkpoint import (
     verify,
 )
 
-CONFIG = {"pre_seq_len": 8, "base_model": "tiny/llama", "template": "chatglm2", "nested": {"layers": [0, 1]},
-          "note": "前缀"}
+# The sections ptune.train records (read_prefix_config refuses a file without them), plus free-form extras.
+CONFIG = {"prefix": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4, "length": 8, "projection": False},
+          "base": {"path": "tiny/llama"}, "model": {"template": "chatglm2"},
+          "data": {"prompt_column": "content", "response_column": "summary", "history_column": None,
+                   "max_source_length": 64, "max_target_length": 128, "truncate_source_from": "right"},
+          "nested": {"layers": [0, 1]}, "note": "前缀"}
 
 
 def prefix_state(seed=0):
@@ -274,6 +279,48 @@ def test_verify_damaged_manifest_raises_checkpoint_error(tmp_path):
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(CheckpointError):
         verify(ckpt)
+
+
+def _rewrite(ckpt: Path, name: str, content: str) -> None:
+    """Replace one file and list it in the manifest as it now is, so that only its shape is wrong."""
+    (ckpt / name).write_text(content, encoding="utf-8")
+    manifest = json.loads((ckpt / MANIFEST_FILE).read_text())
+    manifest[name] = {"sha256": hashlib.sha256(content.encode()).hexdigest(), "bytes": len(content.encode())}
+    (ckpt / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("manifest, fault", [
+    ("[]", "a JSON list, expected an object of"),
+    ("{}", "lists no prefix.safetensors or prefix_config.json"),
+    ('{"prefix.safetensors": {"sha256": "00"}}', "entry 'prefix.safetensors' is {\"sha256\": \"00\"}"),
+    ('{"prefix.safetensors": {"sha256": "00", "bytes": "12"}}', "entry 'prefix.safetensors' is"),
+    ('{"prefix.safetensors": "00"}', "entry 'prefix.safetensors' is \"00\""),
+])
+def test_a_manifest_of_another_shape_is_refused_and_never_passes_for_listing_nothing(tmp_path, manifest, fault):
+    ckpt = full_save(tmp_path, 5)
+    (ckpt / MANIFEST_FILE).write_text(manifest)
+    for read in (verify, load_prefix_weights, load_trainer_state):
+        with pytest.raises(CheckpointError, match=re.escape(f"{ckpt / MANIFEST_FILE}: ")) as e:
+            read(ckpt)
+        assert fault in str(e.value) and "the checkpoint is damaged" in str(e.value)
+
+
+@pytest.mark.parametrize("content, fault", [
+    ("[]", "a JSON list, expected an object"),
+    ("{}", "no 'prefix' object"),
+    (json.dumps({**CONFIG, "data": {k: v for k, v in CONFIG["data"].items() if k != "max_target_length"}}),
+     "'data' lacks 'max_target_length'"),
+    (json.dumps({**CONFIG, "prefix": {**CONFIG["prefix"], "length": "8"}}),
+     'prefix {"length": "8"}, expected whole numbers above 0'),
+    (json.dumps({**CONFIG, "base": "tiny/llama"}), "no 'base' object"),
+])
+def test_a_prefix_config_of_another_shape_is_refused_naming_what_it_lacks(tmp_path, content, fault):
+    ckpt = full_save(tmp_path, 5)
+    _rewrite(ckpt, CONFIG_FILE, content)
+    verify(ckpt)  # the manifest matches: only the shape is wrong
+    with pytest.raises(CheckpointError) as e:
+        read_prefix_config(ckpt)
+    assert str(e.value).startswith(f"{ckpt / CONFIG_FILE}: ") and fault in str(e.value), str(e.value)
 
 
 # ------------------------------------------------------------------------------------------- atomic re-save

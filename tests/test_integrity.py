@@ -225,3 +225,25 @@ def test_cli_prints_a_table_and_fails_on_damage(folder, capsys):
     assert verify_model.main([str(d), "--full"]) == 1
     out = capsys.readouterr().out
     assert "HASH MISMATCH" in out and names[0] in out and "download it again" in out.lower()
+
+
+@pytest.mark.parametrize("content, fault", [
+    (None, "cannot read the manifest (No such file or directory)"),
+    ("{bad", "not valid JSON"),
+    # the shape of a ptune checkpoint's manifest.json, not a model folder's: checking nothing must not pass
+    ('{"NAME": {"sha256": "' + "0" * 64 + '", "bytes": 1}}', 'no "files" object listing files'),
+    ('{"files": {}}', 'no "files" object listing files'),
+    ('{"files": {"NAME": {"sha256": "00"}}}', "files['NAME'] is {\"sha256\": \"00\"}; expected"),
+    ('{"files": {"NAME": {"size": "12"}}}', "files['NAME'] is {\"size\": \"12\"}; expected"),
+    ('{"files": {"NAME": {}}}', "files['NAME'] is {}; expected"),
+])
+def test_cli_refuses_a_manifest_it_cannot_use_in_one_line(folder, capsys, tmp_path, content, fault):
+    d, names = folder
+    manifest = tmp_path / "manifest.json"
+    if content is not None:
+        manifest.write_text(content.replace("NAME", names[0]))
+    assert verify_model.main([str(d), "--manifest", str(manifest), "--full"]) == 2
+    captured = capsys.readouterr()
+    assert "passed" not in captured.out
+    assert captured.err.startswith(f"error: {manifest}: ") and fault.replace("NAME", names[0]) in captured.err, \
+        captured.err

@@ -565,3 +565,25 @@ def test_a_run_whose_label_starts_with_an_underscore_is_in_the_plots_legend(run_
     [fig] = saved
     [legend] = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == ["_a", "b"]
+
+
+def test_a_checkpoint_damaged_after_it_was_scored_is_not_ranked_on_its_old_scores(run_copy, sample_file, tmp_path,
+                                                                                   counted):
+    run = run_copy(tmp_path / "run")
+    sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
+    assert counted() == {"load_base": 1, "predict": 3}
+    prefix = run / "checkpoint-2" / "prefix.safetensors"
+    data = bytearray(prefix.read_bytes())
+    data[-5] ^= 0xFF  # same size: only the checksum tells
+    prefix.write_bytes(bytes(data))
+    (run / "checkpoint-3" / "prefix_config.json").write_text("[]")  # valid JSON, not what ptune wrote
+    _rewrite_manifest(run / "checkpoint-3")
+    result = sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
+    assert counted() == {"load_base": 0, "predict": 0}  # checkpoint-1's scores are reused
+    failed = {f["checkpoint"]: f["error"] for f in result["failed"]}
+    assert list(failed) == [str(run / "checkpoint-2"), str(run / "checkpoint-3")]
+    assert failed[str(run / "checkpoint-2")].startswith(f"{prefix}: SHA-256 ")
+    assert "does not match the manifest" in failed[str(run / "checkpoint-2")]
+    assert failed[str(run / "checkpoint-3")] == (f"{run / 'checkpoint-3' / 'prefix_config.json'}: a JSON list, "
+                                                 "expected an object; the checkpoint is damaged")
+    assert [int(r["step"]) for r in read_csv(run / "sweep" / "sweep.csv")] == [1]

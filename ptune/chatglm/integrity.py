@@ -41,7 +41,7 @@ from ptune.checkpoint import sha256_file
 
 __all__ = [
     "IntegrityError", "FileCheck", "LEVELS", "DEFAULT_LEVEL", "OWN_MANIFEST", "VERIFIED_CACHE",
-    "sha256_file", "bundled_manifests", "find_manifest", "write_manifest", "verify_dir", "format_table",
+    "sha256_file", "bundled_manifests", "read_manifest", "find_manifest", "write_manifest", "verify_dir", "format_table",
 ]
 
 LEVELS = ("none", "size", "first-use", "full")
@@ -146,13 +146,38 @@ def _manifest_matches(manifest: dict, cfg: dict, present: set[str]) -> bool:
     return bool(match.get("config"))
 
 
+def read_manifest(path: str | os.PathLike) -> dict:
+    """A manifest file, refused in one IntegrityError unless it has the shape every check relies on:
+    {"files": {"<file>": {"sha256": "<hex>", "size": <bytes>}}} (either value may be left out, not both)."""
+    path = Path(path)
+    expected = '{"files": {"<file>": {"sha256": "<hex>", "size": <bytes>}}}'
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise IntegrityError(f"{path}: cannot read the manifest ({e.strerror or e})", []) from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise IntegrityError(f"{path}: not valid JSON ({e}); expected {expected}", []) from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise IntegrityError(f"{path}: no \"files\" object listing files; expected {expected}", [])
+    for name, spec in files.items():
+        sha, size = (spec.get("sha256"), spec.get("size")) if isinstance(spec, dict) else (None, None)
+        ok_sha = sha is None or (isinstance(sha, str) and len(sha) == 64
+                                 and all(c in "0123456789abcdefABCDEF" for c in sha))
+        ok_size = size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 0)
+        if not (ok_sha and ok_size) or (sha is None and size is None):
+            raise IntegrityError(f"{path}: files[{name!r}] is {json.dumps(spec)}; expected {{\"sha256\": <64 hex "
+                                 "digits>, \"size\": <bytes>}}", [])
+    return manifest
+
+
 def find_manifest(path: str | os.PathLike) -> dict | None:
     """The manifest for a model folder: its own ``ptune_manifest.json``, else a bundled one whose
     identity matches the folder's config.json."""
     path = Path(path)
     own = path / OWN_MANIFEST
     if own.is_file():
-        return json.loads(own.read_text(encoding="utf-8"))
+        return read_manifest(own)
     cfg = _read_config(path)
     present = {p.name for p in path.iterdir()} if path.is_dir() else set()
     for manifest in bundled_manifests():
@@ -321,7 +346,8 @@ def _error_message(path: Path, bad: list[FileCheck], manifest: dict | None) -> s
                  f"`python -m ptune.verify_model {path} --full` to confirm.")
     if manifest is not None and manifest.get("written_by") != "ptune":
         lines.append(f"(Expected values are the published ones for {manifest.get('name')}. If you deliberately use "
-                     "other weights under the same name, load with verify='size'.)")
+                     "other weights, give them a name of your own in the folder's config.json, \"_name_or_path\": "
+                     f"\"<you>/<model>\", so that they are not taken for {manifest.get('name')}.)")
     return "\n".join(lines)
 
 

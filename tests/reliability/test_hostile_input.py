@@ -306,6 +306,46 @@ def test_truncated_prefix_with_a_matching_manifest_is_refused_by_the_reader(env,
     assert_clean_error(res, f"error: {target}: unreadable safetensors file")
 
 
+@pytest.mark.parametrize("name, content, fault", [
+    ("manifest.json", "[]", "a JSON list, expected an object of"),
+    ("manifest.json", "{}", "lists no prefix.safetensors or prefix_config.json"),
+    ("prefix_config.json", "{}", "no 'prefix' object"),
+])
+def test_a_checkpoint_file_of_the_wrong_shape_is_refused_by_evaluate_and_resume(env, tmp_path, name, content, fault):
+    """Valid JSON that is not what ptune wrote: one line naming the file, never a traceback (and an empty manifest
+    must not pass every check by listing nothing)."""
+    out = shutil.copytree(env.existing, tmp_path / "run")
+    ckpt = out / "checkpoint-4"
+    (ckpt / name).write_text(content)
+    if name != "manifest.json":
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        manifest[name] = {"sha256": hashlib.sha256(content.encode()).hexdigest(), "bytes": len(content)}
+        (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    res = cli("ptune.evaluate", f"checkpoint={ckpt}", f"data.eval_file={env.data}", "device=cpu",
+              f"output_dir={tmp_path / 'eval'}")
+    assert_clean_error(res, f"error: {ckpt / name}: ", fault, "the checkpoint is damaged")
+    before = snapshot(out, skip=("train.log",))
+    res = cli("ptune.train", *train_args(env.model, env.data, out, "resume=latest"))
+    assert_clean_error(res, f"error: {ckpt / name}: ", fault)
+    assert snapshot(out, skip=("train.log",)) == before
+
+
+def test_a_chatglm_shard_that_fails_its_checksum_is_one_clear_line(env, tmp_path):
+    """The published-hash check of a ChatGLM download reaches the user as the error line, with what to do."""
+    from test_integrity import flip_byte, make_bin_folder, manifest_for
+    from ptune.chatglm import integrity
+
+    model = tmp_path / "chatglm"
+    names = make_bin_folder(model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # the data are read first
+        shutil.copyfile(env.model / name, model / name)
+    (model / integrity.OWN_MANIFEST).write_text(json.dumps(manifest_for(model)))
+    flip_byte(model / names[1], offset_from_end=0)
+    res, _ = run_over_existing(env, tmp_path, model=model)
+    assert_clean_error(res, f"error: model.path={model}: 1 file(s) in {model} failed the integrity check")
+    assert f"{names[1]}: HASH MISMATCH" in res.stderr and f"python -m ptune.verify_model {model} --full" in res.stderr
+
+
 # ------------------------------------------------------------------------------------------ model folders
 
 
@@ -334,6 +374,13 @@ def test_an_attention_implementation_whose_package_is_missing_is_one_clear_line(
 def _truncate_weights(folder):
     p = folder / "model.safetensors"
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def test_a_tokenizer_without_a_chat_template_under_the_chat_template_template_is_one_clear_line(env, tmp_path):
+    model = broken_model(env, tmp_path, lambda f: (f / "chat_template.jinja").unlink())
+    res, _ = run_over_existing(env, tmp_path, model=model)
+    assert_clean_error(res, f"error: model.template=chat_template: the tokenizer of {model} has no chat template",
+                       "pass model.template=plain")
 
 
 @pytest.mark.parametrize("damage, fix", [
