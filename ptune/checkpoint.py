@@ -52,8 +52,17 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` in one rename; a writer stopped part-way leaves the old file (or none)."""
     with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
                                      delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
+        try:
+            f.write(text)
+        except BaseException:
+            f.close()
+            os.unlink(f.name)
+            raise
+    try:
+        os.replace(f.name, path)
+    except BaseException:
+        os.unlink(f.name)
+        raise
 
 
 def _write_json(path: Path, obj) -> None:

@@ -97,8 +97,12 @@ class MetricsLog:
         if self.path.exists():
             # Entries past the checkpoint we resume from were made by the interrupted run and will be
             # logged again; keep the file a single, consistent history.
-            kept = [line for line, record in self._records() if record.get("step", 0) <= resume_step]
-            self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            kept = "".join(line + "\n" for line, record in self._records() if record.get("step", 0) <= resume_step)
+            if kept != self.path.read_text(encoding="utf-8", errors="replace"):
+                # Replaced whole: a kill during the rewrite must not lose the history it keeps.
+                from ptune.checkpoint import write_text_atomic
+
+                write_text_atomic(self.path, kept)
         self.writer = None
         if tensorboard:
             try:

@@ -7,6 +7,7 @@ import logging
 import math
 import warnings
 
+import pytest
 import torch
 from matplotlib.image import imread
 
@@ -108,3 +109,32 @@ def test_a_window_of_overflow_steps_logs_null_norms_and_a_kept_window_takes_only
     record = window.record(2, 0.01, 2, torch.device("cpu"))
     assert record["loss"] is None and record["grad_norm"] is None  # strict JSON holds no inf or NaN
     assert callable(window.add)
+
+
+def test_a_resume_that_fails_while_rewriting_the_log_leaves_the_history_whole(tmp_path, monkeypatch):
+    """The resume drops lines past its checkpoint by replacing the file whole: a write stopped part-way (here
+    the rename fails, as a kill or a full disk would stop it) leaves every line that was there, and no
+    temporary file."""
+    import os
+
+    from ptune.logs import MetricsLog
+
+    metrics = MetricsLog(tmp_path, tensorboard=False)
+    for step in range(1, 7):
+        metrics.write({"step": step, "loss": 1.0 / step})
+    before = (tmp_path / "train_log.jsonl").read_text(encoding="utf-8")
+
+    def stopped(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", stopped)
+    with pytest.raises(OSError):
+        MetricsLog(tmp_path, tensorboard=False, resume_step=2)
+    assert (tmp_path / "train_log.jsonl").read_text(encoding="utf-8") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_log.jsonl"]
+    monkeypatch.undo()
+    MetricsLog(tmp_path, tensorboard=False, resume_step=2)
+    assert [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    mtime = (tmp_path / "train_log.jsonl").stat().st_mtime_ns
+    MetricsLog(tmp_path, tensorboard=False, resume_step=2)  # nothing to drop: the file is left as it is
+    assert (tmp_path / "train_log.jsonl").stat().st_mtime_ns == mtime
