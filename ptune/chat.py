@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptune.config import (check_count, check_flag, check_generation, check_quantization, check_template,
                           refuse_added_settings, resolve_device)
-from ptune.data import check_template_fits, encodable, prompt_ids
+from ptune.data import check_template_fits, encodable, prompt_ids, whole_characters
 from ptune.generate import generate, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error, stopped, terminating
 from ptune.logs import setup_logging
@@ -111,15 +111,17 @@ def decode_reply(tokenizer, tokens: list[int]) -> str:
 
     Without the tokenizer's space cleanup: it rewrites text already streamed ('a ' then 'a ,' becomes
     'a,'), which a stream cannot take back, so a streamed reply would part from the same reply sent whole.
+    Without a last character the tokens end part-way through (:func:`ptune.data.whole_characters`): a stream
+    shows it once the next token completes it, a reply cut by its token limit never.
     """
-    return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return whole_characters(tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
 
 class StreamDecoder:
     """Text of a reply as its tokens arrive: re-decodes the reply so far and hands out the new suffix.
 
-    A suffix that ends in U+FFFD (an incomplete UTF-8 sequence of a byte-level tokenizer) is held back
-    until the next token completes the character. With stop strings, the reply ends before the first one
+    A character that the tokens so far end part-way through is held back until the next token completes it
+    (:func:`decode_reply`). With stop strings, the reply ends before the first one
     that appears (`stopped` turns true), and text that may be the start of one is held back until it is
     known not to be: a stop string is never handed out, not even in part.
     """
@@ -152,8 +154,6 @@ class StreamDecoder:
         text = self._cut(whole)
         self.stopped = len(text) < len(whole)
         if not self.stopped:
-            if text.endswith("\ufffd"):
-                return ""
             text = text[:len(text) - self._held_back(text)]
         if not text.startswith(self.emitted):
             return ""

@@ -242,6 +242,12 @@ def chatglm2_prompt(query: str, history) -> str:
 TEMPLATES = ("chatglm2", "chat_template", "plain")
 
 
+def whole_characters(text: str) -> str:
+    """Text decoded from tokens that stop part-way through a character (a byte-level tokenizer's UTF-8 sequence
+    cut by a length limit or a stream), without that character: it decodes as U+FFFD, which the text never had."""
+    return text.rstrip("\ufffd")
+
+
 def text_ids(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
     """Ids of `text` read as text: a special token's spelling in it ("</s>", "<|im_end|>") stays those
     characters instead of becoming the control token, which would end a training target early or let a

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation, check_quantization,
                           check_template, refuse_added_settings, require, resolve_device)
-from ptune.data import Columns, left_pad, load_examples, source_ids, text_ids
+from ptune.data import Columns, left_pad, load_examples, source_ids, text_ids, whole_characters
 from ptune.generate import generate, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import peak_memory_gib, setup_logging
@@ -65,8 +65,9 @@ def build_eval_set(examples, tokenizer, data_cfg: dict, template: str, limit: in
     for row in examples:
         prompts.append(source_ids(tokenizer, row["prompt"], row["history"], template, data_cfg["max_source_length"],
                                   data_cfg.get("truncate_source_from", "right")))
-        target = text_ids(tokenizer, row["response"])[: data_cfg["max_target_length"]]
-        labels.append(tokenizer.decode(target, skip_special_tokens=True))
+        target = text_ids(tokenizer, row["response"])
+        label = tokenizer.decode(target[: data_cfg["max_target_length"]], skip_special_tokens=True)
+        labels.append(whole_characters(label) if len(target) > data_cfg["max_target_length"] else label)
     return EvalSet(prompts, labels, list(examples["prompt"]), rows_in_file)
 
 
@@ -128,7 +129,7 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
                 # The reply ends before its stop token, as in chat and serve: an extra stop token that is an
                 # ordinary one (a newline, say) is not part of the prediction, nor is the padding after it.
                 reply = row[:next((j for j, t in enumerate(row) if t in stops), len(row))]
-                texts[i] = tokenizer.decode(reply, skip_special_tokens=True)
+                texts[i] = whole_characters(tokenizer.decode(reply, skip_special_tokens=True))
                 new_tokens += len(reply)
             bar.update(len(idx))
     wall = time.perf_counter() - start
@@ -144,8 +145,9 @@ def score(texts: list[str], labels: list[str]) -> dict:
 # How evaluate builds prompts and which text of a reply it scores; raise it whenever either changes, so that a
 # sweep scores again instead of reusing scores made the old way. 2: a reply ends before its first stop token
 # (an ordinary token given as an extra stop token stayed in the text). 3: a prompt cut from the left keeps the
-# template's head and answer cue (they were cut with the text).
-PREDICTION_RULES = 3
+# template's head and answer cue (they were cut with the text). 4: a reference or a reply whose tokens end
+# part-way through a character (byte-level tokenizers) leaves that character out instead of ending in U+FFFD.
+PREDICTION_RULES = 4
 
 
 def settings_record(data: dict, model: dict, limit, device: torch.device, eval_sha256: str | None = None) -> dict:

@@ -17,7 +17,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import build_tokenizer
-from ptune.chat import StreamDecoder, load_chat_model
+from ptune.chat import StreamDecoder, decode_reply, load_chat_model
 from ptune.data import prompt_ids
 from ptune.evaluate import predict
 
@@ -156,6 +156,10 @@ def test_stream_decoder_never_splits_a_character():
     pieces = [dec.push(i) for i in ids] + [dec.flush()]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
     assert pieces[:3] == ["", "", "连"]  # held back until the character is complete
+    # A reply cut by its token limit part-way through a character leaves that character out, streamed or whole.
+    dec = StreamDecoder(tok)
+    pieces = [dec.push(i) for i in ids[:5]] + [dec.flush()]
+    assert "".join(pieces) == dec.text() == "连" and decode_reply(tok, ids[:5]) == "连"
 
 
 def test_stream_decoder_holds_back_what_may_begin_a_stop_string(tmp_path):

@@ -253,6 +253,21 @@ def test_eval_prompts_are_cut_as_training_cuts_them(tmp_path, side):
     assert tok.convert_ids_to_tokens(prompt)[-1] == ("<|assistant|>" if side == "left" else "e")
 
 
+def test_a_reference_cut_part_way_through_a_character_leaves_that_character_out(tmp_path):
+    """A byte-level tokenizer's cut at max_target_length may fall inside a Chinese character (three tokens each
+    here): the reference scored is the text before it, never a U+FFFD the data does not hold."""
+    from test_chat import byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
+    data = tmp_path / "dev.jsonl"
+    rows = [{"content": "a", "summary": "连衣裙"}, {"content": "b", "summary": "ab\ufffd"}]
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    data_cfg = {"prompt_column": "content", "response_column": "summary", "history_column": None,
+                "max_source_length": 8, "max_target_length": 5, "truncate_source_from": "right"}
+    labels = ev.build_eval_set(ev.eval_examples(data, data_cfg), tok, data_cfg, "plain").labels
+    assert labels == ["连", "ab\ufffd"]  # 5 of 9 bytes: one whole character; a text's own U+FFFD stays
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_mid_generation_is_one_line_with_the_signals_status_and_writes_nothing(ckpt, sample_file, tmp_path,
                                                                                         sig):
