@@ -14,6 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # Registers the training config's types (conf/train.yaml lists them first in its defaults); every
 # entry point that composes `train` imports this module before Hydra runs.
+from ptune import errors
 from ptune import schema as _schema  # noqa: F401
 from ptune.errors import ConfigError
 
@@ -50,6 +51,44 @@ class MakeRunFolder(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         _make_folder(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+class MultirunFailures(Callback):
+    """Runs every job of a multirun even when some fail with a user error, then ends with status 1 and a list of
+    the failed jobs (conf/train.yaml lists it under hydra.callbacks).
+
+    An entry point ends a failed run with SystemExit, which would stop the whole multirun at the first failed job
+    (a diverging learning rate, say); Hydra's own way, an exception, goes on but ends with that exception's
+    traceback. In a multirun the entry points hand the error to ptune.errors.multirun_failures instead.
+    """
+
+    def __init__(self):
+        self.jobs: list[tuple[int, list[str], str | None]] = []  # number, overrides, error
+        self.seen = 0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        errors.multirun_failures = []
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        self.seen = len(errors.multirun_failures or [])
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        failures = errors.multirun_failures or []
+        error = failures[-1] if len(failures) > self.seen else None
+        self.jobs.append((config.hydra.job.num, list(config.hydra.overrides.task), error))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        errors.multirun_failures = None
+        failed = [(num, overrides, error) for num, overrides, error in self.jobs if error is not None]
+        if not failed:
+            return
+        # Each job named by the settings that tell it from the others, not the ones they all share.
+        shared = set.intersection(*(set(overrides) for _, overrides, _ in self.jobs))
+        lines = [f"#{num} ({' '.join(o for o in overrides if o not in shared) or 'no overrides'}): {error}"
+                 for num, overrides, error in failed]
+        print(f"error: {len(failed)} of {len(self.jobs)} multirun jobs failed:\n  " + "\n  ".join(lines),
+              file=sys.stderr)
+        sys.exit(1)
 
 
 def _make_folder(path: str, setting: str) -> None:

@@ -98,6 +98,11 @@ def tell_launcher(message: str, callstack: str | None = None) -> None:
         pass  # the line is on stderr already; the summary keeps torchrun's own text
 
 
+# While a Hydra multirun runs (ptune.config.MultirunFailures), the user errors of its jobs, collected instead of
+# ending the process: one job's bad learning rate must not cancel the jobs after it.
+multirun_failures: list[str] | None = None
+
+
 def exit_on_user_error(fn):
     """Wrap an entry point so a known user error ends the run with its message alone, and an interrupt with
     one line naming the command."""
@@ -106,7 +111,10 @@ def exit_on_user_error(fn):
     def wrapper(*args, **kwargs):
         name = Path(sys.modules[fn.__module__].__file__ or fn.__module__).stem
         previous = None
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        main_thread = threading.current_thread() is threading.main_thread()
+        # Put back after the command, whatever handler it set: the next job of a multirun starts with Ctrl-C's own.
+        previous_int = signal.getsignal(signal.SIGINT) if main_thread else None
+        if main_thread and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             previous = signal.signal(signal.SIGTERM, _terminate)
         _received["signal"] = signal.SIGINT
         try:
@@ -121,6 +129,9 @@ def exit_on_user_error(fn):
                     handler.handle(record)
             print(f"error: {e}", file=sys.stderr)
             tell_launcher(f"error: {e}")
+            if multirun_failures is not None:
+                multirun_failures.append(str(e))
+                return None
             sys.exit(1)
         except Exception as e:
             # A bug, not a mistake of the user's: Python prints the traceback here; torchrun's summary gets it too.
@@ -129,5 +140,7 @@ def exit_on_user_error(fn):
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+            if previous_int is not None:
+                signal.signal(signal.SIGINT, previous_int)
 
     return wrapper

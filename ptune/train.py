@@ -64,13 +64,20 @@ def run_dir(accelerator: Accelerator) -> Path:
 
 
 @contextmanager
-def writing(path: Path, after: str = ""):
+def writing(path: Path, after=None):
     """An OSError while writing one of the run's files (a read-only output_dir, a full disk) as the one line of a
-    TrainingError naming the file, instead of a traceback; `after` says what to do about it mid-run."""
+    TrainingError naming the file, instead of a traceback; `after()` says what to do about it mid-run."""
     try:
         yield
     except OSError as e:
-        raise TrainingError(f"could not write {path}: {e.strerror or e}{after}") from None
+        raise TrainingError(f"could not write {path}: {e.strerror or e}{after() if after else ''}") from None
+
+
+def last_kept(out: Path) -> str:
+    """What a run stopped by an error leaves to go on from, for its error line."""
+    if ckpt_io.latest_checkpoint(out) is None:
+        return f"no checkpoint was written to {out} yet"
+    return f"the last checkpoint in {out} is intact"
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -390,16 +397,18 @@ def train(cfg: DictConfig) -> Path:
 
     on_rank0(accelerator, start_files)
     # A log line that cannot be appended stops the run; a resume redoes the steps since the last checkpoint.
-    lost_log = (f"; the last checkpoint in {out} is intact. Make room (or fix the folder), then go on with "
-                f"resume=latest output_dir={out}")
+    def lost_log() -> str:
+        if ckpt_io.latest_checkpoint(out) is None:
+            return f"; {last_kept(out)}"
+        return f"; {last_kept(out)}. Make room (or fix the folder), then go on with resume=latest output_dir={out}"
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stop.update(signal=signum))
 
     def save(step: int) -> None:
         if not all(bool(torch.isfinite(p).all()) for p in params):  # the step's check saw a finite gradient
-            raise TrainingError(f"step {step}: the prefix holds NaN or inf after the update and was not saved; the "
-                                f"last checkpoint in {out} is intact. Try a lower optim.lr or optim.max_grad_norm=1.0")
+            raise TrainingError(f"step {step}: the prefix holds NaN or inf after the update and was not saved; "
+                                f"{last_kept(out)}. Try a lower optim.lr or optim.max_grad_norm=1.0")
         def write() -> None:
             trainer_state = {"seed": cfg.seed, "world_size": world, "global_batch": plan.global_batch,
                              "skipped_steps": skipped, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
@@ -461,7 +470,7 @@ def train(cfg: DictConfig) -> Path:
         elif not result.applied:
             raise TrainingError(
                 f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
-                f"(loss={loss}, grad_norm={grad_norm}); the last checkpoint in {out} is intact. Try a lower optim.lr, "
+                f"(loss={loss}, grad_norm={grad_norm}); {last_kept(out)}. Try a lower optim.lr, "
                 "optim.max_grad_norm=1.0, or model.dtype=bfloat16 instead of float16.")
 
         window.add(loss, grad_norm, int(tokens))  # optimizer_step hands the norm back as a float: no device sync

@@ -85,6 +85,28 @@ def test_a_nan_in_the_base_weights_stops_at_step_1_and_writes_no_checkpoint(tiny
     assert logged(out) == []
 
 
+def test_a_multirun_job_that_fails_does_not_cancel_the_jobs_after_it(tiny_model_dir, sample_file, tmp_path):
+    """One job's failure (here a base with a NaN weight) used to end the whole multirun at once; the jobs after it
+    now run, and the multirun still ends with status 1 and a list of what failed."""
+    def poison(sd):
+        sd["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+
+    good = tiny_model_dir("llama")
+    bad = edited_model(good, tmp_path / "nan-model", poison)
+    sweep = tmp_path / "multirun"
+    shared = [a for a in train_args(good, sample_file, sweep, "trainer.max_steps=2")
+              if not a.startswith(("model.path=", "output_dir="))]
+    res = cli("ptune.train", "-m", f"model.path={bad},{good}", f"hydra.sweep.dir={sweep}", *shared)
+    assert res.rc == 1, str(res)
+    assert not ck.list_checkpoints(sweep / "0") and ck.list_checkpoints(sweep / "1") == [sweep / "1" / "checkpoint-2"]
+    assert "Traceback" not in res.stderr, str(res)
+    job, summary = res.stderr.split("error: 1 of 2 multirun jobs failed:")
+    assert f"error: step 1: non-finite loss (loss=nan, grad_norm=nan); no checkpoint was written to {sweep / '0'} yet" \
+        in job, str(res)
+    assert "saved " + str(sweep / "1" / "checkpoint-2") in job, str(res)  # the next job ran, after the failure
+    assert summary.splitlines()[1].startswith(f"  #0 (model.path={bad}): step 1: non-finite loss"), summary
+
+
 # ------------------------------------------------------------------------------ fp16: skip and count
 
 
