@@ -20,8 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation, check_quantization,
-                          check_template, refuse_added_settings, require, resolve_device)
+from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation, check_model_flags,
+                          check_quantization, check_template, refuse_added_settings, require, resolve_device)
 from ptune.data import Columns, left_pad, load_examples, source_ids, text_ids, whole_characters
 from ptune.generate import generate, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error
@@ -197,6 +197,7 @@ def check_settings(cfg: DictConfig) -> None:
     check_generation(cfg)
     check_data_lengths(cfg, nullable=True)
     check_quantization(cfg, inference=True)
+    check_model_flags(cfg)
     check_template(cfg, nullable=True)
     eval_file = Path(str(cfg.data.eval_file)).expanduser() if cfg.data.eval_file is not None else None
     if eval_file is not None and not eval_file.is_file():

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from ptune import checkpoint as ckpt_io
 from ptune.checkpoint import sha256_file, write_text_atomic
 from ptune.chatglm.ptuning import is_reference_checkpoint
-from ptune.config import refuse_added_settings, resolve_device
+from ptune.config import check_flag, refuse_added_settings, resolve_device
 from ptune import evaluate as ev
 from ptune import models
 from ptune.data import DataError
@@ -343,6 +343,8 @@ def remove_report(out: Path) -> list[str]:
 def sweep(cfg: DictConfig) -> dict:
     """Score all checkpoints, write the comparison files; returns rows, best per metric and failures."""
     ev.check_settings(cfg)
+    check_flag(cfg, "force")
+    check_flag(cfg, "progress_bar")
     device = resolve_device(cfg.device)
     out = output_dir(cfg)
     targets = plan(cfg)

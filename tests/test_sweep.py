@@ -21,6 +21,7 @@ import ptune.models
 from conftest import run_train
 from ptune import sweep as sw
 from ptune.checkpoint import list_checkpoints
+from ptune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -243,6 +244,9 @@ def test_command_line_and_config_errors(run_copy, sample_file, tmp_path):
         sw.sweep(compose(f"runs=[{empty}]", f"data.eval_file={sample_file}"))
     with pytest.raises(sw.SweepError, match="data.eval_file is not set"):
         sw.sweep(compose(f"runs=[{run}]"))
+    for flag in ("force", "progress_bar"):  # any non-empty text would otherwise count as true
+        with pytest.raises(ConfigError, match=f"^{flag}='ture': expected true or false$"):
+            sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}", f"{flag}=ture"))
     # a checkpoint given for a run: said so, with the run folder to pass
     with pytest.raises(sw.SweepError) as err:
         sw.sweep(compose(f"runs=[{run}/checkpoint-2]", f"data.eval_file={sample_file}"))
@@ -320,6 +324,9 @@ def test_a_sweep_that_fails_part_way_leaves_no_report_of_the_previous_one(run_co
     assert all((out / name).is_file() for name in REPORT)
     with pytest.raises(sw.SweepError, match="data.eval_file is not set"):
         sw.sweep(compose(f"runs=[{run}]"))
+    for flag in ("force", "progress_bar"):  # any non-empty text would otherwise count as true
+        with pytest.raises(ConfigError, match=f"^{flag}='ture': expected true or false$"):
+            sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}", f"{flag}=ture"))
     assert all((out / name).is_file() for name in REPORT)
 
     recorded_as(run, "base", "path", str(tmp_path / "gone"))  # every checkpoint fails once scoring starts

@@ -60,6 +60,8 @@ REFUSED = [  # (config, overrides, what the message says)
     ("evaluate", "data.eval_file=/nowhere/dev.jsonl", "data.eval_file=/nowhere/dev.jsonl: no such file"),
     ("evaluate", "data.eval_file=/tmp", "data.eval_file=/tmp: a folder, expected a data file"),
     ("evaluate", "model.quantization=int3", "quantization='int3': expected one of int8, int4 (or null)"),
+    ("evaluate", "model.trust_remote_code=ture", "model.trust_remote_code='ture': expected true or false"),
+    ("evaluate", "model.fused_layers=maybe", "model.fused_layers='maybe': expected true or false"),
     ("train", "model.quantization=int2", "quantization='int2': expected one of int8, int4 (or null)"),
     ("train", "model.template=chatglm3", "model.template='chatglm3': expected one of chatglm2, chat_template, plain"),
     ("train", "model.template=null", "model.template=None: expected one of chatglm2, chat_template, plain"),
