@@ -373,7 +373,11 @@ def source_ids(tokenizer, query: str, history, template: str, max_length: int, t
     left would drop BOS or [gMASK] sop, which the model cannot do without. Should the template alone not
     fit, its tail (the answer cue) is kept first, then as much of its head as fits, from the start.
     """
-    ids = prompt_ids(tokenizer, query, history, template)
+    return fit_prompt(tokenizer, prompt_ids(tokenizer, query, history, template), template, max_length, truncate_from)
+
+
+def fit_prompt(tokenizer, ids: list[int], template: str, max_length: int, truncate_from: str) -> list[int]:
+    """A whole prompt's ids cut as :func:`source_ids` says."""
     if len(ids) <= max_length:
         return ids
     if truncate_from == "right":
@@ -385,21 +389,37 @@ def source_ids(tokenizer, query: str, history, template: str, max_length: int, t
     return ids[:head] + ids[len(ids) - tail - text:]
 
 
+def report_cut_prompts(where, prompt_lengths: list[int], template: str, max_length: int, truncate_from: str) -> None:
+    """Say how many prompts were longer than data.max_source_length, and, where the cut from the right took the
+    template's answer cue with it, that the model is then trained or scored on prompts chat never sends."""
+    cut = sum(n > max_length for n in prompt_lengths)
+    if not cut:
+        return
+    said = (f"{where}: {cut} of {len(prompt_lengths)} prompts are longer than data.max_source_length={max_length} "
+            f"tokens and were cut from the {truncate_from}")
+    if truncate_from == "right" and template != "plain":
+        log.warning("%s, the template's end (its answer cue) with them; data.truncate_source_from=left keeps the "
+                    "template whole and cuts inside the text", said)
+    else:
+        log.info(said)
+
+
 def encode_example(tokenizer, enc: Encoding, prompt: str, response: str, history) -> dict:
-    """input_ids = prompt + response + EOS, labels = -100 over the prompt."""
-    source = source_ids(tokenizer, prompt, history, enc.template, enc.max_source_length, enc.truncate_source_from)
+    """input_ids = prompt + response + EOS, labels = -100 over the prompt; prompt_tokens: the prompt's length
+    before it was cut."""
+    whole = prompt_ids(tokenizer, prompt, history, enc.template)
+    source = fit_prompt(tokenizer, whole, enc.template, enc.max_source_length, enc.truncate_source_from)
     target = text_ids(tokenizer, response)[: enc.max_target_length]
     target = target + [tokenizer.eos_token_id]
-    return {"input_ids": source + target, "labels": [IGNORE] * len(source) + target}
+    return {"input_ids": source + target, "labels": [IGNORE] * len(source) + target, "prompt_tokens": len(whole)}
 
 
 def tokenize(dataset, tokenizer, enc: Encoding):
     def fn(batch):
-        out = {"input_ids": [], "labels": []}
+        out = {"input_ids": [], "labels": [], "prompt_tokens": []}
         for p, r, h in zip(batch["prompt"], batch["response"], batch["history"]):
-            row = encode_example(tokenizer, enc, p, r, h)
-            out["input_ids"].append(row["input_ids"])
-            out["labels"].append(row["labels"])
+            for key, value in encode_example(tokenizer, enc, p, r, h).items():
+                out[key].append(value)
         return out
 
     return dataset.map(fn, batched=True, remove_columns=dataset.column_names, desc="tokenize")
@@ -413,7 +433,10 @@ def training_rows(data_cfg, template: str, tokenizer, limit: int | None = None):
         examples = examples.select(range(min(limit, len(examples))))
     encoding = Encoding(template, data_cfg.max_source_length, data_cfg.max_target_length,
                         data_cfg.truncate_source_from)
-    return tokenize(examples, tokenizer, encoding)
+    rows = tokenize(examples, tokenizer, encoding)
+    report_cut_prompts(data_cfg.train_file, rows["prompt_tokens"], template, data_cfg.max_source_length,
+                       data_cfg.truncate_source_from)
+    return rows.remove_columns("prompt_tokens")
 
 
 def collate(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:

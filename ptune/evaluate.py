@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation, check_model_flags,
                           check_quantization, check_template, refuse_added_settings, require, resolve_device)
-from ptune.data import Columns, left_pad, load_examples, source_ids, text_ids, whole_characters
+from ptune.data import (Columns, fit_prompt, left_pad, load_examples, prompt_ids, report_cut_prompts, text_ids,
+                        whole_characters)
 from ptune.generate import generate, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import peak_memory_gib, setup_logging
@@ -61,13 +62,16 @@ def build_eval_set(examples, tokenizer, data_cfg: dict, template: str, limit: in
     rows_in_file = len(examples)
     if limit:
         examples = examples.select(range(min(limit, len(examples))))
-    prompts, labels = [], []
+    prompts, labels, lengths = [], [], []
+    side = data_cfg.get("truncate_source_from", "right")  # a bare base with the setting left null: as in training
     for row in examples:
-        prompts.append(source_ids(tokenizer, row["prompt"], row["history"], template, data_cfg["max_source_length"],
-                                  data_cfg.get("truncate_source_from", "right")))
+        whole = prompt_ids(tokenizer, row["prompt"], row["history"], template)
+        prompts.append(fit_prompt(tokenizer, whole, template, data_cfg["max_source_length"], side))
+        lengths.append(len(whole))
         target = text_ids(tokenizer, row["response"])
         label = tokenizer.decode(target[: data_cfg["max_target_length"]], skip_special_tokens=True)
         labels.append(whole_characters(label) if len(target) > data_cfg["max_target_length"] else label)
+    report_cut_prompts(data_cfg.get("eval_file", "eval file"), lengths, template, data_cfg["max_source_length"], side)
     return EvalSet(prompts, labels, list(examples["prompt"]), rows_in_file)
 
 

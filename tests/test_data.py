@@ -592,11 +592,38 @@ def test_tokenize_dataset_matches_encode_example(tmp_path, tok):
     ds = load_examples(path, HCOLS)
     enc = Encoding("plain", max_source_length=5, max_target_length=2, truncate_source_from="left")
     out = tokenize(ds, tok, enc)
-    assert out.column_names == ["input_ids", "labels"]
+    assert out.column_names == ["input_ids", "labels", "prompt_tokens"]
     for i in range(len(ds)):
         want = encode_example(tok, enc, ds[i]["prompt"], ds[i]["response"], ds[i]["history"])
         assert out[i]["input_ids"] == want["input_ids"]
         assert out[i]["labels"] == want["labels"]
+
+
+@pytest.mark.parametrize("template, side, level, said", [
+    ("chat_template", "right", logging.WARNING, "the template's end (its answer cue) with them; "
+                                                "data.truncate_source_from=left keeps the template whole"),
+    ("chat_template", "left", logging.INFO, "cut from the left"),
+    ("plain", "right", logging.INFO, "cut from the right"),
+])
+def test_training_rows_say_how_many_prompts_were_cut_and_warn_where_the_answer_cue_goes(tmp_path, tok, caplog,
+                                                                                       template, side, level, said):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"content": "abcdefghijklmnop", "summary": "x"},
+                                              {"content": "ab", "summary": "y"}, {"content": "q" * 30, "summary": "z"}])
+    cfg = OmegaConf.create({"train_file": str(path), "prompt_column": "content", "response_column": "summary",
+                            "history_column": None, "max_source_length": 12, "max_target_length": 8,
+                            "truncate_source_from": side})
+    with caplog.at_level(logging.INFO, logger="ptune.data"):
+        rows = training_rows(cfg, template, tok)
+    assert rows.column_names == ["input_ids", "labels"]
+    (record,) = [r for r in caplog.records if "were cut" in r.getMessage()]
+    assert record.levelno == level
+    assert record.getMessage().startswith(f"{path}: 2 of 3 prompts are longer than data.max_source_length=12 tokens "
+                                          f"and were cut from the {side}")
+    assert said in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ptune.data"):
+        training_rows(OmegaConf.merge(cfg, {"max_source_length": 64}), template, tok)
+    assert not [r for r in caplog.records if "were cut" in r.getMessage()]
 
 
 # ----------------------------------------------------------------------------------------------------- collate
