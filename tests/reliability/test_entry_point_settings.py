@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import REPO
 import ptune.schema  # noqa: F401 -- registers the training config's types
-from ptune import bench, evaluate, serve, train
+from ptune import bench, evaluate, quant_check, serve, train
 from ptune.config import resolve_device
 from ptune.errors import ConfigError, TrainingError
 from ptune.quant import QuantizationError
@@ -79,6 +79,17 @@ REFUSED = [  # (config, overrides, what the message says)
     ("serve", "api.top_p=1.5", "api.top_p=1.5: expected a number from 0 to 1"),
     ("serve", "openai.temperature=hot", "openai.temperature='hot': expected a number"),
     ("serve", "openai.max_tokens=0", "openai.max_tokens=0: expected a whole number of at least 1"),
+    # conf/quant_check.yaml
+    ("quant_check", "modes=[int8]", "modes[0]='int8': expected [mode, int4 group size], e.g. [int8, 128]"),
+    ("quant_check", "modes=[]", "modes=[]: expected a list of [mode, int4 group size] pairs"),
+    ("quant_check", "modes=[[int3,128]]", "modes[0]: 'int3' is no quantization mode; expected one of int8, int4"),
+    ("quant_check", "modes=[[int8,128],[int4,3]]", "modes[1]: quantization group size 3: int4 needs an even group"),
+    ("quant_check", "model.template=chatglm3", "model.template='chatglm3': expected one of chatglm2, chat_template"),
+    ("quant_check", "data.truncate_source_from=middle", "data.truncate_source_from='middle': expected right"),
+    ("quant_check", "data.max_source_length=0", "data.max_source_length=0: expected a whole number of at least 1"),
+    ("quant_check", "out_json=/etc/hostname/r.json", "out_json=/etc/hostname: cannot write there, /etc/hostname is "
+                                                     "not a folder"),
+    ("quant_check", "out_json=/tmp", "out_json=/tmp: a folder, expected the path of a JSON file to write"),
     # conf/bench.yaml
     ("bench", "gradient_checkpointing=some", "gradient_checkpointing='some': expected true or false"),
     ("bench", "train_settings=[[0,1]]", "train_settings[0][0]=0: expected a whole number of at least 1"),
@@ -94,7 +105,7 @@ REFUSED = [  # (config, overrides, what the message says)
                                         "or null"),
 ]
 CHECKS = {"train": train.check_settings, "evaluate": evaluate.check_settings, "serve": serve.check_settings,
-          "bench": bench.check_settings}
+          "bench": bench.check_settings, "quant_check": quant_check.check_settings}
 
 
 @pytest.mark.parametrize("config, override, message", REFUSED)
