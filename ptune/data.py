@@ -35,6 +35,11 @@ def _decode(path: Path) -> str:
     raw = path.read_bytes()
     # Drop a byte-order mark (Windows editors add one) so error offsets count from the file's real start.
     bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:4096]:
+        # UTF-16 (Windows "Unicode"), with or without its mark: ASCII text then holds a NUL byte per character,
+        # which is valid UTF-8 and would only surface as a puzzling JSON error.
+        raise DataError(f"{path}: looks like UTF-16 (byte-order mark or NUL bytes), not UTF-8; save the file as "
+                        "UTF-8")
     try:
         return raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:

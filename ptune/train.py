@@ -93,18 +93,20 @@ def check_settings(cfg: DictConfig) -> None:
         raise TrainingError(f"prefix.length={cfg.prefix.length}: must be at least 1")
     if cfg.optim.schedule not in ("linear", "constant"):
         raise TrainingError(f"optim.schedule={cfg.optim.schedule!r}: expected linear or constant")
-    # Written as "not (ok)" so that NaN, which fails every comparison, is refused too.
-    if not (0 < cfg.optim.lr < math.inf and cfg.optim.warmup_steps >= 0 and 0 <= cfg.prefix.dropout < 1):
-        raise TrainingError("optim.lr must be a finite number > 0, optim.warmup_steps >= 0 and 0 <= prefix.dropout "
-                            "< 1; got "
-                            f"{cfg.optim.lr}, {cfg.optim.warmup_steps}, {cfg.prefix.dropout}")
     o = cfg.optim
+    # Each written as "not (ok)" so that NaN, which fails every comparison, is refused too.
+    for key, value, ok, expected in (
+            ("optim.lr", o.lr, 0 < o.lr < math.inf, "a finite number above 0"),
+            ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, "a whole number of at least 0"),
+            ("prefix.dropout", cfg.prefix.dropout, 0 <= cfg.prefix.dropout < 1, "a number from 0 up to (not) 1"),
+            ("optim.eps", o.eps, 0 < o.eps < math.inf, "a finite number above 0"),
+            ("optim.weight_decay", o.weight_decay, 0 <= o.weight_decay < math.inf, "a finite number of at least 0"),
+            ("optim.max_grad_norm", o.max_grad_norm, o.max_grad_norm is None or 0 <= o.max_grad_norm < math.inf,
+             "a finite number of at least 0 (0 or null: no clipping)")):
+        if not ok:
+            raise TrainingError(f"{key}={value}: expected {expected}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise TrainingError(f"optim.betas={list(o.betas)}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
-    if not (0 < o.eps < math.inf and 0 <= o.weight_decay < math.inf
-            and (o.max_grad_norm is None or 0 <= o.max_grad_norm < math.inf)):
-        raise TrainingError("optim.eps must be > 0, optim.weight_decay >= 0 and optim.max_grad_norm >= 0 (0 or null: "
-                            f"no clipping), each finite; got {o.eps}, {o.weight_decay}, {o.max_grad_norm}")
     check_count(cfg, "prefix.projection_hidden_size", nullable=True)
     if not 0 <= cfg.seed < 2**32:  # the per-step dropout seeds add to it and must stay within 64 bits
         raise TrainingError(f"seed={cfg.seed}: expected a whole number from 0 to 2**32 - 1")
@@ -146,6 +148,8 @@ def find_resume(resume, out: Path) -> Path | None:
             log.info("resume=latest: no complete checkpoint in %s, starting fresh", out)
         return found
     path = Path(str(resume))
+    if not path.is_dir():
+        raise TrainingError(f"resume={resume}: no such folder; expected latest, or a checkpoint-N folder")
     if not ckpt_io.is_complete(path):
         raise TrainingError(f"resume={resume}: not a complete ptune checkpoint folder (prefix.safetensors, "
                             "prefix_config.json and manifest.json)")

@@ -234,6 +234,17 @@ def test_read_rows_non_utf8_names_line(tmp_path):
     assert "0xd6" in str(e.value)  # the first GBK byte of 中
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_a_utf16_file_is_named_as_such_with_or_without_its_byte_order_mark(tmp_path, encoding):
+    """Without the mark, UTF-16 of ASCII text is valid UTF-8 with a NUL after each character: the JSON error it
+    gave ("Expecting property name", column 2) did not say what was wrong."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes('{"content": "类型#裙", "summary": "红色"}\n'.encode(encoding))
+    with pytest.raises(DataError, match=re.escape(f"{path}: looks like UTF-16 (byte-order mark or NUL bytes), not "
+                                                  "UTF-8; save the file as UTF-8")):
+        read_rows(path)
+
+
 def test_read_rows_non_utf8_after_bom_names_line(tmp_path):
     path = tmp_path / "d.jsonl"
     # The bad byte sits right after the first newline: 3 bytes of BOM shift is enough to miss the newline.

@@ -34,13 +34,16 @@ REFUSED = [  # (config, overrides, what the message says)
      "prefix.projection_hidden_size=0: expected a whole number of at least 1 or null"),
     ("train", "optim.betas=[0.9]", "optim.betas=[0.9]: expected two numbers in [0, 1)"),
     ("train", "optim.betas=[1.5,0.9]", "optim.betas=[1.5, 0.9]: expected two numbers in [0, 1)"),
-    ("train", "optim.eps=0", "optim.eps must be > 0, optim.weight_decay >= 0 and optim.max_grad_norm >= 0 (0 or "
-                             "null: no clipping), each finite; got 0.0, 0.0, 1.0"),
-    ("train", "optim.max_grad_norm=-1", "got 1e-08, 0.0, -1.0"),
-    ("train", "optim.max_grad_norm=nan", "got 1e-08, 0.0, nan"),
-    ("train", "optim.weight_decay=inf", "got 1e-08, inf, 1.0"),
-    ("train", "optim.lr=inf", "optim.lr must be a finite number > 0"),
-    ("train", "optim.lr=nan", "optim.lr must be a finite number > 0"),
+    ("train", "optim.eps=0", "optim.eps=0.0: expected a finite number above 0"),
+    ("train", "optim.max_grad_norm=-1", "optim.max_grad_norm=-1.0: expected a finite number of at least 0 (0 or null: "
+                                        "no clipping)"),
+    ("train", "optim.max_grad_norm=nan", "optim.max_grad_norm=nan: expected a finite number of at least 0"),
+    ("train", "optim.weight_decay=inf", "optim.weight_decay=inf: expected a finite number of at least 0"),
+    ("train", "optim.lr=inf", "optim.lr=inf: expected a finite number above 0"),
+    ("train", "optim.lr=nan", "optim.lr=nan: expected a finite number above 0"),
+    ("train", "optim.lr=-1", "optim.lr=-1.0: expected a finite number above 0"),
+    ("train", "optim.warmup_steps=-1", "optim.warmup_steps=-1: expected a whole number of at least 0"),
+    ("train", "prefix.dropout=1", "prefix.dropout=1.0: expected a number from 0 up to (not) 1"),
     ("train", "seed=99999999999999999999", "seed=99999999999999999999: expected a whole number from 0 to 2**32 - 1"),
     ("train", "seed=-1", "seed=-1: expected a whole number from 0"),
     # conf/evaluate.yaml

@@ -400,4 +400,8 @@ def test_damaged_model_folder_is_one_clear_line(env, tmp_path, damage, fix):
 
 def test_resume_from_a_missing_folder_is_one_clear_line(env, tmp_path):
     res, _ = run_over_existing(env, tmp_path, f"resume={tmp_path / 'nope'}")
-    assert_clean_error(res, f"error: resume={tmp_path / 'nope'}: not a complete ptune checkpoint folder")
+    assert_clean_error(res, f"error: resume={tmp_path / 'nope'}: no such folder; expected latest, or a checkpoint-N "
+                            "folder")
+    (tmp_path / "half").mkdir()
+    res, _ = run_over_existing(env, tmp_path / "again", f"resume={tmp_path / 'half'}")
+    assert_clean_error(res, f"error: resume={tmp_path / 'half'}: not a complete ptune checkpoint folder")
