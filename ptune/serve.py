@@ -47,7 +47,7 @@ import hydra
 import torch
 
 try:
-    from fastapi import Depends, FastAPI, Request
+    from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -56,10 +56,11 @@ except ImportError as e:  # an optional dependency
 from omegaconf import DictConfig, OmegaConf
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
                       field_validator)
+from pydantic_core import PydanticCustomError
 
 from ptune.chat import ChatModel, StreamDecoder, build_prompt, decode_reply, fit_history, load_chat_model
-from ptune.config import (check_above_zero, check_count, check_quantization, check_sampling, check_template,
-                          check_token_ids, refuse_added_settings)
+from ptune.config import (check_above_zero, check_count, check_model_flags, check_quantization, check_sampling,
+                          check_template, check_token_ids, refuse_added_settings)
 from ptune.data import encodable, left_pad
 from ptune.generate import generate
 from ptune.errors import ConfigError, exit_on_user_error
@@ -71,6 +72,7 @@ API_KEY_ENV = "PTUNE_API_KEY"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 SYSTEM_ROLES = ("system", "developer")
+PAGE_PATHS = ("/", "/chat", "/favicon.ico")  # with /web/<file>: what GET and HEAD may ask for without the API key
 WEB_FILES = {"chat.js": "text/javascript; charset=utf-8", "chat.css": "text/css; charset=utf-8"}
 
 
@@ -121,6 +123,13 @@ class QueueFull(RuntimeError):
     pass
 
 
+class ShuttingDown(RuntimeError):
+    """The server is stopping: a job it had not finished ends unfinished, and no new one is taken."""
+
+
+SHUTTING_DOWN = "the server is shutting down; send the request again once it is back"
+
+
 class Engine:
     """Owns the model; a single thread runs the queued jobs in batches."""
 
@@ -137,7 +146,9 @@ class Engine:
         self.batches = 0           # counters for /health and the tests
         self.largest_batch = 0
         self.served = 0
-        self.cancelled = 0  # jobs dropped or ended early because their client went away
+        self.cancelled = 0  # jobs dropped or ended early because their client went away or the server stopped
+        # Set once the server begins to stop (shut_down): generation in flight ends at its next token.
+        self.closing = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ptune-serve-worker", daemon=True)
         self._thread.start()
@@ -145,6 +156,8 @@ class Engine:
     # -- called from request handlers
 
     def submit(self, job: Job) -> Job:
+        if self.closing:
+            raise ShuttingDown(SHUTTING_DOWN)
         waiting = self.pending()
         if waiting >= self.max_queue:
             raise QueueFull(f"{waiting} requests are waiting (max_queue={self.max_queue}); retry later")
@@ -153,6 +166,13 @@ class Engine:
 
     def pending(self) -> int:
         return self.queue.qsize() + len(self.waiting)
+
+    def shut_down(self) -> None:
+        """Ends every job, generating or waiting, with ShuttingDown (a job generating ends at its next token), and
+        refuses new ones. For the moment the server begins to stop: it waits for every response in progress to
+        end, and a long reply would otherwise be generated whole first, minutes past the seconds a service
+        manager allows before it kills the process."""
+        self.closing = True
 
     def close(self) -> None:
         self._stop.set()
@@ -186,6 +206,11 @@ class Engine:
                 waiting.append(job)
             if self._stop.is_set():
                 break
+            if self.closing:
+                for j in waiting:
+                    self._end_unfinished(j)
+                waiting.clear()
+                continue
             key = waiting[0].batch_key()
             batch, rest = [], deque()
             for j in waiting:
@@ -203,6 +228,11 @@ class Engine:
                 self._run(batch)
         for j in waiting:
             j.future.cancel()
+
+    def _end_unfinished(self, job: Job) -> None:
+        if not job.future.done():
+            job.future.set_exception(ShuttingDown(SHUTTING_DOWN))
+            self.cancelled += 1
 
     def _fits(self, batch: list[Job], job: Job) -> bool:
         """Whether `job` may join `batch` within the model's positions. Every row takes a position per step
@@ -243,8 +273,10 @@ class Engine:
         tokens: list[list[int]] = [[] for _ in batch]
         reasons: list[str | None] = [None] * len(batch)
         decoders = [StreamDecoder(cm.tokenizer, j.stop) if j.on_text or j.stop else None for j in batch]
+        cut_short = False  # the server began to stop before every row finished
 
         def on_token(col):
+            nonlocal cut_short
             for i, token in enumerate(col.tolist()):
                 if reasons[i] is not None:
                     continue
@@ -265,6 +297,9 @@ class Engine:
                     reasons[i] = "length"
             if all(reasons[i] is not None or j.cancelled for i, j in enumerate(batch)):
                 raise _AllFinished
+            if self.closing:
+                cut_short = True
+                raise _AllFinished
 
         enc = left_pad([j.prompt for j in batch], cm.pad_token_id)
         enc = {k: v.to(cm.device) for k, v in enc.items()}
@@ -282,6 +317,10 @@ class Engine:
         except _AllFinished:
             pass
         for i, job in enumerate(batch):
+            if cut_short and reasons[i] is None:
+                # Not flushed: the text held back may be the start of a stop string, which a stream never sends.
+                self._end_unfinished(job)
+                continue
             if job.on_text and not job.cancelled:
                 rest = decoders[i].flush()
                 if rest:
@@ -317,6 +356,23 @@ def _check_text(value: str) -> str:
 Text = Annotated[StrictStr, AfterValidator(_check_text)]
 
 
+def _json_kind(value) -> str:
+    """What a JSON value is, for an error saying what came instead of what was expected."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return {int: "a number", float: "a number", str: "a string", list: "a list"}.get(type(value), "an object")
+
+
+def _wrong_shape(expected: str, got: str):
+    # Raised from a "before" validator of a union-typed field: pydantic's own error would list each member's failure
+    # under its internal name (`stop.list[function-after[_check_text(), str]].0: ...`); this is one line per field.
+    raise PydanticCustomError("invalid_type", "{expected}; got {got}", {"expected": expected, "got": got})
+
+
+CONTENT_EXPECTED = 'only text is supported (a string, or a list of {"type": "text", "text": ...} parts)'
+STOP_EXPECTED = f"expected a string or a list of up to {MAX_STOP_STRINGS} strings"
+
+
 class ApiRequest(_Strict):
     """ChatGLM2-6B api.py's request."""
 
@@ -336,6 +392,25 @@ class TextPart(_Strict):
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]  # newer OpenAI clients send developer for system
     content: StrictStr | list[TextPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content):
+        if content is None or isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            _wrong_shape(CONTENT_EXPECTED, _json_kind(content))
+        for part in content:
+            if not isinstance(part, dict):
+                _wrong_shape(CONTENT_EXPECTED, f"{_json_kind(part)} in the list")
+            kind = part.get("type")
+            if kind != "text":
+                _wrong_shape(CONTENT_EXPECTED, "a part with no type" if kind is None else f"a part of type {kind}"
+                             if isinstance(kind, str) else f"a part whose type is {_json_kind(kind)}")
+            if not isinstance(part.get("text"), str):
+                _wrong_shape(CONTENT_EXPECTED, "a text part with no text" if "text" not in part else
+                             f"a text part whose text is {_json_kind(part['text'])}")
+        return content
 
     @field_validator("content")
     @classmethod
@@ -371,7 +446,17 @@ class ChatCompletionRequest(_Strict):
     stream_options: StreamOptions | None = None  # streaming only: a whole reply always carries its usage
     n: StrictInt | None = Field(1, ge=1, le=1)
     seed: StrictInt | None = Field(None, ge=-2**63, le=2**64 - 1)  # what torch.Generator accepts
-    stop: Text | list[Text] | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_shape(cls, stop):
+        if not (stop is None or isinstance(stop, (str, list))):
+            _wrong_shape(STOP_EXPECTED, _json_kind(stop))
+        for s in stop if isinstance(stop, list) else ():
+            if not isinstance(s, str):
+                _wrong_shape(STOP_EXPECTED, f"a list holding {_json_kind(s)}")
+        return stop
 
     @field_validator("stop")
     @classmethod
@@ -381,6 +466,8 @@ class ChatCompletionRequest(_Strict):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, not {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("a stop string must not be empty")
+        for s in stops:  # here, not with Text in the union, so the error names the field alone
+            _check_text(s)
         return stop
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -514,6 +601,63 @@ class BodyCheck:
         await send({"type": "http.response.body", "body": payload})
 
 
+class KeyCheck:
+    """Pure ASGI middleware: refuses a request without the API key (401) before anything else about it is read
+    or checked, so that a client without the key gets the same answer whatever its body (no 413, 408 or 422
+    telling how the server reads one) and cannot make the server read a body at all. The chat page's files
+    (PAGE_PATHS) need no key; every other path does, one added later included."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    def _open(self, scope) -> bool:
+        path = scope.get("path", "")
+        return scope.get("method") in ("GET", "HEAD") and (path in PAGE_PATHS or path.startswith("/web/"))
+
+    def _sent_key(self, scope) -> bool:
+        header = next((v for k, v in scope.get("headers") or [] if k == b"authorization"), b"")
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self._open(scope) or self._sent_key(scope):
+            return await self.app(scope, receive, send)
+        body = error_body("missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                          "invalid_api_key", kind="authentication_error")
+        # Closed after the answer: the body, if one was sent, was never read.
+        response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer", "Connection": "close"})
+        await response(scope, receive, send)
+
+
+class CutOff:
+    """Outermost ASGI layer: once a stopping server's shutdown_timeout_s runs out, uvicorn cancels the requests
+    still in progress (a body still arriving, a client not reading its stream) and would log each as a crash of
+    the application, traceback and all. Here each is one line, and a client whose answer had not begun gets a 503
+    saying why."""
+
+    def __init__(self, app, engine: Engine):
+        self.app, self.engine = app, engine
+
+    async def __call__(self, scope, receive, send):
+        started = False
+
+        async def sending(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except asyncio.CancelledError:
+            if scope["type"] != "http" or not self.engine.closing:
+                raise
+            log.warning("%s %s cut off: the server is stopping and shutdown_timeout_s ran out", scope.get("method"),
+                        scope.get("path"))
+            if not started:
+                await JSONResponse(error_body(SHUTTING_DOWN, "server_shutting_down", kind="server_error"),
+                                   status_code=503, headers={"Connection": "close"})(scope, receive, send)
+
+
 def error_body(message: str, code: str | None = None, param: str | None = None,
                kind: str = "invalid_request_error", extra: dict | None = None) -> dict:
     """Errors in OpenAI's shape, plus FastAPI's `detail` so either kind of client finds the message."""
@@ -531,7 +675,10 @@ def _describe_validation(errors: list[dict]) -> tuple[str, str | None]:
             continue
         name = ".".join(loc) or "body"
         first = first or (loc[0] if loc else None)
-        parts.append(f"{name}: {e.get('msg')}")
+        message = str(e.get("msg"))
+        if e.get("type") == "value_error":  # pydantic's label on a ValueError raised by a check of ours
+            message = message.removeprefix("Value error, ")
+        parts.append(f"{name}: {message}")
     return "; ".join(parts), first
 
 
@@ -593,21 +740,11 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, exc: RequestError):
-        kind = ("server_error" if exc.status >= 500 else "authentication_error" if exc.status == 401
-                else "invalid_request_error")
-        # A 503 here is a full queue, which drains within moments.
-        headers = {401: {"WWW-Authenticate": "Bearer"}, 503: {"Retry-After": "1"}}.get(exc.status)
+        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+        # A full queue drains within moments; a server shutting down is back no sooner than its model loads.
+        headers = {"Retry-After": "1"} if exc.code == "server_busy" else None
         return JSONResponse(error_body(exc.message, exc.code, exc.param, kind, exc.extra), status_code=exc.status,
                             headers=headers)
-
-    async def authorized(request: Request):
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise RequestError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                               code="invalid_api_key")
 
     async def prompt_for(query: str, history, system: str | None = None, param: str = "messages") -> list[int]:
         return await asyncio.get_running_loop().run_in_executor(tokenizing, checked_prompt, query, history, system,
@@ -673,11 +810,16 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     def capped(new: int) -> str:
         return f" (max_new_tokens={max_new_cap} caps a reply)" if new > max_new_cap else ""
 
-    async def run_job(job: Job, request: Request) -> Result:
+    def submit(job: Job) -> None:
         try:
             engine.submit(job)
         except QueueFull as e:
             raise RequestError(503, str(e), code="server_busy") from None
+        except ShuttingDown as e:
+            raise RequestError(503, str(e), code="server_shutting_down") from None
+
+    async def run_job(job: Job, request: Request) -> Result:
+        submit(job)
         result = asyncio.wrap_future(job.future)
         try:
             # The server never cancels a handler whose client hung up; without this check an abandoned
@@ -693,6 +835,8 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
             raise
         except RequestError:  # the 499 above: the client's doing, which a 500 would log as the server's
             raise
+        except ShuttingDown as e:
+            raise RequestError(503, str(e), code="server_shutting_down") from None
         except Exception as e:  # the worker logged it; the client gets the reason
             raise RequestError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed") from None
 
@@ -704,7 +848,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
 
     # -- ChatGLM2-6B api.py
 
-    @app.post("/", dependencies=[Depends(authorized)])
+    @app.post("/")
     async def chatglm_api(req: ApiRequest, request: Request):
         history = [tuple(t) for t in (req.history or [])]
         ids = await prompt_for(req.prompt, history, param="prompt")
@@ -731,20 +875,20 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     def model_object() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "ptune"}
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [model_object()]}
 
     # `:path`, as the default id (<run folder>/checkpoint-N) holds a slash; OpenAI's client sends it as %2F,
     # which arrives decoded.
-    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorized)])
+    @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id != model_name:
             raise RequestError(404, f"no model {model_id!r} here: this server serves {model_name!r} alone",
                                "model", "model_not_found")
         return model_object()
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         system, history, query = messages_to_turns(req.messages)
         ids = await prompt_for(query, history, system)
@@ -772,10 +916,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         job = Job(ids, new, seed=req.seed, stop=req.stop_strings(),
                   on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text), **params)
         job.future.add_done_callback(lambda f: loop.call_soon_threadsafe(pieces.put_nowait, done))
-        try:
-            engine.submit(job)
-        except QueueFull as e:
-            raise RequestError(503, str(e), code="server_busy") from None
+        submit(job)
 
         # include_usage asks for OpenAI's shape: `"usage": null` on every chunk, then the usage in a chunk of
         # its own (no choices) after the finish_reason one. Without it the usage rides on the finish_reason
@@ -800,6 +941,9 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
                     yield chunk({"content": piece})
                 if job.future.cancelled():
                     yield f"data: {json.dumps(error_body('the request was cancelled', 'cancelled'))}\n\n"
+                elif isinstance(job.future.exception(), ShuttingDown):
+                    message = f"the reply was cut short: {job.future.exception()}"
+                    yield f"data: {json.dumps(error_body(message, 'server_shutting_down', kind='server_error'))}\n\n"
                 elif job.future.exception() is not None:
                     message = f"generation failed: {job.future.exception()}"
                     yield f"data: {json.dumps(error_body(message, 'generation_failed'))}\n\n"
@@ -818,7 +962,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # HEAD too: uptime monitors and load balancers often probe with it
-    @app.api_route("/health", methods=["GET", "HEAD"], dependencies=[Depends(authorized)])
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", "model": model_name, "checkpoint": cm.checkpoint, "step": cm.step,
                 "base": cm.base_path, "template": cm.template, "device": str(cm.device),
@@ -828,7 +972,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
                 "largest_batch": engine.largest_batch, "served": engine.served, "cancelled": engine.cancelled,
                 "auth": api_key is not None}
 
-    # -- the chat page (static files; the page itself holds no data, so it needs no key)
+    # -- the chat page (static files; the page itself holds no data, so it needs no key: PAGE_PATHS)
 
     page_headers = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; "
                                                "form-action 'none'; frame-ancestors 'none'",
@@ -850,14 +994,19 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
         return Response(status_code=204)
 
     checked = BodyCheck(app, int(cfg.max_body_bytes), float(cfg.body_timeout_s))
+    if api_key is not None:
+        checked = KeyCheck(checked, api_key)
     origins = list(cfg.get("cors_origins") or [])
     if not origins:
-        return checked
-    # Outside the body check, so that its refusals (413, 408, 422) reach a page on another origin readable too.
+        return CutOff(checked, engine)
+    # Outside the key and body checks, so that their refusals (401, 413, 408, 422) reach a page on another origin
+    # readable too.
     from starlette.middleware.cors import CORSMiddleware
 
-    return CORSMiddleware(checked, allow_origins=origins, allow_methods=["GET", "HEAD", "POST"],
-                          allow_headers=["Authorization", "Content-Type"], max_age=600)
+    # Any request headers: clients send headers of their own on every request (OpenAI's JS SDK its x-stainless-*
+    # ones), and a preflight asking for one not listed fails the request. The origins are what guards the API.
+    return CutOff(CORSMiddleware(checked, allow_origins=origins, allow_methods=["GET", "HEAD", "POST"],
+                                 allow_headers=["*"], max_age=600), engine)
 
 
 def api_key_of(cfg: DictConfig) -> str | None:
@@ -919,6 +1068,7 @@ def check_settings(cfg: DictConfig) -> None:
         check_count(cfg, key)
     check_count(cfg, "batch_wait_ms", least=0)
     check_above_zero(cfg, "body_timeout_s", "the seconds a request body may take to arrive")
+    check_above_zero(cfg, "shutdown_timeout_s", "the seconds a stopping server waits for its connections to close")
     check_count(cfg, "seed", least=0)
     if not (isinstance(cfg.port, int) and not isinstance(cfg.port, bool) and 0 <= cfg.port <= 65535):
         raise ConfigError(f"port={cfg.port!r}: expected a TCP port from 0 to 65535 (0: any free port)")
@@ -928,6 +1078,7 @@ def check_settings(cfg: DictConfig) -> None:
         check_sampling(cfg, f"{group}.temperature", f"{group}.top_p", sampling=False)
     check_token_ids(cfg, "generation.extra_eos_token_ids")
     check_quantization(cfg, inference=True)
+    check_model_flags(cfg)
     check_template(cfg, nullable=True)
     check_api_key(cfg)
     check_cors_origins(cfg)
@@ -1021,9 +1172,10 @@ def main(cfg: DictConfig) -> None:
     sockets = listen_sockets(str(cfg.host), int(cfg.port))
     cm = load_chat_model(cfg)
     _check_exposure(cfg)
-    app = create_app(cm, cfg)
+    engine = Engine(cm, cfg.max_batch_size, cfg.batch_wait_ms, cfg.max_queue, cfg.seed)
+    app = create_app(cm, cfg, engine)
     config = uvicorn.Config(app, host=str(cfg.host), port=int(cfg.port), log_level=str(cfg.log_level),
-                            access_log=True)
+                            access_log=True, timeout_graceful_shutdown=float(cfg.shutdown_timeout_s))
     addresses = " and ".join(s.getsockname()[0] for s in sockets)
     log.info("serving %s at %s (%schat page at /, API at / and /v1/chat/completions)", cm.describe(),
              server_url(str(cfg.host), sockets[0].getsockname()[1]),
@@ -1032,7 +1184,15 @@ def main(cfg: DictConfig) -> None:
     # uvicorn shuts down cleanly on SIGTERM, then raises it again: with the default action the exit status
     # says "ended by SIGTERM", the clean stop service managers expect, not the interrupt of a start-up.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    uvicorn.Server(config).run(sockets=sockets)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # uvicorn lets every response in progress end before it stops, and only then tells the app: the
+            # replies being generated must end first, or a long one would hold the stop for minutes.
+            engine.shut_down()
+            await super().shutdown(sockets)
+
+    Server(config).run(sockets=sockets)
 
 
 if __name__ == "__main__":

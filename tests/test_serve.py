@@ -9,6 +9,8 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -946,3 +948,184 @@ def test_cors_origins_answers_preflights_and_marks_replies_for_the_listed_origin
         live.stop()
     r = httpx.options(f"{url}/v1/chat/completions", headers={"Origin": page, **preflight})
     assert "access-control-allow-origin" not in r.headers
+
+
+def long_reply_model(tiny_model_dir, out: Path) -> Path:
+    """The tiny llama with room for a reply of 16000 tokens (rotary positions: the same weights take any length),
+    which takes minutes to generate whole on a CPU; its greedy replies never reach EOS."""
+    shutil.copytree(tiny_model_dir("llama"), out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16384}))
+    return out
+
+
+STOP_WITHIN_S = 10  # Docker's wait between SIGTERM and SIGKILL; systemd waits 90 s
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)])
+def test_stopping_the_server_ends_the_replies_in_progress(tiny_model_dir, tmp_path, signum, status):
+    """SIGTERM (a service manager's stop) or Ctrl-C while a long reply streams and another request waits: both
+    end at once, each client told why, and the process exits with its usual status within seconds, not once the
+    reply has been generated whole."""
+    model = long_reply_model(tiny_model_dir, tmp_path / "model")
+    cmd = [sys.executable, "-m", "ptune.serve", "checkpoint=null", f"model.path={model}", "device=cpu",
+           "max_new_tokens=16000", "log_level=warning"]
+    with served_by(cmd, REPO, os.environ, tmp_path / "serve.log") as (proc, url):
+        lines, arrived = [], []
+
+        def stream():
+            body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 16000}
+            with contextlib.suppress(httpx.TransportError):  # the unfixed server is killed mid-stream
+                with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+                    for line in r.iter_lines():
+                        if line:
+                            lines.append(line)
+                            arrived.append(time.monotonic())
+
+        reader = threading.Thread(target=stream, daemon=True)
+        reader.start()
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        try:
+            wait_for(lambda: len(lines) > 200, 60)
+            # The reply generating, another one waits for the worker.
+            waiting = pool.submit(httpx.post, url + "/v1/chat/completions", timeout=120,
+                                  json=chat_request("hi", max_tokens=16000)[1])
+            wait_for(lambda: httpx.get(url + "/health", timeout=5).json()["queued"] == 1)
+            n, started, now = len(arrived), arrived[0], arrived[-1]
+            whole_s = 16000 * (now - started) / (n - 1)  # at least: each token attends over more positions
+            assert whole_s > 3 * STOP_WITHIN_S, f"the reply is generated whole in {whole_s:.0f} s: too soon to tell"
+            signalled = time.monotonic()
+            proc.send_signal(signum)
+            try:
+                proc.wait(timeout=STOP_WITHIN_S)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"still running {STOP_WITHIN_S} s after {signum.name}, with {len(lines)} chunks streamed "
+                            f"of a reply generated whole in {whole_s:.0f} s or more")
+            stopped_s = time.monotonic() - signalled
+            reader.join(10)
+            answer = waiting.result(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            pool.shutdown(wait=False, cancel_futures=True)
+    assert proc.returncode == status, (tmp_path / "serve.log").read_text()
+    assert stopped_s < STOP_WITHIN_S and "Traceback" not in (tmp_path / "serve.log").read_text()
+    # The stream ended with the reason, then [DONE], as every stream here ends.
+    events = sse(lines)
+    assert events[-1] == "[DONE]", lines[-3:]
+    error = events[-2]["error"]
+    assert error["code"] == "server_shutting_down" and "cut short" in error["message"], error
+    assert len(events) < 16000
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "server_shutting_down", answer.text
+
+
+@pytest.mark.slow
+def test_a_stopping_server_waits_shutdown_timeout_s_at_most_for_a_connection(checkpoint, tmp_path):
+    """A request whose body stops arriving would hold a stop for body_timeout_s; after shutdown_timeout_s it is cut
+    off, its client told why, and the process exits with SIGTERM's status and no traceback in its log."""
+    cmd = serve_cmd(checkpoint, "body_timeout_s=60", "shutdown_timeout_s=1")
+    with served_by(cmd, REPO, os.environ, tmp_path / "serve.log") as (proc, url):
+        try:
+            with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 200\r\n\r\n{\"messages\": [")
+                # Sent before this request, so read by the server's one event loop before it answers this one.
+                assert httpx.get(url + "/health", timeout=10).status_code == 200
+                signalled = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=STOP_WITHIN_S)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"still running {STOP_WITHIN_S} s after SIGTERM, held by a body still arriving")
+                stopped_s = time.monotonic() - signalled
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    log = (tmp_path / "serve.log").read_text()
+    assert proc.returncode == -signal.SIGTERM and stopped_s < STOP_WITHIN_S and "Traceback" not in log, log
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and json.loads(body)["error"]["code"] == "server_shutting_down", answer
+    assert "cut off: the server is stopping and shutdown_timeout_s ran out" in log, log
+
+
+def test_a_cors_preflight_may_ask_for_any_request_header(checkpoint, served):
+    """OpenAI's JS SDK sends x-stainless-* headers on every request; a preflight for them must pass from a listed
+    origin (and only from one)."""
+    from ptune.serve import create_app
+
+    _, cm = served
+    page = "http://localhost:3000"
+    cfg = compose("serve", f"checkpoint={checkpoint}", "device=cpu", f"max_new_tokens={MAX_NEW}", "api_key=k",
+                  f"cors_origins=[\"{page}\"]")
+    live = LiveServer(create_app(cm, cfg))
+    asked = ("authorization,content-type,x-stainless-os,x-stainless-lang,x-stainless-arch,x-stainless-runtime,"
+             "x-stainless-package-version,x-stainless-retry-count")
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": asked}
+    try:
+        r = httpx.options(f"{live.url}/v1/chat/completions", headers={"Origin": page, **preflight})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page, r.text
+        allowed = {h.strip().lower() for h in r.headers["access-control-allow-headers"].split(",")}
+        assert set(asked.split(",")) <= allowed, allowed
+        r = httpx.post(f"{live.url}/v1/chat/completions", json=chat_request("hi", max_tokens=2)[1], timeout=60,
+                       headers={"Origin": page, "Authorization": "Bearer k", "X-Stainless-OS": "Linux"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page, r.text
+        r = httpx.options(f"{live.url}/v1/chat/completions", headers={"Origin": "http://elsewhere", **preflight})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    finally:
+        live.stop()
+
+
+@pytest.mark.parametrize("path", ["/", "/v1/chat/completions"])
+def test_without_the_api_key_any_body_gets_401(checkpoint, served, path):
+    """The key is checked first: a client without it gets 401 whatever it sends, not a refusal telling how its
+    body was read (too large, not UTF-8, not JSON, nested too deeply, invalid fields)."""
+    from ptune.serve import create_app
+
+    _, cm = served
+    cfg = compose("serve", f"checkpoint={checkpoint}", "device=cpu", f"max_new_tokens={MAX_NEW}", "api_key=k",
+                  "max_body_bytes=65536")
+    live = LiveServer(create_app(cm, cfg))
+    good = json.dumps({"prompt": "hi"} if path == "/" else chat_request("hi")[1]).encode()
+    try:
+        for body in [b'{"prompt": "hi",', '{"prompt": "café"}'.encode("latin-1"), b"[" * 5000 + b"]" * 5000,
+                     b'{"prompt": 5, "messages": 5}', b"x" * 70000, good]:
+            for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "k"}]:
+                r = httpx.post(live.url + path, content=body, headers=headers, timeout=60)
+                assert r.status_code == 401, (body[:40], headers, r.text)
+                assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+        # With the key, the body is read and refused as before.
+        r = httpx.post(live.url + path, content=b'{"prompt": "hi",', headers={"Authorization": "Bearer k"}, timeout=60)
+        assert r.status_code == 422 and "not valid JSON" in r.json()["error"]["message"], r.text
+        r = httpx.post(live.url + path, content=good, headers={"Authorization": "Bearer k"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert httpx.get(live.url + "/").status_code == 200  # the chat page needs no key
+    finally:
+        live.stop()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("stop", [1], "stop: expected a string or a list of up to 4 strings; got a list holding a number"),
+    ("stop", {"a": 1}, "stop: expected a string or a list of up to 4 strings; got an object"),
+    ("messages", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+     'messages.0.content: only text is supported (a string, or a list of {"type": "text", "text": ...} parts); '
+     "got a part of type image_url"),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+     'messages.0.content: only text is supported (a string, or a list of {"type": "text", "text": ...} parts); '
+     "got a text part whose text is a number"),
+    ("messages", [{"role": "user", "content": 5}],
+     'messages.0.content: only text is supported (a string, or a list of {"type": "text", "text": ...} parts); '
+     "got a number"),
+])
+def test_a_field_of_several_shapes_is_refused_in_one_plain_message(served, field, value, message):
+    """`stop` and a message's `content` take one of several shapes; a wrong one gets one line saying what the field
+    takes, not pydantic's failure for each shape under its internal type name."""
+    url, _ = served
+    r = httpx.post(url + "/v1/chat/completions", json={**chat_request("hi")[1], field: value}, timeout=60)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["message"] == message and r.json()["error"]["param"] == field, r.text

@@ -78,6 +78,8 @@ REFUSED = [  # (config, overrides, what the message says)
     ("serve", "cors_origins=[http://localhost:3000/]", "cors_origins[0]='http://localhost:3000/': expected an origin"),
     ("serve", "cors_origins=localhost", "cors_origins='localhost': expected a list"),
     ("serve", "body_timeout_s=0", "body_timeout_s=0: expected the seconds a request body may take to arrive, a number"),
+    ("serve", "shutdown_timeout_s=0", "shutdown_timeout_s=0: expected"),
+    ("serve", "model.trust_remote_code=yes", "model.trust_remote_code='yes': expected true or false"),
     ("serve", "log_level=loud", "log_level='loud': expected one of critical, error, warning, info, debug"),
     ("serve", "api.top_p=1.5", "api.top_p=1.5: expected a number from 0 to 1"),
     ("serve", "openai.temperature=hot", "openai.temperature='hot': expected a number"),
