@@ -69,11 +69,15 @@ class MultirunFailures(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         errors.multirun_failures = []
 
+    # Hydra calls on_job_start and on_job_end for a single run too, where there is no job number: only a
+    # multirun (errors.multirun_failures set) is counted.
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         self.seen = len(errors.multirun_failures or [])
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
-        failures = errors.multirun_failures or []
+        failures = errors.multirun_failures
+        if failures is None:
+            return
         error = failures[-1] if len(failures) > self.seen else None
         self.jobs.append((config.hydra.job.num, list(config.hydra.overrides.task), error))
 

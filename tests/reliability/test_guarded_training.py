@@ -45,6 +45,7 @@ def blown_up(tiny_model_dir, sample_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("blowup") / "run"
     good = cli("ptune.train", *train_args(model, sample_file, out, "trainer.max_steps=4"))
     assert good.rc == 0, str(good)
+    assert "Warning" not in good.stderr, str(good)  # the multirun callback is quiet in a single run
     before = snapshot(out / "checkpoint-4")
     res = cli("ptune.train", *train_args(model, sample_file, out, "resume=latest", "optim.lr=1e30",
                                          "optim.max_grad_norm=null"))
