@@ -357,7 +357,9 @@ def test_errors_say_what_to_do_and_the_user_can_go_on(slow_server, browser):
     assert browser.find_elements(By.CSS_SELECTOR, "#messages b, #messages img") == []
 
     key = browser.find_element(By.ID, "api_key")
-    key.send_keys("sekrit")
+    key.send_keys("sekrit", Keys.TAB)  # leaving the field: the page asks /health again, with the key
+    wait.until(lambda d: "checkpoint" in model.text)
+    assert status.text == "", status.text  # the refused key's line went with the refusal
     tokens = browser.find_element(By.ID, "max_tokens")
     tokens.clear()
     tokens.send_keys("4")  # short replies: the history stays far below max_prompt_tokens

@@ -26,6 +26,8 @@
     return h;
   }
 
+  const KEY_REFUSED = "the server needs an API key, or refused this one: enter it under Settings";
+
   function setStatus(text, isError) {
     statusEl.textContent = text || "";
     statusEl.classList.toggle("error", !!isError);
@@ -151,7 +153,7 @@
     } catch (e) { /* not JSON (a proxy's page): the status line says it */ }
     if (response.status === 401) {
       $("settings").open = true;
-      return new Failure("the server needs an API key, or refused this one: enter it under Settings");
+      return new Failure(KEY_REFUSED);
     }
     if (response.status === 503) {
       message = "the server is busy, try again in a moment (" + message + ")";
@@ -171,6 +173,8 @@
       }
       const h = await r.json();
       modelEl.classList.remove("error");
+      // A refused key's line is answered now that /health takes the key: it would only mislead.
+      if (statusEl.textContent === KEY_REFUSED) setStatus("");
       modelEl.dataset.checkpoint = h.checkpoint || "";
       modelEl.textContent = h.checkpoint
         ? "checkpoint " + h.checkpoint + (h.step !== null && h.step !== undefined ? " (step " + h.step + ")" : "")
