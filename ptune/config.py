@@ -116,15 +116,23 @@ def _override_key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
-def added_settings(cfg: DictConfig, config_name: str, overrides: list[str], groups) -> list[str]:
+def added_settings(cfg: DictConfig, config_name: str, overrides: list[str], groups,
+                   appendable: tuple[str, ...] = ()) -> list[str]:
     """Dotted keys of `cfg` that conf/ does not define for this entry point and these config groups.
 
     Hydra refuses `trainer.max_step=5` as not in the config, but its "add a key" form `+trainer.max_step=5`
     (which that very error message suggests) goes through, and the run would silently keep the real
-    setting. The config composed again from the same group choices alone says which keys exist.
+    setting. The config composed again from the same group choices alone says which keys exist. A group the
+    entry point's defaults do not name, appended the same way (serve's `+generation=greedy`), is itself what
+    was added, whether or not its keys are new; `appendable` names the groups meant to be appended (train's
+    `+experiment`).
     """
     from hydra import compose
 
+    appended = [_override_key(o) for o in overrides
+                if o.startswith("+") and _override_key(o) in groups and _override_key(o) not in appendable]
+    if appended:  # the cause of whatever keys they brought
+        return appended
     picked = [o for o in overrides if _override_key(o) in groups]
     known = OmegaConf.to_container(compose(config_name, overrides=picked), resolve=False)
 
@@ -138,12 +146,13 @@ def added_settings(cfg: DictConfig, config_name: str, overrides: list[str], grou
     return list(walk(OmegaConf.to_container(cfg, resolve=False), known, ""))
 
 
-def refuse_added_settings(cfg: DictConfig) -> None:
-    """Stop an entry point whose command line added a setting it does not have (a misspelling, usually)."""
+def refuse_added_settings(cfg: DictConfig, appendable: tuple[str, ...] = ()) -> None:
+    """Stop an entry point whose command line added a setting it does not have (a misspelling, usually), or a
+    config group it does not take (see added_settings)."""
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    extra = added_settings(cfg, hc.job.config_name, list(hc.overrides.task), hc.runtime.choices)
+    extra = added_settings(cfg, hc.job.config_name, list(hc.overrides.task), hc.runtime.choices, appendable)
     if extra:
         raise ConfigError(f"unknown setting {', '.join(extra)}: not a key of conf/{hc.job.config_name}.yaml or the "
                           "config groups it uses; a misspelling?")

@@ -514,7 +514,7 @@ def train(cfg: DictConfig) -> Path:
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    refuse_added_settings(cfg)
+    refuse_added_settings(cfg, appendable=("experiment",))
     train(cfg)
 
 

@@ -36,7 +36,7 @@ def added(*overrides: str) -> list[str]:
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose("train", overrides=list(overrides))
-        return added_settings(cfg, "train", list(overrides), {"model", "data", "experiment"})
+        return added_settings(cfg, "train", list(overrides), {"model", "data", "experiment"}, ("experiment",))
 
 
 @pytest.mark.parametrize("experiment", [None] + sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))

@@ -223,6 +223,8 @@ def test_bad_config_value_fails_at_startup_naming_the_key(env, tmp_path, overrid
 @pytest.mark.parametrize("module, override", [
     ("ptune.evaluate", "+generation.max_new_token=5"), ("ptune.chat", "++generation.tempreature=0.5"),
     ("ptune.serve", "+prot=8000"), ("ptune.sweep", "+runs_dir=x"), ("ptune.quant_check", "+mode=int4"),
+    # a config group the command does not take, appended as Hydra's own error message advises
+    ("ptune.serve", "+generation=greedy"), ("ptune.evaluate", "+model=local"), ("ptune.chat", "+experiment=quickstart"),
 ])
 def test_every_entry_point_refuses_a_setting_added_on_the_command_line(module, override):
     """Hydra adds a `+key` it would refuse without the plus; the run would silently keep the real setting."""
