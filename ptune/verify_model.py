@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     level = "full" if args.full else "size"
     try:
-        manifest = integrity.read_manifest(args.manifest) if args.manifest else None
+        manifest = integrity.read_model_manifest(args.manifest) if args.manifest else None
         checks = integrity.verify_dir(args.path, level=level, manifest=manifest)
         used = manifest or integrity.find_manifest(args.path)
     except integrity.IntegrityError as e:

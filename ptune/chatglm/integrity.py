@@ -41,7 +41,8 @@ from ptune.checkpoint import sha256_file
 
 __all__ = [
     "IntegrityError", "FileCheck", "LEVELS", "DEFAULT_LEVEL", "OWN_MANIFEST", "VERIFIED_CACHE",
-    "sha256_file", "bundled_manifests", "read_manifest", "find_manifest", "write_manifest", "verify_dir", "format_table",
+    "sha256_file", "bundled_manifests", "read_model_manifest", "find_manifest", "write_manifest", "verify_dir",
+    "format_table",
 ]
 
 LEVELS = ("none", "size", "first-use", "full")
@@ -146,7 +147,7 @@ def _manifest_matches(manifest: dict, cfg: dict, present: set[str]) -> bool:
     return bool(match.get("config"))
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
+def read_model_manifest(path: str | os.PathLike) -> dict:
     """A manifest file, refused in one IntegrityError unless it has the shape every check relies on:
     {"files": {"<file>": {"sha256": "<hex>", "size": <bytes>}}} (either value may be left out, not both)."""
     path = Path(path)
@@ -177,7 +178,7 @@ def find_manifest(path: str | os.PathLike) -> dict | None:
     path = Path(path)
     own = path / OWN_MANIFEST
     if own.is_file():
-        return read_manifest(own)
+        return read_model_manifest(own)
     cfg = _read_config(path)
     present = {p.name for p in path.iterdir()} if path.is_dir() else set()
     for manifest in bundled_manifests():
