@@ -602,13 +602,13 @@ class BodyCheck:
 
 
 class KeyCheck:
-    """Pure ASGI middleware: refuses a request without the API key (401) before anything else about it is read
-    or checked, so that a client without the key gets the same answer whatever its body (no 413, 408 or 422
-    telling how the server reads one) and cannot make the server read a body at all. The chat page's files
-    (PAGE_PATHS) need no key; every other path does, one added later included."""
+    """Pure ASGI middleware: refuses a request without the API key (401) before anything else about it is
+    checked, so that a client without the key gets the same answer whatever its body (no 413, 408 or 422
+    telling how the server reads one). The chat page's files (PAGE_PATHS) need no key; every other path does,
+    one added later included."""
 
-    def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode()
+    def __init__(self, app, key: str, limit: int, timeout: float):
+        self.app, self.key, self.limit, self.timeout = app, key.encode(), int(limit), float(timeout)
 
     def _open(self, scope) -> bool:
         path = scope.get("path", "")
@@ -624,9 +624,27 @@ class KeyCheck:
             return await self.app(scope, receive, send)
         body = error_body("missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                           "invalid_api_key", kind="authentication_error")
-        # Closed after the answer: the body, if one was sent, was never read.
-        response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer", "Connection": "close"})
-        await response(scope, receive, send)
+        headers = {"WWW-Authenticate": "Bearer"}
+        if not await self._dropped(receive):
+            headers["Connection"] = "close"  # the rest of the body stays unread
+        await JSONResponse(body, status_code=401, headers=headers)(scope, receive, send)
+
+    async def _dropped(self, receive) -> bool:
+        """Reads the body and throws it away, within the body limits: a connection closed while its client is
+        still sending is reset, and the client sees the reset instead of the 401. False past the limits."""
+        async def read() -> bool:
+            size = 0
+            while True:
+                message = await receive()
+                size += len(message.get("body", b""))
+                if message["type"] != "http.request" or size > self.limit:
+                    return False
+                if not message.get("more_body"):
+                    return True
+        try:
+            return await asyncio.wait_for(read(), self.timeout)
+        except asyncio.TimeoutError:
+            return False
 
 
 class CutOff:
@@ -995,7 +1013,7 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
 
     checked = BodyCheck(app, int(cfg.max_body_bytes), float(cfg.body_timeout_s))
     if api_key is not None:
-        checked = KeyCheck(checked, api_key)
+        checked = KeyCheck(checked, api_key, int(cfg.max_body_bytes), float(cfg.body_timeout_s))
     origins = list(cfg.get("cors_origins") or [])
     if not origins:
         return CutOff(checked, engine)
