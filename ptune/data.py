@@ -369,8 +369,9 @@ def template_frame(tokenizer, ids: list[int], template: str) -> tuple[int, int]:
     return head, tail
 
 
-def source_ids(tokenizer, query: str, history, template: str, max_length: int, truncate_from: str) -> list[int]:
-    """Prompt ids cut to `max_length`; training (encode_example) and evaluate both build prompts here.
+def fit_prompt(tokenizer, ids: list[int], template: str, max_length: int, truncate_from: str) -> list[int]:
+    """A whole prompt's ids (prompt_ids) cut to `max_length`; training (encode_example) and evaluate both cut
+    their prompts here.
 
     right: the first `max_length` ids, as ChatGLM2's ptuning main.py cuts them (tests/golden pins it).
     left: the end of the text is kept, but not at the cost of the template: its head and tail stay and
@@ -378,11 +379,6 @@ def source_ids(tokenizer, query: str, history, template: str, max_length: int, t
     left would drop BOS or [gMASK] sop, which the model cannot do without. Should the template alone not
     fit, its tail (the answer cue) is kept first, then as much of its head as fits, from the start.
     """
-    return fit_prompt(tokenizer, prompt_ids(tokenizer, query, history, template), template, max_length, truncate_from)
-
-
-def fit_prompt(tokenizer, ids: list[int], template: str, max_length: int, truncate_from: str) -> list[int]:
-    """A whole prompt's ids cut as :func:`source_ids` says."""
     if len(ids) <= max_length:
         return ids
     if truncate_from == "right":

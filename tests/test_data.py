@@ -25,9 +25,9 @@ from ptune.data import (
     encode_example,
     left_pad,
     load_examples,
+    fit_prompt,
     prompt_ids,
     read_rows,
-    source_ids,
     tokenize,
     training_rows,
 )
@@ -505,6 +505,10 @@ def test_encode_source_truncation_left_keeps_end(tok):
     assert row["labels"] == [IGNORE] * 3 + ids(tok, "xy") + [tok.eos_token_id]
 
 
+def cut_prompt(tok, query, history, template, max_length, side):
+    return fit_prompt(tok, prompt_ids(tok, query, history, template), template, max_length, side)
+
+
 @pytest.fixture(scope="module")
 def bos_tok(tok):
     """The fixture tokenizer with a BOS token in front of every encoded text, as Llama's adds one."""
@@ -533,7 +537,7 @@ def test_left_truncation_keeps_chat_template_head_and_assistant_header(tok):
 
 
 def test_left_truncation_cuts_oldest_history_first(tok):
-    src = source_ids(tok, "hi", [["q1", "a1"], ["q2", "a2"]], "chat_template", 8, "left")
+    src = cut_prompt(tok, "hi", [["q1", "a1"], ["q2", "a2"]], "chat_template", 8, "left")
     assert src == ids(tok, "<|user|>") + ids(tok, "<|assistant|>a2<|user|>hi<|assistant|>")
 
 
@@ -541,19 +545,19 @@ def test_left_truncation_of_a_query_that_starts_like_the_template_around_it(tok)
     # "<|assistant|>" follows the query in the template: an empty stand-in query alone would count this
     # query's first token as the template's and keep it.
     query = "<|assistant|>" + "abcdefgh"
-    src = source_ids(tok, query, [], "chat_template", 5, "left")
+    src = cut_prompt(tok, query, [], "chat_template", 5, "left")
     assert src == ids(tok, "<|user|>fgh<|assistant|>")
 
 
 def test_left_truncation_when_the_template_alone_does_not_fit(tok):
     # The answer cue is kept first, then the template's start.
-    assert source_ids(tok, "abc", [], "chat_template", 1, "left") == ids(tok, "<|assistant|>")
-    assert source_ids(tok, "abc", [], "chat_template", 2, "left") == ids(tok, "<|user|><|assistant|>")
+    assert cut_prompt(tok, "abc", [], "chat_template", 1, "left") == ids(tok, "<|assistant|>")
+    assert cut_prompt(tok, "abc", [], "chat_template", 2, "left") == ids(tok, "<|user|><|assistant|>")
 
 
 def test_right_truncation_is_a_plain_cut(bos_tok):
     full = prompt_ids(bos_tok, "abcdefg", [["q", "a"]], "chat_template")
-    assert source_ids(bos_tok, "abcdefg", [["q", "a"]], "chat_template", 5, "right") == full[:5]
+    assert cut_prompt(bos_tok, "abcdefg", [["q", "a"]], "chat_template", 5, "right") == full[:5]
 
 
 CHATGLM_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "chatglm"
@@ -567,9 +571,9 @@ def test_left_truncation_keeps_chatglm2_gmask_sop_and_answer_cue():
     t = load_tokenizer(CHATGLM_TOKENIZER)
     query = "类型#裙*颜色#红色*风格#性感*图案#条纹"
     full = prompt_ids(t, query, [], "chatglm2")
-    right = source_ids(t, query, [], "chatglm2", 16, "right")
+    right = cut_prompt(t, query, [], "chatglm2", 16, "right")
     assert right == full[:16] and t.convert_ids_to_tokens(right[:2]) == ["[gMASK]", "sop"]
-    left = source_ids(t, query, [], "chatglm2", 20, "left")
+    left = cut_prompt(t, query, [], "chatglm2", 20, "left")
     # [gMASK] sop [Round 1]\n\n问： (12 ids), the query's last 4 ids, \n\n答： (4 ids)
     assert left == full[:12] + full[-8:]
     assert t.convert_ids_to_tokens(left[:2]) == ["[gMASK]", "sop"]
