@@ -383,6 +383,12 @@ def check_settings(cfg: DictConfig) -> torch.device:
 
         check_mode(cfg.quantization, cfg.quantization_group_size)
     device = resolve_device(cfg.device)
+    if device.type == "cpu" and str(cfg.device) == "auto":
+        # The default model_config is a 6B model: on the CPU it would take hours and ~50 GB before a first number.
+        shape = cfg.model_config
+        raise ConfigError(f"device=auto: this machine has no GPU, and the benchmark times GPUs (model_config builds "
+                          f"a {shape.get('num_hidden_layers', '?')}-layer, hidden-{shape.get('hidden_size', '?')} "
+                          f"model); pass device=cpu to run it on the CPU anyway, with a small model_config")
     if cfg.auto_micro_batch_gib is not None and device.type != "cuda":
         raise ConfigError(f"auto_micro_batch_gib={cfg.auto_micro_batch_gib}: measures GPU memory, and this run is "
                           f"on {device.type}")

@@ -144,6 +144,13 @@ def test_bench_ceiling_needs_a_gpu_device():
     assert bench.check_settings(composed("bench", "device=cpu")) == torch.device("cpu")
 
 
+def test_bench_on_auto_without_a_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"device=auto: this machine has no GPU, and the benchmark times GPUs "
+                                          r"\(model_config builds a 28-layer, hidden-4096 model\); pass device=cpu"):
+        bench.check_settings(composed("bench"))
+
+
 def test_devices():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
