@@ -29,10 +29,20 @@ def conf_path(name: str) -> str:
     return str(Path(__file__).resolve().parents[1] / "conf" / name)
 
 
+def conf_groups(groups) -> str:
+    """--help's list of the config groups a command takes, each with its options (conf/hydra/help/ptune.yaml)."""
+    if not groups:
+        return ""
+    lines = [f"{g}: {', '.join(sorted(p.stem for p in Path(conf_path(g)).glob('*.yaml')))}" for g in groups]
+    return "== Configuration groups ==\nChoose an option of a group (group=option)\n\n" + "\n".join(lines) + "\n\n"
+
+
 if not OmegaConf.has_resolver("ptune_asset"):
     OmegaConf.register_new_resolver("ptune_asset", asset_path)
 if not OmegaConf.has_resolver("ptune_conf"):
     OmegaConf.register_new_resolver("ptune_conf", conf_path)
+if not OmegaConf.has_resolver("ptune_groups"):
+    OmegaConf.register_new_resolver("ptune_groups", conf_groups)
 
 
 class MakeRunFolder(Callback):
