@@ -14,17 +14,17 @@ Only safetensors and JSON are written; nothing here unpickles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ptune.files import sha256_file
 
 PREFIX_FILE = "prefix.safetensors"
 CONFIG_FILE = "prefix_config.json"
@@ -37,32 +37,6 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 class CheckpointError(ValueError):
     """A checkpoint that is incomplete, corrupt, or does not fit what it is loaded into."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks (model shards are several GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename; a writer stopped part-way leaves the old file (or none)."""
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as f:
-        try:
-            f.write(text)
-        except BaseException:
-            f.close()
-            os.unlink(f.name)
-            raise
-    try:
-        os.replace(f.name, path)
-    except BaseException:
-        os.unlink(f.name)
-        raise
 
 
 def _write_json(path: Path, obj) -> None:

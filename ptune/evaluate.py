@@ -28,7 +28,7 @@ from ptune.generate import generate, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import peak_memory_gib, setup_logging
 from ptune.metrics import compute_metrics
-from ptune.checkpoint import sha256_file, write_text_atomic
+from ptune.files import sha256_file, write_text_atomic
 from ptune.models import (base_identity_settings, inference_model_settings, load_for_inference, position_limit,
                           read_checkpoint_config, resolve_checkpoint)
 from ptune.prefix import attention_shape

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ptune.files import replacing, write_text_atomic
+
 
 def setup_logging(log_file: Path | None = None, main_process: bool = True) -> None:
     """Plain console logging (warnings only on other ranks) plus an optional log file."""
@@ -89,6 +91,27 @@ class LogWindow:
         return {key: getattr(self, key) for key in self.KEPT}
 
 
+def read_log(path: Path) -> tuple[str, list[tuple[str, dict]]]:
+    """The text of `train_log.jsonl`, and (line, record) for each of its lines that holds a JSON object. A kill or a
+    full disk during an append leaves a torn last line, which is dropped with a warning instead of stopping a resume
+    or a plot."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append((line, record))
+        else:
+            logging.getLogger(__name__).warning("%s:%d: not a whole log record (cut off by an interrupted write?); "
+                                                "dropped", path, number)
+    return text, records
+
+
 class MetricsLog:
     """Appends one JSON object per logged step to `train_log.jsonl` and mirrors scalars to TensorBoard."""
 
@@ -97,11 +120,10 @@ class MetricsLog:
         if self.path.exists():
             # Entries past the checkpoint we resume from were made by the interrupted run and will be
             # logged again; keep the file a single, consistent history.
-            kept = "".join(line + "\n" for line, record in self._records() if record.get("step", 0) <= resume_step)
-            if kept != self.path.read_text(encoding="utf-8", errors="replace"):
+            text, records = read_log(self.path)
+            kept = "".join(line + "\n" for line, record in records if record.get("step", 0) <= resume_step)
+            if kept != text:
                 # Replaced whole: a kill during the rewrite must not lose the history it keeps.
-                from ptune.checkpoint import write_text_atomic
-
                 write_text_atomic(self.path, kept)
         self.writer = None
         if tensorboard:
@@ -111,24 +133,6 @@ class MetricsLog:
                 logging.getLogger(__name__).warning("tensorboard is not installed; logging to %s only", self.path)
             else:
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
-
-    def _records(self) -> list[tuple[str, dict]]:
-        """(line, record) for each line of the file that holds a JSON object; a kill or a full disk during an
-        append leaves a torn last line, which is dropped with a warning instead of stopping the resume."""
-        records = []
-        for number, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            if isinstance(record, dict):
-                records.append((line, record))
-            else:
-                logging.getLogger(__name__).warning("%s:%d: not a whole log record (cut off by an interrupted "
-                                                    "write?); dropped", self.path, number)
-        return records
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -158,8 +162,7 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
     logged step."""
     if not log_path.is_file():
         return
-    records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    records = [r for r in records if isinstance(r.get("loss"), (int, float))]  # a NaN loss is logged as null
+    records = [r for _, r in read_log(log_path)[1] if isinstance(r.get("loss"), (int, float))]  # NaN is logged as null
     if not records:
         return
     # Agg canvas on a bare Figure: no pyplot state, no display needed.
@@ -183,9 +186,8 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
     ax.set_title(title, parse_math=False)  # a run folder's name, not math between two $ signs
     if font_file is not None:  # the title's size, in a font that holds its characters
         ax.title.set_fontproperties(FontProperties(fname=font_file, size=ax.title.get_fontsize()))
-    tmp = png_path.with_suffix(".png.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    tmp.replace(png_path)
+    with replacing(png_path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
 
 
 def plot_title(text: str) -> tuple[str, str | None]:

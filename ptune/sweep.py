@@ -38,7 +38,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ptune import checkpoint as ckpt_io
-from ptune.checkpoint import sha256_file, write_text_atomic
+from ptune.files import replacing, sha256_file, write_text_atomic
 from ptune.chatglm.ptuning import is_reference_checkpoint
 from ptune.config import check_flag, refuse_added_settings, resolve_device
 from ptune import evaluate as ev
@@ -556,9 +556,8 @@ def plot(path: Path, rows: list[dict]) -> None:
     # Lines and labels named, not gathered: matplotlib leaves a line whose label starts with "_" out of a legend it
     # gathers, and a run given as a relative folder (runs=[_a]) is labelled so.
     fig.legend(axes[0].get_lines(), runs, loc="outside lower center", ncol=min(len(runs), 3), fontsize="small")
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    tmp.replace(path)  # whole, like the tables beside it
+    with replacing(path) as tmp:  # whole, like the tables beside it
+        fig.savefig(tmp, dpi=100, format="png")
 
 
 @hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")

@@ -30,6 +30,17 @@ def test_loss_plot_is_written_from_the_log(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train_log.jsonl", "train_loss.png"]
 
 
+def test_a_torn_last_line_is_left_out_of_the_plot_with_a_warning(tmp_path, caplog):
+    """A kill during an append leaves half a line; the plot of the lines before it is still drawn."""
+    log = tmp_path / "train_log.jsonl"
+    write_log(log, [{"step": 10, "loss": 5.5}, {"step": 20, "loss": 4.0}])
+    with open(log, "a", encoding="utf-8") as f:
+        f.write('{"step": 30, "lo')
+    plot_loss(log, tmp_path / "train_loss.png")
+    assert imread(tmp_path / "train_loss.png").shape[:2] == (450, 800)
+    assert f"{log}:3: not a whole log record" in caplog.text
+
+
 def test_no_plot_without_a_logged_loss(tmp_path):
     log = tmp_path / "train_log.jsonl"
     write_log(log, [])

@@ -1,0 +1,48 @@
+"""Files written whole: the old content survives a writer that fails part-way, and nothing is left beside it."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from ptune.files import replacing, sha256_file, write_text_atomic
+
+
+def test_write_replaces_in_one_rename_and_keeps_newlines(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text("old\n", encoding="utf-8")
+    write_text_atomic(path, "一\r\n二\n")
+    assert path.read_bytes() == "一\r\n二\n".encode("utf-8")  # no newline translation
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_a_failing_writer_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    path = tmp_path / "loss.png"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with replacing(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("disk full")
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["loss.png"]
+    with pytest.raises(RuntimeError):  # failing before the file exists is no second error
+        with replacing(tmp_path / "new.png"):
+            raise RuntimeError("before writing")
+    assert os.listdir(tmp_path) == ["loss.png"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644  # readable by the group, like open()
+
+
+def test_sha256_of_a_file(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"abc")
+    assert sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
