@@ -340,11 +340,10 @@ def train(cfg: DictConfig) -> Path:
     loss_fn = micro_batch_loss(lm, t.loss_chunk_size, softcap, cuda_graphs=t.cuda_graphs, max_shapes=t.cuda_graph_shapes)
     params = list(lm.prefix.parameters())
     micro, accum = t.per_device_batch_size, t.gradient_accumulation_steps
+    fitted = None
     if t.auto_micro_batch_gib is not None:
         micro, accum, recompute, fitted = fitted_split(cfg, lm, params, plan_for, lengths, rows,
                                                        tokenizer.pad_token_id, device, world, recompute, num_layers)
-        if accelerator.is_main_process:
-            (out / "auto_micro_batch.json").write_text(json.dumps(fitted, indent=2) + "\n", encoding="utf-8")
     plan = plan_for(micro, accum)
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
@@ -396,6 +395,9 @@ def train(cfg: DictConfig) -> Path:
             used = OmegaConf.merge(cfg, {"output_dir": str(out)})
             with writing(out / "config.yaml"):
                 (out / "config.yaml").write_text(OmegaConf.to_yaml(used, resolve=True), encoding="utf-8")
+        if fitted is not None:
+            with writing(out / "auto_micro_batch.json"):
+                (out / "auto_micro_batch.json").write_text(json.dumps(fitted, indent=2) + "\n", encoding="utf-8")
         with writing(out / "train_log.jsonl"):
             metrics = MetricsLog(out, t.tensorboard, resume_step=start)
 
