@@ -127,17 +127,27 @@ def _write_into(tmp: Path, step: int, prefix_state, prefix_config, trainer_state
     _fsync(tmp / MANIFEST_FILE)
 
 
+def missing_files(ckpt: Path) -> list[str]:
+    """The files of a complete checkpoint that `ckpt` lacks (the manifest goes last, so a save cut short lacks it)."""
+    return [name for name in (MANIFEST_FILE, PREFIX_FILE, CONFIG_FILE) if not (ckpt / name).is_file()]
+
+
 def is_complete(ckpt: Path) -> bool:
-    return (ckpt / MANIFEST_FILE).is_file() and (ckpt / PREFIX_FILE).is_file() and (ckpt / CONFIG_FILE).is_file()
+    return not missing_files(ckpt)
+
+
+def checkpoint_folders(run_dir: str | Path) -> list[Path]:
+    """Every `checkpoint-N` folder of a run, complete or not, oldest first (hidden half-saves are not among them)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete `checkpoint-N` folders of a run, oldest first; temporary and partial ones are ignored."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name)) and is_complete(p)]
-    return [p for _, p in sorted(found)]
+    return [p for p in checkpoint_folders(run_dir) if is_complete(p)]
 
 
 def checkpoint_step(ckpt: Path) -> int:

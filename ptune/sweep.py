@@ -27,7 +27,6 @@ import gc
 import io
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +50,6 @@ from ptune.metrics import SCORE_KEYS
 log = logging.getLogger("ptune.sweep")
 
 METRICS_FILE = "metrics.json"
-_STEP = re.compile(r"^checkpoint-(\d+)$")
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -100,7 +98,7 @@ def expand_runs(runs) -> list[tuple[str, Path]]:
                     raise SweepError(f"runs: {path} is a checkpoint, not a run folder; a sweep scores every checkpoint "
                                      f"of a run: pass runs=[{path.parent}] (or score this one with python -m "
                                      f"ptune.evaluate checkpoint={path})")
-                reference = sorted(p for p in path.iterdir() if _STEP.match(p.name) and is_reference_checkpoint(p))
+                reference = [p for p in ckpt_io.checkpoint_folders(path) if is_reference_checkpoint(p)]
                 if reference:
                     raise SweepError(
                         f"runs: {path} holds ChatGLM ptuning-script checkpoints ({reference[0].name}, ...), which "
@@ -114,18 +112,6 @@ def expand_runs(runs) -> list[tuple[str, Path]]:
                 seen.add(p.resolve())
                 found.append((lab, p))
     return found
-
-
-def checkpoint_folders(run: Path) -> list[Path]:
-    """Every `checkpoint-N` folder of a run, complete or not, oldest first (hidden half-saves are not among them)."""
-    found = [(int(m.group(1)), p) for p in run.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def incomplete(ckpt: Path) -> str | None:
-    """Why a `checkpoint-N` folder is not one ptune.checkpoint.list_checkpoints takes, or None."""
-    missing = [n for n in (ckpt_io.MANIFEST_FILE, ckpt_io.PREFIX_FILE, ckpt_io.CONFIG_FILE) if not (ckpt / n).is_file()]
-    return f"not a complete checkpoint: {', '.join(missing)} missing" if missing else None
 
 
 def _non_null(section) -> dict:
@@ -148,11 +134,13 @@ def plan(cfg: DictConfig) -> list[Target]:
     data_overrides["eval_file"] = str(eval_file.resolve())
     targets = []
     for label, run in expand_runs(cfg.runs):
-        folders = checkpoint_folders(run)
+        folders = ckpt_io.checkpoint_folders(run)
         if not folders:  # a multirun job that failed or was stopped before its first save
             targets.append(Target(label, run, None, error="no checkpoints written"))
         for ckpt in folders:
-            t = Target(label, ckpt, ckpt_io.checkpoint_step(ckpt), error=incomplete(ckpt))
+            missing = ckpt_io.missing_files(ckpt)
+            t = Target(label, ckpt, ckpt_io.checkpoint_step(ckpt),
+                       error=f"not a complete checkpoint: {', '.join(missing)} missing" if missing else None)
             if t.error is None:
                 try:
                     # Checked before earlier scores are reused too: a prefix damaged since is not ranked.
