@@ -142,10 +142,6 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
     return texts, stats
 
 
-def score(texts: list[str], labels: list[str]) -> dict:
-    return compute_metrics(texts, labels)
-
-
 # How evaluate builds prompts and which text of a reply it scores; raise it whenever either changes, so that a
 # sweep scores again instead of reusing scores made the old way. 2: a reply ends before its first stop token
 # (an ordinary token given as an extra stop token stayed in the text). 3: a prompt cut from the left keeps the
@@ -254,7 +250,7 @@ def evaluate(cfg: DictConfig) -> dict:
     model, tokenizer, _ = load_for_inference(checkpoint, cfg.model, device)
     evalset = build_eval_set(examples, tokenizer, data_cfg, template, cfg.limit)
     texts, stats = predict(model, tokenizer, evalset.prompts, cfg.generation, cfg.batch_size, device)
-    metrics = score(texts, evalset.labels)
+    metrics = compute_metrics(texts, evalset.labels)
     record = settings_record(data_cfg, inference_model_settings(prefix_config, OmegaConf.to_container(cfg.model)),
                              effective_limit(cfg.limit, evalset.rows_in_file), device)
     write_results(out_dir, evalset, texts, metrics,

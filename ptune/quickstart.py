@@ -9,7 +9,7 @@ be pulled from a model hub at run time.  Two things stand in for that:
 * ``write-sample`` generates AdvertiseGen-format rows (``content`` = ``key#value``
   pairs joined by ``*``, ``summary`` = Chinese ad copy) from phrase tables written
   for this project.  The canonical output is committed as
-  ``ptune/assets/adgen_sample.jsonl`` and found with :func:`sample_path`.
+  ``ptune/assets/adgen_sample.jsonl`` (``ptune.config.asset_path``).
 
 Usage::
 
@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 import zipfile
-from importlib import resources
 from pathlib import Path
 
 from ptune.files import write_text_atomic
@@ -573,16 +572,6 @@ def write_adgen_sample(path: str | os.PathLike, n: int = SAMPLE_ROWS, seed: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in generate_adgen_sample(n, seed))
     write_text_atomic(path, text)
-    return path
-
-
-def sample_path() -> Path:
-    """Path of the AdvertiseGen sample shipped inside the package."""
-    ref = resources.files("ptune.assets").joinpath(SAMPLE_RESOURCE)
-    path = Path(str(ref))
-    if not path.is_file():
-        raise FileNotFoundError(f"packaged sample {path} is missing; "
-                                "regenerate it with `python -m ptune.quickstart write-sample`")
     return path
 
 

@@ -45,7 +45,7 @@ from ptune import models
 from ptune.data import DataError
 from ptune.errors import ConfigError, SweepError, exit_on_user_error, stopped
 from ptune.logs import setup_logging
-from ptune.metrics import SCORE_KEYS
+from ptune.metrics import SCORE_KEYS, compute_metrics
 
 log = logging.getLogger("ptune.sweep")
 
@@ -278,7 +278,7 @@ def score_group(targets: list[Target], cfg: DictConfig, device: torch.device, ex
         except ConfigError as e:  # a setting this base cannot take (its positions, its vocabulary): other bases can
             skip(t, str(e), bar)
             continue
-        t.metrics, t.rows_in_file = ev.score(texts, evalset.labels), evalset.rows_in_file
+        t.metrics, t.rows_in_file = compute_metrics(texts, evalset.labels), evalset.rows_in_file
         try:
             ev.write_results(t.ckpt / "eval", evalset, texts, t.metrics,
                              {"generation": {**expected.gen, **stats}, "checkpoint": str(t.ckpt),

@@ -171,7 +171,7 @@ def test_prefix_weights_that_do_not_match_their_config(ckpt, tmp_path, edit, mes
 
 
 def test_empty_predictions_are_scored_and_counted(ckpt, tiny_model_dir, sample_file, tmp_path):
-    metrics = ev.score(["", "  ", "这条裙子很好看"], ["这条包臀裙很好看", "白色的衬衫", "这条裙子很好看"])
+    metrics = ev.compute_metrics(["", "  ", "这条裙子很好看"], ["这条包臀裙很好看", "白色的衬衫", "这条裙子很好看"])
     assert metrics["num_empty_predictions"] == 2 and metrics["num_samples"] == 3
     assert 0 < metrics["rouge-l"] < 100
     # End to end: every token a stop token, so each reply stops before its first token; the stop token

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from ptune import quickstart as qs
+from ptune.config import asset_path
 
 # key#value pairs joined by '*'; neither part may contain the separators.
 CONTENT_RE = re.compile(r"^[^#*]+#[^#*]+(\*[^#*]+#[^#*]+)*$")
@@ -34,7 +35,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def test_packaged_sample_exists_and_is_well_formed():
-    path = qs.sample_path()
+    path = Path(asset_path(qs.SAMPLE_RESOURCE))
     rows = _read_rows(path)
     assert len(rows) >= 300, f"{path} has only {len(rows)} rows"
     for i, row in enumerate(rows, 1):
@@ -50,17 +51,17 @@ def test_packaged_sample_matches_generator(tmp_path):
     # The committed file must be exactly what the default generator writes,
     # so edits to the phrase tables cannot silently drift from the asset.
     regenerated = qs.write_adgen_sample(tmp_path / "s.jsonl")
-    assert regenerated.read_bytes() == qs.sample_path().read_bytes()
+    assert regenerated.read_bytes() == Path(asset_path(qs.SAMPLE_RESOURCE)).read_bytes()
 
 
 def test_sample_contents_are_distinct():
-    contents = [r["content"] for r in _read_rows(qs.sample_path())]
+    contents = [r["content"] for r in _read_rows(Path(asset_path(qs.SAMPLE_RESOURCE)))]
     assert len(contents) == len(set(contents))
 
 
 def test_summary_reflects_every_attribute():
     # Each attribute value maps to one fixed phrase; that is what makes the sample learnable.
-    for row in _read_rows(qs.sample_path()):
+    for row in _read_rows(Path(asset_path(qs.SAMPLE_RESOURCE))):
         pairs = [p.split("#") for p in row["content"].split("*")[1:]]
         for key, value in pairs:
             assert qs._PHRASES[key][value] in row["summary"], (row["content"], key, value)
