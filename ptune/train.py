@@ -85,12 +85,12 @@ def check_settings(cfg: DictConfig) -> None:
     t = cfg.trainer
     for key in ("max_steps", "save_steps", "log_steps", "per_device_batch_size", "gradient_accumulation_steps",
                 "pad_to_multiple_of", "loss_chunk_size", "cuda_graph_shapes"):
-        if t[key] < 1:
-            raise TrainingError(f"trainer.{key}={t[key]}: must be at least 1")
+        check_count(cfg, f"trainer.{key}")
+    check_count(cfg, "trainer.group_by_length", least=0)
+    check_count(cfg, "trainer.keep_last", nullable=True)
+    check_count(cfg, "prefix.length")
     check_quantization(cfg)
     check_template(cfg)
-    if cfg.prefix.length < 1:
-        raise TrainingError(f"prefix.length={cfg.prefix.length}: must be at least 1")
     if cfg.optim.schedule not in ("linear", "constant"):
         raise TrainingError(f"optim.schedule={cfg.optim.schedule!r}: expected linear or constant")
     o = cfg.optim
@@ -121,10 +121,6 @@ def check_settings(cfg: DictConfig) -> None:
         raise TrainingError("trainer.gradient_checkpointing=auto chooses how many layers to recompute under a "
                             "memory ceiling: set trainer.auto_micro_batch_gib too, or give true, false or a "
                             "number of layers")
-    if t.group_by_length < 0:
-        raise TrainingError(f"trainer.group_by_length={t.group_by_length}: must be 0 or more (0 and 1 turn it off)")
-    if t.keep_last is not None and t.keep_last < 1:
-        raise TrainingError(f"trainer.keep_last={t.keep_last}: null keeps every checkpoint, else at least 1")
 
 
 def resumed_optimizer_settings(optimizer: torch.optim.Optimizer, optim_cfg, resume_from: Path) -> None:

@@ -238,7 +238,7 @@ def test_every_entry_point_refuses_a_setting_added_on_the_command_line(module, o
     pytest.param("optim.schedule=cosine", "optim.schedule='cosine': expected linear or constant", id="unknown-schedule"),
     pytest.param("trainer.save_steps=0", "trainer.save_steps", id="save-steps-zero"),
     pytest.param("trainer.per_device_batch_size=0", "trainer.per_device_batch_size", id="batch-size-zero"),
-    pytest.param("trainer.group_by_length=-3", "trainer.group_by_length=-3: must be 0 or more", id="group-negative"),
+    pytest.param("trainer.group_by_length=-3", "trainer.group_by_length=-3: expected a whole number of at least 0", id="group-negative"),
     pytest.param("data.truncate_source_from=middle", "data.truncate_source_from='middle': expected right",
                  id="truncate-side"),
 ])
