@@ -21,8 +21,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptune.config import (check_count, check_flag, check_generation, check_model_flags, check_quantization,
-                          check_template, refuse_added_settings, resolve_device)
+from ptune.config import (check_count, check_flag, check_generation, check_inference_model,
+                          refuse_added_settings, resolve_device)
 from ptune.data import check_template_fits, encodable, prompt_ids, whole_characters
 from ptune.generate import generate, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error, stopped, terminating
@@ -329,9 +329,7 @@ def main(cfg: DictConfig) -> None:
     check_flag(cfg, "show_prompt")
     check_names(cfg)
     check_generation(cfg)
-    check_quantization(cfg, inference=True)
-    check_model_flags(cfg)
-    check_template(cfg, nullable=True)
+    check_inference_model(cfg)
     try:
         log.info("loading %s", cfg.checkpoint or cfg.model.path)
         cm = load_chat_model(cfg)

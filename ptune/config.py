@@ -273,12 +273,15 @@ def check_quantization(cfg: DictConfig, inference: bool = False) -> None:
     check_mode(mode, cfg.model.get("quantization_group_size") or 128)
 
 
-def check_model_flags(cfg: DictConfig) -> None:
-    """The inference entry points' model.trust_remote_code and model.fused_layers (null: the checkpoint's): a typo
-    such as `ture` is refused, not read as true -- least of all for running code shipped with the weights."""
+def check_inference_model(cfg: DictConfig) -> None:
+    """The `model` overrides of evaluate, sweep, chat and serve (null: the checkpoint's). trust_remote_code and
+    fused_layers are checked as flags: a typo such as `ture` is refused, not read as true -- least of all for running
+    code shipped with the weights."""
+    check_quantization(cfg, inference=True)
     check_flag(cfg, "model.trust_remote_code")
     if cfg.model.get("fused_layers") is not None:
         check_flag(cfg, "model.fused_layers")
+    check_template(cfg, nullable=True)
 
 
 def check_template(cfg: DictConfig, nullable: bool = False) -> None:

@@ -20,8 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation, check_model_flags,
-                          check_quantization, check_template, refuse_added_settings, require, resolve_device)
+from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation,
+                          check_inference_model, refuse_added_settings, require, resolve_device)
 from ptune.data import (Columns, fit_prompt, left_pad, load_examples, prompt_ids, report_cut_prompts, text_ids,
                         whole_characters)
 from ptune.generate import generate, stop_token_ids
@@ -196,9 +196,7 @@ def check_settings(cfg: DictConfig) -> None:
     check_count(cfg, "limit", nullable=True)
     check_generation(cfg)
     check_data_lengths(cfg, nullable=True)
-    check_quantization(cfg, inference=True)
-    check_model_flags(cfg)
-    check_template(cfg, nullable=True)
+    check_inference_model(cfg)
     eval_file = Path(str(cfg.data.eval_file)).expanduser() if cfg.data.eval_file is not None else None
     if eval_file is not None and not eval_file.is_file():
         raise ConfigError(f"data.eval_file={cfg.data.eval_file}: "

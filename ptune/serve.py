@@ -59,8 +59,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
 from pydantic_core import PydanticCustomError
 
 from ptune.chat import ChatModel, StreamDecoder, build_prompt, decode_reply, fit_history, load_chat_model
-from ptune.config import (check_above_zero, check_count, check_model_flags, check_quantization, check_sampling,
-                          check_template, check_token_ids, refuse_added_settings)
+from ptune.config import (check_above_zero, check_count, check_inference_model, check_sampling,
+                          check_token_ids, refuse_added_settings)
 from ptune.data import encodable, left_pad
 from ptune.generate import generate
 from ptune.errors import ConfigError, exit_on_user_error
@@ -1095,9 +1095,7 @@ def check_settings(cfg: DictConfig) -> None:
     for group in ("api", "openai"):  # a temperature <= 0 asks for greedy decoding here
         check_sampling(cfg, f"{group}.temperature", f"{group}.top_p", sampling=False)
     check_token_ids(cfg, "generation.extra_eos_token_ids")
-    check_quantization(cfg, inference=True)
-    check_model_flags(cfg)
-    check_template(cfg, nullable=True)
+    check_inference_model(cfg)
     check_api_key(cfg)
     check_cors_origins(cfg)
 
