@@ -3,9 +3,9 @@
     python -m ptune.verify_model <dir>          # sizes, file structure, remembered hashes
     python -m ptune.verify_model <dir> --full   # SHA-256 of every weight file now
 
-Expected values come from the folder's own ``ptune_manifest.json`` (folders ptune wrote), a
-bundled manifest matched by the folder's config.json (the published hashes of THUDM/chatglm2-6b),
-or ``--manifest FILE``.  Exit status 0 when every file passes, 1 otherwise.
+Expected values come from ``--manifest FILE``, else a ``ptune_manifest.json`` in the folder, else a
+bundled manifest matched by the folder's config.json (the published hashes of THUDM/chatglm2-6b).
+Exit status 0 when every file passes, 1 otherwise.
 """
 
 from __future__ import annotations

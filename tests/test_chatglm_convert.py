@@ -17,16 +17,13 @@ from safetensors.torch import load_file
 from transformers import GlmForCausalLM
 from transformers.models.glm import modeling_glm
 
-from ptune.chatglm import convert
 from ptune.chatglm.convert import (
     ChatGLMConversionError,
     convert_state_dict,
     glm_config_from_chatglm,
-    is_chatglm_dir,
     load_chatglm,
-    load_converted,
-    save_converted,
 )
+from ptune.models import _is_chatglm
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -82,12 +79,12 @@ def write_bin_shards(src: Path, dst: Path, n_shards: int = 2) -> list[str]:
 # ----------------------------------------------------------------------------------- config
 
 
-def test_is_chatglm_dir(tmp_path):
-    assert is_chatglm_dir(TINY)
-    assert not is_chatglm_dir(tmp_path)
+def test_only_a_chatglm_config_takes_the_conversion_path(tmp_path):
+    assert _is_chatglm(TINY)
+    assert not _is_chatglm(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    assert not is_chatglm_dir(tmp_path)
-    assert not is_chatglm_dir(tmp_path / "nope")
+    assert not _is_chatglm(tmp_path)
+    assert not _is_chatglm(tmp_path / "nope")
 
 
 @needs_shared
@@ -290,40 +287,3 @@ def test_dtype_and_buffers(tiny_copy):
     assert not any(p.is_meta for p in model.parameters())
     assert not any(b.is_meta for b in model.buffers())
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32
-
-
-# ----------------------------------------------------------------------------------- cache
-
-
-def test_converted_cache_reloads_identically(tmp_path, tiny_model, golden):
-    out = save_converted(tiny_model, tmp_path / "native", source=TINY)
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "glm" and "auto_map" not in cfg
-    again = load_converted(out, dtype=torch.float32)
-    plain = GlmForCausalLM.from_pretrained(out, dtype=torch.float32)  # any transformers user can load it
-    for m in (again, plain):
-        sd, ref_sd = m.state_dict(), tiny_model.state_dict()
-        assert set(sd) == set(ref_sd) and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
-        with torch.no_grad():
-            assert torch.equal(m.eval()(input_ids=golden["plain_input_ids"]).logits,
-                               tiny_model(input_ids=golden["plain_input_ids"]).logits)
-
-
-def test_load_with_cache_dir_converts_once(tiny_copy, tmp_path, monkeypatch, golden):
-    cache = tmp_path / "cache"
-    first = load_chatglm(tiny_copy, dtype=torch.float32, verify="size", cache_dir=cache)
-    assert (cache / convert.CONVERTED_MARKER).is_file() and (cache / "model.safetensors").is_file()
-
-    def no_conversion(*a, **k):
-        raise AssertionError("converted again although the cache is valid")
-
-    monkeypatch.setattr(convert, "_iter_file", no_conversion)
-    second = load_chatglm(tiny_copy, dtype=torch.float32, cache_dir=cache)
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
-    with torch.no_grad():
-        assert_close_rel(second(input_ids=golden["plain_input_ids"]).logits, golden["plain_logits"])
-    # a changed source invalidates the cache
-    cfg_file = tiny_copy / "config.json"
-    cfg_file.write_text(cfg_file.read_text() + "\n")
-    with pytest.raises(AssertionError, match="converted again"):
-        load_chatglm(tiny_copy, dtype=torch.float32, verify="size", cache_dir=cache)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from ptune import verify_model
 from ptune.chatglm import integrity
-from ptune.chatglm.convert import load_chatglm, save_converted
+from ptune.chatglm.convert import load_chatglm
 from ptune.chatglm.integrity import IntegrityError, verify_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,15 +169,16 @@ def test_read_only_folder_remembers_elsewhere(folder, tmp_path, monkeypatch):
         os.chmod(d, 0o755)
 
 
-def test_converted_cache_has_its_own_manifest(tmp_path):
-    model = load_chatglm(TINY, dtype=torch.float32, verify="size")
-    out = save_converted(model, tmp_path / "native", source=TINY)
-    manifest = json.loads((out / integrity.OWN_MANIFEST).read_text())
-    assert manifest["files"]["model.safetensors"]["size"] == (out / "model.safetensors").stat().st_size
-    assert all(c.status == "ok" for c in verify_dir(out, level="full", raise_on_error=True))
-    flip_byte(out / "model.safetensors", offset_from_end=100)
+def test_safetensors_folder_is_hashed_against_the_manifest_in_it(tmp_path):
+    d = tmp_path / "st"
+    shutil.copytree(TINY, d)
+    f = d / "model.safetensors"
+    manifest = {"name": "tiny/test", "files": {f.name: {"size": f.stat().st_size, "sha256": integrity.sha256_file(f)}}}
+    (d / integrity.OWN_MANIFEST).write_text(json.dumps(manifest))
+    assert all(c.status == "ok" for c in verify_dir(d, level="full", raise_on_error=True))
+    flip_byte(f, offset_from_end=100)
     with pytest.raises(IntegrityError, match="model.safetensors"):
-        verify_dir(out, level="full", raise_on_error=True)
+        verify_dir(d, level="full", raise_on_error=True)
 
 
 def test_bundled_chatglm2_manifest_matches_by_config(tmp_path):

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,21 +50,14 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ChatGLMConversionError",
-    "is_chatglm_dir",
     "read_chatglm_config",
     "glm_config_from_chatglm",
     "convert_state_dict",
     "convert_tensor",
     "weight_files",
     "load_chatglm",
-    "save_converted",
-    "load_converted",
-    "CONVERTED_MARKER",
 ]
 
-CONVERTED_MARKER = "ptune_converted.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _IGNORED_SUFFIXES = ("rotary_pos_emb.inv_freq",)
 _PREFIX_ENCODER = "transformer.prefix_encoder."
 
@@ -82,15 +74,6 @@ def read_chatglm_config(path: str | os.PathLike) -> dict:
     if not cfg_file.is_file():
         raise FileNotFoundError(f"no config.json in {path}")
     return json.loads(cfg_file.read_text(encoding="utf-8"))
-
-
-def is_chatglm_dir(path: str | os.PathLike) -> bool:
-    """True for a folder whose config.json is a ChatGLM one (``model_type: chatglm``)."""
-    try:
-        cfg = read_chatglm_config(path)
-    except (FileNotFoundError, NotADirectoryError, ValueError, OSError):
-        return False
-    return cfg.get("model_type") == "chatglm"
 
 
 def _require(cfg: dict, key: str, wanted, why: str) -> None:
@@ -304,16 +287,6 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
 
 
-def _resolve_dtype(dtype, cfg: dict) -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        dtype = cfg.get("torch_dtype", "float32")
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
-        dtype = _DTYPES[dtype]
-    return dtype
-
-
 def _generation_eos(path: Path, cfg: dict):
     gen_file = path / "generation_config.json"
     if gen_file.is_file():
@@ -328,11 +301,10 @@ def _generation_eos(path: Path, cfg: dict):
 
 def load_chatglm(
     path: str | os.PathLike,
-    dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype,
     device: torch.device | str = "cpu",
     *,
     verify: str = integrity.DEFAULT_LEVEL,
-    cache_dir: str | os.PathLike | None = None,
     attn_implementation: str | None = None,
 ) -> GlmForCausalLM:
     """A ``GlmForCausalLM`` holding the weights of a ChatGLM2/3 folder (``.bin`` or safetensors,
@@ -340,26 +312,24 @@ def load_chatglm(
 
     The model is built on the meta device and every converted tensor is materialised (cast to
     ``dtype``, moved to ``device``) as its shard is read, so host memory peaks at about one shard
-    beyond the model.  ``dtype`` defaults to the checkpoint's ``torch_dtype``.
+    beyond the model.
+
+    ``dtype`` is a resolved ``torch.dtype``: ``model.dtype=auto`` is settled by
+    :func:`ptune.models.resolve_dtype` (by device) before this is called, the same rule as for any
+    other base, so the checkpoint's own ``torch_dtype`` (float16 for chatglm2-6b) never decides it.
 
     ``verify`` is the integrity check run first (see :mod:`ptune.chatglm.integrity`): ``"size"``,
     ``"first-use"`` (default: SHA-256 of files with a published hash, once; remembered by size and
-    mtime), ``"full"`` or ``"none"``.  With ``cache_dir``, the converted model is saved there as
-    safetensors on first load and reloaded from there afterwards (while the source is unchanged).
+    mtime), ``"full"`` or ``"none"``.
     """
     path = Path(path)
     cfg = read_chatglm_config(path)
-    torch_dtype = _resolve_dtype(dtype, cfg)
     device = torch.device(device)
-
-    if cache_dir is not None and _cache_matches(Path(cache_dir), path):
-        log.info("loading converted ChatGLM model from %s", cache_dir)
-        return load_converted(cache_dir, dtype=torch_dtype, device=device, attn_implementation=attn_implementation)
 
     files = weight_files(path)
     if verify != "none":
         integrity.verify_dir(path, level=verify, raise_on_error=True)
-    config = glm_config_from_chatglm(cfg, dtype=torch_dtype)
+    config = glm_config_from_chatglm(cfg, dtype=dtype)
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
 
@@ -383,7 +353,7 @@ def load_chatglm(
                 if native in loaded:
                     raise ChatGLMConversionError(f"{native} appears twice (second time from {name} in {file.name})")
                 try:
-                    _set_tensor(model, native, t.to(device=device, dtype=torch_dtype, copy=True))
+                    _set_tensor(model, native, t.to(device=device, dtype=dtype, copy=True))
                 except ChatGLMConversionError as e:
                     raise ChatGLMConversionError(f"{name} in {file.name} -> {e}; does config.json belong to "
                                                  "these weights?") from None
@@ -407,64 +377,4 @@ def load_chatglm(
     model.generation_config.bos_token_id = None
     model.eval()
     log.info("converted %s to GlmForCausalLM in %.1fs", path, time.perf_counter() - t0)
-
-    if cache_dir is not None:
-        save_converted(model, cache_dir, source=path)
     return model
-
-
-# ----------------------------------------------------------------------------------- cache
-
-
-def _source_fingerprint(path: Path) -> dict:
-    files = weight_files(path) + [path / "config.json"]
-    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
-
-
-def _cache_matches(cache_dir: Path, source: Path) -> bool:
-    marker = cache_dir / CONVERTED_MARKER
-    if not marker.is_file():
-        return False
-    try:
-        info = json.loads(marker.read_text(encoding="utf-8"))
-        return (info.get("source") == str(source.resolve())
-                and info.get("source_files") == _source_fingerprint(source))
-    except (OSError, ValueError, FileNotFoundError):
-        return False
-
-
-def save_converted(model: GlmForCausalLM, out_dir: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
-    """Save a converted model as a native transformers folder (config.json + safetensors) that
-    ``GlmForCausalLM.from_pretrained`` or :func:`load_converted` reloads without any conversion.
-
-    The ChatGLM ``tokenizer.model`` of ``source`` is copied along, and a manifest of the written
-    files (size and SHA-256) lets ``python -m ptune.verify_model`` check the cache later.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONVERTED_MARKER).unlink(missing_ok=True)  # invalid until complete
-    model.save_pretrained(out, safe_serialization=True)
-    info = {"format": "GlmForCausalLM", "converted_by": "ptune.chatglm.convert"}
-    if source is not None:
-        source = Path(source)
-        if (source / "tokenizer.model").is_file():
-            shutil.copyfile(source / "tokenizer.model", out / "tokenizer.model")
-        for extra in ("tokenizer_config.json", "MODEL_LICENSE", "LICENSE"):
-            if (source / extra).is_file() and extra != "tokenizer_config.json":
-                shutil.copyfile(source / extra, out / extra)
-        info["source"] = str(source.resolve())
-        info["source_files"] = _source_fingerprint(source)
-    integrity.write_manifest(out, name=f"converted:{out.name}")
-    (out / CONVERTED_MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return out
-
-
-def load_converted(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                   device: torch.device | str = "cpu", attn_implementation: str | None = None) -> GlmForCausalLM:
-    """Reload a folder written by :func:`save_converted` (plain ``from_pretrained``)."""
-    kwargs = {"dtype": _resolve_dtype(dtype, {"torch_dtype": "float32"}) if dtype is not None else "auto",
-              "local_files_only": True}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    model = GlmForCausalLM.from_pretrained(path, **kwargs)
-    return model.to(torch.device(device)).eval()

@@ -4,10 +4,10 @@ A hand-downloaded checkpoint with one truncated or corrupted shard loads "fine" 
 later as garbage output, a very slow first inference or an index error.  This module checks the
 files of a model folder against a manifest (expected SHA-256 and, where known, size):
 
-* the published hashes of well-known checkpoints ship in ``ptune/chatglm/manifests/*.json`` and are
-  picked by the folder's ``config.json`` (its ``_name_or_path``, else its shape);
-* folders that ptune writes itself (a converted model cache) get a ``ptune_manifest.json`` with the
-  size and SHA-256 of every file.
+* a ``ptune_manifest.json`` placed in the folder (the shape :func:`read_model_manifest` accepts)
+  comes first;
+* else the published hashes of well-known checkpoints, shipped in ``ptune/chatglm/manifests/*.json``
+  and picked by the folder's ``config.json`` (its ``_name_or_path``, else its shape).
 
 Levels, cheapest first:
 
@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ptune.checkpoint import sha256_file
+from ptune.files import sha256_file, write_text_atomic
 
 __all__ = [
     "IntegrityError", "FileCheck", "LEVELS", "DEFAULT_LEVEL", "OWN_MANIFEST", "VERIFIED_CACHE",
-    "sha256_file", "bundled_manifests", "read_model_manifest", "find_manifest", "write_manifest", "verify_dir",
+    "sha256_file", "bundled_manifests", "read_model_manifest", "find_manifest", "verify_dir",
     "format_table",
 ]
 
@@ -74,11 +74,6 @@ class FileCheck:
     @property
     def failed(self) -> bool:
         return self.status in ("MISSING", "WRONG SIZE", "DAMAGED", "HASH MISMATCH")
-
-
-# ----------------------------------------------------------------------------------- hashing
-
-
 
 
 def _structure_problem(path: Path) -> str | None:
@@ -198,26 +193,6 @@ def _listed_files(path: Path) -> list[str]:
     return sorted(names)
 
 
-def write_manifest(path: str | os.PathLike, name: str | None = None) -> Path:
-    """Record size and SHA-256 of the weight, config and tokenizer files of a folder ptune wrote."""
-    path = Path(path)
-    files = {}
-    cache = _VerifiedCache(path)
-    for fname in _listed_files(path) + ["config.json", "generation_config.json", "tokenizer.model"]:
-        f = path / fname
-        if not f.is_file() or fname in files:
-            continue
-        digest = sha256_file(f)
-        files[fname] = {"size": f.stat().st_size, "sha256": digest}
-        cache.remember(f, digest)
-    manifest = {"name": name or path.name, "written_by": "ptune", "files": files,
-                "how_to_fix": "delete this folder and let ptune convert the model again"}
-    out = path / OWN_MANIFEST
-    out.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    cache.save()
-    return out
-
-
 # ----------------------------------------------------------------------------------- verified cache
 
 
@@ -261,9 +236,7 @@ class _VerifiedCache:
         for target in (self.local, self.fallback):
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(target.name + ".tmp")
-                tmp.write_text(text, encoding="utf-8")
-                os.replace(tmp, target)
+                write_text_atomic(target, text)
                 self.dirty = False
                 return
             except OSError:
@@ -345,7 +318,7 @@ def _error_message(path: Path, bad: list[FileCheck], manifest: dict | None) -> s
         lines.append(f"  {c.name}: {c.status}: {c.detail}")
     lines.append(f"What to do: {fix} -- only the file(s) named above; the others are fine. Then run "
                  f"`python -m ptune.verify_model {path} --full` to confirm.")
-    if manifest is not None and manifest.get("written_by") != "ptune":
+    if manifest is not None and "match" in manifest:  # a bundled manifest, picked by the folder's identity
         lines.append(f"(Expected values are the published ones for {manifest.get('name')}. If you deliberately use "
                      "other weights, give them a name of your own in the folder's config.json, \"_name_or_path\": "
                      f"\"<you>/<model>\", so that they are not taken for {manifest.get('name')}.)")

@@ -46,6 +46,8 @@ DEFAULT_DATA = {"prompt_column": "content", "response_column": "summary", "histo
 DEFAULT_MODEL = {"path": None, "dtype": "auto", "attn_implementation": "sdpa", "template": "chatglm2",
                  "trust_remote_code": False}
 _CHATGLM_TYPES = ("glm", "chatglm")
+# Not ptune.checkpoint's whole-name pattern, which picks a run's own folders: this only reads a step hint
+# from a folder made elsewhere, so a renamed one (adgen-checkpoint-3000) still gives its step.
 _STEP = re.compile(r"checkpoint-(\d+)$")
 
 
