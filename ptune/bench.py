@@ -22,7 +22,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ptune.config import check_above_zero, check_count, check_flag, refuse_added_settings, resolve_device
+from ptune.config import (check_above_zero, check_count, check_flag, check_in_range, refuse_added_settings,
+                          resolve_device)
 from ptune.data import IGNORE, BatchPlan, collate, left_pad
 from ptune.errors import ConfigError, exit_on_user_error
 from ptune.generate import generate
@@ -58,21 +59,24 @@ def fixed_rows(n: int, src: int, tgt: int, vocab: int, seed: int) -> list[dict]:
 
 
 def adgen_rows(cfg: DictConfig, vocab: int, seed: int) -> list[dict] | None:
-    """Rows with the token lengths of real AdvertiseGen rows (ChatGLM tokenizer, reference truncation)."""
+    """Rows with the token lengths of real AdvertiseGen rows, tokenized and cut as training does (ChatGLM
+    tokenizer, chatglm2 template); their ids are random, only the lengths are kept."""
     data, tok_dir = Path(cfg.adgen_file), Path(cfg.chatglm_tokenizer_dir)
     if not (data.is_file() and (tok_dir / "tokenizer.model").is_file()):
         log.info("no AdvertiseGen slice at %s (or tokenizer at %s): skipping the real-lengths run", data, tok_dir)
         return None
     from ptune.chatglm.tokenizer import load_tokenizer
-    from ptune.data import chatglm2_prompt, read_rows
+    from ptune.data import Encoding, encode_example, read_rows
 
     tok = load_tokenizer(tok_dir)
+    # No truncate_source_from setting: either side cuts a prompt to the same length, and only lengths are kept.
+    enc = Encoding("chatglm2", cfg.max_source_length, cfg.max_target_length)
     g = random.Random(seed)
     rows = []
     for _, row in read_rows(data)[: cfg.num_rows]:
-        src = len(tok.encode(chatglm2_prompt(row["content"], []), add_special_tokens=True)[: cfg.max_source_length])
-        tgt = len(tok.encode(row["summary"], add_special_tokens=False)[: cfg.max_target_length]) + 1
-        ids = [g.randrange(10, vocab) for _ in range(src + tgt)]
+        example = encode_example(tok, enc, row["content"], row["summary"], [])
+        src = example["labels"].count(IGNORE)
+        ids = [g.randrange(10, vocab) for _ in range(len(example["input_ids"]))]
         rows.append({"input_ids": ids, "labels": [IGNORE] * src + ids[src:]})
     return rows
 
@@ -112,11 +116,14 @@ def peak_gib(device) -> float | None:
 
 def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int | None, sort: bool,
                 checkpointing: bool | str, compiled: bool = False, group_by_length: int = 0, graphs: bool = False,
-                pad_multiple: int = 8, fit_gib: float | None = None) -> dict:
-    """`checkpointing`: recompute every layer (True), none (False), or "auto" (as few as `fit_gib` needs)."""
+                pad_multiple: int | None = None, fit_gib: float | None = None) -> dict:
+    """`checkpointing`: recompute every layer (True), none (False), or "auto" (as few as `fit_gib` needs).
+    `pad_multiple`: None pads as cfg.pad_to_multiple_of says."""
     fuse_layers(model, bool(cfg.fused_layers))
     spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
-    lm = PrefixLM(model, PrefixEncoder(spec, dropout=0.1).to(device))
+    lm = PrefixLM(model, PrefixEncoder(spec, dropout=float(cfg.prefix_dropout)).to(device))
+    if pad_multiple is None:
+        pad_multiple = int(cfg.pad_to_multiple_of)
     num_layers = model.config.num_hidden_layers
     lm.recompute_layers(num_layers if checkpointing is True else 0)
     try:
@@ -134,7 +141,7 @@ def _ptune_train(lm, rows, micro, accum, cfg, device, *, pad_to, sort, checkpoin
         compile_layers(model)
     lm.train()
     params = list(lm.prefix.parameters())
-    optimizer = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     # Every shape is captured (the bench's shapes are few), so the timed steps replay graphs only.
     loss_fn = micro_batch_loss(lm, cfg.loss_chunk_size, output_softcap(model.config), cuda_graphs=graphs,
@@ -175,7 +182,7 @@ def _ptune_train(lm, rows, micro, accum, cfg, device, *, pad_to, sort, checkpoin
 
     def one(step):
         batches, targets = batches_for(step)
-        optimizer_step(loss_fn, params, batches, targets, optimizer, scaler, max_grad_norm=1.0)
+        optimizer_step(loss_fn, params, batches, targets, optimizer, scaler, max_grad_norm=float(cfg.max_grad_norm))
 
     sync = device.type == "cuda"
     reset_memory(device)
@@ -224,10 +231,10 @@ def peft_train(model, rows, micro: int, accum: int, cfg, device, pad_to: int) ->
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
-            max_steps=cfg.warmup_steps + cfg.steps, learning_rate=2e-2, lr_scheduler_type="linear",
+            max_steps=cfg.warmup_steps + cfg.steps, learning_rate=float(cfg.lr), lr_scheduler_type="linear",
             bf16=device.type == "cuda", logging_steps=10_000, save_strategy="no", report_to=[],
             dataloader_num_workers=0, remove_unused_columns=False, use_cpu=device.type != "cuda",
-            max_grad_norm=1.0,
+            weight_decay=float(cfg.weight_decay), max_grad_norm=float(cfg.max_grad_norm),
         )
         reset_memory(device)
         Trainer(model=peft_model, args=args, train_dataset=rows, data_collator=collate_fn,
@@ -277,10 +284,10 @@ def ptune_eval(model, prompts, new_tokens: int, batch: int, cfg, device, *, stat
     return {"seconds": seconds, "tokens_per_s": len(prompts) * new_tokens / seconds, "peak_gib": peak_gib(device)}
 
 
-def decode_steady(model, prompts, batch: int, cfg, device, short: int = 16, long: int = 144,
-                  compile_step: bool = False) -> dict:
-    """Per-step decoding time without prefill and set-up: generate `long` and `short` new tokens, divide
-    the difference by the extra steps."""
+def decode_steady(model, prompts, batch: int, cfg, device, compile_step: bool = False) -> dict:
+    """Per-step decoding time without prefill and set-up: generate cfg.decode_steady_tokens' two counts of new
+    tokens, divide the difference by the extra steps."""
+    short, long = (int(n) for n in cfg.decode_steady_tokens)
     fuse_layers(model, bool(cfg.fused_layers))
     spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
     lm = PrefixLM(model, PrefixEncoder(spec).to(device))
@@ -361,7 +368,8 @@ def check_settings(cfg: DictConfig) -> torch.device:
     for key in ("fused_layers", "fused_dequantize", "fused_small_matmul", "widen_timing", "gradient_checkpointing", "compile", "cuda_graphs"):
         check_flag(cfg, key)
     for key in ("prefix_length", "max_source_length", "max_target_length", "num_rows", "steps", "loss_chunk_size",
-                "eval_prompts", "eval_new_tokens", "graphs_pad_to_multiple_of", "quantization_group_size"):
+                "eval_prompts", "eval_new_tokens", "pad_to_multiple_of", "graphs_pad_to_multiple_of",
+                "quantization_group_size"):
         check_count(cfg, key)
     for key in ("seed", "warmup_steps", "eval_prompts_at_batch1", "eval_check_prompts", "adgen_group_by_length"):
         check_count(cfg, key, least=0)
@@ -374,6 +382,18 @@ def check_settings(cfg: DictConfig) -> torch.device:
     for key in ("eval_batches", "decode_steady_batches", "decode_compile_batches"):
         for i in range(len(cfg[key])):
             check_count(cfg, f"{key}[{i}]")
+    steady = cfg.decode_steady_tokens
+    if not (isinstance(steady, ListConfig) and len(steady) == 2):
+        raise ConfigError(f"decode_steady_tokens={steady!r}: expected [fewer, more] new tokens, e.g. [16, 144]")
+    check_count(cfg, "decode_steady_tokens[0]")
+    check_count(cfg, "decode_steady_tokens[1]")
+    if steady[1] <= steady[0]:
+        raise ConfigError(f"decode_steady_tokens={list(steady)}: expected more new tokens second than first (a step's "
+                          "time is the difference over the extra steps)")
+    check_above_zero(cfg, "lr", "the learning rate of ptune's optimizer and PEFT's Trainer")
+    check_in_range(cfg, "weight_decay", "AdamW's weight decay, a finite number of at least 0")
+    check_in_range(cfg, "max_grad_norm", "a finite number of at least 0 (0: no clipping)")
+    check_in_range(cfg, "prefix_dropout", "a number from 0 up to (not) 1", below=1)
     if any(c != "peft" for c in cfg.compare):
         raise ConfigError(f"compare={list(cfg.compare)!r}: expected [peft], or [] to time ptune alone")
     check_above_zero(cfg, "peak_tflops", "the card's dense bf16 peak in TFLOP/s")

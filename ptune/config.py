@@ -215,6 +215,13 @@ def check_above_zero(cfg: DictConfig, key: str, what: str, nullable: bool = Fals
     raise ConfigError(f"{key}={value!r}: expected {what}, a number above 0{null}")
 
 
+def check_in_range(cfg: DictConfig, key: str, expected: str, least: float = 0, below: float = math.inf) -> None:
+    """A number from `least` up to (not) `below`; NaN, infinity and true/false are refused too."""
+    value = OmegaConf.select(cfg, key)
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and least <= value < below):
+        raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+
 def check_flag(cfg: DictConfig, key: str) -> None:
     value = OmegaConf.select(cfg, key)
     if not isinstance(value, bool):

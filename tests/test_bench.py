@@ -121,3 +121,53 @@ def test_adgen_lengths_are_read_like_training_data(tmp_path):
         got.append([(len(r["input_ids"]), sum(x != -100 for x in r["labels"])) for r in bench.adgen_rows(cfg, 100, 0)])
     assert len(got[0]) == 2 and got[0] == got[1]
     assert got[0][0][1] > got[0][1][1]  # the U+2028 summary is the longer target, not cut at the separator
+
+
+def test_bench_training_settings_reach_ptune_and_the_peft_baseline(tmp_path, monkeypatch):
+    """lr, weight_decay and max_grad_norm are one setting for both sides, so the comparison stays like for like;
+    prefix_dropout, pad_to_multiple_of and decode_steady_tokens come from the config, not from the code."""
+    import transformers
+
+    seen = {"steps": set(), "pads": set(), "dropouts": set(), "new_tokens": []}
+    step, collate, encoder, generate = bench.optimizer_step, bench.collate, bench.PrefixEncoder, bench.generate
+    arguments = transformers.TrainingArguments
+
+    def spy_step(*args, max_grad_norm, **kw):
+        group = args[4].param_groups[0]
+        seen["steps"].add((group["lr"], group["weight_decay"], max_grad_norm))
+        return step(*args, max_grad_norm=max_grad_norm, **kw)
+
+    def spy_collate(rows, pad_token_id, *multiple):
+        seen["pads"].update(multiple)
+        return collate(rows, pad_token_id, *multiple)
+
+    def spy_encoder(spec, **kw):
+        seen["dropouts"].add(kw.get("dropout"))
+        return encoder(spec, **kw)
+
+    def spy_generate(*args, max_new_tokens, **kw):
+        seen["new_tokens"].append(max_new_tokens)
+        return generate(*args, max_new_tokens=max_new_tokens, **kw)
+
+    def spy_arguments(**kw):
+        args = arguments(**kw)
+        seen["peft"] = (args.learning_rate, args.weight_decay, args.max_grad_norm)
+        return args
+
+    monkeypatch.setattr(bench, "optimizer_step", spy_step)
+    monkeypatch.setattr(bench, "collate", spy_collate)
+    monkeypatch.setattr(bench, "PrefixEncoder", spy_encoder)
+    monkeypatch.setattr(bench, "generate", spy_generate)
+    monkeypatch.setattr(transformers, "TrainingArguments", spy_arguments)
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("bench", overrides=[
+            TINY, "device=cpu", "prefix_length=4", "max_source_length=5", "max_target_length=6", "num_rows=8",
+            "train_settings=[[2,1]]", "steps=1", "warmup_steps=1", "gradient_checkpointing=false",
+            "cuda_graphs=false", "adgen_settings=[]", "eval_prompts=2", "eval_batches=[]",
+            "decode_steady_batches=[2]", "eval_check_prompts=0", "lr=0.03", "weight_decay=0.01",
+            "max_grad_norm=0.5", "prefix_dropout=0.2", "pad_to_multiple_of=4", "decode_steady_tokens=[2,5]",
+            f"out_json={tmp_path / 'b.json'}"])
+    bench.run(cfg)
+    assert seen["steps"] == {(0.03, 0.01, 0.5)} and seen["peft"] == (0.03, 0.01, 0.5)
+    assert seen["pads"] == {4} and seen["dropouts"] == {0.2, None}  # None: the decoding prefix, not training's
+    assert seen["new_tokens"] == [2, 2, 5]  # warm-up, then the two timed lengths

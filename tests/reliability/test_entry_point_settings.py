@@ -111,6 +111,17 @@ REFUSED = [  # (config, overrides, what the message says)
     ("bench", "device=gpu", "device='gpu': expected auto, cpu, cuda or cuda:N"),
     ("bench", "auto_micro_batch_gib=0", "auto_micro_batch_gib=0: expected a memory ceiling in GiB, a number above 0, "
                                         "or null"),
+    ("bench", "lr=0", "lr=0: expected the learning rate of ptune's optimizer and PEFT's Trainer, a number above 0"),
+    ("bench", "lr=nan", "lr=nan: expected the learning rate of ptune's optimizer and PEFT's Trainer"),
+    ("bench", "weight_decay=-0.1", "weight_decay=-0.1: expected AdamW's weight decay, a finite number of at least 0"),
+    ("bench", "max_grad_norm=inf", "max_grad_norm=inf: expected a finite number of at least 0 (0: no clipping)"),
+    ("bench", "max_grad_norm=true", "max_grad_norm=True: expected a finite number of at least 0"),
+    ("bench", "prefix_dropout=1", "prefix_dropout=1: expected a number from 0 up to (not) 1"),
+    ("bench", "prefix_dropout=-0.1", "prefix_dropout=-0.1: expected a number from 0 up to (not) 1"),
+    ("bench", "pad_to_multiple_of=0", "pad_to_multiple_of=0: expected a whole number of at least 1"),
+    ("bench", "decode_steady_tokens=[16]", "decode_steady_tokens=[16]: expected [fewer, more] new tokens, e.g. [16, 144]"),
+    ("bench", "decode_steady_tokens=[0,16]", "decode_steady_tokens[0]=0: expected a whole number of at least 1"),
+    ("bench", "decode_steady_tokens=[144,16]", "decode_steady_tokens=[144, 16]: expected more new tokens second than first"),
 ]
 CHECKS = {"train": train.check_settings, "evaluate": evaluate.check_settings, "serve": serve.check_settings,
           "bench": bench.check_settings, "quant_check": quant_check.check_settings}
