@@ -298,6 +298,38 @@ def on_rank0(accelerator: Accelerator, work) -> None:
         raise failure
 
 
+def restore(resume_from: Path, state: dict, optim_state: dict, lm: PrefixLM, model, optimizer, scaler,
+            cfg: DictConfig, plan: BatchPlan) -> tuple[int, int]:
+    """Load a checkpoint's prefix, optimizer and loss scale into this run; returns (step, skipped steps). Settings
+    that change the data order from here on are a warning; a different prefix cannot go on and is refused."""
+    recorded = ckpt_io.read_prefix_config(resume_from)
+    check_fits(recorded, model, str(resume_from))
+    if recorded["prefix"] != lm.prefix.spec.to_dict():
+        diff = {k: (v, lm.prefix.spec.to_dict().get(k)) for k, v in recorded["prefix"].items()
+                if lm.prefix.spec.to_dict().get(k) != v}
+        raise TrainingError(f"resume={resume_from}: its prefix differs from this run's ("
+                            + ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in diff.items())
+                            + "); resume with the prefix settings it was trained with")
+    lm.prefix.load_state_dict(ckpt_io.load_prefix_weights(resume_from))
+    optimizer.load_state_dict(optim_state)
+    resumed_optimizer_settings(optimizer, cfg.optim, resume_from)
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    start = state["step"]
+    log.info("resumed from %s at step %d (it was written by %d process(es))", resume_from, start,
+             state.get("world_size", 1))
+    if state.get("seed") not in (None, cfg.seed):
+        log.warning("resume=%s: it was trained with seed %d, this run's is %d; data order and dropout from step %d "
+                    "on are not the ones the original run would have had", resume_from, state["seed"], cfg.seed,
+                    start + 1)
+    if state.get("global_batch") not in (None, plan.global_batch):
+        log.warning("resume=%s: it was trained with global batch %d, this run's is %d (%d x %d x %d ranks); "
+                    "the data order from step %d on is not the one the original run would have seen",
+                    resume_from, state["global_batch"], plan.global_batch, plan.micro_batch, plan.accumulation,
+                    plan.world_size, start + 1)
+    return start, state.get("skipped_steps", 0)
+
+
 def train(cfg: DictConfig) -> Path:
     # accelerate sets up gloo for several CPU processes only when told it runs on the CPU.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -355,30 +387,7 @@ def train(cfg: DictConfig) -> Path:
 
     start, skipped = 0, 0
     if resume_from is not None:
-        recorded = ckpt_io.read_prefix_config(resume_from)
-        check_fits(recorded, model, str(resume_from))
-        if recorded["prefix"] != lm.prefix.spec.to_dict():
-            diff = {k: (v, lm.prefix.spec.to_dict().get(k)) for k, v in recorded["prefix"].items()
-                    if lm.prefix.spec.to_dict().get(k) != v}
-            raise TrainingError(f"resume={resume_from}: its prefix differs from this run's ("
-                                + ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in diff.items())
-                                + "); resume with the prefix settings it was trained with")
-        lm.prefix.load_state_dict(ckpt_io.load_prefix_weights(resume_from))
-        optimizer.load_state_dict(optim_state)
-        resumed_optimizer_settings(optimizer, cfg.optim, resume_from)
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start, skipped = state["step"], state.get("skipped_steps", 0)
-        log.info("resumed from %s at step %d (it was written by %d process(es))", resume_from, start,
-                 state.get("world_size", 1))
-        if state.get("seed") not in (None, cfg.seed):
-            log.warning("resume=%s: it was trained with seed %d, this run's is %d; data order and dropout from step %d "
-                        "on are not the ones the original run would have had", resume_from, state["seed"], cfg.seed,
-                        start + 1)
-        if state.get("global_batch") not in (None, plan.global_batch):
-            log.warning("resume=%s: it was trained with global batch %d, this run's is %d (%d x %d x %d ranks); "
-                        "the data order from step %d on is not the one the original run would have seen",
-                        resume_from, state["global_batch"], plan.global_batch, micro, accum, world, start + 1)
+        start, skipped = restore(resume_from, state, optim_state, lm, model, optimizer, scaler, cfg, plan)
 
     if start >= t.max_steps:  # config.yaml stays the config that trained the checkpoints
         log.warning("resume=%s is at step %d, trainer.max_steps=%d: nothing to train; raise trainer.max_steps to go "
