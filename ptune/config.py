@@ -272,12 +272,12 @@ def check_data_lengths(cfg: DictConfig, nullable: bool = False) -> None:
 def check_quantization(cfg: DictConfig, inference: bool = False) -> None:
     """model.quantization: null or a mode that ptune.quant has; the inference entry points also take false,
     which loads a float base for a checkpoint that trained on a quantized one."""
-    from ptune.quant import check_mode
+    from ptune.quant import DEFAULT_GROUP_SIZE, check_mode
 
     mode = cfg.model.get("quantization")
     if mode is None or (inference and mode is False):
         return
-    check_mode(mode, cfg.model.get("quantization_group_size") or 128)
+    check_mode(mode, cfg.model.get("quantization_group_size") or DEFAULT_GROUP_SIZE)
 
 
 def check_inference_model(cfg: DictConfig) -> None:

@@ -131,9 +131,10 @@ def load_model(model_cfg, device: torch.device | str = "cpu"):
 
     quant = model_cfg.get("quantization")
     if quant:
-        from ptune.quant import quantized_base
+        from ptune.quant import DEFAULT_GROUP_SIZE, quantized_base
 
-        model = quantized_base(load_float, str(quant), int(model_cfg.get("quantization_group_size") or 128),
+        group_size = int(model_cfg.get("quantization_group_size") or DEFAULT_GROUP_SIZE)
+        model = quantized_base(load_float, str(quant), group_size,
                                cache_dir=model_cfg.get("quantization_cache"), source=path, dtype=dtype,
                                device=device, attn_implementation=model_cfg.attn_implementation)
     else:
@@ -267,13 +268,16 @@ def inference_model_settings(prefix_config: dict | None, overrides: dict) -> dic
 def base_identity_settings(settings: dict, device: torch.device) -> dict:
     """The model settings that decide which base gets loaded, resolved (the folder, `auto` dtype): two
     checkpoints with equal ones share a loaded base, and scores made with other ones are not reused."""
+    from ptune.quant import DEFAULT_GROUP_SIZE
+
     quant = settings.get("quantization") or None  # false (a float base whatever was recorded) is null here
     return {"path": str(Path(str(settings["path"])).expanduser().resolve()),
             "dtype": str(resolve_dtype(str(settings.get("dtype", "auto")), device)),
             "attn_implementation": settings.get("attn_implementation"),
             "trust_remote_code": bool(settings.get("trust_remote_code")),
             "quantization": quant,
-            "quantization_group_size": int(settings.get("quantization_group_size") or 128) if quant else None,
+            "quantization_group_size": int(settings.get("quantization_group_size") or DEFAULT_GROUP_SIZE) if quant
+                                       else None,
             "fused_layers": bool(settings.get("fused_layers", True))}
 
 

@@ -71,6 +71,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 MODES = ("int8", "int4")
+# int4's group size where no setting names one: a base quantized alone for inference (checkpoint=null, whose
+# model.quantization_group_size is null). Training takes conf/model/*.yaml's, the same value.
+DEFAULT_GROUP_SIZE = 128
 FORMAT_VERSION = 2  # 2: int4 nibbles split by group halves (1: interleaved)
 WEIGHTS_FILE = "quantized.safetensors"
 META_FILE = "quantization.json"
@@ -313,7 +316,7 @@ class _QuantizedMatmul(torch.autograd.Function):
 class QuantizedLinear(nn.Module):
     """A frozen linear layer whose weight is stored as int8 (per-channel) or packed int4 (per-group)."""
 
-    def __init__(self, in_features: int, out_features: int, mode: str, group_size: int = 128, bias: bool = True,
+    def __init__(self, in_features: int, out_features: int, mode: str, group_size: int = DEFAULT_GROUP_SIZE, bias: bool = True,
                  bias_dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         check_mode(mode, group_size)
@@ -335,7 +338,7 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_float(cls, layer: nn.Module, mode: str, group_size: int = 128) -> "QuantizedLinear":
+    def from_float(cls, layer: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> "QuantizedLinear":
         """Quantize an `nn.Linear` or a transformers `Conv1D` (weight stored transposed) on its device."""
         weight = layer.weight.detach()
         if not isinstance(layer, nn.Linear):  # Conv1D: y = x @ W + b with W (in, out)
@@ -399,7 +402,7 @@ def _tensor_bytes(t: torch.Tensor | None) -> int:
 
 
 @torch.no_grad()
-def quantize_model(model, mode: str, group_size: int = 128, skip=("lm_head",)) -> dict:
+def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, skip=("lm_head",)) -> dict:
     """Replace the decoder's linear layers by :class:`QuantizedLinear`, one at a time, in place.
 
     Returns a summary: layers replaced, those padded to the group size, and weight bytes before/after.
@@ -456,7 +459,7 @@ def _read_meta(directory: Path) -> dict | None:
         return None
 
 
-def cache_matches(directory: str | Path, mode: str, group_size: int = 128, dtype: torch.dtype | None = None,
+def cache_matches(directory: str | Path, mode: str, group_size: int = DEFAULT_GROUP_SIZE, dtype: torch.dtype | None = None,
                   source: dict | None = None) -> bool:
     """Whether `directory` holds a complete cache of this mode/group size (and dtype, and source when given)."""
     directory = Path(directory)
@@ -553,7 +556,7 @@ def load_quantized(directory: str | Path, model=None, *, device: torch.device | 
     for name, spec in meta["layers"].items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantizedLinear(spec["in_features"], spec["out_features"], mode, group or 128,
+        setattr(parent, child, QuantizedLinear(spec["in_features"], spec["out_features"], mode, group or DEFAULT_GROUP_SIZE,
                                                bias=spec["bias"], device="meta"))
     device = torch.device(device)
     loaded: set[str] = set()
@@ -597,7 +600,7 @@ def load_quantized(directory: str | Path, model=None, *, device: torch.device | 
     return model
 
 
-def quantized_base(load_float: Callable[[], nn.Module], mode: str, group_size: int = 128, *,
+def quantized_base(load_float: Callable[[], nn.Module], mode: str, group_size: int = DEFAULT_GROUP_SIZE, *,
                    cache_dir: str | Path | None = None, source: str | Path | None = None,
                    dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                    attn_implementation: str | None = None):
