@@ -106,6 +106,10 @@ class MultirunFailures(Callback):
 
 
 def _make_folder(path: str, setting: str) -> None:
+    if not str(path).strip():  # e.g. output_dir=$UNSET: Hydra would take the current folder as the run's
+        print(f"error: {setting} is empty; pass the folder to write the run to, e.g. {setting}=outputs/my_run",
+              file=sys.stderr)
+        sys.exit(1)
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -31,10 +31,19 @@ class Columns:
     history: str | None = None
 
 
+# Archives and binary formats, known by their first bytes: AdvertiseGen itself ships as a .tar.gz.
+_PACKED = ((b"\x1f\x8b", "gzip-compressed"), (b"PK\x03\x04", "zip"), (b"BZh", "bzip2-compressed"),
+           (b"\xfd7zXZ\x00", "xz-compressed"), (b"\x28\xb5\x2f\xfd", "zstd-compressed"), (b"PAR1", "Parquet"),
+           (b"7z\xbc\xaf\x27\x1c", "7-Zip"))
+
+
 def _decode(path: Path) -> str:
     raw = path.read_bytes()
     # Drop a byte-order mark (Windows editors add one) so error offsets count from the file's real start.
     bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    for magic, kind in _PACKED:
+        if raw.startswith(magic):
+            raise DataError(f"{path}: a {kind} file, not JSON text; unpack it and pass the JSON file inside")
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:4096]:
         # UTF-16 (Windows "Unicode"), with or without its mark: ASCII text then holds a NUL byte per character,
         # which is valid UTF-8 and would only surface as a puzzling JSON error.

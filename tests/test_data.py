@@ -245,6 +245,24 @@ def test_a_utf16_file_is_named_as_such_with_or_without_its_byte_order_mark(tmp_p
         read_rows(path)
 
 
+@pytest.mark.parametrize("packer, kind", [("gzip", "gzip-compressed"), ("zip", "zip")])
+def test_a_compressed_data_file_is_named_as_such(tmp_path, packer, kind):
+    """AdvertiseGen ships packed; the packed file's NUL bytes used to be reported as UTF-16."""
+    import gzip
+    import zipfile
+
+    text = '{"content": "类型#裙", "summary": "红色"}\n'
+    path = tmp_path / f"train.json.{'gz' if packer == 'gzip' else 'zip'}"
+    if packer == "gzip":
+        path.write_bytes(gzip.compress(text.encode("utf-8")))
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("train.json", text)
+    with pytest.raises(DataError, match=re.escape(f"{path}: a {kind} file, not JSON text; unpack it and pass the "
+                                                  "JSON file inside")):
+        read_rows(path)
+
+
 def test_read_rows_non_utf8_after_bom_names_line(tmp_path):
     path = tmp_path / "d.jsonl"
     # The bad byte sits right after the first newline: 3 bytes of BOM shift is enough to miss the newline.

@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import REPO
 from ptune import checkpoint as ck
 from reliability_harness import (assert_clean_error, Background, cli, kill_quietly, logged, prefix_of, snapshot,
                                  train_args, train_in_background)
@@ -161,3 +162,11 @@ def test_a_run_folder_that_cannot_be_made_is_one_line_naming_the_setting(setup, 
                   "prefix.length=2,4")
         assert_clean_error(res, f"error: hydra.sweep.dir={out}: cannot create this folder (Not a directory)")
     assert (tmp_path / "file").read_text(encoding="utf-8") == "not a folder" and not (tmp_path / "unused").exists()
+
+
+def test_an_empty_output_dir_is_refused_not_taken_as_the_current_folder(setup, tmp_path):
+    """output_dir=$UNSET gives an empty value, which Hydra would take as the current folder and fill."""
+    model, data, _ = setup
+    res = cli("ptune.train", *train_args(model, data, tmp_path / "unused"), "output_dir=")
+    assert_clean_error(res, "error: output_dir is empty; pass the folder to write the run to")
+    assert not (REPO / "train.log").exists() and not (REPO / "checkpoint-8").exists()
