@@ -133,6 +133,11 @@ def load_model(model_cfg, device: torch.device | str = "cpu"):
     if quant:
         from ptune.quant import DEFAULT_GROUP_SIZE, quantized_base
 
+        cache = model_cfg.get("quantization_cache")
+        if cache and Path(str(cache)).expanduser().resolve() == path.resolve():
+            # The cache writes its own config.json: over the base's, every later load would build the wrong model.
+            raise ModelError(f"model.quantization_cache={cache}: that is the base model's own folder "
+                             "(model.path); give the quantized copy a folder of its own")
         group_size = int(model_cfg.get("quantization_group_size") or DEFAULT_GROUP_SIZE)
         model = quantized_base(load_float, str(quant), group_size,
                                cache_dir=model_cfg.get("quantization_cache"), source=path, dtype=dtype,

@@ -308,6 +308,25 @@ def counting_loader(src):
     return load_float, calls
 
 
+def test_a_cache_in_the_base_models_own_folder_is_refused_before_writing(tmp_path, tiny_model_dir):
+    """The cache writes a config.json of its own: in the base's folder it would replace the base's."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from ptune.models import ModelError, load_model
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir("llama"), base)
+    before = {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()}
+    cfg = OmegaConf.create({"path": str(base), "dtype": "float32", "attn_implementation": "sdpa",
+                            "trust_remote_code": False, "quantization": "int8", "quantization_group_size": 128,
+                            "quantization_cache": str(base) + "/"})
+    with pytest.raises(ModelError, match=r"model.quantization_cache=.*: that is the base model's own folder"):
+        load_model(cfg)
+    assert {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()} == before
+
+
 def test_quantized_base_uses_the_cache_until_the_source_changes(tmp_path, tiny_model_dir):
     src = tiny_model_dir("llama")
     cache = tmp_path / "cache"
