@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ptune.files import sha256_file
+from ptune.files import save_tensors, sha256_file
 
 PREFIX_FILE = "prefix.safetensors"
 CONFIG_FILE = "prefix_config.json"
@@ -108,14 +108,14 @@ def _write_into(tmp: Path, step: int, prefix_state, prefix_config, trainer_state
     """A complete checkpoint's files in the new folder `tmp`, flushed, manifest last."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in prefix_state.items()}, tmp / PREFIX_FILE,
-              metadata={"format": "ptune-prefix"})
+    save_tensors({k: v.detach().contiguous().cpu() for k, v in prefix_state.items()}, tmp / PREFIX_FILE,
+                 metadata={"format": "ptune-prefix"})
     _write_json(tmp / CONFIG_FILE, {**prefix_config, "step": step, "format_version": FORMAT_VERSION})
     if trainer_state is not None:
         state = dict(trainer_state)
         if optimizer_state is not None:
             tensors, meta = optimizer_to_tensors(optimizer_state)
-            save_file(tensors, tmp / OPTIMIZER_FILE)
+            save_tensors(tensors, tmp / OPTIMIZER_FILE)
             state["optimizer"] = meta
         _write_json(tmp / STATE_FILE, {**state, "step": step})
     files = sorted(p.name for p in tmp.iterdir())

@@ -1,4 +1,5 @@
-"""Files written whole (a reader, or a crash part-way, never sees half of one) and their SHA-256."""
+"""Files written whole (a reader, or a crash part-way, never sees half of one), tensors written readable like any
+other file, and SHA-256 of files."""
 
 from __future__ import annotations
 
@@ -32,6 +33,24 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with replacing(path) as tmp:
         with open(tmp, "x", encoding="utf-8", newline="") as f:
             f.write(text)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; restored at once, at import, before any thread
+    os.umask(mask)
+    return mask
+
+
+NEW_FILE_MODE = 0o666 & ~_umask()
+
+
+def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' save_file, leaving the file as readable as any other new file: save_file makes it owner-only,
+    and a shared run folder's prefix would be unreadable to the colleague who evaluates or resumes it."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, NEW_FILE_MODE)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

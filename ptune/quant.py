@@ -477,7 +477,7 @@ def save_quantized(model, directory: str | Path, source: dict | None = None) -> 
     """Write a quantized model to `directory`: every parameter and buffer (one copy of tied tensors) in
     `quantized.safetensors`, plus `config.json`, `generation_config.json` and `quantization.json`
     (mode, group size, dtype, the quantized layers, tied names, `source` as given)."""
-    from safetensors.torch import save_file
+    from ptune.files import save_tensors
 
     info = getattr(model, "ptune_quantization", None)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
@@ -499,7 +499,7 @@ def save_quantized(model, directory: str | Path, source: dict | None = None) -> 
             continue
         seen[key] = name
         tensors[name] = t.detach().to("cpu").contiguous()
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_tensors(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     model.config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)

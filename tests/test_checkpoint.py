@@ -343,14 +343,14 @@ def test_resave_same_step_replaces_atomically(tmp_path):
 
 def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     full_save(tmp_path, 5, seed=1)
-    real = ck.save_file
+    real = ck.save_tensors
 
     def crash_on_optimizer(tensors, path, *a, **kw):
         if Path(path).name == OPTIMIZER_FILE:
             raise OSError("disk full")
         return real(tensors, path, *a, **kw)
 
-    monkeypatch.setattr(ck, "save_file", crash_on_optimizer)
+    monkeypatch.setattr(ck, "save_tensors", crash_on_optimizer)
     for step in (5, 6):
         with pytest.raises(CheckpointError, match="disk full"):
             full_save(tmp_path, step, seed=2)
@@ -379,7 +379,7 @@ def test_a_full_disk_during_a_save_is_one_checkpoint_error_and_leaves_nothing_be
 
     full_save(tmp_path, 5, seed=1)
     before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoint-5").iterdir()}
-    real_save, real_write, real_rename = ck.save_file, ck._write_json, Path.rename
+    real_save, real_write, real_rename = ck.save_tensors, ck._write_json, Path.rename
 
     def save_file(tensors, path, *a, **kw):
         if Path(path).name == failing:  # what safetensors raises for ENOSPC
@@ -399,7 +399,7 @@ def test_a_full_disk_during_a_save_is_one_checkpoint_error_and_leaves_nothing_be
 
     failed = []
 
-    monkeypatch.setattr(ck, "save_file", save_file)
+    monkeypatch.setattr(ck, "save_tensors", save_file)
     monkeypatch.setattr(ck, "_write_json", write_json)
     monkeypatch.setattr(Path, "rename", rename)
     with pytest.raises(CheckpointError, match=rf"could not write {tmp_path / f'checkpoint-{step}'}: .*"

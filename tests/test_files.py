@@ -46,3 +46,22 @@ def test_sha256_of_a_file(tmp_path):
     path = tmp_path / "x.bin"
     path.write_bytes(b"abc")
     assert sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_saved_tensors_are_as_readable_as_any_new_file(tmp_path):
+    """safetensors makes its files owner-only: a shared run folder's prefix was unreadable to the colleague who
+    evaluates or resumes it, beside readable JSON files."""
+    import torch
+
+    from ptune import checkpoint as ck
+    from ptune.files import NEW_FILE_MODE, save_tensors
+
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    save_tensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) \
+        == NEW_FILE_MODE
+    out = ck.save_checkpoint(tmp_path / "run", 1, {"w": torch.zeros(2)}, {"prefix": {}}, {"seed": 0},
+                             torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1).state_dict())
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
+        p.name: NEW_FILE_MODE for p in out.iterdir()}

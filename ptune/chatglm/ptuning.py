@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ptune import checkpoint as ckpt_io
+from ptune.files import save_tensors
 from ptune.prefix import PrefixSpec
 
 REF_PREFIX = "transformer.prefix_encoder."
@@ -274,8 +274,8 @@ def export_checkpoint(ckpt, out_dir) -> Path:
     if base.get("vocab_size") is not None:
         ref_cfg.setdefault("padded_vocab_size", base["vocab_size"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({REF_PREFIX + k: v.contiguous() for k, v in weights.items()}, out_dir / "model.safetensors",
-              metadata={"format": "pt"})
+    save_tensors({REF_PREFIX + k: v.contiguous() for k, v in weights.items()}, out_dir / "model.safetensors",
+                 metadata={"format": "pt"})
     (out_dir / CONFIG).write_text(json.dumps(ref_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out_dir
 

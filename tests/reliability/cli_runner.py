@@ -45,7 +45,7 @@ def fault_kill_in_save_file(file: str, step: int, truncate: bool = False) -> Non
     half of it has reached the disk)."""
     import ptune.checkpoint as ck
 
-    real = ck.save_file
+    real = ck.save_tensors
 
     def save_file(tensors, path, *args, **kwargs):
         if Path(path).name == file and _in_save_of(path, step):
@@ -56,7 +56,7 @@ def fault_kill_in_save_file(file: str, step: int, truncate: bool = False) -> Non
             _die()
         return real(tensors, path, *args, **kwargs)
 
-    ck.save_file = save_file
+    ck.save_tensors = save_file
 
 
 def fault_kill_at_fsync(file: str, step: int) -> None:
