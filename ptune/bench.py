@@ -402,6 +402,14 @@ def check_settings(cfg: DictConfig) -> torch.device:
         from ptune.quant import check_mode
 
         check_mode(cfg.quantization, cfg.quantization_group_size)
+    for key in ("out_json", "benchmarks_md"):  # written after the whole run: a bad path would lose every number
+        if cfg[key]:
+            from ptune.evaluate import check_writable
+
+            path = Path(str(cfg[key])).expanduser()
+            check_writable(path.parent, key)
+            if path.is_dir():
+                raise ConfigError(f"{key}={cfg[key]}: a folder, expected the path of a file to write")
     device = resolve_device(cfg.device)
     if device.type == "cpu" and str(cfg.device) == "auto":
         # The default model_config is a 6B model: on the CPU it would take hours and ~50 GB before a first number.

@@ -109,6 +109,8 @@ REFUSED = [  # (config, overrides, what the message says)
     ("bench", "quantization=int4 quantization_group_size=3", "quantization group size 3: int4 needs an even group"),
     ("bench", "peak_tflops=0", "peak_tflops=0: expected the card's dense bf16 peak in TFLOP/s, a number above 0"),
     ("bench", "device=gpu", "device='gpu': expected auto, cpu, cuda or cuda:N"),
+    ("bench", "out_json=tests", "out_json=tests: a folder, expected the path of a file to write"),
+    ("bench", "benchmarks_md=README.md/B.md", "benchmarks_md=README.md: cannot write there, README.md is not a folder"),
     ("bench", "auto_micro_batch_gib=0", "auto_micro_batch_gib=0: expected a memory ceiling in GiB, a number above 0, "
                                         "or null"),
     ("bench", "lr=0", "lr=0: expected the learning rate of ptune's optimizer and PEFT's Trainer, a number above 0"),
