@@ -231,7 +231,7 @@ def peft_train(model, rows, micro: int, accum: int, cfg, device, pad_to: int) ->
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
-            max_steps=cfg.warmup_steps + cfg.steps, learning_rate=float(cfg.lr), lr_scheduler_type="linear",
+            max_steps=cfg.warmup_steps + cfg.steps, learning_rate=float(cfg.lr), lr_scheduler_type="constant",
             bf16=device.type == "cuda", logging_steps=10_000, save_strategy="no", report_to=[],
             dataloader_num_workers=0, remove_unused_columns=False, use_cpu=device.type != "cuda",
             weight_decay=float(cfg.weight_decay), max_grad_norm=float(cfg.max_grad_norm),
@@ -369,9 +369,9 @@ def check_settings(cfg: DictConfig) -> torch.device:
         check_flag(cfg, key)
     for key in ("prefix_length", "max_source_length", "max_target_length", "num_rows", "steps", "loss_chunk_size",
                 "eval_prompts", "eval_new_tokens", "pad_to_multiple_of", "graphs_pad_to_multiple_of",
-                "quantization_group_size"):
+                "quantization_group_size", "eval_prompts_at_batch1"):
         check_count(cfg, key)
-    for key in ("seed", "warmup_steps", "eval_prompts_at_batch1", "eval_check_prompts", "adgen_group_by_length"):
+    for key in ("seed", "warmup_steps", "eval_check_prompts", "adgen_group_by_length"):
         check_count(cfg, key, least=0)
     for key in ("train_settings", "adgen_settings"):
         for i, pair in enumerate(cfg[key]):
@@ -423,8 +423,23 @@ def check_settings(cfg: DictConfig) -> torch.device:
     return device
 
 
+def batches_run(cfg: DictConfig, key: str, prompts: int) -> list[int]:
+    """cfg[key]'s batch sizes as they run on `prompts` prompts: a larger one runs them all in one batch, so it is
+    named by that count (as eval_check_prompts is), and a size reached twice is timed once."""
+    sizes = []
+    for batch in cfg[key]:
+        if batch > prompts:
+            log.info("%s: %d is more than eval_prompts=%d; timing batch %d instead", key, batch, prompts, prompts)
+        sizes.append(min(int(batch), prompts))
+    return list(dict.fromkeys(sizes))
+
+
 def run(cfg: DictConfig) -> dict:
     device = check_settings(cfg)
+    graphs = bool(cfg.cuda_graphs) and device.type == "cuda"
+    if cfg.cuda_graphs and not graphs:
+        # micro_batch_loss runs eager off CUDA: such rows would repeat the plain ones under a +graphs name.
+        log.info("cuda_graphs: no CUDA on %s, so the +graphs rows are skipped", device.type)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(cfg, device, dtype)
     vocab = model.config.vocab_size
@@ -467,30 +482,30 @@ def run(cfg: DictConfig) -> dict:
             add(f"train ptune {tag} +compile", ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None,
                                                            sort=True, checkpointing=False, compiled=True),
                 f"train peft {tag}")
-            if cfg.cuda_graphs:
+            if graphs:
                 add(f"train ptune {tag} +compile +graphs",
                     ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None, sort=True, checkpointing=False,
                                 compiled=True, graphs=True), f"train peft {tag}")
             for layer in model.get_decoder().layers:  # back to eager for what follows
                 layer._compiled_call_impl = None
-        if cfg.cuda_graphs:
+        if graphs:
             add(f"train ptune {tag} +graphs", ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None,
                                                           sort=True, checkpointing=False, graphs=True),
                 f"train peft {tag}")
         if cfg.gradient_checkpointing:
             add(f"train ptune {tag} +ckpt", ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None,
                                                         sort=True, checkpointing=True), f"train ptune {tag}")
-        if cfg.gradient_checkpointing and cfg.cuda_graphs:
+        if cfg.gradient_checkpointing and graphs:
             add(f"train ptune {tag} +ckpt +graphs", ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None,
                                                                 sort=True, checkpointing=True, graphs=True),
                 f"train ptune {tag}")
         for ckpt in (False, True, "auto") if cfg.auto_micro_batch_gib else ():
             r = ptune_train(model, fixed, micro, accum, cfg, device, pad_to=None, sort=True, checkpointing=ckpt,
-                            graphs=bool(cfg.cuda_graphs), fit_gib=cfg.auto_micro_batch_gib)
+                            graphs=graphs, fit_gib=cfg.auto_micro_batch_gib)
             recomputed = {False: "", True: " +ckpt"}.get(ckpt, " +ckpt auto" + (
                 f" ({r['recomputed_layers']} of {model.config.num_hidden_layers} layers)" if r.get("fits", True) else ""))
             add(f"train ptune {micro * accum} rows, auto <= {cfg.auto_micro_batch_gib} GiB: {r['split']}" + recomputed
-                + (" +graphs" if cfg.cuda_graphs else "") + ("" if r.get("fits", True) else " (nothing fits)"),
+                + (" +graphs" if graphs else "") + ("" if r.get("fits", True) else " (nothing fits)"),
                 r, f"train peft {tag}" if r.get("fits", True) else None)
     real = adgen_rows(cfg, vocab, cfg.seed) if cfg.adgen_settings else None
     for micro, accum in cfg.adgen_settings if real is not None else []:
@@ -498,9 +513,9 @@ def run(cfg: DictConfig) -> dict:
         base = f"train ptune adgen {tag} padded-193"
         add(base, ptune_train(model, real, micro, accum, cfg, device, pad_to=pad_to, sort=False, checkpointing=False))
         k = int(cfg.adgen_group_by_length)
-        for graphs in (False, True) if cfg.cuda_graphs else (False,):
-            more = dict(graphs=True, pad_multiple=int(cfg.graphs_pad_to_multiple_of)) if graphs else {}
-            plus = " +graphs" if graphs else ""
+        for graphed in (False, True) if graphs else (False,):
+            more = dict(graphs=True, pad_multiple=int(cfg.graphs_pad_to_multiple_of)) if graphed else {}
+            plus = " +graphs" if graphed else ""
             add(f"train ptune adgen {tag} sorted{plus}", ptune_train(model, real, micro, accum, cfg, device,
                                                                       pad_to=None, sort=True, checkpointing=False,
                                                                       **more), base)
@@ -510,19 +525,19 @@ def run(cfg: DictConfig) -> dict:
                                 group_by_length=k, **more), base)
     g = random.Random(cfg.seed)
     prompts = [[g.randrange(10, vocab) for _ in range(cfg.max_source_length)] for _ in range(cfg.eval_prompts)]
-    for batch in cfg.eval_batches:
+    for batch in batches_run(cfg, "eval_batches", len(prompts)):
         n = min(len(prompts), cfg.eval_prompts_at_batch1) if batch == 1 else len(prompts)
         if "peft" in cfg.compare:
             add(f"eval peft batch {batch} ({n} prompts)", peft_eval(model, prompts[:n], cfg.eval_new_tokens, batch,
                                                                    cfg, device))
         add(f"eval ptune batch {batch} ({n} prompts)", ptune_eval(model, prompts[:n], cfg.eval_new_tokens, batch, cfg,
                                                                  device), f"eval peft batch {batch} ({n} prompts)")
-    for batch in cfg.decode_steady_batches:
+    for batch in batches_run(cfg, "decode_steady_batches", len(prompts)):
         add(f"decode ptune steady batch {batch} (seconds a step)", decode_steady(model, prompts, batch, cfg, device))
-    for batch in cfg.decode_compile_batches:
+    for batch in batches_run(cfg, "decode_compile_batches", len(prompts)):
         # Compiled decoding step: the first call compiles (not timed), then end to end, steady state, and
         # greedy tokens against the eager step's.
-        n = min(len(prompts), cfg.eval_prompts_at_batch1) if batch == 1 else min(len(prompts), batch)
+        n = min(len(prompts), cfg.eval_prompts_at_batch1) if batch == 1 else batch
         eager, fused = [], []
         ptune_eval(model, prompts[:batch], 2, batch, cfg, device, compile_step=True)
         ptune_eval(model, prompts[:n], cfg.eval_new_tokens, batch, cfg, device, keep=eager)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO, SHARED
 from ptune import bench
+from ptune.errors import ConfigError
 
 
 @pytest.mark.slow
@@ -56,9 +58,17 @@ def test_bench_times_widening_a_quantized_base(tmp_path):
     assert "| widen quantized base, eager | - | - | - |" in (tmp_path / "B.md").read_text()
 
 
-def test_bench_adgen_rows_compare_against_reference_padding(tmp_path, monkeypatch):
+def test_bench_refuses_no_prompts_at_batch1():
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("bench", overrides=[TINY, "device=cpu", "eval_prompts_at_batch1=0"])
+    with pytest.raises(ConfigError, match=r"^eval_prompts_at_batch1=0: expected a whole number of at least 1$"):
+        bench.check_settings(cfg)
+
+
+def test_bench_adgen_rows_compare_against_reference_padding(tmp_path, monkeypatch, caplog):
     # Rows of AdvertiseGen-like lengths without the ChatGLM tokenizer: what is under test is the bench's
-    # batching of them (padded to the longest possible row, sorted, grouped), not the tokenizer.
+    # batching of them (padded to the longest possible row, sorted, grouped), not the tokenizer. cuda_graphs is
+    # on (the default), but on the CPU nothing is graphed, so no row may say +graphs.
     def varied_rows(cfg, vocab, seed):
         rows = []
         for i in range(16):
@@ -74,10 +84,12 @@ def test_bench_adgen_rows_compare_against_reference_padding(tmp_path, monkeypatc
             "train_settings=[]", "adgen_settings=[[4,2]]", "adgen_group_by_length=2", "steps=1",
             "warmup_steps=1", "eval_batches=[]", "decode_steady_batches=[]", "eval_check_prompts=0", "compare=[]",
             f"out_json={tmp_path / 'b.json'}"])
+    caplog.set_level(logging.INFO, logger="ptune.bench")
     results = bench.run(cfg)["results"]
     base = "train ptune adgen mb4x2 padded-193"
-    others = [f"train ptune adgen mb4x2 {k}{g}" for k in ("sorted", "grouped-2") for g in ("", " +graphs")]
+    others = ["train ptune adgen mb4x2 sorted", "train ptune adgen mb4x2 grouped-2"]
     assert set(results) == {base, *others}
+    assert "cuda_graphs: no CUDA on cpu, so the +graphs rows are skipped" in caplog.messages
     for name in others:
         r = results[name]
         assert r["baseline"] == base and r["ratio"] == pytest.approx(r["samples_per_s"] / results[base]["samples_per_s"])
@@ -124,8 +136,9 @@ def test_adgen_lengths_are_read_like_training_data(tmp_path):
 
 
 def test_bench_training_settings_reach_ptune_and_the_peft_baseline(tmp_path, monkeypatch):
-    """lr, weight_decay and max_grad_norm are one setting for both sides, so the comparison stays like for like;
-    prefix_dropout, pad_to_multiple_of and decode_steady_tokens come from the config, not from the code."""
+    """lr, weight_decay and max_grad_norm are one setting for both sides, and the learning rate is constant on both,
+    so the comparison stays like for like; prefix_dropout, pad_to_multiple_of and decode_steady_tokens come from the
+    config, not from the code. A steady-decoding batch above eval_prompts is named by the batch that ran."""
     import transformers
 
     seen = {"steps": set(), "pads": set(), "dropouts": set(), "new_tokens": []}
@@ -151,7 +164,7 @@ def test_bench_training_settings_reach_ptune_and_the_peft_baseline(tmp_path, mon
 
     def spy_arguments(**kw):
         args = arguments(**kw)
-        seen["peft"] = (args.learning_rate, args.weight_decay, args.max_grad_norm)
+        seen["peft"] = (args.learning_rate, args.weight_decay, args.max_grad_norm, args.lr_scheduler_type)
         return args
 
     monkeypatch.setattr(bench, "optimizer_step", spy_step)
@@ -164,10 +177,13 @@ def test_bench_training_settings_reach_ptune_and_the_peft_baseline(tmp_path, mon
             TINY, "device=cpu", "prefix_length=4", "max_source_length=5", "max_target_length=6", "num_rows=8",
             "train_settings=[[2,1]]", "steps=1", "warmup_steps=1", "gradient_checkpointing=false",
             "cuda_graphs=false", "adgen_settings=[]", "eval_prompts=2", "eval_batches=[]",
-            "decode_steady_batches=[2]", "eval_check_prompts=0", "lr=0.03", "weight_decay=0.01",
+            "decode_steady_batches=[2,3]", "eval_check_prompts=0", "lr=0.03", "weight_decay=0.01",
             "max_grad_norm=0.5", "prefix_dropout=0.2", "pad_to_multiple_of=4", "decode_steady_tokens=[2,5]",
             f"out_json={tmp_path / 'b.json'}"])
-    bench.run(cfg)
-    assert seen["steps"] == {(0.03, 0.01, 0.5)} and seen["peft"] == (0.03, 0.01, 0.5)
+    results = bench.run(cfg)["results"]
+    assert seen["steps"] == {(0.03, 0.01, 0.5)} and seen["peft"] == (0.03, 0.01, 0.5, "constant")
     assert seen["pads"] == {4} and seen["dropouts"] == {0.2, None}  # None: the decoding prefix, not training's
-    assert seen["new_tokens"] == [2, 2, 5]  # warm-up, then the two timed lengths
+    assert seen["new_tokens"] == [2, 2, 5]  # warm-up, then the two timed lengths; batch 3 ran as batch 2, once
+    steady = [name for name in results if name.startswith("decode")]
+    assert steady == ["decode ptune steady batch 2 (seconds a step)"]
+    assert results[steady[0]]["tokens_per_s"] == pytest.approx(2 / results[steady[0]]["seconds"])
