@@ -199,6 +199,13 @@ def free_socket() -> socket.socket:
     return sock
 
 
+def two_rank_launcher() -> list[str]:
+    """`torchrun --nproc_per_node 2` on a free port: a fixed one can be held by another test's ranks."""
+    with free_socket() as sock:
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+
+
 class LiveServer:
     """The app under a real uvicorn server in a background thread, on a free loopback port."""
 

@@ -7,12 +7,11 @@ import json
 import math
 import random
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, build_tokenizer, logged, run_train, small_run, tiny_config
+from conftest import REPO, build_tokenizer, logged, run_train, small_run, tiny_config, two_rank_launcher
 from ptune.data import BatchPlan
 from ptune.fit import (Probe, divisors_descending, fastest, fewest_layers, fit_micro_batch_and_recompute,
                        micro_batch_shapes, outermost)
@@ -121,6 +120,7 @@ for name, candidates in cases.items():
 # one file per rank: two processes printing to one pipe can interleave their lines
 with open(f"{sys.argv[1]}/agreed{rank}.json", "w") as f:
     json.dump(out, f)
+dist.destroy_process_group()  # left to interpreter exit, gloo's threads can abort the process
 """
 
 
@@ -129,8 +129,8 @@ def test_ranks_agree_on_one_split_and_layer_count(tmp_path):
     any rank needed, a split only if every rank measured it, and the fastest by summed time."""
     script = tmp_path / "agree.py"
     script.write_text(_RANK_CANDIDATES)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29519", str(script), str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*two_rank_launcher(), str(script), str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     agreed = [json.loads((tmp_path / f"agreed{rank}.json").read_text()) for rank in (0, 1)]
     assert agreed[0] == agreed[1]
@@ -284,7 +284,7 @@ def test_auto_recompute_fits_the_ceiling_with_the_fewest_layers_and_trains_like_
 def test_auto_recompute_under_torchrun_agrees_and_trains_like_that_setting(deep_glm, sample_file, tmp_path):
     """Two ranks, each probing its own GPU, settle on one split and layer count under a ceiling between none
     and all recomputed, stay under it, and train exactly as that setting given by hand on two ranks does."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521", "-m"]
+    launcher = [*two_rank_launcher(), "-m"]
     common = ["trainer.per_device_batch_size=1", "trainer.gradient_accumulation_steps=8", "trainer.max_steps=4",
               "trainer.save_steps=4", "model.dtype=bfloat16"]
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_socket, logged, run_train, small_run
+from conftest import REPO, logged, run_train, small_run, two_rank_launcher
 from ptune.checkpoint import list_checkpoints
 
 
@@ -26,7 +25,7 @@ def test_torchrun_two_gloo_processes_match_one_process(tiny_model_dir, sample_fi
     one = tmp_path / "one"
     run_train(*small_run(model, sample_file, one, *common, "trainer.gradient_accumulation_steps=4"), env=cpu)
     two = tmp_path / "two"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m"]
+    launcher = [*two_rank_launcher(), "-m"]
     run_train(*small_run(model, sample_file, two, *common), launcher=launcher, env=cpu)
     a = load_file(one / "checkpoint-5" / "prefix.safetensors")["embedding.weight"]
     b = load_file(two / "checkpoint-5" / "prefix.safetensors")["embedding.weight"]
@@ -41,10 +40,7 @@ def test_torchrun_two_gloo_processes_match_one_process(tiny_model_dir, sample_fi
 
 def two_gloo_ranks(*overrides: str) -> subprocess.Popen:
     """`torchrun --nproc_per_node 2 -m ptune.train ...` on the CPU (gloo), not waited for."""
-    with free_socket() as sock:
-        port = sock.getsockname()[1]
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(port), "-m", "ptune.train", *overrides], cwd=REPO, stdout=subprocess.PIPE,
+    return subprocess.Popen([*two_rank_launcher(), "-m", "ptune.train", *overrides], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
                             start_new_session=True)  # its own process group: see stop_all
 
