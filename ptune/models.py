@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -55,7 +56,11 @@ def load_tokenizer(path: str | Path):
     if (path / "tokenizer.model").is_file() and (_is_chatglm(path) or not (path / "tokenizer_config.json").is_file()):
         from ptune.chatglm.tokenizer import load_tokenizer as load_chatglm_tokenizer
 
-        return load_chatglm_tokenizer(path)
+        try:
+            return load_chatglm_tokenizer(path)
+        except RuntimeError as e:  # sentencepiece's parse failure: a damaged or cut-short file
+            raise ModelError(f"model.path={path}: tokenizer.model is not a readable SentencePiece model ({e}); "
+                             "the file is damaged or incomplete, copy it again") from None
     from transformers import AutoTokenizer
 
     try:
@@ -87,7 +92,19 @@ def load_base(model_cfg, device: torch.device | str = "cpu"):
     """(model, tokenizer) from `model_cfg.path`, frozen, in eval mode, on `device`. The tokenizer first: it
     loads in seconds, and a folder without a usable one fails before the model's minutes."""
     tokenizer = load_tokenizer(model_folder(model_cfg))
-    return load_model(model_cfg, device), tokenizer
+    model = load_model(model_cfg, device)
+    check_vocabulary(model, tokenizer, model_cfg.path)
+    return model, tokenizer
+
+
+def check_vocabulary(model, tokenizer, path) -> None:
+    """Refuse a tokenizer with ids past the model's embedding table: they would fail only at the first
+    batch that holds one, as an IndexError on the CPU and a device-side assert on a GPU."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelError(f"model.path={path}: the tokenizer has {len(tokenizer)} tokens but the model's embedding "
+                         f"has {rows} rows, so ids {rows} to {len(tokenizer) - 1} have no embedding; the tokenizer "
+                         "files belong to another model (or tokens were added without resizing the embedding)")
 
 
 def load_model(model_cfg, device: torch.device | str = "cpu"):
@@ -115,11 +132,11 @@ def load_model(model_cfg, device: torch.device | str = "cpu"):
         if not sys.stderr.isatty():
             hf_logging.disable_progress_bar()
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model, loading = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, attn_implementation=model_cfg.attn_implementation, local_files_only=True,
-                trust_remote_code=bool(model_cfg.trust_remote_code),
+                trust_remote_code=bool(model_cfg.trust_remote_code), output_loading_info=True,
             )
-        except (OSError, ValueError, SafetensorError) as e:
+        except (OSError, ValueError, SafetensorError, RuntimeError) as e:  # RuntimeError: a tensor of another shape
             raise ModelError(f"model.path={path}: could not load the model: {e}") from None
         except ImportError as e:  # an attention implementation (or model code) whose package is not installed
             raise ModelError(f"model.path={path}: could not load the model with model.attn_implementation="
@@ -127,6 +144,7 @@ def load_model(model_cfg, device: torch.device | str = "cpu"):
         finally:
             if bar_was_on:
                 hf_logging.enable_progress_bar()
+        check_weights_match(path, loading)
         return model.to(device)
 
     quant = model_cfg.get("quantization")
@@ -151,6 +169,21 @@ def load_model(model_cfg, device: torch.device | str = "cpu"):
 
         fuse_layers(model)
     return model
+
+
+def check_weights_match(path: Path, info: dict) -> None:
+    """Refuse a folder whose weights do not fit its config.json. transformers fills missing tensors with
+    random values and drops unexpected ones with a warning (tensors of another shape it refuses itself), and
+    training or scoring would go on with a model that is not the one on disk."""
+    for key, what in (("missing_keys", "the config asks for but the weights lack (they would start random)"),
+                      ("unexpected_keys", "are in the weights but not in the model config.json describes "
+                                          "(they would be dropped)")):
+        names = sorted(info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise ModelError(f"model.path={path}: its weights do not match its config.json: {len(names)} "
+                             f"tensor(s) {what}: {shown}. Check config.json's sizes (num_hidden_layers, "
+                             f"hidden_size, ...) against the weight files, or download the folder again")
 
 
 # Config keys that bound a model's positions (prompt + reply tokens), the first one present counting:
@@ -198,10 +231,31 @@ def resolve_checkpoint(path: str) -> str:
     return str(newest)
 
 
-def build_prefix(model, prefix_cfg) -> PrefixEncoder:
+def build_prefix(model, prefix_cfg, device: torch.device) -> PrefixEncoder:
+    """A new prefix for `model` on `device`, checked first against all of that device's memory: an absurd
+    prefix.length or projection size would otherwise end in an allocator traceback, or on a machine that
+    overcommits memory in the out-of-memory killer's silent exit."""
     spec = PrefixSpec.for_model(model.config, int(prefix_cfg.length), bool(prefix_cfg.projection),
                                 prefix_cfg.projection_hidden_size)
-    return PrefixEncoder(spec, dropout=float(prefix_cfg.dropout))
+    params = spec.length * spec.kv_size
+    if spec.projection:
+        params += (2 * spec.kv_size + 1) * spec.projection_hidden_size + spec.kv_size
+    need, have = 16 * params, device_memory(device)  # fp32 weights, gradients and Adam's two moments
+    if need > have:
+        where = "this machine's memory" if device.type == "cpu" else f"the GPU ({device})"
+        sizes = f"prefix.length={spec.length}" + (
+            f", prefix.projection_hidden_size={spec.projection_hidden_size}" if spec.projection else "")
+        raise ModelError(f"{sizes}: this prefix has {params:,} parameters, which take {need / 2**30:,.1f} GiB to "
+                         f"train (fp32 weights, gradients and Adam's state), more than all "
+                         f"{have / 2**30:,.1f} GiB of {where}")
+    return PrefixEncoder(spec, dropout=float(prefix_cfg.dropout)).to(device)
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory `device` has in all (a GPU's, or the machine's RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def base_identity(model, path) -> dict:
@@ -234,13 +288,14 @@ def read_checkpoint_config(checkpoint) -> dict:
     return ckpt_io.read_prefix_config(checkpoint)
 
 
-def attach_checkpoint(model, checkpoint, prefix_lm: PrefixLM | None = None) -> PrefixLM:
+def attach_checkpoint(model, checkpoint, prefix_lm: PrefixLM | None = None, config: dict | None = None) -> PrefixLM:
     """A PrefixLM for `model` with the checkpoint's prefix; reuses `prefix_lm` when only weights change.
 
-    `checkpoint` is a ptune checkpoint or a folder saved by ChatGLM2-6B's P-tuning scripts.
+    `checkpoint` is a ptune checkpoint or a folder saved by ChatGLM2-6B's P-tuning scripts; `config` its
+    :func:`read_checkpoint_config`, where the caller has read it already.
     """
     checkpoint = Path(checkpoint)
-    config = read_checkpoint_config(checkpoint)
+    config = config or read_checkpoint_config(checkpoint)
     check_fits(config, model, str(checkpoint))
     spec = PrefixSpec(**config["prefix"])
     if config.get("format") == ptuning.FORMAT:
@@ -286,15 +341,17 @@ def base_identity_settings(settings: dict, device: torch.device) -> dict:
             "fused_layers": bool(settings.get("fused_layers", True))}
 
 
-def load_for_inference(checkpoint, model_cfg=None, device="cpu"):
+def load_for_inference(checkpoint, model_cfg=None, device="cpu", config: dict | None = None):
     """(PrefixLM or bare base, tokenizer, prefix_config) for a checkpoint; `checkpoint=None` gives the base alone.
 
     The model settings are the ones the checkpoint recorded, overridden by the non-null values of
-    `model_cfg` (e.g. `model.path` when the base has moved).
+    `model_cfg` (e.g. `model.path` when the base has moved); `config` is the checkpoint's
+    :func:`read_checkpoint_config`, where the caller has read it already.
     """
     from omegaconf import OmegaConf
 
-    config = read_checkpoint_config(checkpoint) if checkpoint else None
+    if checkpoint and config is None:
+        config = read_checkpoint_config(checkpoint)
     overrides = OmegaConf.to_container(model_cfg) if model_cfg is not None else {}
     merged = OmegaConf.create(inference_model_settings(config, overrides))
     if merged.get("path") is None and config:
@@ -305,4 +362,4 @@ def load_for_inference(checkpoint, model_cfg=None, device="cpu"):
     model, tokenizer = load_base(merged, device)
     if checkpoint is None:
         return model, tokenizer, None
-    return attach_checkpoint(model, checkpoint), tokenizer, config
+    return attach_checkpoint(model, checkpoint, config=config), tokenizer, config

@@ -66,6 +66,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -610,7 +611,10 @@ def quantized_base(load_float: Callable[[], nn.Module], mode: str, group_size: i
     fingerprint = source_fingerprint(source) if source is not None else None
     if cache_dir is not None and cache_matches(cache_dir, mode, group_size, dtype, fingerprint):
         log.info("loading the %s-quantized base from %s", mode, cache_dir)
-        return load_quantized(cache_dir, device=device, dtype=dtype, attn_implementation=attn_implementation)
+        try:
+            return load_quantized(cache_dir, device=device, dtype=dtype, attn_implementation=attn_implementation)
+        except (SafetensorError, QuantizationError) as e:  # damaged after it was written (a cut copy, a full disk)
+            log.warning("the quantized cache in %s cannot be read (%s); rebuilding it from the base model", cache_dir, e)
     model = load_float()
     quantize_model(model, mode, group_size)
     if cache_dir is not None:

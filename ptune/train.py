@@ -32,8 +32,8 @@ from ptune.graphs import micro_batch_loss
 from ptune.logs import LogWindow, MetricsLog, setup_logging
 from ptune.loss import output_softcap
 from ptune.step import optimizer_step
-from ptune.models import (base_identity, build_prefix, check_fits, learned_positions, load_model, load_tokenizer,
-                          model_folder)
+from ptune.models import (base_identity, build_prefix, check_fits, check_vocabulary, learned_positions, load_model,
+                          load_tokenizer, model_folder)
 from ptune.prefix import PrefixLM, compile_layers
 
 log = logging.getLogger("ptune.train")
@@ -351,7 +351,14 @@ def train(cfg: DictConfig) -> Path:
     rows = training_rows(cfg.data, cfg.model.template, tokenizer)
     lengths = [len(ids) for ids in rows["input_ids"]]
     targets = [sum(1 for x in lab[1:] if x != IGNORE) for lab in rows["labels"]]
+    global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * world
+    if global_batch > len(lengths):  # a step would hold rows twice over
+        raise TrainingError(f"a global batch of {global_batch:,} rows (trainer.per_device_batch_size="
+                            f"{t.per_device_batch_size} x trainer.gradient_accumulation_steps="
+                            f"{t.gradient_accumulation_steps} x {world} rank(s)) is more than the {len(lengths):,} "
+                            f"rows of {cfg.data.train_file}; lower either setting")
     model = load_model(cfg.model, device)
+    check_vocabulary(model, tokenizer, cfg.model.path)
     num_layers = model.config.num_hidden_layers
     recompute = recompute_setting(t, num_layers)
     check_positions(model, lengths, cfg.model.path, cfg.data)
@@ -360,7 +367,7 @@ def train(cfg: DictConfig) -> Path:
         return BatchPlan(lengths, targets, micro, accumulation, world, cfg.seed, t.sort_by_length, t.group_by_length)
 
     torch.manual_seed(cfg.seed)
-    lm = PrefixLM(model, build_prefix(model, cfg.prefix).to(device))
+    lm = PrefixLM(model, build_prefix(model, cfg.prefix, device))
     lm.recompute_layers(0 if recompute == "auto" else recompute)
     if t.compile:
         compile_layers(model)

@@ -154,3 +154,13 @@ def test_load_from_any_folder_with_tokenizer_model(tok, tmp_path):
     assert again.encode("类型#裙") == tok.encode("类型#裙") and again.padding_side == "left"
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_a_cut_short_tokenizer_model_is_one_clear_error(tmp_path):
+    """sentencepiece's own failure is a RuntimeError from its C++ parser; a model folder names the file."""
+    from ptune.models import ModelError, load_tokenizer as load_model_tokenizer
+
+    (tmp_path / "tokenizer.model").write_bytes(MODEL.read_bytes()[:100_000])
+    with pytest.raises(ModelError, match=rf"model.path={tmp_path}: tokenizer.model is not a readable SentencePiece "
+                                         "model .*copy it again"):
+        load_model_tokenizer(tmp_path)

@@ -363,6 +363,25 @@ def test_cache_of_an_older_layout_is_rebuilt_not_misread(tmp_path, tiny_model_di
     assert torch.equal(logits(fresh), logits(rebuilt))
 
 
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), id="truncated"),
+    pytest.param(lambda p: p.write_bytes(b"\x00" * 64), id="zeroed"),
+])
+def test_a_damaged_cache_is_rebuilt(tmp_path, tiny_model_dir, caplog, damage):
+    """A cache cut short after it was written (a copy interrupted, a full disk) is rebuilt with a warning."""
+    src = tiny_model_dir("llama")
+    cache = tmp_path / "cache"
+    load_float, calls = counting_loader(src)
+    kw = dict(cache_dir=cache, source=src, dtype=torch.float32, attn_implementation="sdpa")
+    fresh = Q.quantized_base(load_float, "int4", 32, **kw)
+    damage(cache / Q.WEIGHTS_FILE)
+    with caplog.at_level("WARNING", logger="ptune.quant"):
+        rebuilt = Q.quantized_base(load_float, "int4", 32, **kw)
+    assert len(calls) == 2 and f"the quantized cache in {cache} cannot be read" in caplog.text
+    assert torch.equal(logits(fresh), logits(rebuilt))
+    assert torch.equal(logits(Q.quantized_base(load_float, "int4", 32, **kw)), logits(fresh)) and len(calls) == 2
+
+
 def test_incomplete_cache_is_refused(tmp_path):
     with pytest.raises(Q.QuantizationError, match="no complete quantized model"):
         Q.load_quantized(tmp_path)

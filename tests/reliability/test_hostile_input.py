@@ -247,6 +247,22 @@ def test_out_of_range_config_value_is_one_clear_line(env, tmp_path, override, fr
     assert_clean_error(res, fragment)
 
 
+@pytest.mark.parametrize("overrides, fragment", [
+    pytest.param(["prefix.length=100000000000"], "error: prefix.length=100000000000: this prefix has "
+                 "6,400,000,000,000 parameters, which take 95,367.4 GiB to train", id="absurd-prefix-length"),
+    pytest.param(["prefix.projection=true", "prefix.projection_hidden_size=10000000000"],
+                 "error: prefix.length=4, prefix.projection_hidden_size=10000000000: this prefix has ", id="absurd-projection"),
+    pytest.param(["trainer.per_device_batch_size=1000000"], "error: a global batch of 2,000,000 rows "
+                 "(trainer.per_device_batch_size=1000000 x trainer.gradient_accumulation_steps=2 x 1 rank(s)) is more "
+                 "than the 64 rows of", id="batch-above-the-rows"),
+])
+def test_sizes_past_the_machine_or_the_data_are_one_clear_line(env, tmp_path, overrides, fragment):
+    """Not an allocator traceback, the out-of-memory killer, or a step that cycles through the rows for hours."""
+    res = cli("ptune.train", *train_args(env.model, env.data, tmp_path / "out", *overrides), timeout=120)
+    assert_clean_error(res, fragment)
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
@@ -398,6 +414,44 @@ def test_damaged_model_folder_is_one_clear_line(env, tmp_path, damage, fix):
     model = broken_model(env, tmp_path, damage)
     res, _ = run_over_existing(env, tmp_path, model=model)
     assert_clean_error(res, f"error: model.path={model}")
+
+
+def _set_config(folder, **values):
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    (folder / "config.json").write_text(json.dumps(cfg | values), encoding="utf-8")
+
+
+@pytest.mark.parametrize("layers, fragments", [
+    pytest.param(3, ["9 tensor(s) the config asks for but the weights lack (they would start random): "
+                     "model.layers.2."], id="more-layers-than-weights"),
+    pytest.param(1, ["9 tensor(s) are in the weights but not in the model config.json describes (they would be "
+                     "dropped): model.layers.1."], id="fewer-layers-than-weights"),
+])
+def test_weights_that_do_not_match_config_json_are_one_clear_line(env, tmp_path, layers, fragments):
+    """transformers only warns and goes on with random (or without some) weights; ptune refuses."""
+    model = broken_model(env, tmp_path, lambda f: _set_config(f, num_hidden_layers=layers))
+    res, _ = run_over_existing(env, tmp_path, model=model)
+    assert_clean_error(res, f"error: model.path={model}: its weights do not match its config.json: ", *fragments)
+
+
+def test_weights_of_another_shape_are_one_clear_line(env, tmp_path):
+    model = broken_model(env, tmp_path, lambda f: _set_config(f, intermediate_size=48))
+    res, _ = run_over_existing(env, tmp_path, model=model)
+    assert_clean_error(res, f"error: model.path={model}: could not load the model: ")
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_before_training(env, tmp_path):
+    """Its high ids would fail only at the first batch holding one (a device-side assert on a GPU)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "small-vocab"
+    tok = build_tokenizer(folder)
+    AutoModelForCausalLM.from_config(tiny_config("llama", len(tok) - 5)).save_pretrained(folder)
+    res = cli("ptune.train", *train_args(folder, env.data, tmp_path / "out"))
+    assert_clean_error(res, f"error: model.path={folder}: the tokenizer has {len(tok)} tokens but the model's "
+                            f"embedding has {len(tok) - 5} rows, so ids {len(tok) - 5} to {len(tok) - 1} have no "
+                            "embedding")
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
 def test_resume_from_a_missing_folder_is_one_clear_line(env, tmp_path):
