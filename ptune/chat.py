@@ -27,7 +27,7 @@ from ptune.data import check_template_fits, encodable, prompt_ids, whole_charact
 from ptune.generate import generate, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error, stopped, terminating
 from ptune.logs import setup_logging
-from ptune.models import load_for_inference, position_limit, resolve_checkpoint
+from ptune.models import inference_model_settings, load_for_inference, position_limit, resolve_checkpoint
 
 log = logging.getLogger("ptune.chat")
 
@@ -64,18 +64,16 @@ def load_chat_model(cfg: DictConfig) -> ChatModel:
     device = resolve_device(cfg.device)
     checkpoint = resolve_checkpoint(str(Path(str(cfg.checkpoint)).expanduser())) if cfg.checkpoint else None
     model, tokenizer, prefix_config = load_for_inference(checkpoint, cfg.model, device)
-    template = cfg.model.get("template") or (prefix_config or {}).get("model", {}).get("template")
+    settings = inference_model_settings(prefix_config, OmegaConf.to_container(cfg.model))
+    template = settings.get("template")
     if not template:
         # A bare base with no template given: its own chat template when it has one.
         template = "chat_template" if getattr(tokenizer, "chat_template", None) else "plain"
     check_template_fits(tokenizer, template)  # at start-up, not at the first message or request
     eos = stop_token_ids(model, tokenizer, cfg.generation.get("extra_eos_token_ids"))
-    base_path = (prefix_config or {}).get("base", {}).get("path") or str(cfg.model.path)
-    if cfg.model.get("path"):
-        base_path = str(cfg.model.path)
     limit, key = position_limit(model) or (None, None)
     return ChatModel(model=model, tokenizer=tokenizer, template=template, device=device, eos_token_ids=eos,
-                     checkpoint=checkpoint, base_path=base_path,
+                     checkpoint=checkpoint, base_path=str(settings["path"]),
                      step=(prefix_config or {}).get("step"), prefix_config=prefix_config,
                      max_positions=limit, positions_key=key)
 

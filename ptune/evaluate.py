@@ -181,13 +181,12 @@ def format_table(rows: list[dict], keys=("rouge-1", "rouge-2", "rouge-l", "bleu-
     return "\n".join(lines)
 
 
-def eval_settings(cfg: DictConfig, prefix_config: dict | None) -> tuple[dict, str]:
-    """Data settings and prompt template: the checkpoint's, overridden by the non-null values in `cfg`."""
+def eval_settings(cfg: DictConfig, prefix_config: dict | None) -> tuple[dict, dict]:
+    """Data and model settings: the checkpoint's, overridden by the non-null values in `cfg`."""
     recorded = (prefix_config or {}).get("data", {})
     data_cfg = {**recorded, **{k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
                                if v is not None}}
-    template = cfg.model.get("template") or (prefix_config or {}).get("model", {}).get("template")
-    return data_cfg, template
+    return data_cfg, inference_model_settings(prefix_config, OmegaConf.to_container(cfg.model))
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -242,15 +241,14 @@ def evaluate(cfg: DictConfig) -> dict:
                                                             else Path("outputs/eval-base"))
     check_writable(out_dir, "output_dir" if cfg.output_dir else None)
     prefix_config = read_checkpoint_config(checkpoint) if checkpoint else None
-    data_cfg, template = eval_settings(cfg, prefix_config)
+    data_cfg, model_settings = eval_settings(cfg, prefix_config)
     examples = eval_examples(data_cfg["eval_file"], data_cfg)  # before the model's minutes of loading
     device = resolve_device(cfg.device)
-    model, tokenizer, _ = load_for_inference(checkpoint, cfg.model, device)
-    evalset = build_eval_set(examples, tokenizer, data_cfg, template, cfg.limit)
+    model, tokenizer, _ = load_for_inference(checkpoint, cfg.model, device, config=prefix_config)
+    evalset = build_eval_set(examples, tokenizer, data_cfg, model_settings.get("template"), cfg.limit)
     texts, stats = predict(model, tokenizer, evalset.prompts, cfg.generation, cfg.batch_size, device)
     metrics = compute_metrics(texts, evalset.labels)
-    record = settings_record(data_cfg, inference_model_settings(prefix_config, OmegaConf.to_container(cfg.model)),
-                             effective_limit(cfg.limit, evalset.rows_in_file), device)
+    record = settings_record(data_cfg, model_settings, effective_limit(cfg.limit, evalset.rows_in_file), device)
     write_results(out_dir, evalset, texts, metrics,
                   {"generation": {**OmegaConf.to_container(cfg.generation), **stats},
                    "checkpoint": checkpoint,
