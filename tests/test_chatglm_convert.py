@@ -241,7 +241,8 @@ def test_bin_shards_load_identically(tmp_path, tiny_model, golden):
 def test_missing_shard_is_named(tmp_path):
     names = write_bin_shards(TINY, tmp_path / "bins")
     (tmp_path / "bins" / names[1]).unlink()
-    with pytest.raises(FileNotFoundError, match=names[1]):
+    # ChatGLMConversionError, not FileNotFoundError: the loader's callers report that class in one line.
+    with pytest.raises(ChatGLMConversionError, match=f"listed in pytorch_model.bin.index.json are missing: {names[1]}"):
         load_chatglm(tmp_path / "bins", dtype=torch.float32, verify="size")
 
 
@@ -287,3 +288,67 @@ def test_dtype_and_buffers(tiny_copy):
     assert not any(p.is_meta for p in model.parameters())
     assert not any(b.is_meta for b in model.buffers())
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------- malformed folders
+
+
+def test_a_config_with_more_layers_than_the_weights_is_refused_naming_missing_tensors(tiny_copy):
+    cfg = json.loads((tiny_copy / "config.json").read_text())
+    cfg["num_layers"] += 2  # the weights hold layers 0 and 1
+    (tiny_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ChatGLMConversionError) as e:
+        load_chatglm(tiny_copy, dtype=torch.float32, verify="size")
+    message = str(e.value)
+    assert message.startswith(f"{tiny_copy} (1 weight file(s)) does not match its config.json: 22 parameter(s)")
+    assert "model.layers.2.input_layernorm.weight" in message and "(14 more)" in message
+    assert "model.layers.1." not in message
+
+
+def test_convert_state_dict_refuses_missing_parameters_unless_not_strict():
+    sd = load_file(str(TINY / "model.safetensors"))
+    cfg = json.loads((TINY / "config.json").read_text())
+    del sd["transformer.encoder.layers.1.mlp.dense_4h_to_h.weight"]
+    with pytest.raises(ChatGLMConversionError, match=r"1 parameter\(s\) of the config have no tensor: "
+                                                      r"model\.layers\.1\.mlp\.down_proj\.weight$"):
+        convert_state_dict(sd, cfg)
+    assert "model.layers.1.mlp.down_proj.weight" not in convert_state_dict(sd, cfg, strict=False)
+
+
+@pytest.mark.parametrize("content, fault", [
+    ("{x", "unreadable (Expecting property name"),
+    ("[1]", "a JSON list, expected an object"),
+    ({"num_layers": "two"}, 'num_layers is "two"; expected a whole number above 0'),
+    ({"num_layers": 2.5}, "num_layers is 2.5; expected a whole number above 0"),
+    ({"num_layers": True}, "num_layers is true; expected a whole number above 0"),
+    ({"hidden_size": 0}, "hidden_size is 0; expected a whole number above 0"),
+    ({"kv_channels": None}, "kv_channels is null; expected a whole number above 0"),
+    ({"layernorm_epsilon": "1e-5"}, 'layernorm_epsilon is "1e-5"; expected a number from 0 up'),
+    ({"rope_ratio": [50]}, "rope_ratio is [50]; expected a number from 0 up"),
+], ids=["not-json", "list", "string", "fraction", "bool", "zero", "null", "float-string", "float-list"])
+def test_malformed_config_is_refused_naming_the_file_and_field(tiny_copy, content, fault):
+    if isinstance(content, dict):
+        content = json.dumps({**json.loads((TINY / "config.json").read_text()), **content})
+    (tiny_copy / "config.json").write_text(content)
+    with pytest.raises(ChatGLMConversionError) as e:
+        load_chatglm(tiny_copy, dtype=torch.float32, verify="size")
+    assert str(e.value).startswith(f"{tiny_copy / 'config.json'}: ") and fault in str(e.value), str(e.value)
+
+
+def test_unreadable_weights_are_refused_without_the_check_too(tiny_copy):
+    f = tiny_copy / "model.safetensors"
+    f.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00["not", "an object"]')
+    with pytest.raises(ChatGLMConversionError, match=r"cannot read model\.safetensors: .*verify_model"):
+        load_chatglm(tiny_copy, dtype=torch.float32, verify="none")
+    f.unlink()
+    with pytest.raises(ChatGLMConversionError, match="no weights found"):
+        load_chatglm(tiny_copy, dtype=torch.float32, verify="none")
+    torch.save([torch.zeros(2)], tiny_copy / "pytorch_model.bin")  # a list, not a state dict
+    with pytest.raises(ChatGLMConversionError, match="pytorch_model.bin holds a list, expected a dict of named tensors"):
+        load_chatglm(tiny_copy, dtype=torch.float32, verify="none")
+
+
+def test_a_generation_config_of_another_shape_falls_back_to_config_json(tiny_copy):
+    (tiny_copy / "generation_config.json").write_text("[1]")
+    model = load_chatglm(tiny_copy, dtype=torch.float32, verify="size")
+    assert model.generation_config.eos_token_id == json.loads((TINY / "config.json").read_text())["eos_token_id"]

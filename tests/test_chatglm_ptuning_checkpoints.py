@@ -253,3 +253,64 @@ def test_sweep_of_a_reference_output_folder_says_to_import_its_checkpoints(tmp_p
     for step in (1000, 2000):
         ptuning.import_checkpoint(out / f"checkpoint-{step}", tmp_path / "run", base_path=str(TINY))
     assert sw.expand_runs([str(tmp_path / "run")]) == [(str(tmp_path / "run"), tmp_path / "run")]
+
+
+# ----------------------------------------------------------------------------------- malformed input
+
+
+@pytest.mark.parametrize("content, fault", [
+    ("{x", "unreadable (Expecting property name"),
+    ("[1]", "a JSON list, expected an object"),
+    ('"pre_seq_len"', "a JSON str, expected an object"),
+    ({"pre_seq_len": "eight"}, 'pre_seq_len is "eight"; expected a whole number above 0'),
+    ({"pre_seq_len": 8.5}, "pre_seq_len is 8.5; expected a whole number above 0"),
+    ({"pre_seq_len": True}, "pre_seq_len is true; expected a whole number above 0"),
+    ({"pre_seq_len": -1}, "pre_seq_len is -1; expected a whole number above 0"),
+    ({"num_layers": None}, "num_layers is null; expected a whole number above 0"),
+    ({"kv_channels": "16"}, 'kv_channels is "16"; expected a whole number above 0'),
+    ({"prefix_projection": "false"}, 'prefix_projection is "false"; expected true or false'),
+    ({"hidden_size": None, "prefix_projection": True}, "hidden_size is null; expected a whole number above 0"),
+], ids=["not-json", "list", "string", "seq-string", "seq-fraction", "seq-bool", "seq-negative", "layers-null",
+        "kv-string", "projection-string", "hidden-null"])
+def test_malformed_reference_config_is_refused_in_one_line(base, tmp_path, capsys, content, fault):
+    old = tmp_path / "checkpoint-5"
+    shutil.copytree(REF_DIR, old)
+    if isinstance(content, dict):
+        content = json.dumps({**json.loads((REF_DIR / "config.json").read_text()), **content})
+    (old / "config.json").write_text(content)
+    assert ptuning.main(["import", str(old), str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {old / 'config.json'}: ") and fault in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+    if ptuning.is_reference_checkpoint(old):  # loading it as a prefix reports the same fault
+        with pytest.raises(ckpt_io.CheckpointError, match=fault.replace("(", r"\(")):
+            attach_checkpoint(base, old)
+
+
+@pytest.mark.parametrize("index, fault", [
+    ("[1]", 'no "weight_map" object'),
+    (json.dumps({"weight_map": {"transformer.prefix_encoder.embedding.weight": "../elsewhere/model.safetensors"}}),
+     "weight_map['transformer.prefix_encoder.embedding.weight'] is \"../elsewhere/model.safetensors\"; expected the "
+     "name of a shard file in"),
+], ids=["list", "outside-the-folder"])
+def test_a_shard_index_of_another_shape_or_pointing_elsewhere_is_refused(tmp_path, capsys, index, fault):
+    shutil.copytree(REF_DIR, tmp_path / "elsewhere")  # a real shard the escaping entry would otherwise load
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copyfile(REF_DIR / "config.json", old / "config.json")
+    (old / "model.safetensors.index.json").write_text(index)
+    assert ptuning.main(["import", str(old), str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {old / 'model.safetensors.index.json'}: ") and fault in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_to_a_file_or_below_one_is_refused_in_one_line(base, tmp_path, capsys):
+    ckpt = make_ptune_checkpoint(base, tmp_path / "run", False)
+    target = tmp_path / "a-file"
+    target.write_text("keep me")
+    assert ptuning.main(["export", str(ckpt), str(target)]) == 1
+    assert capsys.readouterr().err == f"error: {target}: exists and is not an empty folder; pick a new folder\n"
+    assert target.read_text() == "keep me"
+    assert ptuning.main(["export", str(ckpt), str(target / "out")]) == 1
+    assert capsys.readouterr().err == f"error: could not write {target / 'out'}: Not a directory\n"

@@ -237,6 +237,8 @@ def test_cli_prints_a_table_and_fails_on_damage(folder, capsys):
     ('{"files": {"NAME": {"sha256": "00"}}}', "files['NAME'] is {\"sha256\": \"00\"}; expected"),
     ('{"files": {"NAME": {"size": "12"}}}', "files['NAME'] is {\"size\": \"12\"}; expected"),
     ('{"files": {"NAME": {}}}', "files['NAME'] is {}; expected"),
+    ('{"files": {"../NAME": {"size": 1}}}', "files['../NAME'] names a file outside the model folder"),
+    ('{"files": {"/etc/passwd": {"size": 1}}}', "files['/etc/passwd'] names a file outside the model folder"),
 ])
 def test_cli_refuses_a_manifest_it_cannot_use_in_one_line(folder, capsys, tmp_path, content, fault):
     d, names = folder
@@ -248,3 +250,112 @@ def test_cli_refuses_a_manifest_it_cannot_use_in_one_line(folder, capsys, tmp_pa
     assert "passed" not in captured.out
     assert captured.err.startswith(f"error: {manifest}: ") and fault.replace("NAME", names[0]) in captured.err, \
         captured.err
+
+
+# ----------------------------------------------------------------------------------- malformed files
+
+
+def safetensors_bytes(header: bytes, data: bytes = b"") -> bytes:
+    return len(header).to_bytes(8, "little") + header + data
+
+
+@pytest.mark.parametrize("content, fault", [
+    (b"\x10\x00\x00\x00", "the file has 4 bytes, fewer than the 8"),
+    (safetensors_bytes(b'{"x": {"dtype": "F32"')[:-3], "safetensors header claims 21 bytes, the file has 26"),
+    ((1 << 63).to_bytes(8, "little") + b"{}", f"safetensors header claims {1 << 63} bytes"),
+    (safetensors_bytes(b"hello!!!"), "unreadable safetensors header"),
+    (safetensors_bytes(b'{"\xff": 1}'), "unreadable safetensors header"),
+    (safetensors_bytes(b"[1, 2]"), "the safetensors header is a JSON list, expected an object"),
+    (safetensors_bytes(b'"abc"'), "the safetensors header is a JSON str, expected an object"),
+    (safetensors_bytes(b'{"x": 5}'), "entry 'x' is 5; expected"),
+    (safetensors_bytes(b'{"x": {"dtype": "F32", "shape": [1]}}', b"\0" * 4), "entry 'x' is "),
+    (safetensors_bytes(b'{"x": {"dtype": "F32", "shape": [1], "data_offsets": "ab"}}'), "entry 'x' is "),
+    (safetensors_bytes(b'{"x": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}'), "entry 'x' is "),
+    (safetensors_bytes(b'{"x": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}}'), "entry 'x' is "),
+    (safetensors_bytes(b'{"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}'), "entry 'x' is "),
+    (safetensors_bytes(b'{"x": {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}}'), "entry 'x' is "),
+    (safetensors_bytes(b'{"__metadata__": [1]}'), "__metadata__ is [1]; expected an object of strings"),
+], ids=["short", "cut-in-header", "huge-length", "not-json", "not-utf8", "list", "string", "entry-not-object",
+        "no-offsets", "offsets-string", "one-offset", "offsets-strings", "offsets-reversed", "shape-string",
+        "metadata-list"])
+def test_malformed_safetensors_header_is_damaged_not_a_crash(tmp_path, capsys, content, fault):
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copyfile(TINY / "config.json", d / "config.json")
+    (d / "model.safetensors").write_bytes(content)
+    (check,) = verify_dir(d, level="size")
+    assert check.status == "DAMAGED" and fault in check.detail, check.detail
+    with pytest.raises(IntegrityError, match="model.safetensors: DAMAGED"):
+        load_chatglm(d, dtype=torch.float32, verify="size")
+    assert verify_model.main([str(d)]) == 1
+    assert "1 file(s) failed: model.safetensors" in capsys.readouterr().out
+
+
+def index_folder(tmp_path: Path, index: str) -> Path:
+    d = tmp_path / "model"
+    shutil.copytree(TINY, d)
+    (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
+    (d / "model.safetensors.index.json").write_text(index)
+    return d
+
+
+@pytest.mark.parametrize("index, fault", [
+    ("{nope", "not valid JSON"),
+    ("[1]", 'no "weight_map" object'),
+    ({"metadata": {}}, 'no "weight_map" object'),
+    ({"weight_map": ["model-00001-of-00001.safetensors"]}, 'no "weight_map" object'),
+    ({"weight_map": {"a.weight": 5}}, "weight_map['a.weight'] is 5; expected the name of a shard file in"),
+    ({"weight_map": {"a.weight": ""}}, "weight_map['a.weight'] is \"\"; expected"),
+    ({"weight_map": {"a.weight": "../outside.safetensors"}},
+     "weight_map['a.weight'] is \"../outside.safetensors\"; expected the name of a shard file in"),
+    ({"weight_map": {"a.weight": "OUTSIDE"}}, "weight_map['a.weight'] is \"OUTSIDE\"; expected"),
+    ({"weight_map": {"a.weight": "sub/model.safetensors"}}, "weight_map['a.weight'] is \"sub/model.safetensors\""),
+], ids=["not-json", "list", "no-weight-map", "weight-map-list", "shard-int", "shard-empty", "dot-dot", "absolute",
+        "subfolder"])
+def test_malformed_or_escaping_index_is_refused_naming_the_entry(tmp_path, capsys, index, fault):
+    # A real shard outside the folder: following the entry would read (and hash) it.
+    outside = tmp_path / "outside.safetensors"
+    shutil.copyfile(TINY / "model.safetensors", outside)
+    text = (index if isinstance(index, str) else json.dumps(index)).replace("OUTSIDE", str(outside))
+    fault = fault.replace("OUTSIDE", str(outside))
+    d = index_folder(tmp_path, text)
+    where = f"{d / 'model.safetensors.index.json'}: "
+    with pytest.raises(IntegrityError) as e:
+        verify_dir(d, level="size")
+    assert str(e.value).startswith(where) and fault in str(e.value), str(e.value)
+    with pytest.raises(IntegrityError, match="weight_map|JSON"):
+        load_chatglm(d, dtype=torch.float32, verify="none")  # refused when reading the index, not by the check
+    assert verify_model.main([str(d)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {where}") and fault in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("cache", [
+    "[1]", '"files"', '{"files": [1]}', '{"files": {"model.safetensors": "0000"}}',
+    '{"files": {"model.safetensors": {"size": SIZE, "mtime_ns": MTIME, "sha256": 5}}}',
+    '{"files": {"model.safetensors": {"size": SIZE, "mtime_ns": MTIME, "sha256": "abc"}}}',
+], ids=["list", "string", "files-list", "entry-string", "sha-int", "sha-short"])
+def test_a_verified_cache_of_another_shape_is_ignored_and_rewritten(tmp_path, capsys, cache):
+    d = tmp_path / "st"
+    shutil.copytree(TINY, d)
+    f = d / "model.safetensors"
+    st = f.stat()
+    (d / integrity.VERIFIED_CACHE).write_text(cache.replace("SIZE", str(st.st_size))
+                                              .replace("MTIME", str(st.st_mtime_ns)))
+    digest = integrity.sha256_file(f)
+    manifest = {"files": {f.name: {"sha256": digest}}}
+    (check,) = verify_dir(d, level="first-use", manifest=manifest, raise_on_error=True)
+    assert check.status == "ok" and "hashed now" in check.notes  # nothing taken from the malformed cache
+    assert json.loads((d / integrity.VERIFIED_CACHE).read_text())["files"][f.name]["sha256"] == digest
+    (d / integrity.VERIFIED_CACHE).write_text(cache.replace("SIZE", str(st.st_size))
+                                              .replace("MTIME", str(st.st_mtime_ns)))
+    assert verify_model.main([str(d)]) == 0 and "all files passed" in capsys.readouterr().out
+
+
+def test_a_config_that_is_not_an_object_matches_no_manifest(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("[1]")
+    (d / "pytorch_model-00001-of-00007.bin").write_bytes(b"x")  # a name the bundled chatglm2 manifest lists
+    assert integrity.find_manifest(d) is None
+    assert [c.status for c in verify_dir(d, level="size")] == ["present"]

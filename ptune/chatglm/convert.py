@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ChatGLMConversionError",
     "read_chatglm_config",
+    "config_number",
     "glm_config_from_chatglm",
     "convert_state_dict",
     "convert_tensor",
@@ -72,8 +73,27 @@ class ChatGLMConversionError(ValueError):
 def read_chatglm_config(path: str | os.PathLike) -> dict:
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"no config.json in {path}")
-    return json.loads(cfg_file.read_text(encoding="utf-8"))
+        raise ChatGLMConversionError(f"no config.json in {path}")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ChatGLMConversionError(f"{cfg_file}: unreadable ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ChatGLMConversionError(f"{cfg_file}: a JSON {type(cfg).__name__}, expected an object")
+    return cfg
+
+
+def config_number(cfg: dict, key: str, default=None, integer: bool = True):
+    """``cfg[key]`` (``default`` where absent or null): a whole number above 0, or with ``integer=False`` any
+    number from 0 up; anything else is refused naming the field, where int() or float() would take 8.5 or "8"."""
+    value = cfg.get(key)
+    if value is None:
+        value = default
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < (1 if integer else 0):
+        raise ChatGLMConversionError(f"{key} is {json.dumps(value)}; expected "
+                                     f"{'a whole number above 0' if integer else 'a number from 0 up'}")
+    return value if integer else float(value)
 
 
 def _require(cfg: dict, key: str, wanted, why: str) -> None:
@@ -100,29 +120,29 @@ def glm_config_from_chatglm(cfg: dict, dtype: torch.dtype | str | None = None) -
     _require(cfg, "add_bias_linear", False, "GLM's output and MLP projections have no bias")
     _require(cfg, "fp32_residual_connection", False, "not representable in GLM")
 
-    num_heads = int(cfg["num_attention_heads"])
-    head_dim = int(cfg["kv_channels"])
-    kv_heads = int(cfg.get("multi_query_group_num", 1)) if cfg.get("multi_query_attention", False) else num_heads
+    num_heads = config_number(cfg, "num_attention_heads")
+    head_dim = config_number(cfg, "kv_channels")
+    kv_heads = config_number(cfg, "multi_query_group_num", 1) if cfg.get("multi_query_attention", False) else num_heads
     if num_heads % kv_heads:
         raise ChatGLMConversionError(f"num_attention_heads={num_heads} is not a multiple of multi_query_group_num={kv_heads}")
-    rope_ratio = float(cfg.get("rope_ratio", 1.0) or 1.0)
+    rope_ratio = config_number(cfg, "rope_ratio", 1.0, integer=False) or 1.0
     eos = cfg.get("eos_token_id", 2)
     if dtype is None:
         dtype = cfg.get("torch_dtype", "float16")
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
     return GlmConfig(
-        vocab_size=int(cfg["padded_vocab_size"]),
-        hidden_size=int(cfg["hidden_size"]),
-        intermediate_size=int(cfg["ffn_hidden_size"]),
-        num_hidden_layers=int(cfg["num_layers"]),
+        vocab_size=config_number(cfg, "padded_vocab_size"),
+        hidden_size=config_number(cfg, "hidden_size"),
+        intermediate_size=config_number(cfg, "ffn_hidden_size"),
+        num_hidden_layers=config_number(cfg, "num_layers"),
         num_attention_heads=num_heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
         hidden_act="silu",
-        attention_dropout=float(cfg.get("attention_dropout", 0.0) or 0.0),
-        max_position_embeddings=int(cfg.get("seq_length", 2048)),
-        rms_norm_eps=float(cfg.get("layernorm_epsilon", 1e-5)),
+        attention_dropout=config_number(cfg, "attention_dropout", 0.0, integer=False),
+        max_position_embeddings=config_number(cfg, "seq_length", 2048),
+        rms_norm_eps=config_number(cfg, "layernorm_epsilon", 1e-5, integer=False),
         use_cache=True,
         tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * rope_ratio, "partial_rotary_factor": 0.5},
@@ -200,7 +220,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: GlmConfig | 
 
     ``config`` is the ``GlmConfig`` (or the ChatGLM config dict).  P-tuning prefix encoder weights
     (``transformer.prefix_encoder.*``) are not part of the base model and are skipped with a warning.
-    With ``strict``, unknown names raise, listing them.
+    With ``strict``, unknown names and parameters of the config that no tensor gives raise, listing them.
     """
     if isinstance(config, dict):
         config = glm_config_from_chatglm(config)
@@ -218,26 +238,40 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: GlmConfig | 
     if prefix:
         log.warning("skipped %d P-tuning prefix encoder tensors in the base checkpoint (%s ...); a prefix is "
                     "loaded from a ptune checkpoint, not from the base", len(prefix), prefix[0])
-    if unexpected and strict:
-        raise ChatGLMConversionError(f"unexpected keys in the ChatGLM checkpoint: {sorted(unexpected)}")
+    if strict:
+        with torch.device("meta"):
+            expected = {n for n, _ in GlmForCausalLM(config).named_parameters()}
+        _refuse_mismatch("the ChatGLM state dict", sorted(expected - set(out)), unexpected)
     return out
+
+
+def _refuse_mismatch(where: str, missing: list[str], unexpected: list[str]) -> None:
+    """Refuse weights that leave parameters of the config unset (they would stay random) or carry unknown ones."""
+    def some(names: list[str]) -> str:
+        # A config of another model size misses hundreds of names; a few are enough to recognise which.
+        names = sorted(names)
+        return ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} parameter(s) of the config have no tensor: {some(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensor(s) are not ChatGLM2/3 parameters: {some(unexpected)}")
+    if parts:
+        raise ChatGLMConversionError(f"{where} does not match its config.json: " + "; ".join(parts))
 
 
 def weight_files(path: str | os.PathLike) -> list[Path]:
     """The weight files of a ChatGLM folder, in load order.  Raises naming any shard an index lists
-    but the folder lacks."""
+    but the folder lacks (ChatGLMConversionError) and an index of another shape (IntegrityError)."""
     path = Path(path)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    for index_name in integrity.INDEX_FILES:
         index_file = path / index_name
         if index_file.is_file():
-            try:
-                weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise ChatGLMConversionError(f"{index_file} is not a valid shard index: {e}") from None
-            names = sorted(set(weight_map.values()))
+            names = sorted(set(integrity.read_weight_map(index_file).values()))
             missing = [n for n in names if not (path / n).is_file()]
             if missing:
-                raise FileNotFoundError(
+                raise ChatGLMConversionError(
                     f"{path}: shard(s) listed in {index_name} are missing: {', '.join(missing)}. "
                     "Download them into the folder (all shards are needed).")
             return [path / n for n in names]
@@ -247,28 +281,33 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if shards:
         return shards
-    raise FileNotFoundError(f"{path}: no weights found (model.safetensors, pytorch_model.bin, or an index with shards)")
+    raise ChatGLMConversionError(f"{path}: no weights found (model.safetensors, pytorch_model.bin, or an index with "
+                                 "shards)")
 
 
 def _iter_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of one weight file; a .bin shard is memory-mapped, so only what is used gets read."""
+    damaged = f". The file may be damaged: run `python -m ptune.verify_model {file.parent} --full`"
     if file.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except (SafetensorError, OSError) as e:  # reached with verify="none", which skips the header check
+            raise ChatGLMConversionError(f"cannot read {file.name}: {e}{damaged}") from None
         return
     try:
         sd = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
         if "mmap" not in str(e):
-            raise ChatGLMConversionError(f"cannot read {file.name}: {e}. The file may be damaged: run "
-                                         f"`python -m ptune.verify_model {file.parent} --full`") from None
+            raise ChatGLMConversionError(f"cannot read {file.name}: {e}{damaged}") from None
         sd = torch.load(str(file), map_location="cpu", weights_only=True)  # old (non-zip) serialisation
     except Exception as e:  # noqa: BLE001 - a damaged pickle raises anything
-        raise ChatGLMConversionError(f"cannot read {file.name}: {e}. The file may be damaged: run "
-                                     f"`python -m ptune.verify_model {file.parent} --full`") from None
+        raise ChatGLMConversionError(f"cannot read {file.name}: {e}{damaged}") from None
+    if not (isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())):
+        raise ChatGLMConversionError(f"{file.name} holds a {type(sd).__name__}, expected a dict of named tensors")
     try:
         yield from sd.items()
     finally:
@@ -291,11 +330,12 @@ def _generation_eos(path: Path, cfg: dict):
     gen_file = path / "generation_config.json"
     if gen_file.is_file():
         try:
-            eos = json.loads(gen_file.read_text(encoding="utf-8")).get("eos_token_id")
-            if eos is not None:
-                return eos
+            gen = json.loads(gen_file.read_text(encoding="utf-8"))
         except ValueError:
-            pass
+            gen = None
+        eos = gen.get("eos_token_id") if isinstance(gen, dict) else None  # an unusable file: config.json's
+        if eos is not None:
+            return eos
     return cfg.get("eos_token_id", 2)
 
 
@@ -329,7 +369,10 @@ def load_chatglm(
     files = weight_files(path)
     if verify != "none":
         integrity.verify_dir(path, level=verify, raise_on_error=True)
-    config = glm_config_from_chatglm(cfg, dtype=dtype)
+    try:
+        config = glm_config_from_chatglm(cfg, dtype=dtype)
+    except ChatGLMConversionError as e:
+        raise ChatGLMConversionError(f"{path / 'config.json'}: {e}") from None
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
 
@@ -359,14 +402,7 @@ def load_chatglm(
                                                  "these weights?") from None
                 loaded.add(native)
             del tensor, pairs
-    missing = sorted(expected - loaded)
-    if unexpected or missing:
-        parts = []
-        if missing:
-            parts.append(f"missing keys (no tensor in {len(files)} file(s)): {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys: {sorted(unexpected)}")
-        raise ChatGLMConversionError(f"{path} does not match its config.json: " + "; ".join(parts))
+    _refuse_mismatch(f"{path} ({len(files)} weight file(s))", sorted(expected - loaded), unexpected)
     if prefix_keys:
         log.warning("skipped %d P-tuning prefix encoder tensors in %s", prefix_keys, path)
 

@@ -41,7 +41,7 @@ from ptune.files import sha256_file, write_text_atomic
 
 __all__ = [
     "IntegrityError", "FileCheck", "LEVELS", "DEFAULT_LEVEL", "OWN_MANIFEST", "VERIFIED_CACHE",
-    "sha256_file", "bundled_manifests", "read_model_manifest", "find_manifest", "verify_dir",
+    "sha256_file", "bundled_manifests", "read_model_manifest", "read_weight_map", "find_manifest", "verify_dir",
     "format_table",
 ]
 
@@ -50,6 +50,7 @@ DEFAULT_LEVEL = "first-use"
 OWN_MANIFEST = "ptune_manifest.json"
 VERIFIED_CACHE = ".ptune_verified.json"
 WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 class IntegrityError(ValueError):
@@ -76,20 +77,48 @@ class FileCheck:
         return self.status in ("MISSING", "WRONG SIZE", "DAMAGED", "HASH MISMATCH")
 
 
+def _naturals(value, length: int | None = None) -> bool:
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+
+def _tensor_entry_problem(header) -> str | None:
+    """What in a parsed safetensors header no loader could use, or None: every field the data's extent is
+    computed from is checked, so a hand-made or damaged header is reported instead of crashing the check."""
+    if not isinstance(header, dict):
+        return f"the safetensors header is a JSON {type(header).__name__}, expected an object"
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
+                return f"the safetensors header's __metadata__ is {json.dumps(entry)}; expected an object of strings"
+            continue
+        ok = (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and _naturals(entry.get("shape"))
+              and _naturals(entry.get("data_offsets"), 2) and entry["data_offsets"][0] <= entry["data_offsets"][1])
+        if not ok:
+            return (f"the safetensors header's entry {name!r} is {json.dumps(entry)}; expected {{\"dtype\": <str>, "
+                    "\"shape\": [<int>, ...], \"data_offsets\": [<begin>, <end>]}")
+    return None
+
+
 def _structure_problem(path: Path) -> str | None:
     """A reason the file is visibly incomplete, without reading all of it; None if it looks whole."""
     size = path.stat().st_size
     if size == 0:
         return "the file is empty"
     if path.suffix == ".safetensors":
+        if size < 8:
+            return f"the file has {size} bytes, fewer than the 8 that give a safetensors header's length"
         try:
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
                 if n > size - 8:
                     return f"safetensors header claims {n} bytes, the file has {size}"
                 header = json.loads(f.read(n))
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
+        except ValueError as e:  # not JSON, or not UTF-8
             return f"unreadable safetensors header ({e})"
+        problem = _tensor_entry_problem(header)
+        if problem:
+            return problem
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if 8 + n + end != size:
             return f"safetensors data should end at byte {8 + n + end}, the file has {size} (truncated download?)"
@@ -121,9 +150,10 @@ def bundled_manifests() -> list[dict]:
 
 def _read_config(path: Path) -> dict:
     try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return cfg if isinstance(cfg, dict) else {}  # matches no bundled manifest; loading reports the config itself
 
 
 def _manifest_matches(manifest: dict, cfg: dict, present: set[str]) -> bool:
@@ -142,6 +172,15 @@ def _manifest_matches(manifest: dict, cfg: dict, present: set[str]) -> bool:
     return bool(match.get("config"))
 
 
+def _is_file_name(value) -> bool:
+    # Model files live in the model folder: "../x" or "/abs/x" would read (and hash) a file elsewhere.
+    return isinstance(value, str) and value not in ("", ".", "..") and Path(value).name == value
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)
+
+
 def read_model_manifest(path: str | os.PathLike) -> dict:
     """A manifest file, refused in one IntegrityError unless it has the shape every check relies on:
     {"files": {"<file>": {"sha256": "<hex>", "size": <bytes>}}} (either value may be left out, not both)."""
@@ -158,9 +197,11 @@ def read_model_manifest(path: str | os.PathLike) -> dict:
         raise IntegrityError(f"{path}: no \"files\" object listing files; expected {expected}", [])
     for name, spec in files.items():
         sha, size = (spec.get("sha256"), spec.get("size")) if isinstance(spec, dict) else (None, None)
-        ok_sha = sha is None or (isinstance(sha, str) and len(sha) == 64
-                                 and all(c in "0123456789abcdefABCDEF" for c in sha))
+        ok_sha = sha is None or _is_sha256(sha)
         ok_size = size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 0)
+        if not _is_file_name(name):
+            raise IntegrityError(f"{path}: files[{name!r}] names a file outside the model folder; expected the "
+                                 "name of a file in it", [])
         if not (ok_sha and ok_size) or (sha is None and size is None):
             raise IntegrityError(f"{path}: files[{name!r}] is {json.dumps(spec)}; expected {{\"sha256\": <64 hex "
                                  "digits>, \"size\": <bytes>}}", [])
@@ -182,14 +223,31 @@ def find_manifest(path: str | os.PathLike) -> dict | None:
     return None
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index (tensor name -> shard file), refused in one IntegrityError naming the
+    index and the entry at fault unless every shard is a plain file name beside the index."""
+    expected = '{"weight_map": {"<tensor name>": "<shard file name>"}}'
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise IntegrityError(f"{index}: cannot read the shard index ({e.strerror or e})", []) from None
+    except ValueError as e:
+        raise IntegrityError(f"{index}: not valid JSON ({e}); expected {expected}", []) from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise IntegrityError(f"{index}: no \"weight_map\" object; expected {expected}", [])
+    for tensor, shard in weight_map.items():
+        if not _is_file_name(shard):
+            raise IntegrityError(f"{index}: weight_map[{tensor!r}] is {json.dumps(shard)}; expected the name of a "
+                                 f"shard file in {index.parent}", [])
+    return weight_map
+
+
 def _listed_files(path: Path) -> list[str]:
     names = {p.name for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES}
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    for index in INDEX_FILES:
         if (path / index).is_file():
-            try:
-                names |= set(json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].values())
-            except (ValueError, KeyError):
-                pass
+            names |= set(read_weight_map(path / index).values())
     return sorted(names)
 
 
@@ -207,10 +265,15 @@ class _VerifiedCache:
         self.entries: dict = {}
         for candidate in (self.local, self.fallback):
             try:
-                self.entries = json.loads(candidate.read_text(encoding="utf-8")).get("files", {})
-                break
+                data = json.loads(candidate.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
+            files = data.get("files") if isinstance(data, dict) else None
+            if isinstance(files, dict):
+                # A cache is only a shortcut: an entry of another shape is forgotten, and its file hashed again.
+                self.entries = {name: e for name, e in files.items()
+                                if isinstance(e, dict) and _is_sha256(e.get("sha256"))}
+                break
         self.dirty = False
 
     def lookup(self, f: Path) -> str | None:
@@ -219,7 +282,7 @@ class _VerifiedCache:
             return None
         st = f.stat()
         if entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-            return entry.get("sha256")
+            return entry["sha256"].lower()
         return None
 
     def remember(self, f: Path, digest: str) -> None:

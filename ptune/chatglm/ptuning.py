@@ -32,6 +32,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ptune import checkpoint as ckpt_io
+from ptune.chatglm import integrity
+from ptune.chatglm.convert import ChatGLMConversionError, config_number
 from ptune.files import save_tensors
 from ptune.prefix import PrefixSpec
 
@@ -57,9 +59,12 @@ class PtuningFormatError(ckpt_io.CheckpointError):
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise PtuningFormatError(f"{path}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise PtuningFormatError(f"{path}: a JSON {type(data).__name__}, expected an object")
+    return data
 
 
 def is_reference_checkpoint(path) -> bool:
@@ -83,11 +88,18 @@ def spec_from_config(cfg: dict, where: str) -> PrefixSpec:
     missing = [k for k in ("num_layers", "hidden_size", "pre_seq_len") if k not in cfg]
     if missing:
         raise PtuningFormatError(f"{where}: missing {', '.join(missing)}")
-    projection = bool(cfg.get("prefix_projection", False))
+    projection = cfg.get("prefix_projection")
+    if projection not in (None, True, False):  # bool("false") would be true
+        raise PtuningFormatError(f"{where}: prefix_projection is {json.dumps(projection)}; expected true or false")
+    try:
+        sizes = {k: config_number(cfg, k) for k in
+                 ("num_layers", "multi_query_group_num", "kv_channels", "pre_seq_len", "hidden_size")}
+    except ChatGLMConversionError as e:
+        raise PtuningFormatError(f"{where}: {e}") from None
     # The original encoder uses multi_query_group_num key/value heads whatever multi_query_attention says.
-    return PrefixSpec(num_layers=int(cfg["num_layers"]), num_kv_heads=int(cfg["multi_query_group_num"]),
-                      head_dim=int(cfg["kv_channels"]), length=int(cfg["pre_seq_len"]), projection=projection,
-                      projection_hidden_size=int(cfg["hidden_size"]) if projection else None)
+    return PrefixSpec(num_layers=sizes["num_layers"], num_kv_heads=sizes["multi_query_group_num"],
+                      head_dim=sizes["kv_channels"], length=sizes["pre_seq_len"], projection=bool(projection),
+                      projection_hidden_size=sizes["hidden_size"] if projection else None)
 
 
 def expected_shapes(spec: PrefixSpec) -> dict[str, tuple[int, ...]]:
@@ -124,7 +136,7 @@ def reference_prefix_config(path) -> dict:
         "prefix": spec.to_dict(), "dropout": 0.0,
         "base": {"path": None, "model_type": "glm", "vocab_size": cfg.get("padded_vocab_size"),
                  "num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-                 "hidden_size": int(cfg["hidden_size"])},
+                 "hidden_size": cfg["hidden_size"]},
         "model": dict(DEFAULT_MODEL), "data": dict(DEFAULT_DATA),
         "step": _step(path), "format": FORMAT, "source": str(path),
     }
@@ -134,7 +146,10 @@ def _weight_files(path: Path) -> list[Path]:
     for name in INDEX_FILES:
         index = path / name
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map", {})
+            try:
+                weight_map = integrity.read_weight_map(index)
+            except integrity.IntegrityError as e:
+                raise PtuningFormatError(str(e)) from None
             shards = sorted({f for k, f in weight_map.items() if k.startswith(REF_PREFIX)})
             if not shards:
                 raise PtuningFormatError(f"{index}: lists no {REF_PREFIX}* tensors")
@@ -202,6 +217,8 @@ def import_checkpoint(old_dir, run_dir, base_path: str | None = None) -> Path:
     """Write the reference-format folder `old_dir` as a ptune checkpoint `run_dir/checkpoint-N`."""
     old_dir = Path(old_dir)
     if not is_reference_checkpoint(old_dir):
+        if (old_dir / CONFIG).is_file() and not (old_dir / ckpt_io.CONFIG_FILE).is_file():
+            _read_json(old_dir / CONFIG)  # a damaged config.json is named as such, not as "not a checkpoint"
         raise PtuningFormatError(f"{old_dir}: not a ChatGLM P-tuning checkpoint (needs {CONFIG} with pre_seq_len set "
                                  f"and no {ckpt_io.CONFIG_FILE})")
     config = reference_prefix_config(old_dir)
@@ -265,18 +282,22 @@ def export_checkpoint(ckpt, out_dir) -> Path:
     if set(weights) != set(shapes) or any(tuple(weights[k].shape) != s for k, s in shapes.items()):
         raise PtuningFormatError(f"{ckpt / ckpt_io.PREFIX_FILE}: tensors {sorted(weights)} do not match the prefix "
                                  f"spec in {where}")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise PtuningFormatError(f"{out_dir}: exists and is not empty; pick a new folder")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise PtuningFormatError(f"{out_dir}: exists and is not an empty folder; pick a new folder")
     ref_cfg = _base_chatglm_config(base.get("path"))
     ref_cfg.update({"model_type": "chatglm", "num_layers": spec.num_layers, "multi_query_attention": True,
                     "multi_query_group_num": spec.num_kv_heads, "kv_channels": spec.head_dim, "hidden_size": hidden,
                     "pre_seq_len": spec.length, "prefix_projection": spec.projection})
     if base.get("vocab_size") is not None:
         ref_cfg.setdefault("padded_vocab_size", base["vocab_size"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_tensors({REF_PREFIX + k: v.contiguous() for k, v in weights.items()}, out_dir / "model.safetensors",
-                 metadata={"format": "pt"})
-    (out_dir / CONFIG).write_text(json.dumps(ref_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_tensors({REF_PREFIX + k: v.contiguous() for k, v in weights.items()}, out_dir / "model.safetensors",
+                     metadata={"format": "pt"})
+        (out_dir / CONFIG).write_text(json.dumps(ref_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    except (OSError, SafetensorError) as e:  # a file where a folder is needed, a read-only or full disk
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise PtuningFormatError(f"could not write {out_dir}: {reason}") from None
     return out_dir
 
 
