@@ -63,6 +63,7 @@ class Target:
     step: int | None         # None: a job without checkpoints
     model: dict = field(default_factory=dict)      # base model settings: recorded, then overridden
     data: dict = field(default_factory=dict)       # data settings: recorded, then overridden
+    config: dict | None = None                      # its prefix_config.json, read (once) by plan()
     metrics: dict | None = None
     error: str | None = None
     scored: bool = False     # generated in this sweep (not taken from an earlier metrics.json)
@@ -149,6 +150,7 @@ def plan(cfg: DictConfig) -> list[Target]:
                 except ckpt_io.CheckpointError as e:
                     t.error = str(e)
                 else:
+                    t.config = config
                     t.model = models.inference_model_settings(config, model_overrides)
                     t.data = {**config["data"], **data_overrides}
             targets.append(t)
@@ -255,7 +257,7 @@ def score_group(targets: list[Target], cfg: DictConfig, device: torch.device, ex
     for t in targets:
         start = time.perf_counter()
         try:
-            lm = models.attach_checkpoint(base, t.ckpt, prefix_lm=lm)
+            lm = models.attach_checkpoint(base, t.ckpt, prefix_lm=lm, config=t.config)
         except ckpt_io.CheckpointError as e:
             skip(t, str(e), bar)
             continue
