@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ptune.files import save_tensors, sha256_file
+from ptune.files import read_json_object, save_tensors, sha256_file
 
 PREFIX_FILE = "prefix.safetensors"
 CONFIG_FILE = "prefix_config.json"
@@ -277,12 +277,7 @@ def read_prefix_config(ckpt: str | Path) -> dict:
     path = Path(ckpt) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; is {ckpt} a ptune checkpoint?")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); the checkpoint is damaged") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: a JSON {type(config).__name__}, expected an object; the checkpoint is damaged")
+    config = read_json_object(path, CheckpointError, "; the checkpoint is damaged")
     for section, keys in _RECORDED.items():
         value = config.get(section)
         if not isinstance(value, dict):

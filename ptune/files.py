@@ -1,9 +1,10 @@
 """Files written whole (a reader, or a crash part-way, never sees half of one), tensors written readable like any
-other file, and SHA-256 of files."""
+other file, SHA-256 of files, and JSON objects read with the file at fault named."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -60,3 +61,16 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json_object(path: str | os.PathLike, error: type[Exception], hint: str = "") -> dict:
+    """The JSON object in `path`, or `error` naming the file and what is wrong with it (`hint` appended)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise error(f"{path}: not valid JSON ({e}){hint}") from None
+    except OSError as e:
+        raise error(f"{path}: unreadable ({e.strerror or e}){hint}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: a JSON {type(data).__name__}, expected an object{hint}")
+    return data

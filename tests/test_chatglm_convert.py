@@ -316,7 +316,7 @@ def test_convert_state_dict_refuses_missing_parameters_unless_not_strict():
 
 
 @pytest.mark.parametrize("content, fault", [
-    ("{x", "unreadable (Expecting property name"),
+    ("{x", "not valid JSON (Expecting property name"),
     ("[1]", "a JSON list, expected an object"),
     ({"num_layers": "two"}, 'num_layers is "two"; expected a whole number above 0'),
     ({"num_layers": 2.5}, "num_layers is 2.5; expected a whole number above 0"),

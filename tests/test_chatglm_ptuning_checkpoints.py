@@ -259,7 +259,7 @@ def test_sweep_of_a_reference_output_folder_says_to_import_its_checkpoints(tmp_p
 
 
 @pytest.mark.parametrize("content, fault", [
-    ("{x", "unreadable (Expecting property name"),
+    ("{x", "not valid JSON (Expecting property name"),
     ("[1]", "a JSON list, expected an object"),
     ('"pre_seq_len"', "a JSON str, expected an object"),
     ({"pre_seq_len": "eight"}, 'pre_seq_len is "eight"; expected a whole number above 0'),

@@ -45,6 +45,7 @@ from torch import nn
 from transformers import GlmConfig, GlmForCausalLM
 
 from ptune.chatglm import integrity
+from ptune.files import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,7 @@ def read_chatglm_config(path: str | os.PathLike) -> dict:
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise ChatGLMConversionError(f"no config.json in {path}")
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ChatGLMConversionError(f"{cfg_file}: unreadable ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ChatGLMConversionError(f"{cfg_file}: a JSON {type(cfg).__name__}, expected an object")
-    return cfg
+    return read_json_object(cfg_file, ChatGLMConversionError)
 
 
 def config_number(cfg: dict, key: str, default=None, integer: bool = True):

@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from ptune import checkpoint as ckpt_io
 from ptune.chatglm import integrity
 from ptune.chatglm.convert import ChatGLMConversionError, config_number
-from ptune.files import save_tensors
+from ptune.files import read_json_object, save_tensors
 from ptune.prefix import PrefixSpec
 
 REF_PREFIX = "transformer.prefix_encoder."
@@ -55,16 +55,6 @@ _STEP = re.compile(r"checkpoint-(\d+)$")
 
 class PtuningFormatError(ckpt_io.CheckpointError):
     """A reference-format P-tuning folder that cannot be read, or a prefix that cannot be written as one."""
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise PtuningFormatError(f"{path}: unreadable ({e})") from None
-    if not isinstance(data, dict):
-        raise PtuningFormatError(f"{path}: a JSON {type(data).__name__}, expected an object")
-    return data
 
 
 def is_reference_checkpoint(path) -> bool:
@@ -130,7 +120,7 @@ def reference_prefix_config(path) -> dict:
     ``base.path`` is None: the old format does not say where the base model is.
     """
     path = Path(path)
-    cfg = _read_json(path / CONFIG)
+    cfg = read_json_object(path / CONFIG, PtuningFormatError)
     spec = spec_from_config(cfg, str(path / CONFIG))
     return {
         "prefix": spec.to_dict(), "dropout": 0.0,
@@ -183,7 +173,7 @@ def load_reference_weights(path, spec: PrefixSpec | None = None) -> dict[str, to
     """PrefixEncoder state dict (``embedding.weight``, ...) of a reference-format folder, checked against its config."""
     path = Path(path)
     if spec is None:
-        spec = spec_from_config(_read_json(path / CONFIG), str(path / CONFIG))
+        spec = spec_from_config(read_json_object(path / CONFIG, PtuningFormatError), str(path / CONFIG))
     files = _weight_files(path)
     weights: dict[str, torch.Tensor] = {}
     for file in files:
@@ -218,7 +208,8 @@ def import_checkpoint(old_dir, run_dir, base_path: str | None = None) -> Path:
     old_dir = Path(old_dir)
     if not is_reference_checkpoint(old_dir):
         if (old_dir / CONFIG).is_file() and not (old_dir / ckpt_io.CONFIG_FILE).is_file():
-            _read_json(old_dir / CONFIG)  # a damaged config.json is named as such, not as "not a checkpoint"
+            # A damaged config.json is named as such, not as "not a checkpoint".
+            read_json_object(old_dir / CONFIG, PtuningFormatError)
         raise PtuningFormatError(f"{old_dir}: not a ChatGLM P-tuning checkpoint (needs {CONFIG} with pre_seq_len set "
                                  f"and no {ckpt_io.CONFIG_FILE})")
     config = reference_prefix_config(old_dir)
