@@ -237,9 +237,8 @@ def build_prefix(model, prefix_cfg, device: torch.device) -> PrefixEncoder:
     overcommits memory in the out-of-memory killer's silent exit."""
     spec = PrefixSpec.for_model(model.config, int(prefix_cfg.length), bool(prefix_cfg.projection),
                                 prefix_cfg.projection_hidden_size)
-    params = spec.length * spec.kv_size
-    if spec.projection:
-        params += (2 * spec.kv_size + 1) * spec.projection_hidden_size + spec.kv_size
+    with torch.device("meta"):  # counted from the module itself, without allocating it
+        params = sum(p.numel() for p in PrefixEncoder(spec).parameters())
     need, have = 16 * params, device_memory(device)  # fp32 weights, gradients and Adam's two moments
     if need > have:
         where = "this machine's memory" if device.type == "cpu" else f"the GPU ({device})"
