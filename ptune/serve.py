@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -713,182 +714,216 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     engine = engine or Engine(cm, cfg.max_batch_size, cfg.batch_wait_ms, cfg.max_queue, cfg.seed)
     api_key = api_key_of(cfg)
     model_name = cfg.get("model_name") or default_model_name(cm)
-    max_prompt = int(cfg.max_prompt_tokens)
-    max_new_cap = int(cfg.max_new_tokens)
-    positions, positions_key = cm.max_positions, cm.positions_key
-    created = int(time.time())
-    web = resources.files("ptune") / "web"
-    # Tokenizing a prompt near max_body_bytes takes up to a second or two; on the event loop it would stall every
-    # other client's stream meanwhile. One thread: prompts wait for each other, never for the streams, and
-    # encoding stays one call at a time as it was on the loop.
-    tokenizing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptune-prompts")
-
-    def lifespan(app):
-        from contextlib import asynccontextmanager
-
-        @asynccontextmanager
-        async def span(app):
-            yield
-            tokenizing.shutdown(wait=False, cancel_futures=True)
-            await asyncio.get_running_loop().run_in_executor(None, engine.close)
-
-        return span(app)
-
-    app = FastAPI(title="ptune", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    prompts = Prompts(cm, int(cfg.max_prompt_tokens), int(cfg.max_new_tokens))
+    app = FastAPI(title="ptune", version="1", lifespan=_lifespan(prompts, engine), docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.engine = engine
     app.state.model_name = model_name
+    app.add_exception_handler(RequestValidationError, _on_invalid)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(RequestError, _on_request_error)
+    _add_chatglm_api(app, cfg, engine, prompts)
+    _add_openai_api(app, cfg, engine, prompts, model_name)
+    _add_health(app, cm, engine, prompts, model_name, auth=api_key is not None)
+    _add_page(app)
+    return _with_middleware(app, cfg, engine, api_key)
 
-    @app.exception_handler(RequestValidationError)
-    async def on_invalid(request: Request, exc: RequestValidationError):
-        message, param = _describe_validation(list(exc.errors()))
-        body = error_body(message, "invalid_request", param)
-        body["errors"] = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
-                          for e in exc.errors()]
-        return JSONResponse(body, status_code=422)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, exc: StarletteHTTPException):
-        # FastAPI's own refusals (e.g. a body it cannot decode) in the same shape as every other error.
-        if isinstance(exc.__cause__, RecursionError):
-            # Valid JSON that Python's parser gives up on: FastAPI would say only "There was an error parsing
-            # the body".
-            return JSONResponse(error_body(DEEP_JSON, "json_too_deep"), status_code=exc.status_code,
-                                headers=exc.headers)
-        return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+def _lifespan(prompts: Prompts, engine: Engine):
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        prompts.close()
+        await asyncio.get_running_loop().run_in_executor(None, engine.close)
 
-    @app.exception_handler(RequestError)
-    async def on_request_error(request: Request, exc: RequestError):
-        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
-        # A full queue drains within moments; a server shutting down is back no sooner than its model loads.
-        headers = {"Retry-After": "1"} if exc.code == "server_busy" else None
-        return JSONResponse(error_body(exc.message, exc.code, exc.param, kind, exc.extra), status_code=exc.status,
-                            headers=headers)
+    return lifespan
 
-    async def prompt_for(query: str, history, system: str | None = None, param: str = "messages") -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(tokenizing, checked_prompt, query, history, system,
-                                                                param)
 
-    def checked_prompt(query: str, history, system: str | None, param: str) -> list[int]:
-        ids = build_prompt(cm.tokenizer, cm.template, query, history, system)
+class Prompts:
+    """Builds each request's prompt and holds prompt and reply to the server's caps (max_prompt_tokens,
+    max_new_tokens) and the model's positions, refusing what does not fit in words a client can act on."""
+
+    def __init__(self, cm: ChatModel, max_prompt: int, max_new: int):
+        self.cm, self.max_prompt, self.max_new = cm, max_prompt, max_new
+        self.positions, self.positions_key = cm.max_positions, cm.positions_key
+        # The most tokens a prompt may have: the server's cap, and one position left for the reply.
+        self.prompt_limit = max_prompt if self.positions is None else min(max_prompt, self.positions - 1)
+        # Tokenizing a prompt near max_body_bytes takes up to a second or two; on the event loop it would stall every
+        # other client's stream meanwhile. One thread: prompts wait for each other, never for the streams, and
+        # encoding stays one call at a time as it was on the loop.
+        self.tokenizing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptune-prompts")
+
+    async def prompt_for(self, query: str, history, system: str | None = None, param: str = "messages") -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, self.checked_prompt, query, history,
+                                                                system, param)
+
+    def close(self) -> None:
+        self.tokenizing.shutdown(wait=False, cancel_futures=True)
+
+    def checked_prompt(self, query: str, history, system: str | None, param: str) -> list[int]:
+        ids = build_prompt(self.cm.tokenizer, self.cm.template, query, history, system)
         # A template's role tokens make an empty query more than 0 tokens, yet there is still nothing to answer;
         # nor is there in spaces and newlines alone.
         if not query.strip() or not ids:
             raise RequestError(400, "the prompt is empty; send some text", param, "empty_prompt")
-        if too_long(len(ids)):
-            raise overlong(len(ids), query, history, system, param)
+        if self.too_long(len(ids)):
+            raise self.overlong(len(ids), query, history, system, param)
         return ids
 
-    # The most tokens a prompt may have: the server's cap, and one position left for the reply.
-    prompt_limit = max_prompt if positions is None else min(max_prompt, positions - 1)
+    def too_long(self, prompt: int) -> bool:
+        return prompt > self.prompt_limit
 
-    def too_long(prompt: int) -> bool:
-        return prompt > prompt_limit
-
-    def limit_of(prompt: int) -> str:
+    def limit_of(self, prompt: int) -> str:
         """What a prompt of `prompt` tokens, too long, is over."""
-        if prompt > max_prompt:
-            return f"this server accepts at most {max_prompt} (max_prompt_tokens)"
-        return (f"the model's {positions} positions ({positions_key}) hold prompt and reply together, which leaves no "
-                "room for a reply")
+        if prompt > self.max_prompt:
+            return f"this server accepts at most {self.max_prompt} (max_prompt_tokens)"
+        return (f"the model's {self.positions} positions ({self.positions_key}) hold prompt and reply together, "
+                "which leaves no room for a reply")
 
-    def overlong(prompt: int, query: str, history, system: str | None, param: str) -> RequestError:
+    def overlong(self, prompt: int, query: str, history, system: str | None, param: str) -> RequestError:
         """The refusal of a prompt of `prompt` tokens, too long here, with what would fit, for clients to act on
         (the chat page does) as well as in words. The error object holds `prompt_tokens`; `prompt_limit`, the
         most a prompt may have; `system_too_long`: the system message alone makes a prompt too long, so no
         shorter message or history could help; and `turns_to_leave_out`: the fewest oldest turns of the history
         ([question, answer] pairs as they were paired here) whose leaving out makes the prompt fit, null where
         leaving out all of it would not."""
-        alone = len(build_prompt(cm.tokenizer, cm.template, "", [], system)) if system else 0
-        extra = {"prompt_tokens": prompt, "prompt_limit": prompt_limit, "system_too_long": bool(system) and too_long(alone),
-                 "turns_to_leave_out": None}
+        alone = len(build_prompt(self.cm.tokenizer, self.cm.template, "", [], system)) if system else 0
+        extra = {"prompt_tokens": prompt, "prompt_limit": self.prompt_limit,
+                 "system_too_long": bool(system) and self.too_long(alone), "turns_to_leave_out": None}
         if extra["system_too_long"]:
-            return RequestError(400, f"the system message alone makes a prompt of {alone} tokens; {limit_of(alone)}; "
-                                "shorten the system message", param, "context_length_exceeded", extra)
-        extra["turns_to_leave_out"] = turns_to_leave_out(query, history, system)
-        return RequestError(400, f"the prompt is {prompt} tokens (history included); {limit_of(prompt)}", param,
+            return RequestError(400, f"the system message alone makes a prompt of {alone} tokens; "
+                                f"{self.limit_of(alone)}; shorten the system message", param,
+                                "context_length_exceeded", extra)
+        extra["turns_to_leave_out"] = self.turns_to_leave_out(query, history, system)
+        return RequestError(400, f"the prompt is {prompt} tokens (history included); {self.limit_of(prompt)}", param,
                             "context_length_exceeded", extra)
 
-    def turns_to_leave_out(query: str, history, system: str | None) -> int | None:
+    def turns_to_leave_out(self, query: str, history, system: str | None) -> int | None:
         """The fewest oldest turns of `history` whose leaving out makes the prompt fit; None where none would."""
-        ids, kept = fit_history(cm.tokenizer, cm.template, query, history, prompt_limit, system)
-        return None if not history or too_long(len(ids)) else len(history) - len(kept)
+        ids, kept = fit_history(self.cm.tokenizer, self.cm.template, query, history, self.prompt_limit, system)
+        return None if not history or self.too_long(len(ids)) else len(history) - len(kept)
 
-    def fit_reply(prompt: int, new: int, asked: str | None, param: str | None) -> int:
+    def fit_reply(self, prompt: int, new: int, asked: str | None, param: str | None) -> int:
         """`new` reply tokens, or as many as the model's positions leave where the request named no length
         (`asked` None). A length asked for past the positions is refused here, before the request joins a
         batch: generation would fail with an IndexError, and fail every request batched with it."""
+        positions = self.positions
         if positions is None or prompt + new <= positions:
             return new
         if asked is None:
             return positions - prompt
         raise RequestError(400, f"the prompt is {prompt} tokens and {asked}: {prompt} + {new} > the model's "
-                           f"{positions} positions ({positions_key}), which hold prompt and reply together; at most "
-                           f"{positions - prompt} new tokens fit", param, "context_length_exceeded")
+                           f"{positions} positions ({self.positions_key}), which hold prompt and reply together; at "
+                           f"most {positions - prompt} new tokens fit", param, "context_length_exceeded")
 
-    def capped(new: int) -> str:
-        return f" (max_new_tokens={max_new_cap} caps a reply)" if new > max_new_cap else ""
+    def capped(self, new: int) -> str:
+        return f" (max_new_tokens={self.max_new} caps a reply)" if new > self.max_new else ""
 
-    def submit(job: Job) -> None:
-        try:
-            engine.submit(job)
-        except QueueFull as e:
-            raise RequestError(503, str(e), code="server_busy") from None
-        except ShuttingDown as e:
-            raise RequestError(503, str(e), code="server_shutting_down") from None
 
-    async def run_job(job: Job, request: Request) -> Result:
-        submit(job)
-        result = asyncio.wrap_future(job.future)
-        try:
-            # The server never cancels a handler whose client hung up; without this check an abandoned
-            # request would keep its batch row (or its place in the queue) to the end.
-            while not (await asyncio.wait({result}, timeout=0.1))[0]:
-                if await request.is_disconnected():
-                    job.cancelled = True
-                    # Nobody reads this answer; 499 is what proxies log for a client that closed the request.
-                    raise RequestError(499, "the client closed the request", code="cancelled")
-            return await result
-        except asyncio.CancelledError:
-            job.cancelled = True
-            raise
-        except RequestError:  # the 499 above: the client's doing, which a 500 would log as the server's
-            raise
-        except ShuttingDown as e:
-            raise RequestError(503, str(e), code="server_shutting_down") from None
-        except Exception as e:  # the worker logged it; the client gets the reason
-            raise RequestError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed") from None
+# -- running a request's job
 
-    def sampling(temperature: float | None, top_p: float | None, default_top_p: float) -> dict:
-        if is_greedy(temperature):
-            return {"do_sample": False, "temperature": 1.0, "top_p": 1.0}
-        return {"do_sample": True, "temperature": float(temperature),
-                "top_p": float(default_top_p if top_p is None else top_p)}
 
-    # -- ChatGLM2-6B api.py
+def submit_job(engine: Engine, job: Job) -> None:
+    try:
+        engine.submit(job)
+    except QueueFull as e:
+        raise RequestError(503, str(e), code="server_busy") from None
+    except ShuttingDown as e:
+        raise RequestError(503, str(e), code="server_shutting_down") from None
+
+
+async def run_job(engine: Engine, job: Job, request: Request) -> Result:
+    submit_job(engine, job)
+    result = asyncio.wrap_future(job.future)
+    try:
+        # The server never cancels a handler whose client hung up; without this check an abandoned
+        # request would keep its batch row (or its place in the queue) to the end.
+        while not (await asyncio.wait({result}, timeout=0.1))[0]:
+            if await request.is_disconnected():
+                job.cancelled = True
+                # Nobody reads this answer; 499 is what proxies log for a client that closed the request.
+                raise RequestError(499, "the client closed the request", code="cancelled")
+        return await result
+    except asyncio.CancelledError:
+        job.cancelled = True
+        raise
+    except RequestError:  # the 499 above: the client's doing, which a 500 would log as the server's
+        raise
+    except ShuttingDown as e:
+        raise RequestError(503, str(e), code="server_shutting_down") from None
+    except Exception as e:  # the worker logged it; the client gets the reason
+        raise RequestError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed") from None
+
+
+def sampling_params(temperature: float | None, top_p: float | None, default_top_p: float) -> dict:
+    if is_greedy(temperature):
+        return {"do_sample": False, "temperature": 1.0, "top_p": 1.0}
+    return {"do_sample": True, "temperature": float(temperature),
+            "top_p": float(default_top_p if top_p is None else top_p)}
+
+
+# -- errors
+
+
+async def _on_invalid(request: Request, exc: RequestValidationError):
+    message, param = _describe_validation(list(exc.errors()))
+    body = error_body(message, "invalid_request", param)
+    body["errors"] = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+                      for e in exc.errors()]
+    return JSONResponse(body, status_code=422)
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException):
+    # FastAPI's own refusals (e.g. a body it cannot decode) in the same shape as every other error.
+    if isinstance(exc.__cause__, RecursionError):
+        # Valid JSON that Python's parser gives up on: FastAPI would say only "There was an error parsing
+        # the body".
+        return JSONResponse(error_body(DEEP_JSON, "json_too_deep"), status_code=exc.status_code,
+                            headers=exc.headers)
+    return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _on_request_error(request: Request, exc: RequestError):
+    kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+    # A full queue drains within moments; a server shutting down is back no sooner than its model loads.
+    headers = {"Retry-After": "1"} if exc.code == "server_busy" else None
+    return JSONResponse(error_body(exc.message, exc.code, exc.param, kind, exc.extra), status_code=exc.status,
+                        headers=headers)
+
+
+# -- the routes
+
+
+def _add_chatglm_api(app: FastAPI, cfg: DictConfig, engine: Engine, prompts: Prompts) -> None:
+    """ChatGLM2-6B api.py's `POST /`."""
 
     @app.post("/")
     async def chatglm_api(req: ApiRequest, request: Request):
         history = [tuple(t) for t in (req.history or [])]
-        ids = await prompt_for(req.prompt, history, param="prompt")
+        ids = await prompts.prompt_for(req.prompt, history, param="prompt")
         max_length = req.max_length or int(cfg.api.max_length)
         room = max_length - len(ids)
         if room < 1:
             raise RequestError(400, f"the prompt is {len(ids)} tokens and max_length is {max_length}: no room for a "
                                "reply (max_length counts prompt and reply tokens)", "max_length",
                                "context_length_exceeded")
-        new = min(room, max_new_cap)
-        asked = None if req.max_length is None else f"max_length={max_length} leaves {new} for the reply{capped(room)}"
-        new = fit_reply(len(ids), new, asked, "max_length")
+        new = min(room, prompts.max_new)
+        asked = (None if req.max_length is None else
+                 f"max_length={max_length} leaves {new} for the reply{prompts.capped(room)}")
+        new = prompts.fit_reply(len(ids), new, asked, "max_length")
         temperature = cfg.api.temperature if req.temperature is None else req.temperature
-        job = Job(ids, new, **sampling(temperature, req.top_p, float(cfg.api.top_p)))
-        result = await run_job(job, request)
+        job = Job(ids, new, **sampling_params(temperature, req.top_p, float(cfg.api.top_p)))
+        result = await run_job(engine, job, request)
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         history = [list(t) for t in history] + [[req.prompt, result.text]]
         log.info("POST / prompt %d tokens -> %d tokens (%s)", result.prompt_tokens, result.completion_tokens,
                  result.finish_reason)
         return {"response": result.text, "history": history, "status": 200, "time": now}
 
-    # -- OpenAI-compatible
+
+def _add_openai_api(app: FastAPI, cfg: DictConfig, engine: Engine, prompts: Prompts, model_name: str) -> None:
+    """The OpenAI-compatible `/v1/models` and `/v1/chat/completions`."""
+    created = int(time.time())
 
     def model_object() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "ptune"}
@@ -909,89 +944,98 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         system, history, query = messages_to_turns(req.messages)
-        ids = await prompt_for(query, history, system)
+        ids = await prompts.prompt_for(query, history, system)
         param = "max_tokens" if req.max_tokens else "max_completion_tokens" if req.max_completion_tokens else None
         wanted = req.max_tokens or req.max_completion_tokens or int(cfg.openai.max_tokens)
-        new = min(wanted, max_new_cap)
-        asked = None if param is None else f"{param}={wanted} asks for {new} more{capped(wanted)}"
-        new = fit_reply(len(ids), new, asked, param)
+        new = min(wanted, prompts.max_new)
+        asked = None if param is None else f"{param}={wanted} asks for {new} more{prompts.capped(wanted)}"
+        new = prompts.fit_reply(len(ids), new, asked, param)
         temperature = cfg.openai.temperature if req.temperature is None else req.temperature
-        params = sampling(temperature, req.top_p, float(cfg.openai.top_p))
+        params = sampling_params(temperature, req.top_p, float(cfg.openai.top_p))
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         stamp = int(time.time())
-        if not req.stream:
-            result = await run_job(Job(ids, new, seed=req.seed, stop=req.stop_strings(), **params), request)
-            log.info("POST /v1/chat/completions prompt %d tokens -> %d tokens (%s)", result.prompt_tokens,
-                     result.completion_tokens, result.finish_reason)
-            return {"id": cid, "object": "chat.completion", "created": stamp, "model": model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                                 "finish_reason": result.finish_reason}],
-                    "usage": result.usage()}
+        job = Job(ids, new, seed=req.seed, stop=req.stop_strings(), **params)
+        if req.stream:
+            return _stream_completion(engine, job, req, cid, stamp, model_name)
+        result = await run_job(engine, job, request)
+        log.info("POST /v1/chat/completions prompt %d tokens -> %d tokens (%s)", result.prompt_tokens,
+                 result.completion_tokens, result.finish_reason)
+        return {"id": cid, "object": "chat.completion", "created": stamp, "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                             "finish_reason": result.finish_reason}],
+                "usage": result.usage()}
 
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue = asyncio.Queue()
-        done = object()
-        job = Job(ids, new, seed=req.seed, stop=req.stop_strings(),
-                  on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text), **params)
-        job.future.add_done_callback(lambda f: loop.call_soon_threadsafe(pieces.put_nowait, done))
-        submit(job)
 
-        # include_usage asks for OpenAI's shape: `"usage": null` on every chunk, then the usage in a chunk of
-        # its own (no choices) after the finish_reason one. Without it the usage rides on the finish_reason
-        # chunk, as it did before include_usage was read: clients of this server may take it from there.
-        usage_alone = bool(req.stream_options and req.stream_options.include_usage)
+def _stream_completion(engine: Engine, job: Job, req: ChatCompletionRequest, cid: str, stamp: int,
+                       model_name: str) -> StreamingResponse:
+    """Submits `job` and answers with its text as server-sent events, as it comes from the worker."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    done = object()
+    job.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
+    job.future.add_done_callback(lambda f: loop.call_soon_threadsafe(pieces.put_nowait, done))
+    submit_job(engine, job)
 
-        def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
-            choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
-            body = {"id": cid, "object": "chat.completion.chunk", "created": stamp, "model": model_name,
-                    "choices": choices}
-            if usage_alone or usage is not None:
-                body["usage"] = usage
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    # include_usage asks for OpenAI's shape: `"usage": null` on every chunk, then the usage in a chunk of
+    # its own (no choices) after the finish_reason one. Without it the usage rides on the finish_reason
+    # chunk, as it did before include_usage was read: clients of this server may take it from there.
+    usage_alone = bool(req.stream_options and req.stream_options.include_usage)
 
-        async def events():
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    piece = await pieces.get()
-                    if piece is done:
-                        break
-                    yield chunk({"content": piece})
-                if job.future.cancelled():
-                    yield f"data: {json.dumps(error_body('the request was cancelled', 'cancelled'))}\n\n"
-                elif isinstance(job.future.exception(), ShuttingDown):
-                    message = f"the reply was cut short: {job.future.exception()}"
-                    yield f"data: {json.dumps(error_body(message, 'server_shutting_down', kind='server_error'))}\n\n"
-                elif job.future.exception() is not None:
-                    message = f"generation failed: {job.future.exception()}"
-                    yield f"data: {json.dumps(error_body(message, 'generation_failed'))}\n\n"
+    def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        body = {"id": cid, "object": "chat.completion.chunk", "created": stamp, "model": model_name,
+                "choices": choices}
+        if usage_alone or usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def events():
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                piece = await pieces.get()
+                if piece is done:
+                    break
+                yield chunk({"content": piece})
+            if job.future.cancelled():
+                yield f"data: {json.dumps(error_body('the request was cancelled', 'cancelled'))}\n\n"
+            elif isinstance(job.future.exception(), ShuttingDown):
+                message = f"the reply was cut short: {job.future.exception()}"
+                yield f"data: {json.dumps(error_body(message, 'server_shutting_down', kind='server_error'))}\n\n"
+            elif job.future.exception() is not None:
+                message = f"generation failed: {job.future.exception()}"
+                yield f"data: {json.dumps(error_body(message, 'generation_failed'))}\n\n"
+            else:
+                r = job.future.result()
+                if usage_alone:
+                    yield chunk({}, r.finish_reason)
+                    yield chunk(None, usage=r.usage())
                 else:
-                    r = job.future.result()
-                    if usage_alone:
-                        yield chunk({}, r.finish_reason)
-                        yield chunk(None, usage=r.usage())
-                    else:
-                        yield chunk({}, r.finish_reason, r.usage())
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancelled = True  # a client that went away stops costing generation steps
+                    yield chunk({}, r.finish_reason, r.usage())
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled = True  # a client that went away stops costing generation steps
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+
+def _add_health(app: FastAPI, cm: ChatModel, engine: Engine, prompts: Prompts, model_name: str, auth: bool) -> None:
     # HEAD too: uptime monitors and load balancers often probe with it
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", "model": model_name, "checkpoint": cm.checkpoint, "step": cm.step,
                 "base": cm.base_path, "template": cm.template, "device": str(cm.device),
                 "prefix_length": (cm.prefix_config or {}).get("prefix", {}).get("length"),
-                "max_prompt_tokens": max_prompt, "max_new_tokens": max_new_cap, "max_positions": positions,
-                "max_batch_size": engine.max_batch_size, "queued": engine.pending(), "batches": engine.batches,
-                "largest_batch": engine.largest_batch, "served": engine.served, "cancelled": engine.cancelled,
-                "auth": api_key is not None}
+                "max_prompt_tokens": prompts.max_prompt, "max_new_tokens": prompts.max_new,
+                "max_positions": prompts.positions, "max_batch_size": engine.max_batch_size,
+                "queued": engine.pending(), "batches": engine.batches, "largest_batch": engine.largest_batch,
+                "served": engine.served, "cancelled": engine.cancelled, "auth": auth}
 
-    # -- the chat page (static files; the page itself holds no data, so it needs no key: PAGE_PATHS)
 
+def _add_page(app: FastAPI) -> None:
+    """The chat page (static files; the page itself holds no data, so it needs no key: PAGE_PATHS)."""
+    web = resources.files("ptune") / "web"
     page_headers = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; "
                                                "form-action 'none'; frame-ancestors 'none'",
                     "Cache-Control": "no-cache"}
@@ -1011,6 +1055,9 @@ def create_app(cm: ChatModel, cfg: DictConfig, engine: Engine | None = None):
     async def favicon():
         return Response(status_code=204)
 
+
+def _with_middleware(app: FastAPI, cfg: DictConfig, engine: Engine, api_key: str | None):
+    """`app` inside the body check, the key check where there is a key, CORS where origins are named, and CutOff."""
     checked = BodyCheck(app, int(cfg.max_body_bytes), float(cfg.body_timeout_s))
     if api_key is not None:
         checked = KeyCheck(checked, api_key, int(cfg.max_body_bytes), float(cfg.body_timeout_s))
