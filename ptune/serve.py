@@ -342,8 +342,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-DEEP_JSON = ("the body nests arrays or objects too deeply to parse (the JSON parser here stops near 1000 levels); a "
-             "request needs no more than 5")
+DEEP_JSON = "the body nests arrays or objects too deeply for the JSON parser; a request needs no more than 5 levels"
 SURROGATE = "holds an unpaired surrogate escape (\\ud800-\\udfff), which is not text"
 
 
