@@ -248,14 +248,8 @@ def read_manifest(path: Path) -> dict[str, dict]:
     """A manifest's entries, {file name: {"sha256": hex, "bytes": size}}, refused whole if any is malformed.
 
     It must list the prefix and its config: a manifest that lists nothing would let every check pass."""
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e}); the checkpoint is damaged") from None
     expected = 'an object of {"<file>": {"sha256": "<hex>", "bytes": <size>}}'
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"{path}: a JSON {type(manifest).__name__}, expected {expected}; the checkpoint is "
-                              "damaged")
+    manifest = read_json_object(path, CheckpointError, "; the checkpoint is damaged", expected)
     for name, entry in manifest.items():
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                 and isinstance(entry.get("bytes"), int) and not isinstance(entry.get("bytes"), bool)):

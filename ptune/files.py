@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,8 +63,10 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def read_json_object(path: str | os.PathLike, error: type[Exception], hint: str = "") -> dict:
-    """The JSON object in `path`, or `error` naming the file and what is wrong with it (`hint` appended)."""
+def read_json_object(path: str | os.PathLike, error: Callable[[str], Exception], hint: str = "",
+                     shape: str = "an object") -> dict:
+    """The JSON object in `path`, or `error` naming the file and what is wrong with it: unreadable, not JSON, or
+    JSON of another kind than `shape` says (`hint` appended to each)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except ValueError as e:  # not JSON, or not UTF-8
@@ -72,5 +74,5 @@ def read_json_object(path: str | os.PathLike, error: type[Exception], hint: str 
     except OSError as e:
         raise error(f"{path}: unreadable ({e.strerror or e}){hint}") from None
     if not isinstance(data, dict):
-        raise error(f"{path}: a JSON {type(data).__name__}, expected an object{hint}")
+        raise error(f"{path}: a JSON {type(data).__name__}, expected {shape}{hint}")
     return data

@@ -229,7 +229,8 @@ def test_cli_prints_a_table_and_fails_on_damage(folder, capsys):
 
 
 @pytest.mark.parametrize("content, fault", [
-    (None, "cannot read the manifest (No such file or directory)"),
+    (None, "unreadable (No such file or directory)"),
+    ("[1]", 'a JSON list, expected {"files": {"<file>": {"sha256": "<hex>", "size": <bytes>}}}'),
     ("{bad", "not valid JSON"),
     # the shape of a ptune checkpoint's manifest.json, not a model folder's: checking nothing must not pass
     ('{"NAME": {"sha256": "' + "0" * 64 + '", "bytes": 1}}', 'no "files" object listing files'),

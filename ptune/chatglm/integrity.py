@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from ptune.files import sha256_file, write_text_atomic
+from ptune.files import read_json_object, sha256_file, write_text_atomic
 
 __all__ = [
     "IntegrityError", "FileCheck", "LEVELS", "DEFAULT_LEVEL", "OWN_MANIFEST", "VERIFIED_CACHE",
@@ -186,13 +186,8 @@ def read_model_manifest(path: str | os.PathLike) -> dict:
     {"files": {"<file>": {"sha256": "<hex>", "size": <bytes>}}} (either value may be left out, not both)."""
     path = Path(path)
     expected = '{"files": {"<file>": {"sha256": "<hex>", "size": <bytes>}}}'
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise IntegrityError(f"{path}: cannot read the manifest ({e.strerror or e})", []) from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise IntegrityError(f"{path}: not valid JSON ({e}); expected {expected}", []) from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
+    manifest = read_json_object(path, lambda message: IntegrityError(message, []), shape=expected)
+    files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise IntegrityError(f"{path}: no \"files\" object listing files; expected {expected}", [])
     for name, spec in files.items():
