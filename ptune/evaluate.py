@@ -107,28 +107,56 @@ def check_positions(model, prompts: list[list[int]], max_new_tokens: int) -> Non
                       f"model has {positions} ({key}): expected {fix}")
 
 
+def smaller_batch(batch_size: int, rows: int, auto: bool, prompt_len: int, new_tokens: int, reason: str) -> int:
+    """The batch size to go on with after a batch of `rows` prompts ran out of memory: half as many where
+    batch_size is auto (its guess from the free memory can be off: another process, the allocator's fragments);
+    a batch_size that was set is the user's to change."""
+    where = (f"a batch of {rows} prompt{'s' * (rows > 1)} of up to {prompt_len} tokens with {new_tokens} new "
+             "tokens")
+    if not auto:
+        raise ConfigError(f"batch_size={batch_size}: out of memory generating {where} ({reason}); lower "
+                          "batch_size, or batch_size=auto to size it to the free memory")
+    if rows == 1:
+        raise ConfigError(f"out of memory generating {where} ({reason}); lower generation.max_new_tokens or "
+                          "data.max_source_length, or free the device's memory")
+    log.warning("out of memory generating %s; going on with batches of %d", where, rows // 2)
+    return rows // 2
+
+
 def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_size: int | str, device,
             progress: bool = True) -> tuple[list[str], dict]:
     """Generated texts in input order, and throughput figures."""
     device = torch.device(device)
     check_positions(model, prompts, gen.max_new_tokens)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    if batch_size == "auto":
+    auto = batch_size == "auto"
+    if auto:
         batch_size = auto_batch_size(model, len(prompts[order[0]]), gen.max_new_tokens, device, len(prompts))
     eos = stop_token_ids(model, tokenizer, gen.get("extra_eos_token_ids"))
     stops = set(eos)
     generator = torch.Generator(device=device).manual_seed(int(gen.seed)) if gen.do_sample else None
     texts: list[str | None] = [None] * len(prompts)
-    new_tokens, start = 0, time.perf_counter()
+    new_tokens, start, done = 0, time.perf_counter(), 0
     # `with`: an interrupted bar's line is finished before the message that follows it
     with tqdm(total=len(prompts), desc="generate", disable=not progress) as bar:
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
+        while done < len(order):
+            idx = order[done:done + batch_size]
             batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], tokenizer.pad_token_id).items()}
-            out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=gen.max_new_tokens,
-                           eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, do_sample=gen.do_sample,
-                           temperature=gen.temperature, top_p=gen.top_p, generator=generator,
-                           compile_step=bool(gen.compile_step))
+            try:
+                out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=gen.max_new_tokens,
+                               eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, do_sample=gen.do_sample,
+                               temperature=gen.temperature, top_p=gen.top_p, generator=generator,
+                               compile_step=bool(gen.compile_step))
+            except torch.OutOfMemoryError as e:
+                out, reason = None, str(e).split("\n")[0]
+            if out is None:  # out here, where the traceback no longer holds the failed batch's tensors
+                batch_size = smaller_batch(batch_size, len(idx), auto, batch["input_ids"].shape[1],
+                                           gen.max_new_tokens, reason)
+                del batch
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # for the smaller batch to take what the failed one held
+                continue
+            done += len(idx)
             for row, i in zip(out.tolist(), idx):
                 # The reply ends before its stop token, as in chat and serve: an extra stop token that is an
                 # ordinary one (a newline, say) is not part of the prediction, nor is the padding after it.

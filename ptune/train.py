@@ -80,6 +80,17 @@ def last_kept(out: Path) -> str:
     return f"the last checkpoint in {out} is intact"
 
 
+def out_of_memory(step: int, error: Exception, batches: list[dict], global_batch: int, out: Path) -> str:
+    """The error line of a step that ran out of memory: its micro-batches, and the settings that fit one."""
+    rows, longest = max(len(b["input_ids"]) for b in batches), max(b["input_ids"].shape[1] for b in batches)
+    reason = str(error).split("\n")[0]
+    return (f"step {step}: out of memory on micro-batches of up to {rows} rows of {longest} tokens ({reason}); "
+            f"{last_kept(out)}. Lower trainer.per_device_batch_size (and raise trainer.gradient_accumulation_steps "
+            f"to keep the global batch of {global_batch}), set trainer.gradient_checkpointing=true, or let "
+            "trainer.auto_micro_batch_gib=<GiB> pick the split that fits"
+            + (f"; then go on with resume=latest output_dir={out}" if ckpt_io.latest_checkpoint(out) else ""))
+
+
 def check_settings(cfg: DictConfig) -> None:
     """Values the types allow but the trainer cannot use, refused before anything is loaded or written."""
     t = cfg.trainer
@@ -467,8 +478,11 @@ def train(cfg: DictConfig) -> Path:
         # Dropout masks depend on (seed, step, micro-batch) alone: a resumed run draws what an unbroken one
         # would, and 2 GPUs x 1 accumulation step draw what 1 GPU x 2 does.
         seeds = [cfg.seed + 1_000_003 * (step + 1) + i for i in plan.micro_batch_ids(rank)]
-        result = optimizer_step(loss_fn, params, batches, global_targets, optimizer, scaler,
-                                max_grad_norm=cfg.optim.max_grad_norm, world_size=world, seeds=seeds)
+        try:
+            result = optimizer_step(loss_fn, params, batches, global_targets, optimizer, scaler,
+                                    max_grad_norm=cfg.optim.max_grad_norm, world_size=world, seeds=seeds)
+        except torch.OutOfMemoryError as e:
+            raise TrainingError(out_of_memory(step + 1, e, batches, plan.global_batch, out)) from None
         # One reduction for the loss, the tokens and whether any rank was signalled: ranks whose signals
         # straddle a step boundary must still stop after the same step, or their collectives part ways.
         totals = sum_across_ranks(accelerator, torch.stack([result.loss_sum.double(), torch.as_tensor(

@@ -63,6 +63,51 @@ def test_greedy_outputs_do_not_depend_on_batch_size(ckpt, sample_file):
     assert len(set(one)) > 1 and all(t for t in one)
 
 
+def test_a_batch_out_of_memory_is_halved_under_auto_and_refused_where_batch_size_was_set(ckpt, sample_file,
+                                                                                          monkeypatch, caplog):
+    """What the CUDA allocator raises, injected where generate would raise it: batch_size=auto guesses from the
+    free memory and can be wrong, so it goes on with half the rows; a batch_size the user set is theirs to lower."""
+    from ptune.errors import ConfigError
+
+    model, tok, config = load_for_inference(ckpt, OmegaConf.create({"dtype": "float32"}), "cpu")
+    with torch.no_grad():  # as in the batch-size test above: no near-ties for padding to flip
+        model.base.get_output_embeddings().weight.mul_(25.0)
+    prompts = ev.build_eval_set(ev.eval_examples(sample_file, config["data"]), tok, config["data"],
+                                config["model"]["template"], limit=21).prompts
+    gen = generation(max_new_tokens=6)
+    expected, _ = ev.predict(model, tok, prompts, gen, 4, CPU, progress=False)
+    real, sizes, fits = ev.generate, [], [5]
+
+    def generate(model, input_ids, *args, **kwargs):
+        sizes.append(len(input_ids))
+        if len(input_ids) > fits[0]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB. GPU 0 has a total "
+                                         "capacity of 23.55 GiB\nOf the allocated memory ...")
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "generate", generate)
+    with caplog.at_level("WARNING", logger="ptune.evaluate"):
+        texts, stats = ev.predict(model, tok, prompts, gen, "auto", CPU, progress=False)
+    assert sizes == [16, 8, 4, 4, 4, 4, 4, 1]  # auto is 16 rows on the CPU; no row is generated twice
+    assert texts == expected and stats["batch_size"] == 4
+    longest = max(map(len, prompts))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"out of memory generating a batch of {n} prompts of up to {longest} tokens with 6 new tokens; going on "
+        f"with batches of {n // 2}" for n in (16, 8)]
+
+    with pytest.raises(ConfigError) as e:
+        ev.predict(model, tok, prompts, gen, 8, CPU, progress=False)
+    assert str(e.value) == (f"batch_size=8: out of memory generating a batch of 8 prompts of up to {longest} tokens "
+                            "with 6 new tokens (CUDA out of memory. Tried to allocate 1.00 GiB. GPU 0 has a total "
+                            "capacity of 23.55 GiB); lower batch_size, or batch_size=auto to size it to the free "
+                            "memory")
+    fits[0] = 0
+    with pytest.raises(ConfigError, match=r"^out of memory generating a batch of 1 prompt of up to \d+ tokens with 6 "
+                                          r"new tokens \(CUDA .*\); lower generation.max_new_tokens or "
+                                          r"data.max_source_length, or free the device's memory$"):
+        ev.predict(model, tok, prompts[:3], gen, "auto", CPU, progress=False)
+
+
 def test_an_extra_stop_id_the_model_cannot_produce_is_refused(ckpt):
     from ptune.errors import ConfigError
 

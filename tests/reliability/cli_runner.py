@@ -118,8 +118,29 @@ def fault_overflow_in_step(step: int) -> None:
     step_module.optimizer_step = optimizer_step
 
 
+def fault_oom_in_step(step: int) -> None:
+    """Optimizer step <step> runs out of device memory: what the CUDA caching allocator raises, message and all."""
+    import torch
+
+    import ptune.step as step_module
+
+    real = step_module.optimizer_step
+    calls = []
+
+    def optimizer_step(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == step:
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.55 GiB of which "
+                "1.06 GiB is free.\nOf the allocated memory 20.93 GiB is allocated by PyTorch.")
+        return real(*args, **kwargs)
+
+    step_module.optimizer_step = optimizer_step
+
+
 FAULTS = {"kill_in_save_file": fault_kill_in_save_file, "kill_at_fsync": fault_kill_at_fsync,
-          "kill_between_renames": fault_kill_between_renames, "overflow_in_step": fault_overflow_in_step}
+          "kill_between_renames": fault_kill_between_renames, "overflow_in_step": fault_overflow_in_step,
+          "oom_in_step": fault_oom_in_step}
 
 # ----------------------------------------------------------------------------------------- the child
 

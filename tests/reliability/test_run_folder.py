@@ -72,6 +72,24 @@ def test_an_update_that_leaves_the_prefix_non_finite_is_not_saved(setup, tmp_pat
     assert torch.equal(prefix_of(out / "checkpoint-2"), prefix_of(ref.result() / "checkpoint-2"))
 
 
+def test_a_step_out_of_memory_names_the_micro_batch_and_what_fits_and_keeps_the_last_checkpoint(setup, tmp_path):
+    model, data, ref = setup
+    out = tmp_path / "run"
+    res = cli("ptune.train", *train_args(model, data, out), fault={"fault": "oom_in_step", "step": 3})
+    assert_clean_error(res, "step 3: out of memory on micro-batches of up to 2 rows of",
+                       "(CUDA out of memory. Tried to allocate 2.00 GiB.", f"the last checkpoint in {out} is intact",
+                       "Lower trainer.per_device_batch_size", "keep the global batch of 4",
+                       "trainer.gradient_checkpointing=true", "trainer.auto_micro_batch_gib",
+                       f"then go on with resume=latest output_dir={out}")
+    assert ck.list_checkpoints(out) == [out / "checkpoint-2"]
+    ck.verify(out / "checkpoint-2")
+    assert torch.equal(prefix_of(out / "checkpoint-2"), prefix_of(ref.result() / "checkpoint-2"))
+    # Before the first checkpoint there is nothing to go on from, and the line says so.
+    res = cli("ptune.train", *train_args(model, data, tmp_path / "early"), fault={"fault": "oom_in_step", "step": 1})
+    assert_clean_error(res, "step 1: out of memory", f"no checkpoint was written to {tmp_path / 'early'} yet")
+    assert "resume=latest" not in res.stderr
+
+
 def test_a_resume_takes_this_runs_optimizer_settings_and_says_what_changed(setup, tmp_path):
     model, data, ref = setup
     out = copy_of(ref, tmp_path / "run", keep=(2,))
