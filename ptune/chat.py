@@ -313,6 +313,10 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
             if terminating():
                 raise
             out("\n[interrupted; this turn is not kept]\n")
+        except torch.OutOfMemoryError as e:  # one long turn need not end the conversation
+            reason = str(e).split("\n")[0]
+            out(f"\n[out of memory ({reason}); this turn is not kept. '{COMMAND_CLEAR}' the history, or lower "
+                "max_prompt_tokens or generation.max_new_tokens]\n")
 
 
 @hydra.main(config_path="../conf", config_name="chat", version_base="1.3")

@@ -236,6 +236,38 @@ def test_a_message_too_long_to_answer_keeps_the_history(checkpoint):
     assert [(t[0], t[1]) for t in turns] == [("1", "0"), ("2", "1")], proc.stdout  # world still follows hello
 
 
+def test_a_turn_out_of_memory_is_one_line_and_the_chat_goes_on_without_it(checkpoint, monkeypatch):
+    """What the CUDA allocator raises, injected into the second turn's generation: the conversation so far is kept
+    and the next message is answered with it."""
+    import io
+
+    import torch
+
+    import ptune.chat as chat
+
+    cfg = compose("chat", f"checkpoint={checkpoint}", "device=cpu", "generation=greedy",
+                  f"generation.max_new_tokens={MAX_NEW}", "show_prompt=true")
+    cm = load_chat_model(cfg)
+    real, calls = chat.generate, []
+
+    def generate(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.\nOf the allocated ...")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chat, "generate", generate)
+    stdout = io.StringIO()
+    assert chat.chat_loop(cm, cfg, io.StringIO("hello\nlong one\nworld\n"), stdout) == 0
+    text = stdout.getvalue()
+    assert ("\n[out of memory (CUDA out of memory. Tried to allocate 3.00 GiB.); this turn is not kept. 'clear' the "
+            "history, or lower max_prompt_tokens or generation.max_new_tokens]\n") in text, text
+    turns = TURN.findall(text)
+    # "long one" starts with hello's turn as history; so does world, as if it had not been sent
+    assert [(t[0], t[1]) for t in turns] == [("1", "0"), ("2", "1"), ("2", "1")], text
+    assert len(calls) == 3
+
+
 @pytest.mark.slow
 def test_ctrl_c_mid_reply_stops_that_reply_and_the_chat_goes_on_without_it(checkpoint):
     """SIGINT (what a terminal sends for Ctrl-C) while a long reply streams: the reply stops, the turn is not
