@@ -148,20 +148,30 @@ def load_model(model_cfg, device: torch.device | str = "cpu"):
         return model.to(device)
 
     quant = model_cfg.get("quantization")
-    if quant:
-        from ptune.quant import DEFAULT_GROUP_SIZE, quantized_base
+    try:
+        if quant:
+            from ptune.quant import DEFAULT_GROUP_SIZE, quantized_base
 
-        cache = model_cfg.get("quantization_cache")
-        if cache and Path(str(cache)).expanduser().resolve() == path.resolve():
-            # The cache writes its own config.json: over the base's, every later load would build the wrong model.
-            raise ModelError(f"model.quantization_cache={cache}: that is the base model's own folder "
-                             "(model.path); give the quantized copy a folder of its own")
-        group_size = int(model_cfg.get("quantization_group_size") or DEFAULT_GROUP_SIZE)
-        model = quantized_base(load_float, str(quant), group_size,
-                               cache_dir=model_cfg.get("quantization_cache"), source=path, dtype=dtype,
-                               device=device, attn_implementation=model_cfg.attn_implementation)
-    else:
-        model = load_float()
+            cache = model_cfg.get("quantization_cache")
+            if cache and Path(str(cache)).expanduser().resolve() == path.resolve():
+                # The cache writes its own config.json: over the base's, every later load would build the wrong
+                # model.
+                raise ModelError(f"model.quantization_cache={cache}: that is the base model's own folder "
+                                 "(model.path); give the quantized copy a folder of its own")
+            group_size = int(model_cfg.get("quantization_group_size") or DEFAULT_GROUP_SIZE)
+            model = quantized_base(load_float, str(quant), group_size,
+                                   cache_dir=model_cfg.get("quantization_cache"), source=path, dtype=dtype,
+                                   device=device, attn_implementation=model_cfg.attn_implementation)
+        else:
+            model = load_float()
+    except torch.OutOfMemoryError as e:
+        smaller = {None: ["model.quantization=int8 or int4"], "int8": ["model.quantization=int4"]}.get(quant or None,
+                                                                                                     [])
+        smaller += ["model.dtype=bfloat16"] if dtype == torch.float32 else []
+        raise ModelError(f"model.path={path}: the model does not fit in the memory of {device} "
+                         f"({str(e).splitlines()[0]}); free the device's memory"
+                         + (f", load it smaller ({', '.join(smaller)})" if smaller else "")
+                         + ", or use a device with more memory") from None
     model.requires_grad_(False)
     model.eval()
     if model_cfg.get("fused_layers", True):  # on unless a config says off; older checkpoints do not say

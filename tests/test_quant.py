@@ -327,6 +327,33 @@ def test_a_cache_in_the_base_models_own_folder_is_refused_before_writing(tmp_pat
     assert {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.parametrize("quantization, smaller", [
+    (None, "load it smaller (model.quantization=int8 or int4, model.dtype=bfloat16)"),
+    ("int8", "load it smaller (model.quantization=int4, model.dtype=bfloat16)"),
+])
+def test_a_base_that_does_not_fit_the_device_is_one_line_saying_what_would(tmp_path, tiny_model_dir, monkeypatch,
+                                                                          quantization, smaller):
+    """What the CUDA allocator raises when the weights go to a device too small, injected into that move."""
+    from omegaconf import OmegaConf
+
+    from ptune.models import ModelError, load_model
+
+    def to(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.95 GiB. GPU 0 has a total capacity of "
+                                     "23.55 GiB of which 20.00 MiB is free.\nIncluding non-PyTorch memory ...")
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    base = tiny_model_dir("llama")
+    cfg = OmegaConf.create({"path": str(base), "dtype": "float32", "attn_implementation": "sdpa",
+                            "trust_remote_code": False, "quantization": quantization, "quantization_group_size": 128,
+                            "quantization_cache": None})
+    with pytest.raises(ModelError) as e:
+        load_model(cfg)
+    assert str(e.value) == (f"model.path={base}: the model does not fit in the memory of cpu (CUDA out of memory. "
+                            "Tried to allocate 1.95 GiB. GPU 0 has a total capacity of 23.55 GiB of which 20.00 MiB is "
+                            f"free.); free the device's memory, {smaller}, or use a device with more memory")
+
+
 def test_quantized_base_uses_the_cache_until_the_source_changes(tmp_path, tiny_model_dir):
     src = tiny_model_dir("llama")
     cache = tmp_path / "cache"
