@@ -113,7 +113,7 @@ def load_model(model_cfg, device: torch.device | str = "cpu"):
     path = model_folder(model_cfg)
     dtype = resolve_dtype(str(model_cfg.dtype), device)
 
-    def load_float():
+    def load_float(device: torch.device = device):
         if _is_chatglm(path):
             from ptune.chatglm.convert import ChatGLMConversionError, load_chatglm
             from ptune.chatglm.integrity import IntegrityError
@@ -159,7 +159,9 @@ def load_model(model_cfg, device: torch.device | str = "cpu"):
                 raise ModelError(f"model.quantization_cache={cache}: that is the base model's own folder "
                                  "(model.path); give the quantized copy a folder of its own")
             group_size = int(model_cfg.get("quantization_group_size") or DEFAULT_GROUP_SIZE)
-            model = quantized_base(load_float, str(quant), group_size,
+            # The float model stays in host memory; its layers reach the device one at a time, so a base that
+            # only fits the device quantized still loads.
+            model = quantized_base(lambda: load_float(torch.device("cpu")), str(quant), group_size,
                                    cache_dir=model_cfg.get("quantization_cache"), source=path, dtype=dtype,
                                    device=device, attn_implementation=model_cfg.attn_implementation)
         else:

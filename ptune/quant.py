@@ -403,8 +403,12 @@ def _tensor_bytes(t: torch.Tensor | None) -> int:
 
 
 @torch.no_grad()
-def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, skip=("lm_head",)) -> dict:
+def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, skip=("lm_head",),
+                   device: torch.device | str | None = None) -> dict:
     """Replace the decoder's linear layers by :class:`QuantizedLinear`, one at a time, in place.
+
+    With `device`, each float layer is moved there just before it is quantized, so that device never holds
+    more than one float layer (the rest of the model stays where it is).
 
     Returns a summary: layers replaced, those padded to the group size, and weight bytes before/after.
     """
@@ -414,7 +418,7 @@ def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, skip=
         raise QuantizationError(f"{type(model).__name__}: no linear layers found inside the decoder to quantize")
     t0 = time.perf_counter()
     before = after = padded = 0
-    device = None
+    on_cuda = False
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -422,14 +426,16 @@ def quantize_model(model, mode: str, group_size: int = DEFAULT_GROUP_SIZE, skip=
         if layer.weight.device.type == "meta":
             raise QuantizationError(f"{name}: weight on the meta device; load the weights first (or use "
                                     "load_quantized for a cached model)")
-        device = layer.weight.device
+        if device is not None:
+            layer.to(device)
+        on_cuda |= layer.weight.device.type == "cuda"
         before += _tensor_bytes(layer.weight)
         new = QuantizedLinear.from_float(layer, mode, group_size)
         setattr(parent, child, new)  # the float layer is now unreferenced and freed
         del layer
         after += sum(_tensor_bytes(t) for t in (new.qweight, new.scale, new.offset))
         padded += padded_in_features(new.in_features, mode, group_size) != new.in_features
-    if device is not None and device.type == "cuda":
+    if on_cuda:
         torch.cuda.empty_cache()
     model.ptune_quantization = {"mode": mode, "group_size": group_size if mode == "int4" else None}
     summary = {"mode": mode, "group_size": group_size if mode == "int4" else None, "layers": len(names),
@@ -606,7 +612,7 @@ def quantized_base(load_float: Callable[[], nn.Module], mode: str, group_size: i
                    dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
                    attn_implementation: str | None = None):
     """The quantized base: from `cache_dir` when it holds this mode/group/dtype of `source`'s current
-    files, else `load_float()` quantized layer by layer (and saved to `cache_dir` when given)."""
+    files, else `load_float()` quantized layer by layer onto `device` (and saved to `cache_dir` when given)."""
     check_mode(mode, group_size)
     fingerprint = source_fingerprint(source) if source is not None else None
     if cache_dir is not None and cache_matches(cache_dir, mode, group_size, dtype, fingerprint):
@@ -616,7 +622,8 @@ def quantized_base(load_float: Callable[[], nn.Module], mode: str, group_size: i
         except (SafetensorError, QuantizationError) as e:  # damaged after it was written (a cut copy, a full disk)
             log.warning("the quantized cache in %s cannot be read (%s); rebuilding it from the base model", cache_dir, e)
     model = load_float()
-    quantize_model(model, mode, group_size)
+    quantize_model(model, mode, group_size, device=device)
+    model.to(device)
     if cache_dir is not None:
         save_quantized(model, cache_dir, source=fingerprint)
         log.info("cached the quantized base in %s", cache_dir)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from conftest import tiny_config, toy_batch
 from ptune import quant as Q
@@ -338,9 +338,14 @@ def test_a_base_that_does_not_fit_the_device_is_one_line_saying_what_would(tmp_p
 
     from ptune.models import ModelError, load_model
 
+    module_to = torch.nn.Module.to
+
     def to(self, *args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.95 GiB. GPU 0 has a total capacity of "
-                                     "23.55 GiB of which 20.00 MiB is free.\nIncluding non-PyTorch memory ...")
+        # The whole model's move to the device; a quantized base makes it only once its decoder is quantized.
+        if isinstance(self, PreTrainedModel) and (quantization is None or hasattr(self, "ptune_quantization")):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.95 GiB. GPU 0 has a total capacity "
+                                         "of 23.55 GiB of which 20.00 MiB is free.\nIncluding non-PyTorch memory ...")
+        return module_to(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "to", to)
     base = tiny_model_dir("llama")
@@ -352,6 +357,35 @@ def test_a_base_that_does_not_fit_the_device_is_one_line_saying_what_would(tmp_p
     assert str(e.value) == (f"model.path={base}: the model does not fit in the memory of cpu (CUDA out of memory. "
                             "Tried to allocate 1.95 GiB. GPU 0 has a total capacity of 23.55 GiB of which 20.00 MiB is "
                             f"free.); free the device's memory, {smaller}, or use a device with more memory")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures CUDA memory")
+def test_a_quantized_base_reaches_the_device_one_float_layer_at_a_time(tmp_path):
+    """A base that only fits the device once quantized still loads: its float decoder never sits there whole."""
+    from omegaconf import OmegaConf
+    from transformers import LlamaConfig
+
+    from ptune.models import load_model
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    cfg = OmegaConf.create({"path": str(tmp_path / "base"), "dtype": "bfloat16", "attn_implementation": "sdpa",
+                            "trust_remote_code": False, "quantization": "int4", "quantization_group_size": 32,
+                            "quantization_cache": None})
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model = load_model(cfg, "cuda")
+    held = torch.cuda.memory_allocated() - start
+    peak = torch.cuda.max_memory_allocated() - start
+    float_layer = 2 * config.hidden_size * config.intermediate_size  # the largest, in bfloat16
+    float_decoder = 2 * config.num_hidden_layers * (4 * config.hidden_size**2
+                                                    + 3 * config.hidden_size * config.intermediate_size)
+    assert model.ptune_quantization["mode"] == "int4"
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    assert float_decoder > 8 * float_layer  # the bound below would not tell the two ways apart otherwise
+    assert peak - held <= 4 * float_layer, (peak, held, float_layer)
 
 
 def test_quantized_base_uses_the_cache_until_the_source_changes(tmp_path, tiny_model_dir):
