@@ -80,15 +80,36 @@ def last_kept(out: Path) -> str:
     return f"the last checkpoint in {out} is intact"
 
 
-def out_of_memory(step: int, error: Exception, batches: list[dict], global_batch: int, out: Path) -> str:
-    """The error line of a step that ran out of memory: its micro-batches, and the settings that fit one."""
+def out_of_memory(cfg: DictConfig, step: int, error: Exception, batches: list[dict], global_batch: int, out: Path,
+                  recomputed: int, num_layers: int) -> str:
+    """The error line of a step that ran out of memory: its micro-batches, and the settings that would fit one."""
     rows, longest = max(len(b["input_ids"]) for b in batches), max(b["input_ids"].shape[1] for b in batches)
     reason = str(error).split("\n")[0]
     return (f"step {step}: out of memory on micro-batches of up to {rows} rows of {longest} tokens ({reason}); "
-            f"{last_kept(out)}. Lower trainer.per_device_batch_size (and raise trainer.gradient_accumulation_steps "
-            f"to keep the global batch of {global_batch}), set trainer.gradient_checkpointing=true, or let "
-            "trainer.auto_micro_batch_gib=<GiB> pick the split that fits"
+            f"{last_kept(out)}. Try " + ", ".join(smaller_step(cfg, rows, global_batch, recomputed, num_layers))
             + (f"; then go on with resume=latest output_dir={out}" if ckpt_io.latest_checkpoint(out) else ""))
+
+
+def smaller_step(cfg: DictConfig, rows: int, global_batch: int, recomputed: int, num_layers: int) -> list[str]:
+    """The settings that would make a training step that ran out of memory smaller, leaving out those already
+    at their least."""
+    t, ways = cfg.trainer, []
+    if t.auto_micro_batch_gib is not None:  # it chose the split, so it is the setting to lower
+        ways.append(f"a lower trainer.auto_micro_batch_gib than {t.auto_micro_batch_gib} (other processes may hold "
+                    "part of the device)")
+    elif rows > 1:
+        ways.append(f"a lower trainer.per_device_batch_size (and a higher trainer.gradient_accumulation_steps to keep "
+                    f"the global batch of {global_batch})")
+    if recomputed < num_layers and not (t.auto_micro_batch_gib is not None and t.gradient_checkpointing == "auto"):
+        ways.append("trainer.gradient_checkpointing=true")
+    if t.auto_micro_batch_gib is None and rows > 1:
+        ways.append("trainer.auto_micro_batch_gib=<GiB> to pick the split that fits")
+    ways.append(f"shorter rows (data.max_source_length={cfg.data.max_source_length}, "
+                f"data.max_target_length={cfg.data.max_target_length})")
+    if cfg.model.get("quantization") != "int4":
+        ways.append("a quantized base (model.quantization=" + ("int4" if cfg.model.get("quantization") else "int8 or int4") + ")")
+    ways.append("or a device with more memory")
+    return ways
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -482,7 +503,8 @@ def train(cfg: DictConfig) -> Path:
             result = optimizer_step(loss_fn, params, batches, global_targets, optimizer, scaler,
                                     max_grad_norm=cfg.optim.max_grad_norm, world_size=world, seeds=seeds)
         except torch.OutOfMemoryError as e:
-            raise TrainingError(out_of_memory(step + 1, e, batches, plan.global_batch, out)) from None
+            raise TrainingError(out_of_memory(cfg, step + 1, e, batches, plan.global_batch, out, lm.recomputed_layers,
+                                                num_layers)) from None
         # One reduction for the loss, the tokens and whether any rank was signalled: ranks whose signals
         # straddle a step boundary must still stop after the same step, or their collectives part ways.
         totals = sum_across_ranks(accelerator, torch.stack([result.loss_sum.double(), torch.as_tensor(

@@ -137,3 +137,42 @@ def test_group_by_length_run_resumes_bitwise(tiny_model_dir, sample_file, tmp_pa
     plain = tmp_path / "plain"
     run_train(*small_run(model, sample_file, plain))
     assert [r["loss"] for r in logged(plain)] != [r["loss"] for r in straight_log]
+
+
+def train_config(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("overrides, rows, recomputed, offered, left_out", [
+    # The built-in run: every way is open.
+    ([], 4, 0, ["a lower trainer.per_device_batch_size (and a higher trainer.gradient_accumulation_steps to keep "
+                "the global batch of 16)", "trainer.gradient_checkpointing=true",
+                "trainer.auto_micro_batch_gib=<GiB> to pick the split that fits",
+                "model.quantization=int8 or int4", "or a device with more memory"], []),
+    # A micro-batch of one row, every layer recomputed, a 4-bit base: only shorter rows or another device.
+    (["trainer.per_device_batch_size=1", "trainer.gradient_checkpointing=true", "model.quantization=int4"], 1, 2,
+     ["shorter rows (data.max_source_length=64, data.max_target_length=128)", "or a device with more memory"],
+     ["per_device_batch_size", "gradient_checkpointing", "auto_micro_batch_gib", "model.quantization"]),
+    # The split was picked under a ceiling: lower the ceiling, not per_device_batch_size (which it ignores).
+    (["trainer.auto_micro_batch_gib=20", "model.quantization=int8"], 8, 0,
+     ["a lower trainer.auto_micro_batch_gib than 20", "trainer.gradient_checkpointing=true",
+      "model.quantization=int4"], ["per_device_batch_size", "auto_micro_batch_gib=<GiB>"]),
+    # ... and with gradient_checkpointing=auto the ceiling already decides how many layers recompute.
+    (["trainer.auto_micro_batch_gib=20", "trainer.gradient_checkpointing=auto"], 8, 1,
+     ["a lower trainer.auto_micro_batch_gib than 20"], ["gradient_checkpointing"]),
+])
+def test_a_step_out_of_memory_offers_only_the_settings_that_can_still_shrink_it(overrides, rows, recomputed, offered,
+                                                                               left_out):
+    from ptune.train import smaller_step
+
+    cfg = train_config("data.max_source_length=64", "data.max_target_length=128", *overrides)
+    ways = smaller_step(cfg, rows, 16, recomputed, 2)
+    said = ", ".join(ways)
+    for way in offered:
+        assert way in said, (way, ways)
+    for setting in left_out:
+        assert setting not in said, (setting, ways)
+    assert ways[-1] == "or a device with more memory"

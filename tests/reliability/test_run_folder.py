@@ -78,7 +78,7 @@ def test_a_step_out_of_memory_names_the_micro_batch_and_what_fits_and_keeps_the_
     res = cli("ptune.train", *train_args(model, data, out), fault={"fault": "oom_in_step", "step": 3})
     assert_clean_error(res, "step 3: out of memory on micro-batches of up to 2 rows of",
                        "(CUDA out of memory. Tried to allocate 2.00 GiB.", f"the last checkpoint in {out} is intact",
-                       "Lower trainer.per_device_batch_size", "keep the global batch of 4",
+                       "Try a lower trainer.per_device_batch_size", "keep the global batch of 4",
                        "trainer.gradient_checkpointing=true", "trainer.auto_micro_batch_gib",
                        f"then go on with resume=latest output_dir={out}")
     assert ck.list_checkpoints(out) == [out / "checkpoint-2"]
