@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from ptune.config import (check_count, check_flag, check_generation, check_inference_model,
                           refuse_added_settings, resolve_device)
 from ptune.data import check_template_fits, encodable, prompt_ids, whole_characters
-from ptune.generate import generate, stop_token_ids
+from ptune.generate import generate, release_decoding_memory, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error, stopped, terminating
 from ptune.logs import setup_logging
 from ptune.models import inference_model_settings, load_for_inference, position_limit, resolve_checkpoint
@@ -315,6 +315,7 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
             out("\n[interrupted; this turn is not kept]\n")
         except torch.OutOfMemoryError as e:  # one long turn need not end the conversation
             reason = str(e).split("\n")[0]
+            release_decoding_memory(cm.model)
             out(f"\n[out of memory ({reason}); this turn is not kept. '{COMMAND_CLEAR}' the history, or lower "
                 "max_prompt_tokens or generation.max_new_tokens]\n")
 

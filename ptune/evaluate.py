@@ -24,7 +24,7 @@ from ptune.config import (check_batch_size, check_count, check_data_lengths, che
                           check_inference_model, refuse_added_settings, require, resolve_device)
 from ptune.data import (Columns, fit_prompt, left_pad, load_examples, prompt_ids, report_cut_prompts, text_ids,
                         whole_characters)
-from ptune.generate import generate, stop_token_ids
+from ptune.generate import generate, release_decoding_memory, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import peak_memory_gib, setup_logging
 from ptune.metrics import compute_metrics
@@ -153,8 +153,7 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
                 batch_size = smaller_batch(batch_size, len(idx), auto, batch["input_ids"].shape[1],
                                            gen.max_new_tokens, reason)
                 del batch
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()  # for the smaller batch to take what the failed one held
+                release_decoding_memory(model)  # for the smaller batch to take what the failed one held
                 continue
             done += len(idx)
             for row, i in zip(out.tolist(), idx):

@@ -239,6 +239,15 @@ def _kept_decoder(base, prefix, input_ids, attention_mask, max_new_tokens: int) 
     return decoder
 
 
+def release_decoding_memory(model) -> None:
+    """After a generation ran out of device memory: drop the decoders kept on `model` (their caches and captured
+    graphs) and hand the allocator's free blocks back, for a smaller batch or the next turn to use."""
+    base = model.base if isinstance(model, PrefixLM) else model
+    base.__dict__.pop("_ptune_kept_decoders", None)
+    if next(base.parameters()).device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def has_sliding_layers(base) -> bool:
     layer_types = getattr(base.config.get_text_config(), "layer_types", None) or []
     return any("sliding" in t for t in layer_types)

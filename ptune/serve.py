@@ -63,7 +63,7 @@ from ptune.chat import ChatModel, StreamDecoder, build_prompt, decode_reply, fit
 from ptune.config import (check_above_zero, check_count, check_inference_model, check_sampling,
                           check_token_ids, refuse_added_settings)
 from ptune.data import encodable, left_pad
-from ptune.generate import generate
+from ptune.generate import generate, release_decoding_memory
 from ptune.errors import ConfigError, exit_on_user_error
 from ptune.logs import setup_logging
 
@@ -250,6 +250,8 @@ class Engine:
         try:
             self._generate(batch)
         except Exception as e:  # a failed batch fails its requests, not the server
+            if isinstance(e, torch.OutOfMemoryError):  # what the kept decoders hold may be what the retries need
+                release_decoding_memory(cm.model)
             if len(batch) == 1:
                 log.exception("generation failed")
             else:
