@@ -113,12 +113,12 @@ def smaller_batch(batch_size: int, rows: int, auto: bool, prompt_len: int, new_t
     a batch_size that was set is the user's to change."""
     where = (f"a batch of {rows} prompt{'s' * (rows > 1)} of up to {prompt_len} tokens with {new_tokens} new "
              "tokens")
+    if rows == 1:  # whatever batch_size says: a smaller batch is not what would fit
+        raise ConfigError(f"out of memory generating {where} ({reason}); lower generation.max_new_tokens or "
+                          "data.max_source_length, or free the device's memory")
     if not auto:
         raise ConfigError(f"batch_size={batch_size}: out of memory generating {where} ({reason}); lower "
                           "batch_size, or batch_size=auto to size it to the free memory")
-    if rows == 1:
-        raise ConfigError(f"out of memory generating {where} ({reason}); lower generation.max_new_tokens or "
-                          "data.max_source_length, or free the device's memory")
     log.warning("out of memory generating %s; going on with batches of %d", where, rows // 2)
     return rows // 2
 

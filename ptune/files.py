@@ -66,11 +66,14 @@ def sha256_file(path: str | os.PathLike) -> str:
 def read_json_object(path: str | os.PathLike, error: Callable[[str], Exception], hint: str = "",
                      shape: str = "an object") -> dict:
     """The JSON object in `path`, or `error` naming the file and what is wrong with it: unreadable, not JSON, or
-    JSON of another kind than `shape` says (`hint` appended to each)."""
+    JSON of another kind than `shape` says (`hint`, what a bad file means for the caller, appended to each but a
+    permission fault, which says nothing about the file)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except ValueError as e:  # not JSON, or not UTF-8
-        raise error(f"{path}: not valid JSON ({e}){hint}") from None
+        raise error(f"{path}: not valid JSON ({e}), expected {shape}{hint}") from None
+    except PermissionError as e:
+        raise error(f"{path}: unreadable ({e.strerror or e}); give this user read access to it") from None
     except OSError as e:
         raise error(f"{path}: unreadable ({e.strerror or e}){hint}") from None
     if not isinstance(data, dict):

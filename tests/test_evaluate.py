@@ -102,10 +102,11 @@ def test_a_batch_out_of_memory_is_halved_under_auto_and_refused_where_batch_size
                             "capacity of 23.55 GiB); lower batch_size, or batch_size=auto to size it to the free "
                             "memory")
     fits[0] = 0
-    with pytest.raises(ConfigError, match=r"^out of memory generating a batch of 1 prompt of up to \d+ tokens with 6 "
-                                          r"new tokens \(CUDA .*\); lower generation.max_new_tokens or "
-                                          r"data.max_source_length, or free the device's memory$"):
-        ev.predict(model, tok, prompts[:3], gen, "auto", CPU, progress=False)
+    for batch_size in ("auto", 1):  # one row that does not fit: no batch size would help
+        with pytest.raises(ConfigError, match=r"^out of memory generating a batch of 1 prompt of up to \d+ tokens "
+                                              r"with 6 new tokens \(CUDA .*\); lower generation.max_new_tokens or "
+                                              r"data.max_source_length, or free the device's memory$"):
+            ev.predict(model, tok, prompts[:3], gen, batch_size, CPU, progress=False)
 
 
 def test_an_extra_stop_id_the_model_cannot_produce_is_refused(ckpt):

@@ -65,3 +65,35 @@ def test_saved_tensors_are_as_readable_as_any_new_file(tmp_path):
                              torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1).state_dict())
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
         p.name: NEW_FILE_MODE for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("content, said", [
+    (None, "unreadable (No such file or directory); the run is damaged"),
+    ("{cut", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)), "
+             "expected an object of steps; the run is damaged"),
+    ("[1, 2]", "a JSON list, expected an object of steps; the run is damaged"),
+    ("denied", "unreadable (Permission denied); give this user read access to it"),
+])
+def test_a_json_file_that_is_not_an_object_is_one_line_naming_it_and_the_fault(tmp_path, monkeypatch, content, said):
+    from pathlib import Path
+
+    from ptune.files import read_json_object
+
+    path = tmp_path / "state.json"
+    if content == "denied":  # root reads whatever the mode bits say, so the refusal is what the kernel raises
+        def read_text(self, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(self))
+
+        monkeypatch.setattr(Path, "read_text", read_text)
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError) as e:
+        read_json_object(path, ValueError, "; the run is damaged", "an object of steps")
+    assert str(e.value) == f"{path}: {said}"
+
+
+def test_a_json_object_is_read_as_it_is(tmp_path):
+    from ptune.files import read_json_object
+
+    (tmp_path / "s.json").write_text('{"step": 3, "name": "二"}', encoding="utf-8")
+    assert read_json_object(tmp_path / "s.json", ValueError) == {"step": 3, "name": "二"}
