@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -190,6 +191,23 @@ def trained_checkpoint(tiny_model_dir, sample_file, tmp_path_factory) -> Path:
     """checkpoint-2 of a tiny llama run (prefix length 4), trained once per test session. Read-only: tests
     that change a checkpoint copy it first."""
     return train_tiny_run(tiny_model_dir("llama"), sample_file, tmp_path_factory.mktemp("trained") / "run")
+
+
+@contextlib.contextmanager
+def device_memory_cap(extra_bytes: int):
+    """The CUDA allocator of this process refuses to hold more than `extra_bytes` beyond what it holds now: its
+    own out-of-memory error where the code would run out on a smaller card (nothing is injected)."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + extra_bytes) / total)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
 
 
 def free_socket() -> socket.socket:

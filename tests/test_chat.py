@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import build_tokenizer
+from conftest import build_tokenizer, device_memory_cap
 from ptune.chat import StreamDecoder, decode_reply, load_chat_model
 from ptune.data import prompt_ids
 from ptune.evaluate import predict
@@ -267,6 +267,34 @@ def test_a_turn_out_of_memory_is_one_line_and_the_chat_goes_on_without_it(checkp
     assert [(t[0], t[1]) for t in turns] == [("1", "0"), ("2", "1"), ("2", "1")], text
     # the failed turn's memory is let go: the decoder kept from the first turn is dropped, not reused
     assert calls == [False, True, False]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the CUDA allocator's own out-of-memory error")
+def test_a_turn_past_the_allocators_limit_is_one_line_and_the_next_turn_is_answered(checkpoint, monkeypatch):
+    """Not injected: while the second turn generates, the allocator may hold nothing more than it does."""
+    import io
+
+    import ptune.chat as chat
+
+    cfg = compose("chat", f"checkpoint={checkpoint}", "device=cuda", "generation=greedy",
+                  "generation.max_new_tokens=64", "show_prompt=true")
+    cm = load_chat_model(cfg)
+    real, calls = chat.generate, []
+
+    def generate(*args, **kwargs):
+        calls.append(None)
+        if len(calls) != 2:
+            return real(*args, **kwargs)
+        with device_memory_cap(0):
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(chat, "generate", generate)
+    stdout = io.StringIO()
+    assert chat.chat_loop(cm, cfg, io.StringIO("hello\n" + "long one " * 20 + "\nworld\n"), stdout) == 0
+    text = stdout.getvalue()
+    assert "\n[out of memory (CUDA out of memory." in text and "this turn is not kept" in text, text
+    assert [(t[0], t[1]) for t in TURN.findall(text)] == [("1", "0"), ("2", "1"), ("2", "1")], text
+    assert len(calls) == 3
 
 
 @pytest.mark.slow

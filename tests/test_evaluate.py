@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 import ptune.evaluate as ev
-from conftest import build_tokenizer, tiny_config
+from conftest import build_tokenizer, device_memory_cap, tiny_config
 from ptune.checkpoint import CheckpointError
 from ptune.models import load_for_inference
 
@@ -61,6 +61,38 @@ def test_greedy_outputs_do_not_depend_on_batch_size(ckpt, sample_file):
         texts, _ = ev.predict(model, tok, evalset.prompts, gen, size, CPU, progress=False)
         assert texts == one, f"batch size {size}"
     assert len(set(one)) > 1 and all(t for t in one)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA allocator's own out-of-memory error")
+def test_batches_past_the_allocators_limit_are_halved_and_predict_what_small_batches_do(tiny_model_dir):
+    """Not injected: auto sizes the batch from the free memory, but the allocator is held to 96 MiB more than the
+    model, so the first batches (their KV cache alone 512 MiB and 256 MiB) run out and are halved."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ptune.errors import ConfigError
+    from ptune.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir("llama"))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+        vocab_size=len(tok), pad_token_id=0, eos_token_id=3)).to("cuda").eval()
+    with torch.no_grad():  # sharper logits: a batch of another size must not flip a near-tie
+        model.get_output_embeddings().weight.mul_(25.0)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, len(tok), (int(n),), generator=gen).tolist()
+               for n in torch.randint(20, 64, (256,), generator=gen)]
+    config = generation(max_new_tokens=64)
+    expected, _ = ev.predict(model, tok, prompts, config, 32, torch.device("cuda"), progress=False)
+    with device_memory_cap(96 * 2**20):
+        texts, stats = ev.predict(model, tok, prompts, config, "auto", torch.device("cuda"), progress=False)
+        assert stats["batch_size"] < 128
+        with pytest.raises(ConfigError, match=r"^batch_size=256: out of memory generating a batch of 256 prompts"):
+            ev.predict(model, tok, prompts, config, 256, torch.device("cuda"), progress=False)
+    assert texts == expected
+    # after the failures, the device's memory is the allocator's to give again
+    again, _ = ev.predict(model, tok, prompts, config, 256, torch.device("cuda"), progress=False)
+    assert again == expected
 
 
 def test_a_batch_out_of_memory_is_halved_under_auto_and_refused_where_batch_size_was_set(ckpt, sample_file,

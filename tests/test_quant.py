@@ -379,13 +379,14 @@ def test_a_quantized_base_reaches_the_device_one_float_layer_at_a_time(tmp_path)
     model = load_model(cfg, "cuda")
     held = torch.cuda.memory_allocated() - start
     peak = torch.cuda.max_memory_allocated() - start
-    float_layer = 2 * config.hidden_size * config.intermediate_size  # the largest, in bfloat16
     float_decoder = 2 * config.num_hidden_layers * (4 * config.hidden_size**2
                                                     + 3 * config.hidden_size * config.intermediate_size)
     assert model.ptune_quantization["mode"] == "int4"
     assert all(p.device.type == "cuda" for p in model.parameters())
-    assert float_decoder > 8 * float_layer  # the bound below would not tell the two ways apart otherwise
-    assert peak - held <= 4 * float_layer, (peak, held, float_layer)
+    # The whole float decoder on the device at once would put the peak at least 3/4 of it (int4 keeps a quarter)
+    # above what stays; one float layer and its quantization's temporaries at a time (6.1 MB here on an H200,
+    # of a 16.8 MB decoder) keep it under half.
+    assert peak - held < float_decoder / 2, (peak, held, float_decoder)
 
 
 def test_quantized_base_uses_the_cache_until_the_source_changes(tmp_path, tiny_model_dir):

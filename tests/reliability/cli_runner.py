@@ -138,9 +138,17 @@ def fault_oom_in_step(step: int) -> None:
     step_module.optimizer_step = optimizer_step
 
 
+def fault_device_memory_cap(mib: int) -> None:
+    """The CUDA allocator refuses to hold more than <mib> MiB: its own out-of-memory error, nothing injected."""
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    torch.cuda.set_per_process_memory_fraction(mib * 2**20 / total)
+
+
 FAULTS = {"kill_in_save_file": fault_kill_in_save_file, "kill_at_fsync": fault_kill_at_fsync,
           "kill_between_renames": fault_kill_between_renames, "overflow_in_step": fault_overflow_in_step,
-          "oom_in_step": fault_oom_in_step}
+          "oom_in_step": fault_oom_in_step, "device_memory_cap": fault_device_memory_cap}
 
 # ----------------------------------------------------------------------------------------- the child
 

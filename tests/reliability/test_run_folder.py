@@ -12,8 +12,8 @@ import torch
 
 from conftest import REPO
 from ptune import checkpoint as ck
-from reliability_harness import (assert_clean_error, Background, cli, kill_quietly, logged, prefix_of, snapshot,
-                                 train_args, train_in_background)
+from reliability_harness import (LONG, assert_clean_error, Background, cli, kill_quietly, logged, prefix_of,
+                                 snapshot, train_args, train_in_background, write_long_rows)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,20 @@ def test_a_step_out_of_memory_names_the_micro_batch_and_what_fits_and_keeps_the_
     res = cli("ptune.train", *train_args(model, data, tmp_path / "early"), fault={"fault": "oom_in_step", "step": 1})
     assert_clean_error(res, "step 1: out of memory", f"no checkpoint was written to {tmp_path / 'early'} yet")
     assert "resume=latest" not in res.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA allocator's own out-of-memory error")
+def test_a_step_past_the_allocators_limit_stops_in_one_line_and_writes_nothing(setup, tmp_path):
+    """Not injected: the allocator is held to 256 MiB, far below what 512 rows of 576 tokens take."""
+    model, _, _ = setup
+    data = write_long_rows(tmp_path / "long.jsonl", 512)
+    out = tmp_path / "run"
+    res = cli("ptune.train", *train_args(model, data, out, *LONG, "trainer.per_device_batch_size=512",
+                                         "trainer.gradient_accumulation_steps=1"),
+              fault={"fault": "device_memory_cap", "mib": 256})
+    assert_clean_error(res, "step 1: out of memory on micro-batches of up to 512 rows of", "CUDA out of memory",
+                       f"no checkpoint was written to {out} yet", "Try a lower trainer.per_device_batch_size")
+    assert not list(out.glob("*checkpoint-*"))
 
 
 def test_a_resume_takes_this_runs_optimizer_settings_and_says_what_changed(setup, tmp_path):
