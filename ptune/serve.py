@@ -252,12 +252,14 @@ class Engine:
         except Exception as e:  # a failed batch fails its requests, not the server
             if isinstance(e, torch.OutOfMemoryError):  # what the kept decoders hold may be what the retries need
                 release_decoding_memory(cm.model)
-            if len(batch) == 1:
+            if len(batch) == 1 and isinstance(e, torch.OutOfMemoryError):  # the client is told; no traceback
+                log.error(out_of_memory(batch[0], e))
+            elif len(batch) == 1:
                 log.exception("generation failed")
             else:
                 # One request's failure should not fail the others: each one not yet streamed runs alone.
                 log.warning("generation failed for a batch of %d (%s: %s); generating its requests one at a time",
-                            len(batch), type(e).__name__, e)
+                            len(batch), type(e).__name__, (str(e).splitlines() or [""])[0])
             for j in batch:
                 if j.future.done():
                     continue
@@ -833,6 +835,13 @@ def submit_job(engine: Engine, job: Job) -> None:
         raise RequestError(503, str(e), code="server_shutting_down") from None
 
 
+def out_of_memory(job: Job, error: Exception) -> str:
+    """A request that ran out of device memory even alone: what it asked for, and what would fit."""
+    return (f"out of device memory generating a reply of up to {job.max_new_tokens} tokens to a prompt of "
+            f"{len(job.prompt)} tokens ({str(error).splitlines()[0]}); ask for fewer new tokens or send a shorter "
+            "prompt")
+
+
 async def run_job(engine: Engine, job: Job, request: Request) -> Result:
     submit_job(engine, job)
     result = asyncio.wrap_future(job.future)
@@ -852,6 +861,8 @@ async def run_job(engine: Engine, job: Job, request: Request) -> Result:
         raise
     except ShuttingDown as e:
         raise RequestError(503, str(e), code="server_shutting_down") from None
+    except torch.OutOfMemoryError as e:  # the request's size, not a fault of the server
+        raise RequestError(503, out_of_memory(job, e), code="out_of_memory") from None
     except Exception as e:  # the worker logged it; the client gets the reason
         raise RequestError(500, f"generation failed: {type(e).__name__}: {e}", code="generation_failed") from None
 
@@ -1003,6 +1014,9 @@ def _stream_completion(engine: Engine, job: Job, req: ChatCompletionRequest, cid
             elif isinstance(job.future.exception(), ShuttingDown):
                 message = f"the reply was cut short: {job.future.exception()}"
                 yield f"data: {json.dumps(error_body(message, 'server_shutting_down', kind='server_error'))}\n\n"
+            elif isinstance(job.future.exception(), torch.OutOfMemoryError):
+                message = out_of_memory(job, job.future.exception())
+                yield f"data: {json.dumps(error_body(message, 'out_of_memory', kind='server_error'))}\n\n"
             elif job.future.exception() is not None:
                 message = f"generation failed: {job.future.exception()}"
                 yield f"data: {json.dumps(error_body(message, 'generation_failed'))}\n\n"

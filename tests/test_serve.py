@@ -578,6 +578,51 @@ def test_a_prompt_being_tokenized_holds_up_no_other_request(served, monkeypatch,
         assert slow.result().status_code == 200, slow.result().text
 
 
+def test_a_request_out_of_memory_even_alone_is_a_503_saying_what_it_asked_for(served, monkeypatch, caplog):
+    """What the CUDA allocator raises, injected into any generation of 7 new tokens or more: the batch it shares
+    is retried one request at a time, the other request is answered, and this one is told in one line, in
+    every API and in a stream; the server log has one line, no traceback."""
+    import torch
+
+    import ptune.serve
+
+    url, cm = served
+    real = ptune.serve.generate
+
+    def generate(*args, max_new_tokens, **kwargs):
+        if max_new_tokens >= 7:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.\nOf the allocated ...")
+        return real(*args, max_new_tokens=max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(ptune.serve, "generate", generate)
+    said = re.compile(r"^out of device memory generating a reply of up to 7 tokens to a prompt of \d+ tokens \(CUDA out "
+                      r"of memory. Tried to allocate 9.00 GiB.\); ask for fewer new tokens or send a shorter prompt$")
+    caplog.set_level("WARNING", logger="ptune.serve")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        small = pool.submit(httpx.post, url + "/v1/chat/completions", json=chat_request("hi", max_tokens=3)[1],
+                            timeout=60)
+        large = pool.submit(httpx.post, url + "/v1/chat/completions", json=chat_request("hi", max_tokens=7)[1],
+                            timeout=60)
+        assert small.result().status_code == 200, small.result().text
+        r = large.result()
+    assert r.status_code == 503 and r.json()["error"]["code"] == "out_of_memory", r.text
+    assert said.match(r.json()["error"]["message"]) and r.json()["error"]["type"] == "server_error", r.text
+    r = httpx.post(url + "/", json={"prompt": "hi", "max_length": 200}, timeout=60)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "out_of_memory", r.text
+    with httpx.stream("POST", url + "/v1/chat/completions", json=chat_request("hi", max_tokens=7, stream=True)[1],
+                      timeout=60) as r:
+        events = sse(r.iter_lines())
+    error = next(e["error"] for e in events if isinstance(e, dict) and "error" in e)
+    assert error["code"] == "out_of_memory" and said.match(error["message"]), events
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 3 and not any(r.exc_info for r in errors), caplog.text
+    assert all(said.match(r.getMessage().replace("up to 12 tokens", "up to 7 tokens")) for r in errors), caplog.text
+    assert not any("\n" in r.getMessage() for r in caplog.records), caplog.text  # the batch's warning too
+    monkeypatch.undo()
+    assert httpx.post(url + "/v1/chat/completions", json=chat_request("hi", max_tokens=7)[1],
+                      timeout=60).status_code == 200
+
+
 def test_an_empty_query_is_refused_under_a_chat_template(served):
     url, cm = served
     assert cm.template != "plain"  # where role tokens make an empty query more than 0 tokens
