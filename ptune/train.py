@@ -12,7 +12,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import hydra
@@ -26,7 +26,7 @@ from ptune import checkpoint as ckpt_io
 from ptune.config import (check_above_zero, check_count, check_data_lengths, check_quantization, check_template,
                           refuse_added_settings, require)
 from ptune.data import BatchPlan, IGNORE, collate, training_rows
-from ptune.errors import TrainingError, exit_on_user_error
+from ptune.errors import ConfigError, TrainingError, exit_on_user_error
 from ptune.fit import Prober, agree_across_ranks, choose_split, fastest
 from ptune.graphs import micro_batch_loss
 from ptune.logs import LogWindow, MetricsLog, setup_logging
@@ -366,11 +366,17 @@ def train(cfg: DictConfig) -> Path:
     # accelerate sets up gloo for several CPU processes only when told it runs on the CPU.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    try:
+        require(cfg, "model.path", "data.train_file")
+        check_settings(cfg)
+    except (ConfigError, TrainingError):
+        made = Path(HydraConfig.get().runtime.output_dir)  # by Hydra, for this job: a typo leaves no dated folder
+        with suppress(OSError):  # not empty (an existing run's), or another rank removed it first
+            made.rmdir()
+        raise
     out = run_dir(accelerator)
     with writing(out / "train.log"):
         setup_logging(out / "train.log", accelerator.is_main_process)
-    require(cfg, "model.path", "data.train_file")
-    check_settings(cfg)
     t = cfg.trainer
     if t.auto_micro_batch_gib is not None and device.type != "cuda":
         raise TrainingError(f"trainer.auto_micro_batch_gib={t.auto_micro_batch_gib}: it measures GPU memory and "

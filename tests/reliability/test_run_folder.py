@@ -104,6 +104,21 @@ def test_a_step_past_the_allocators_limit_stops_in_one_line_and_writes_nothing(s
     assert not list(out.glob("*checkpoint-*"))
 
 
+def test_a_refused_setting_leaves_no_run_folder_and_an_existing_one_as_it_was(setup, tmp_path):
+    """Hydra makes the job's folder before the trainer starts: a typo on the command line must not leave an empty
+    dated folder in outputs/ each time."""
+    model, data, _ = setup
+    out = tmp_path / "run"
+    refused = train_args(model, data, out, "trainer.max_steps=0")
+    assert_clean_error(cli("ptune.train", *refused), "error: trainer.max_steps=0: expected a whole number of at least 1")
+    assert not out.exists()
+    out.mkdir()
+    (out / "train.log").write_text("an earlier run\n", encoding="utf-8")
+    assert_clean_error(cli("ptune.train", *refused), "error: trainer.max_steps=0")
+    assert [p.name for p in out.iterdir()] == ["train.log"]
+    assert (out / "train.log").read_text(encoding="utf-8") == "an earlier run\n"
+
+
 def test_a_resume_takes_this_runs_optimizer_settings_and_says_what_changed(setup, tmp_path):
     model, data, ref = setup
     out = copy_of(ref, tmp_path / "run", keep=(2,))
