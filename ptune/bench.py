@@ -114,6 +114,38 @@ def peak_gib(device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
 
 
+def load_timing(model, cfg, device, modes: list[str | None]) -> dict[str | None, dict]:
+    """For each quantization mode (None: not quantized), seconds and device memory to load `model` from a model
+    folder through ptune's loader. The folder is written once (a temporary one beside out_json) and `model` stays
+    where it is, so the peak is counted above what it holds."""
+    import tempfile
+
+    from ptune.models import load_model
+
+    out = Path(cfg.out_json).parent
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    with tempfile.TemporaryDirectory(dir=out, prefix=".bench-model-") as folder:
+        model.save_pretrained(folder)
+        for mode in modes:
+            settings = OmegaConf.create({
+                "path": folder, "dtype": str(model.dtype).removeprefix("torch."), "quantization": mode,
+                "attn_implementation": cfg.attn_implementation, "trust_remote_code": False,
+                "quantization_group_size": cfg.quantization_group_size, "quantization_cache": None,
+                "fused_layers": cfg.fused_layers})
+            reset_memory(device)
+            before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            loaded = {}
+            r = {"seconds": timed(lambda: loaded.update(model=load_model(settings, device)), device.type == "cuda")}
+            if device.type == "cuda":
+                r["held_gib"] = round((torch.cuda.memory_allocated(device) - before) / 2**30, 2)
+                r["peak_gib"] = round((torch.cuda.max_memory_allocated(device) - before) / 2**30, 2)
+            loaded.clear()  # before the next mode loads
+            timings[mode] = r
+    reset_memory(device)
+    return timings
+
+
 def ptune_train(model, rows, micro: int, accum: int, cfg, device, *, pad_to: int | None, sort: bool,
                 checkpointing: bool | str, compiled: bool = False, group_by_length: int = 0, graphs: bool = False,
                 pad_multiple: int | None = None, fit_gib: float | None = None) -> dict:
@@ -398,6 +430,9 @@ def check_settings(cfg: DictConfig) -> torch.device:
         raise ConfigError(f"compare={list(cfg.compare)!r}: expected [peft], or [] to time ptune alone")
     check_above_zero(cfg, "peak_tflops", "the card's dense bf16 peak in TFLOP/s")
     check_above_zero(cfg, "auto_micro_batch_gib", "a memory ceiling in GiB", nullable=True)
+    for i, mode in enumerate(cfg.load_timing):
+        if mode not in (False, None, "int8", "int4"):
+            raise ConfigError(f"load_timing[{i}]={mode!r}: expected false (not quantized), int8 or int4")
     if cfg.quantization is not None:
         from ptune.quant import check_mode
 
@@ -444,14 +479,6 @@ def run(cfg: DictConfig) -> dict:
     model = build_model(cfg, device, dtype)
     vocab = model.config.vocab_size
     flops_per_token = 4 * count_flops_params(model)  # before quantizing: quantized weights are buffers
-    quant = None
-    if cfg.get("quantization"):
-        from ptune import quant as Q
-
-        Q.FUSED_DEQUANTIZE = bool(cfg.fused_dequantize)
-        Q.FUSED_SMALL_MATMUL = bool(cfg.fused_small_matmul)
-        quant = Q.quantize_model(model, cfg.quantization, int(cfg.quantization_group_size))
-        log.info("quantized the base: %s", quant)
     fixed = fixed_rows(cfg.num_rows, cfg.max_source_length, cfg.max_target_length, vocab, cfg.seed)
     pad_to = cfg.max_source_length + cfg.max_target_length + 1
     results: dict[str, dict] = {}
@@ -466,6 +493,17 @@ def run(cfg: DictConfig) -> dict:
         results[name] = r
         log.info("%s: %s", name, json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
 
+    modes = [m or None for m in cfg.load_timing]
+    for mode, r in (load_timing(model, cfg, device, modes) if modes else {}).items():
+        add(f"load the base from its folder, {mode or 'not quantized'} (peak GiB above the model built here)", r)
+    quant = None
+    if cfg.get("quantization"):
+        from ptune import quant as Q
+
+        Q.FUSED_DEQUANTIZE = bool(cfg.fused_dequantize)
+        Q.FUSED_SMALL_MATMUL = bool(cfg.fused_small_matmul)
+        quant = Q.quantize_model(model, cfg.quantization, int(cfg.quantization_group_size))
+        log.info("quantized the base: %s", quant)
     if quant and cfg.widen_timing:
         add("widen quantized base, eager", widen_timing(model, device, fused=False))
         if device.type == "cuda" and cfg.fused_dequantize:

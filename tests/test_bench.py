@@ -45,17 +45,28 @@ TINY = ("model_config={model_type: llama, vocab_size: 128, hidden_size: 32, inte
         "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, pad_token_id: 0, eos_token_id: 2}")
 
 
-def test_bench_times_widening_a_quantized_base(tmp_path):
+def test_bench_times_widening_a_quantized_base_and_loading_it(tmp_path):
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("bench", overrides=[
             TINY, "device=cpu", "quantization=int4", "quantization_group_size=8", "train_settings=[]",
             "eval_batches=[]", "decode_steady_batches=[]", "eval_check_prompts=0", "compare=[]",
-            f"out_json={tmp_path / 'b.json'}", f"benchmarks_md={tmp_path / 'B.md'}"])
+            "load_timing=[false,int4]", f"out_json={tmp_path / 'b.json'}", f"benchmarks_md={tmp_path / 'B.md'}"])
     report = bench.run(cfg)
+    for mode in ("not quantized", "int4"):
+        load = report["results"][f"load the base from its folder, {mode} (peak GiB above the model built here)"]
+        assert load["seconds"] > 0 and "peak_gib" not in load  # device memory is measured on CUDA only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["B.md", "b.json"]  # the saved model folder is gone
     widen = report["results"]["widen quantized base, eager"]
     assert widen["layers"] == 2 * 7 and widen["seconds"] > 0  # q, k, v, o, gate, up, down in each layer
     assert "widen quantized base, fused kernel" not in report["results"]  # CUDA only
     assert "| widen quantized base, eager | - | - | - |" in (tmp_path / "B.md").read_text()
+
+
+def test_bench_refuses_a_load_timing_mode_it_cannot_load():
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("bench", overrides=[TINY, "device=cpu", "load_timing=[false,int3]"])
+    with pytest.raises(ConfigError, match=r"^load_timing\[1\]='int3': expected false \(not quantized\), int8 or int4$"):
+        bench.check_settings(cfg)
 
 
 def test_bench_refuses_no_prompts_at_batch1():
