@@ -142,6 +142,8 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
         while done < len(order):
             idx = order[done:done + batch_size]
             batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], tokenizer.pad_token_id).items()}
+            # A batch that runs out of memory is sampled again from where it began, not from wherever it stopped.
+            seed_state = generator.get_state() if generator is not None else None
             try:
                 out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=gen.max_new_tokens,
                                eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, do_sample=gen.do_sample,
@@ -154,6 +156,8 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
                                            gen.max_new_tokens, reason)
                 del batch
                 release_decoding_memory(model)  # for the smaller batch to take what the failed one held
+                if generator is not None:
+                    generator.set_state(seed_state)
                 continue
             done += len(idx)
             for row, i in zip(out.tolist(), idx):

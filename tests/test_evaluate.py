@@ -63,6 +63,29 @@ def test_greedy_outputs_do_not_depend_on_batch_size(ckpt, sample_file):
     assert len(set(one)) > 1 and all(t for t in one)
 
 
+def test_a_sampled_batch_that_ran_out_of_memory_samples_again_from_where_it_began(ckpt, sample_file, monkeypatch):
+    """A batch can run out of memory after drawing from the sampling generator: its retry in smaller batches draws
+    what it would had the failed attempt drawn nothing."""
+    model, tok, config = load_for_inference(ckpt, OmegaConf.create({"dtype": "float32"}), "cpu")
+    prompts = ev.build_eval_set(ev.eval_examples(sample_file, config["data"]), tok, config["data"],
+                                config["model"]["template"], limit=12).prompts
+    gen = generation("reference_sampling", max_new_tokens=6)
+    real = ev.generate
+
+    def sampled(draws_before_failing: int) -> list[str]:
+        def generate(model, input_ids, *args, generator=None, **kwargs):
+            if len(input_ids) > 4:  # the first batch of 12 fails part-way through its draws
+                torch.rand(draws_before_failing, generator=generator)
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB.")
+            return real(model, input_ids, *args, generator=generator, **kwargs)
+
+        monkeypatch.setattr(ev, "generate", generate)
+        texts, _ = ev.predict(model, tok, prompts, gen, "auto", CPU, progress=False)
+        return texts
+
+    assert sampled(0) == sampled(1000) and len(set(sampled(0))) > 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA allocator's own out-of-memory error")
 def test_batches_past_the_allocators_limit_are_halved_and_predict_what_small_batches_do(tiny_model_dir):
     """Not injected: auto sizes the batch from the free memory, but the allocator is held to 96 MiB more than the
