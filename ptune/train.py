@@ -32,8 +32,8 @@ from ptune.graphs import micro_batch_loss
 from ptune.logs import LogWindow, MetricsLog, setup_logging
 from ptune.loss import output_softcap
 from ptune.step import optimizer_step
-from ptune.models import (base_identity, build_prefix, check_fits, check_vocabulary, learned_positions, load_model,
-                          load_tokenizer, model_folder)
+from ptune.models import (ModelError, base_identity, build_prefix, check_fits, check_vocabulary, learned_positions,
+                          load_model, load_tokenizer, model_folder)
 from ptune.prefix import PrefixLM, compile_layers
 
 log = logging.getLogger("ptune.train")
@@ -366,10 +366,16 @@ def train(cfg: DictConfig) -> Path:
     # accelerate sets up gloo for several CPU processes only when told it runs on the CPU.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    t = cfg.trainer
     try:
         require(cfg, "model.path", "data.train_file")
         check_settings(cfg)
-    except (ConfigError, TrainingError):
+        if t.auto_micro_batch_gib is not None and device.type != "cuda":
+            raise TrainingError(f"trainer.auto_micro_batch_gib={t.auto_micro_batch_gib}: it measures GPU memory and "
+                                f"needs a CUDA device, not {device.type}; set trainer.per_device_batch_size and "
+                                "trainer.gradient_accumulation_steps yourself, or leave it null")
+        base_folder = model_folder(cfg.model)
+    except (ConfigError, TrainingError, ModelError):
         made = Path(HydraConfig.get().runtime.output_dir)  # by Hydra, for this job: a typo leaves no dated folder
         with suppress(OSError):  # not empty (an existing run's), or another rank removed it first
             made.rmdir()
@@ -377,15 +383,10 @@ def train(cfg: DictConfig) -> Path:
     out = run_dir(accelerator)
     with writing(out / "train.log"):
         setup_logging(out / "train.log", accelerator.is_main_process)
-    t = cfg.trainer
-    if t.auto_micro_batch_gib is not None and device.type != "cuda":
-        raise TrainingError(f"trainer.auto_micro_batch_gib={t.auto_micro_batch_gib}: it measures GPU memory and "
-                            f"needs a CUDA device, not {device.type}; set trainer.per_device_batch_size and "
-                            "trainer.gradient_accumulation_steps yourself, or leave it null")
 
     resume_from, state, optim_state = resume_point(cfg.resume, out, accelerator)
     # The data before the model: a bad row is refused in seconds, not after the model's minutes of loading.
-    tokenizer = load_tokenizer(model_folder(cfg.model))
+    tokenizer = load_tokenizer(base_folder)
     rows = training_rows(cfg.data, cfg.model.template, tokenizer)
     lengths = [len(ids) for ids in rows["input_ids"]]
     targets = [sum(1 for x in lab[1:] if x != IGNORE) for lab in rows["labels"]]
