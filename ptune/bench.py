@@ -430,6 +430,8 @@ def check_settings(cfg: DictConfig) -> torch.device:
         raise ConfigError(f"compare={list(cfg.compare)!r}: expected [peft], or [] to time ptune alone")
     check_above_zero(cfg, "peak_tflops", "the card's dense bf16 peak in TFLOP/s")
     check_above_zero(cfg, "auto_micro_batch_gib", "a memory ceiling in GiB", nullable=True)
+    if not isinstance(cfg.load_timing, ListConfig):
+        raise ConfigError(f"load_timing={cfg.load_timing!r}: expected a list of modes, e.g. [false, int4] ([] to skip)")
     for i, mode in enumerate(cfg.load_timing):
         if mode not in (False, None, "int8", "int4"):
             raise ConfigError(f"load_timing[{i}]={mode!r}: expected false (not quantized), int8 or int4")
@@ -493,7 +495,7 @@ def run(cfg: DictConfig) -> dict:
         results[name] = r
         log.info("%s: %s", name, json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
 
-    modes = [m or None for m in cfg.load_timing]
+    modes = list(dict.fromkeys(m or None for m in cfg.load_timing))
     for mode, r in (load_timing(model, cfg, device, modes) if modes else {}).items():
         add(f"load the base from its folder, {mode or 'not quantized'} (peak GiB above the model built here)", r)
     quant = None

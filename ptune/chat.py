@@ -25,7 +25,7 @@ from ptune.config import (check_count, check_flag, check_generation, check_infer
                           refuse_added_settings, resolve_device)
 from ptune.data import check_template_fits, encodable, prompt_ids, whole_characters
 from ptune.generate import generate, release_decoding_memory, stop_token_ids
-from ptune.errors import ConfigError, exit_on_user_error, stopped, terminating
+from ptune.errors import ConfigError, exit_on_user_error, first_line, stopped, terminating
 from ptune.logs import setup_logging
 from ptune.models import inference_model_settings, load_for_inference, position_limit, resolve_checkpoint
 
@@ -307,6 +307,7 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
         if not encodable(query):
             out("[this line is not valid UTF-8 and is skipped; the chat goes on]\n")
             continue
+        out_of_memory = None
         try:
             history = take_turn(cm, cfg, query, history, out, generator)
         except KeyboardInterrupt:
@@ -314,9 +315,10 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
                 raise
             out("\n[interrupted; this turn is not kept]\n")
         except torch.OutOfMemoryError as e:  # one long turn need not end the conversation
-            reason = str(e).split("\n")[0]
+            out_of_memory = first_line(e)
+        if out_of_memory is not None:  # out of the handler, whose traceback holds the failed turn's tensors
             release_decoding_memory(cm.model)
-            out(f"\n[out of memory ({reason}); this turn is not kept. '{COMMAND_CLEAR}' the history, or lower "
+            out(f"\n[out of memory ({out_of_memory}); this turn is not kept. '{COMMAND_CLEAR}' the history, or lower "
                 "max_prompt_tokens or generation.max_new_tokens]\n")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
 
@@ -105,17 +106,43 @@ class MultirunFailures(Callback):
         sys.exit(1)
 
 
+_made_run_folders: set[Path] = set()  # by MakeRunFolder in this process: a refused run may remove them again
+
+
 def _make_folder(path: str, setting: str) -> None:
     if not str(path).strip():  # e.g. output_dir=$UNSET: Hydra would take the current folder as the run's
         print(f"error: {setting} is empty; pass the folder to write the run to, e.g. {setting}=outputs/my_run",
               file=sys.stderr)
         sys.exit(1)
+    folder = Path(path).resolve()
+    existed = folder.exists()
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         # A Hydra callback: an exception here would only become Hydra's warning, and the traceback follow.
         print(f"error: {setting}={path}: cannot create this folder ({e.strerror or e})", file=sys.stderr)
         sys.exit(1)
+    if not existed:
+        _made_run_folders.add(folder)
+
+
+@contextmanager
+def no_run_folder_if_refused():
+    """A run refused inside this block (a setting, a missing model folder) leaves no dated folder behind: the job's
+    folder is removed if it was made for this job (not the user's own) and nothing was written to it yet."""
+    try:
+        yield
+    except Exception:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            folder = Path(hc.runtime.output_dir).resolve()
+            if hc.mode == RunMode.MULTIRUN or folder in _made_run_folders:  # a multirun job's folder is Hydra's own
+                with suppress(OSError):  # not empty, or another rank removed it first
+                    folder.rmdir()
+        raise
 
 
 def require(cfg: DictConfig, *keys: str) -> None:

@@ -28,6 +28,11 @@ class SweepError(ValueError):
     """A sweep that cannot start or scored nothing: no runs, no eval file, a run folder without checkpoints."""
 
 
+def first_line(error: BaseException) -> str:
+    """An error's first line: the CUDA allocator's out-of-memory message goes on for a paragraph."""
+    return str(error).split("\n", 1)[0]
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     # Defined here rather than in ptune.train or ptune.sweep: under `python -m ptune.train` that module runs
     # as __main__, and an exception class defined there would not be the one caught here.

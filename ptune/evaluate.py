@@ -25,7 +25,7 @@ from ptune.config import (check_batch_size, check_count, check_data_lengths, che
 from ptune.data import (Columns, fit_prompt, left_pad, load_examples, prompt_ids, report_cut_prompts, text_ids,
                         whole_characters)
 from ptune.generate import generate, release_decoding_memory, stop_token_ids
-from ptune.errors import ConfigError, exit_on_user_error
+from ptune.errors import ConfigError, exit_on_user_error, first_line
 from ptune.logs import peak_memory_gib, setup_logging
 from ptune.metrics import compute_metrics
 from ptune.files import sha256_file, write_text_atomic
@@ -150,7 +150,7 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
                                temperature=gen.temperature, top_p=gen.top_p, generator=generator,
                                compile_step=bool(gen.compile_step))
             except torch.OutOfMemoryError as e:
-                out, reason = None, str(e).split("\n")[0]
+                out, reason = None, first_line(e)
             if out is None:  # out here, where the traceback no longer holds the failed batch's tensors
                 batch_size = smaller_batch(batch_size, len(idx), auto, batch["input_ids"].shape[1],
                                            gen.max_new_tokens, reason)

@@ -73,7 +73,7 @@ def read_json_object(path: str | os.PathLike, error: Callable[[str], Exception],
     except ValueError as e:  # not JSON, or not UTF-8
         raise error(f"{path}: not valid JSON ({e}), expected {shape}{hint}") from None
     except PermissionError as e:
-        raise error(f"{path}: unreadable ({e.strerror or e}); give this user read access to it") from None
+        raise error(f"{path}: unreadable ({e.strerror or e}); give this user read access to it and its folders") from None
     except OSError as e:
         raise error(f"{path}: unreadable ({e.strerror or e}){hint}") from None
     if not isinstance(data, dict):

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 
 from ptune import checkpoint as ckpt_io
 from ptune.chatglm import ptuning
+from ptune.errors import first_line
 from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec, attention_shape
 from ptune.quickstart import DEFAULT_MODEL_DIR
 
@@ -171,7 +172,7 @@ def load_model(model_cfg, device: torch.device | str = "cpu"):
                                                                                                      [])
         smaller += ["model.dtype=bfloat16"] if dtype == torch.float32 else []
         raise ModelError(f"model.path={path}: the model does not fit in the memory of {device} "
-                         f"({str(e).splitlines()[0]}); free the device's memory"
+                         f"({first_line(e)}); free the device's memory"
                          + (f", load it smaller ({', '.join(smaller)})" if smaller else "")
                          + ", or use a device with more memory") from None
     model.requires_grad_(False)

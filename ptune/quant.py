@@ -30,8 +30,9 @@ the weight into the input's dtype, calls ``F.linear``, and in backward dequantiz
 saving it: saving it would keep a full-precision copy of every layer alive until backward. Only the
 input gets a gradient (the weights are frozen), which is what carries the gradient to the prefix.
 
-Quantizing is done layer by layer on the device the model is on, freeing each float weight as soon as
-its replacement exists. :func:`save_quantized` / :func:`load_quantized` cache the result (one
+Quantizing is done layer by layer, each float layer moved to the device just before (``models.load_model``
+keeps the float model in host memory, so the device never holds it whole), freeing each float weight as
+soon as its replacement exists. :func:`save_quantized` / :func:`load_quantized` cache the result (one
 safetensors file + ``quantization.json``) so a second load skips both the float load and the
 quantization; :func:`quantized_base` is the one call ``models.load_model`` needs.
 
@@ -46,6 +47,8 @@ bf16       11.7 GiB    -             0.20 s                    24.0 / 14.0
 int8       6.4 GiB     0.2 s         0.27 s (1.35x slower)     18.7 / 8.7
 int4/128   4.2 GiB     2.3 s         0.34 s (1.7x slower)      16.5 / 6.5
 =========  ==========  ============  ========================  ==========================
+
+(Loading an int4 base with the current code left 4.0 GiB on the device, BENCHMARKS.md run 34.)
 
 Decoding was hit harder (dequantizing a weight costs more than a 16-row matmul with it: ~8x per layer
 for int8); since inputs of up to 16 rows are widened in registers only (dequant_kernels.small_matmul),

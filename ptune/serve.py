@@ -64,7 +64,7 @@ from ptune.config import (check_above_zero, check_count, check_inference_model, 
                           check_token_ids, refuse_added_settings)
 from ptune.data import encodable, left_pad
 from ptune.generate import generate, release_decoding_memory
-from ptune.errors import ConfigError, exit_on_user_error
+from ptune.errors import ConfigError, exit_on_user_error, first_line
 from ptune.logs import setup_logging
 
 log = logging.getLogger("ptune.serve")
@@ -126,6 +126,10 @@ class QueueFull(RuntimeError):
 
 class ShuttingDown(RuntimeError):
     """The server is stopping: a job it had not finished ends unfinished, and no new one is taken."""
+
+
+class CutShort(RuntimeError):
+    """A streamed reply that its batch's failure ended part-way; alone it may well fit."""
 
 
 SHUTTING_DOWN = "the server is shutting down; send the request again once it is back"
@@ -247,26 +251,39 @@ class Engine:
 
     def _run(self, batch: list[Job]) -> None:
         cm = self.cm
+        failure = None
         try:
-            self._generate(batch)
-        except Exception as e:  # a failed batch fails its requests, not the server
-            if isinstance(e, torch.OutOfMemoryError):  # what the kept decoders hold may be what the retries need
+            try:
+                self._generate(batch)
+            except Exception as e:  # a failed batch fails its requests, not the server
+                failure = e
+                if len(batch) == 1 and not isinstance(e, torch.OutOfMemoryError):  # the client is told the rest
+                    log.exception("generation failed")
+            if failure is None:
+                return
+            # Out of the handler, and without its traceback, the failed generation's frames (its cache and graph)
+            # are let go: the retries below may need that memory.
+            failure = failure.with_traceback(None)
+            out_of_memory_now = isinstance(failure, torch.OutOfMemoryError)
+            if out_of_memory_now:
                 release_decoding_memory(cm.model)
-            if len(batch) == 1 and isinstance(e, torch.OutOfMemoryError):  # the client is told; no traceback
-                log.error(out_of_memory(batch[0], e))
-            elif len(batch) == 1:
-                log.exception("generation failed")
-            else:
+            if len(batch) == 1 and out_of_memory_now:
+                log.error(out_of_memory(batch[0], failure))
+            elif len(batch) > 1:
                 # One request's failure should not fail the others: each one not yet streamed runs alone.
                 log.warning("generation failed for a batch of %d (%s: %s); generating its requests one at a time",
-                            len(batch), type(e).__name__, (str(e).splitlines() or [""])[0])
+                            len(batch), type(failure).__name__, first_line(failure))
             for j in batch:
                 if j.future.done():
                     continue
                 if len(batch) > 1 and not j.streamed:
                     self._run([j])
+                elif len(batch) > 1 and out_of_memory_now:  # streamed in part: it cannot start again
+                    j.future.set_exception(CutShort(
+                        f"the reply was cut short: the batch it shared with {len(batch) - 1} other request(s) ran out "
+                        f"of device memory ({first_line(failure)}); send the request again"))
                 else:
-                    j.future.set_exception(e)
+                    j.future.set_exception(failure)
         finally:
             if cm.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -838,8 +855,7 @@ def submit_job(engine: Engine, job: Job) -> None:
 def out_of_memory(job: Job, error: Exception) -> str:
     """A request that ran out of device memory even alone: what it asked for, and what would fit."""
     return (f"out of device memory generating a reply of up to {job.max_new_tokens} tokens to a prompt of "
-            f"{len(job.prompt)} tokens ({str(error).splitlines()[0]}); ask for fewer new tokens or send a shorter "
-            "prompt")
+            f"{len(job.prompt)} tokens ({first_line(error)}); ask for a shorter reply or send a shorter prompt")
 
 
 async def run_job(engine: Engine, job: Job, request: Request) -> Result:
@@ -1014,8 +1030,9 @@ def _stream_completion(engine: Engine, job: Job, req: ChatCompletionRequest, cid
             elif isinstance(job.future.exception(), ShuttingDown):
                 message = f"the reply was cut short: {job.future.exception()}"
                 yield f"data: {json.dumps(error_body(message, 'server_shutting_down', kind='server_error'))}\n\n"
-            elif isinstance(job.future.exception(), torch.OutOfMemoryError):
-                message = out_of_memory(job, job.future.exception())
+            elif isinstance(job.future.exception(), (torch.OutOfMemoryError, CutShort)):
+                exc = job.future.exception()
+                message = str(exc) if isinstance(exc, CutShort) else out_of_memory(job, exc)
                 yield f"data: {json.dumps(error_body(message, 'out_of_memory', kind='server_error'))}\n\n"
             elif job.future.exception() is not None:
                 message = f"generation failed: {job.future.exception()}"

@@ -12,7 +12,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -24,15 +24,15 @@ from tqdm.auto import tqdm
 
 from ptune import checkpoint as ckpt_io
 from ptune.config import (check_above_zero, check_count, check_data_lengths, check_quantization, check_template,
-                          refuse_added_settings, require)
+                          no_run_folder_if_refused, refuse_added_settings, require)
 from ptune.data import BatchPlan, IGNORE, collate, training_rows
-from ptune.errors import ConfigError, TrainingError, exit_on_user_error
+from ptune.errors import TrainingError, exit_on_user_error, first_line
 from ptune.fit import Prober, agree_across_ranks, choose_split, fastest
 from ptune.graphs import micro_batch_loss
 from ptune.logs import LogWindow, MetricsLog, setup_logging
 from ptune.loss import output_softcap
 from ptune.step import optimizer_step
-from ptune.models import (ModelError, base_identity, build_prefix, check_fits, check_vocabulary, learned_positions,
+from ptune.models import (base_identity, build_prefix, check_fits, check_vocabulary, learned_positions,
                           load_model, load_tokenizer, model_folder)
 from ptune.prefix import PrefixLM, compile_layers
 
@@ -84,7 +84,7 @@ def out_of_memory(cfg: DictConfig, step: int, error: Exception, batches: list[di
                   recomputed: int, num_layers: int) -> str:
     """The error line of a step that ran out of memory: its micro-batches, and the settings that would fit one."""
     rows, longest = max(len(b["input_ids"]) for b in batches), max(b["input_ids"].shape[1] for b in batches)
-    reason = str(error).split("\n")[0]
+    reason = first_line(error)
     return (f"step {step}: out of memory on micro-batches of up to {rows} rows of {longest} tokens ({reason}); "
             f"{last_kept(out)}. Try " + ", ".join(smaller_step(cfg, rows, global_batch, recomputed, num_layers))
             + (f"; then go on with resume=latest output_dir={out}" if ckpt_io.latest_checkpoint(out) else ""))
@@ -93,16 +93,19 @@ def out_of_memory(cfg: DictConfig, step: int, error: Exception, batches: list[di
 def smaller_step(cfg: DictConfig, rows: int, global_batch: int, recomputed: int, num_layers: int) -> list[str]:
     """The settings that would make a training step that ran out of memory smaller, leaving out those already
     at their least."""
-    t, ways = cfg.trainer, []
-    if t.auto_micro_batch_gib is not None:  # it chose the split, so it is the setting to lower
-        ways.append(f"a lower trainer.auto_micro_batch_gib than {t.auto_micro_batch_gib} (other processes may hold "
-                    "part of the device)")
-    elif rows > 1:
+    t = cfg.trainer
+    if t.auto_micro_batch_gib is not None:
+        # The split was measured to peak under the ceiling: recomputing more, shorter rows or a smaller base would
+        # only let it take more rows up to the same peak. Other processes may hold part of the device.
+        return [f"a lower trainer.auto_micro_batch_gib than {t.auto_micro_batch_gib}",
+                "or free the device's memory (other processes may hold part of it)"]
+    ways = []
+    if rows > 1:
         ways.append(f"a lower trainer.per_device_batch_size (and a higher trainer.gradient_accumulation_steps to keep "
                     f"the global batch of {global_batch})")
-    if recomputed < num_layers and not (t.auto_micro_batch_gib is not None and t.gradient_checkpointing == "auto"):
+    if recomputed < num_layers:
         ways.append("trainer.gradient_checkpointing=true")
-    if t.auto_micro_batch_gib is None and rows > 1:
+    if rows > 1:
         ways.append("trainer.auto_micro_batch_gib=<GiB> to pick the split that fits")
     ways.append(f"shorter rows (data.max_source_length={cfg.data.max_source_length}, "
                 f"data.max_target_length={cfg.data.max_target_length})")
@@ -367,7 +370,7 @@ def train(cfg: DictConfig) -> Path:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     t = cfg.trainer
-    try:
+    with no_run_folder_if_refused():
         require(cfg, "model.path", "data.train_file")
         check_settings(cfg)
         if t.auto_micro_batch_gib is not None and device.type != "cuda":
@@ -375,11 +378,6 @@ def train(cfg: DictConfig) -> Path:
                                 f"needs a CUDA device, not {device.type}; set trainer.per_device_batch_size and "
                                 "trainer.gradient_accumulation_steps yourself, or leave it null")
         base_folder = model_folder(cfg.model)
-    except (ConfigError, TrainingError, ModelError):
-        made = Path(HydraConfig.get().runtime.output_dir)  # by Hydra, for this job: a typo leaves no dated folder
-        with suppress(OSError):  # not empty (an existing run's), or another rank removed it first
-            made.rmdir()
-        raise
     out = run_dir(accelerator)
     with writing(out / "train.log"):
         setup_logging(out / "train.log", accelerator.is_main_process)
@@ -571,7 +569,8 @@ def train(cfg: DictConfig) -> Path:
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    refuse_added_settings(cfg, appendable=("experiment",))
+    with no_run_folder_if_refused():
+        refuse_added_settings(cfg, appendable=("experiment",))
     train(cfg)
 
 

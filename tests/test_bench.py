@@ -67,6 +67,10 @@ def test_bench_refuses_a_load_timing_mode_it_cannot_load():
         cfg = compose("bench", overrides=[TINY, "device=cpu", "load_timing=[false,int3]"])
     with pytest.raises(ConfigError, match=r"^load_timing\[1\]='int3': expected false \(not quantized\), int8 or int4$"):
         bench.check_settings(cfg)
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("bench", overrides=[TINY, "device=cpu", "load_timing=null"])
+    with pytest.raises(ConfigError, match=r"^load_timing=None: expected a list of modes"):
+        bench.check_settings(cfg)
 
 
 def test_bench_refuses_no_prompts_at_batch1():

@@ -72,7 +72,7 @@ def test_saved_tensors_are_as_readable_as_any_new_file(tmp_path):
     ("{cut", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)), "
              "expected an object of steps; the run is damaged"),
     ("[1, 2]", "a JSON list, expected an object of steps; the run is damaged"),
-    ("denied", "unreadable (Permission denied); give this user read access to it"),
+    ("denied", "unreadable (Permission denied); give this user read access to it and its folders"),
 ])
 def test_a_json_file_that_is_not_an_object_is_one_line_naming_it_and_the_fault(tmp_path, monkeypatch, content, said):
     from pathlib import Path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import json
 import os
 import re
@@ -505,6 +506,61 @@ def wait_for(condition, seconds: float = 20) -> None:
         time.sleep(0.05)
 
 
+def test_a_stream_cut_short_by_its_batch_running_out_of_memory_says_so_and_the_rest_are_answered(gated, monkeypatch):
+    """A batch runs out of memory (the allocator's error, injected) after its third token: the request not yet
+    streamed is generated again alone and answered; the stream, which cannot start over, ends with an error event
+    saying its batch ran out, not that it asked for too much."""
+    import torch
+
+    import ptune.serve
+
+    from ptune.generate import StaticDecoder
+
+    url, engine, _ = gated
+    real, failed_decoders_at_retry = ptune.serve.generate, []
+
+    def generate(model, input_ids, *args, on_token=None, **kwargs):
+        if len(input_ids) == 1 and len(engine.jobs) == 3:  # the retry: the failed batch's cache must be let go
+            failed_decoders_at_retry.extend(o for o in gc.get_objects()
+                                            if isinstance(o, StaticDecoder) and len(o.token) == 2)
+        steps = []
+
+        def counted(column):
+            steps.append(None)
+            if len(input_ids) > 1 and len(steps) > 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB.\nOf the allocated ...")
+            on_token(column)
+
+        return real(model, input_ids, *args, on_token=counted if on_token else None, **kwargs)
+
+    monkeypatch.setattr(ptune.serve, "generate", generate)
+
+    def stream() -> list:
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
+                          json=chat_request("类型#裙", max_tokens=40, stream=True, temperature=0)[1]) as r:
+            return sse(r.iter_lines())
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        first = pool.submit(httpx.post, url + "/", json={"prompt": "hi", "temperature": 0}, timeout=60)
+        assert engine.entered.wait(30)  # the first batch holds that request alone, at the gate
+        streamed = pool.submit(stream)
+        plain = pool.submit(httpx.post, url + "/v1/chat/completions", timeout=60,
+                            json=chat_request("类型#裤", max_tokens=40, temperature=0)[1])
+        wait_for(lambda: len(engine.jobs) == 3)  # the other two wait for the next batch, together
+        engine.gate.set()
+        assert first.result().status_code == 200 and plain.result().status_code == 200, plain.result().text
+        events = streamed.result()
+    assert any(e["choices"][0]["delta"].get("content") for e in events if "choices" in e), events  # text went out
+    errors = [e["error"] for e in events if isinstance(e, dict) and "error" in e]
+    assert len(errors) == 1 and events[-1] == "[DONE]", events
+    assert failed_decoders_at_retry == []
+    error = errors[0]
+    assert error["code"] == "out_of_memory" and error["type"] == "server_error", events
+    assert re.fullmatch(r"the reply was cut short: the batch it shared with 1 other request\(s\) ran out of device "
+                        r"memory \(CUDA out of memory. Tried to allocate 5.00 GiB.\); send the request again",
+                        error["message"]), error
+
+
 @pytest.mark.parametrize("path, body", [("/", {"prompt": "hi", "temperature": 0}), chat_request("hi")])
 def test_a_client_that_hangs_up_stops_its_generation(gated, path, body):
     url, engine, statuses = gated
@@ -596,7 +652,7 @@ def test_a_request_out_of_memory_even_alone_is_a_503_saying_what_it_asked_for(se
 
     monkeypatch.setattr(ptune.serve, "generate", generate)
     said = re.compile(r"^out of device memory generating a reply of up to 7 tokens to a prompt of \d+ tokens \(CUDA out "
-                      r"of memory. Tried to allocate 9.00 GiB.\); ask for fewer new tokens or send a shorter prompt$")
+                      r"of memory. Tried to allocate 9.00 GiB.\); ask for a shorter reply or send a shorter prompt$")
     caplog.set_level("WARNING", logger="ptune.serve")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         small = pool.submit(httpx.post, url + "/v1/chat/completions", json=chat_request("hi", max_tokens=3)[1],

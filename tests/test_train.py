@@ -156,11 +156,12 @@ def train_config(*overrides: str):
     (["trainer.per_device_batch_size=1", "trainer.gradient_checkpointing=true", "model.quantization=int4"], 1, 2,
      ["shorter rows (data.max_source_length=64, data.max_target_length=128)", "or a device with more memory"],
      ["per_device_batch_size", "gradient_checkpointing", "auto_micro_batch_gib", "model.quantization"]),
-    # The split was picked under a ceiling: lower the ceiling, not per_device_batch_size (which it ignores).
+    # The split was measured to peak under a ceiling: only a lower ceiling (or more free memory) shrinks the step;
+    # recomputing more, shorter rows or a smaller base would let it take more rows up to the same peak, and it
+    # ignores per_device_batch_size.
     (["trainer.auto_micro_batch_gib=20", "model.quantization=int8"], 8, 0,
-     ["a lower trainer.auto_micro_batch_gib than 20", "trainer.gradient_checkpointing=true",
-      "model.quantization=int4"], ["per_device_batch_size", "auto_micro_batch_gib=<GiB>"]),
-    # ... and with gradient_checkpointing=auto the ceiling already decides how many layers recompute.
+     ["a lower trainer.auto_micro_batch_gib than 20", "or free the device's memory"],
+     ["per_device_batch_size", "auto_micro_batch_gib=<GiB>", "gradient_checkpointing", "quantization", "rows"]),
     (["trainer.auto_micro_batch_gib=20", "trainer.gradient_checkpointing=auto"], 8, 1,
      ["a lower trainer.auto_micro_batch_gib than 20"], ["gradient_checkpointing"]),
 ])
@@ -175,4 +176,4 @@ def test_a_step_out_of_memory_offers_only_the_settings_that_can_still_shrink_it(
         assert way in said, (way, ways)
     for setting in left_out:
         assert setting not in said, (setting, ways)
-    assert ways[-1] == "or a device with more memory"
+    assert ways[-1].startswith("or ")

@@ -115,7 +115,11 @@ def test_a_refused_setting_leaves_no_run_folder_and_an_existing_one_as_it_was(se
     missing = tmp_path / "no-such-model"  # the first run's likeliest mistake: the model was never downloaded
     assert_clean_error(cli("ptune.train", *train_args(missing, data, out)), f"error: model.path={missing}: no such folder")
     assert not out.exists()
-    out.mkdir()
+    assert_clean_error(cli("ptune.train", *train_args(model, data, out, "+trainer.max_stepz=3")), "trainer.max_stepz")
+    assert not out.exists()
+    out.mkdir()  # a folder the user made, empty: theirs to keep
+    assert_clean_error(cli("ptune.train", *refused), "error: trainer.max_steps=0")
+    assert out.is_dir()
     (out / "train.log").write_text("an earlier run\n", encoding="utf-8")
     assert_clean_error(cli("ptune.train", *refused), "error: trainer.max_steps=0")
     assert [p.name for p in out.iterdir()] == ["train.log"]
