@@ -157,12 +157,18 @@ def row_places(path: Path, numbered: list[tuple[int, object]]) -> list[str]:
             for i, (line, _) in enumerate(numbered, start=1)]
 
 
-def read_rows(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, row) pairs from a JSON-lines file or a JSON array file."""
+def data_file(path: str | Path) -> Path:
+    """`path`, checked to be a file before anything is read from it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: a folder, expected a data file (JSON lines or a JSON array)" if path.is_dir()
                         else f"data file not found: {path}")
+    return path
+
+
+def read_rows(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs from a JSON-lines file or a JSON array file."""
+    path = data_file(path)
     text = _decode(path)
     is_array = text.startswith("[", _skip_space(text, 0))
     numbered = _array_rows(path, text) if is_array else _line_rows(path, text)

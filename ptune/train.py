@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ptune import checkpoint as ckpt_io
 from ptune.config import (check_above_zero, check_count, check_data_lengths, check_quantization, check_template,
                           no_run_folder_if_refused, refuse_added_settings, require)
-from ptune.data import BatchPlan, IGNORE, collate, training_rows
+from ptune.data import BatchPlan, IGNORE, collate, data_file, training_rows
 from ptune.errors import TrainingError, exit_on_user_error, first_line
 from ptune.fit import Prober, agree_across_ranks, choose_split, fastest
 from ptune.graphs import micro_batch_loss
@@ -378,6 +378,7 @@ def train(cfg: DictConfig) -> Path:
                                 f"needs a CUDA device, not {device.type}; set trainer.per_device_batch_size and "
                                 "trainer.gradient_accumulation_steps yourself, or leave it null")
         base_folder = model_folder(cfg.model)
+        data_file(cfg.data.train_file)
     out = run_dir(accelerator)
     with writing(out / "train.log"):
         setup_logging(out / "train.log", accelerator.is_main_process)

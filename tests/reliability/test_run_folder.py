@@ -117,6 +117,9 @@ def test_a_refused_setting_leaves_no_run_folder_and_an_existing_one_as_it_was(se
     assert not out.exists()
     assert_clean_error(cli("ptune.train", *train_args(model, data, out, "+trainer.max_stepz=3")), "trainer.max_stepz")
     assert not out.exists()
+    typo = tmp_path / "train.jsnl"
+    assert_clean_error(cli("ptune.train", *train_args(model, typo, out)), f"error: data file not found: {typo}")
+    assert not out.exists()
     out.mkdir()  # a folder the user made, empty: theirs to keep
     assert_clean_error(cli("ptune.train", *refused), "error: trainer.max_steps=0")
     assert out.is_dir()
