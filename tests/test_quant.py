@@ -153,7 +153,11 @@ def test_dequantize_rounds_once_to_the_target_dtype():
 def test_fused_dequantize_falls_back_to_eager_once_the_kernel_fails(monkeypatch, caplog):
     import sys
 
+    import ptune
+
     monkeypatch.setitem(sys.modules, "ptune.dequant_kernels", None)  # as if triton were missing
+    # ... and `from ptune import dequant_kernels` finds the package's attribute first, once anything imported it
+    monkeypatch.delattr(ptune, "dequant_kernels", raising=False)
     monkeypatch.setattr(Q, "FUSED_DEQUANTIZE", True)
     q = Q.QuantizedLinear.from_float(nn.Linear(64, 8), "int4", 32)
     args = (q.qweight, q.scale, q.offset, q.in_features, q.group_size, torch.float32)
@@ -595,7 +599,11 @@ def test_small_matmul_falls_back_to_widening_once_the_kernel_fails(monkeypatch, 
 
     import ptune
 
+    import ptune
+
     monkeypatch.setitem(sys.modules, "ptune.dequant_kernels", None)  # as if triton were missing
+    # ... and `from ptune import dequant_kernels` finds the package's attribute first, once anything imported it
+    monkeypatch.delattr(ptune, "dequant_kernels", raising=False)
     monkeypatch.delattr(ptune, "dequant_kernels", raising=False)  # an earlier test may have imported it
     monkeypatch.setattr(Q, "FUSED_SMALL_MATMUL", True)
     q = Q.QuantizedLinear.from_float(nn.Linear(64, 8), "int4", 32)
