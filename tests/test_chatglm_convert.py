@@ -352,3 +352,24 @@ def test_a_generation_config_of_another_shape_falls_back_to_config_json(tiny_cop
     (tiny_copy / "generation_config.json").write_text("[1]")
     model = load_chatglm(tiny_copy, dtype=torch.float32, verify="size")
     assert model.generation_config.eos_token_id == json.loads((TINY / "config.json").read_text())["eos_token_id"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the device the float layers are moved to one at a time"))])
+@pytest.mark.parametrize("mode, rel", [("int8", 0.01), ("int4", 0.1)])  # 0.2% and 3.3% on the CPU
+def test_a_chatglm_folder_loads_quantized_through_the_converter(golden, device, mode, rel):
+    """models.load_model's quantized path: the folder converted in host memory, each linear layer quantized on
+    `device`; the logits stay near the reference code's float ones (int4 in groups of 32 is the coarser)."""
+    from omegaconf import OmegaConf
+
+    from ptune.models import load_model
+
+    cfg = OmegaConf.create({"path": str(TINY), "dtype": "float32", "attn_implementation": "sdpa",
+                            "trust_remote_code": False, "quantization": mode, "quantization_group_size": 32,
+                            "quantization_cache": None})
+    model = load_model(cfg, device)
+    assert model.ptune_quantization["mode"] == mode
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {torch.device(device).type}
+    with torch.no_grad():
+        out = model(input_ids=golden["plain_input_ids"].to(device)).logits.float().cpu()
+    assert_close_rel(out, golden["plain_logits"], rel)
