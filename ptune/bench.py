@@ -9,6 +9,13 @@ then writes a JSON report and appends a row per measurement to BENCHMARKS.md.
 
 from __future__ import annotations
 
+# Run as a command, the config is composed (and --help or a setting Hydra refuses answered) before the
+# imports below take their seconds; ptune.command then imports this module again and calls main(cfg).
+if __name__ == "__main__":
+    from ptune.command import run_command
+
+    run_command("bench")
+
 import datetime as dt
 import gc
 import json
@@ -18,7 +25,6 @@ import random
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -625,13 +631,9 @@ def command_line() -> str:
     return " ".join(["python -m ptune.bench", *kept])
 
 
-@hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     refuse_added_settings(cfg)
     setup_logging()
     run(cfg)
 
-
-if __name__ == "__main__":
-    main()

@@ -11,13 +11,19 @@ a prompt (with an optional system message), and turning a stream of token ids in
 
 from __future__ import annotations
 
+# Run as a command, the config is composed (and --help or a setting Hydra refuses answered) before the
+# imports below take their seconds; ptune.command then imports this module again and calls main(cfg).
+if __name__ == "__main__":
+    from ptune.command import run_command
+
+    run_command("chat")
+
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -322,7 +328,6 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
                 "max_prompt_tokens or generation.max_new_tokens]\n")
 
 
-@hydra.main(config_path="../conf", config_name="chat", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     refuse_added_settings(cfg)
@@ -352,6 +357,3 @@ def main(cfg: DictConfig) -> None:
         code = 141
     sys.exit(code)
 
-
-if __name__ == "__main__":
-    main()

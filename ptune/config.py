@@ -8,16 +8,20 @@ import sys
 from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 # Registers the training config's types (conf/train.yaml lists them first in its defaults); every
 # entry point that composes `train` imports this module before Hydra runs.
 from ptune import errors
 from ptune import schema as _schema  # noqa: F401
 from ptune.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def asset_path(name: str) -> str:
@@ -58,10 +62,18 @@ class MakeRunFolder(Callback):
         self.setting = setting
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        _make_folder(config.hydra.run.dir, self.setting)
+        _make_folder(_folder_setting(config, "run", self.setting), self.setting)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        _make_folder(config.hydra.sweep.dir, "hydra.sweep.dir")
+        _make_folder(_folder_setting(config, "sweep", "hydra.sweep.dir"), "hydra.sweep.dir")
+
+
+def _folder_setting(config: DictConfig, mode: str, setting: str) -> str:
+    try:
+        return config.hydra[mode].dir
+    except OmegaConfBaseException as e:  # output_dir=${typo}: Hydra would warn, then fail formatting its own error
+        print(f"error: {setting}: {str(e.msg).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(1)
 
 
 class MultirunFailures(Callback):
@@ -195,8 +207,14 @@ def refuse_added_settings(cfg: DictConfig, appendable: tuple[str, ...] = ()) -> 
     hc = HydraConfig.get()
     extra = added_settings(cfg, hc.job.config_name, list(hc.overrides.task), hc.runtime.choices, appendable)
     if extra:
-        raise ConfigError(f"unknown setting {', '.join(extra)}: not a key of conf/{hc.job.config_name}.yaml or the "
-                          "config groups it uses; a misspelling?")
+        raise ConfigError(unknown_setting(extra, hc.job.config_name))
+
+
+def unknown_setting(keys: list[str], config_name: str, suggestion: str | None = None) -> str:
+    """The line for keys a command's config does not have, as Hydra finds them (ptune.command) or as ptune does."""
+    hint = f"; did you mean {suggestion}?" if suggestion else "; a misspelling?"
+    return (f"unknown setting {', '.join(keys)}: not a key of conf/{config_name}.yaml or the config groups it uses"
+            + hint)
 
 
 # Range and type checks of the composed config, which the entry points run before a model loads, so a
@@ -207,6 +225,8 @@ _DEVICE = re.compile(r"auto|cpu|cuda(?::(\d+))?")
 
 def resolve_device(value, key: str = "device") -> torch.device:
     """`auto` (the GPU when there is one), `cpu`, `cuda` or `cuda:N`, checked against this machine."""
+    import torch  # here, not at the top: ptune.command composes a config with this module before torch loads
+
     name = str(value)
     form = _DEVICE.fullmatch(name)
     if not form:

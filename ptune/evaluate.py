@@ -8,6 +8,13 @@ the ROUGE/BLEU table.
 
 from __future__ import annotations
 
+# Run as a command, the config is composed (and --help or a setting Hydra refuses answered) before the
+# imports below take their seconds; ptune.command then imports this module again and calls main(cfg).
+if __name__ == "__main__":
+    from ptune.command import run_command
+
+    run_command("evaluate")
+
 import json
 import logging
 import os
@@ -15,7 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -290,13 +296,9 @@ def evaluate(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     refuse_added_settings(cfg)
     setup_logging()
     evaluate(cfg)
 
-
-if __name__ == "__main__":
-    main()

@@ -9,11 +9,17 @@ at the response positions agrees. Run it before trusting a 4-bit base with a lon
 
 from __future__ import annotations
 
+# Run as a command, the config is composed (and --help or a setting Hydra refuses answered) before the
+# imports below take their seconds; ptune.command then imports this module again and calls main(cfg).
+if __name__ == "__main__":
+    from ptune.command import run_command
+
+    run_command("quant_check")
+
 import json
 import logging
 from pathlib import Path
 
-import hydra
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -115,13 +121,9 @@ def run(cfg: DictConfig) -> dict:
     return report
 
 
-@hydra.main(config_path="../conf", config_name="quant_check", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     refuse_added_settings(cfg)
     setup_logging()
     run(cfg)
 
-
-if __name__ == "__main__":
-    main()

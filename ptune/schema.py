@@ -3,8 +3,8 @@
 conf/train.yaml (and the model/data groups and experiments it pulls in) stays the one place that holds
 values and explains them; these dataclasses only say what type each key has. They are registered in
 Hydra's ConfigStore as `ptune_train_schema`, which conf/train.yaml lists first in its defaults, so
-`trainer.max_steps=abc` is refused with `Value 'abc' of type 'str' could not be converted to Integer`
-(and the key) before anything runs, and a misspelt key is refused as not in the config.
+`trainer.max_steps=abc` and a misspelt key are refused while the config is composed, before anything runs
+(ptune.command words it: `trainer.max_steps='abc': expected a whole number`).
 
 Every field is MISSING here: a key that conf/ forgets to set is an error on first use, not a silent
 default hidden in code.

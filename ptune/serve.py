@@ -21,6 +21,13 @@ with `ptune.generate.generate`; streamed requests share those batches and get th
 
 from __future__ import annotations
 
+# Run as a command, the config is composed (and --help or a setting Hydra refuses answered) before the
+# imports below take their seconds; ptune.command then imports this module again and calls main(cfg).
+if __name__ == "__main__":
+    from ptune.command import run_command
+
+    run_command("serve")
+
 import asyncio
 import concurrent.futures
 import datetime
@@ -44,7 +51,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Callable, Literal
 
-import hydra
 import torch
 
 try:
@@ -1253,7 +1259,6 @@ def server_url(host: str, port: int) -> str:
     return f"http://{host}:{port}/"
 
 
-@hydra.main(config_path="../conf", config_name="serve", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     refuse_added_settings(cfg)
@@ -1289,6 +1294,3 @@ def main(cfg: DictConfig) -> None:
 
     Server(config).run(sockets=sockets)
 
-
-if __name__ == "__main__":
-    main()

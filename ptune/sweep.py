@@ -22,6 +22,13 @@ checkpoint scored whose eval/ folder could not be written, which kept none).
 
 from __future__ import annotations
 
+# Run as a command, the config is composed (and --help or a setting Hydra refuses answered) before the
+# imports below take their seconds; ptune.command then imports this module again and calls main(cfg).
+if __name__ == "__main__":
+    from ptune.command import run_command
+
+    run_command("sweep")
+
 import csv
 import gc
 import io
@@ -31,7 +38,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -550,7 +556,6 @@ def plot(path: Path, rows: list[dict]) -> None:
         fig.savefig(tmp, dpi=100, format="png")
 
 
-@hydra.main(config_path="../conf", config_name="sweep", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     refuse_added_settings(cfg)
@@ -564,6 +569,3 @@ def main(cfg: DictConfig) -> None:
     if result["failed"]:
         raise SystemExit(f"error: {len(result['failed'])} checkpoint(s) or job(s) not scored; see above")
 
-
-if __name__ == "__main__":
-    main()

@@ -6,6 +6,13 @@ prefix gradients are summed across ranks, and rank 0 alone writes checkpoints an
 
 from __future__ import annotations
 
+# Run as a command, the config is composed (and --help or a setting Hydra refuses answered) before the
+# imports below take their seconds; ptune.command then imports this module again and calls main(cfg).
+if __name__ == "__main__":
+    from ptune.command import run_command
+
+    run_command("train")
+
 import json
 import logging
 import math
@@ -15,7 +22,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import hydra
 import torch
 from accelerate import Accelerator
 from hydra.core.hydra_config import HydraConfig
@@ -567,13 +573,9 @@ def train(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     with no_run_folder_if_refused():
         refuse_added_settings(cfg, appendable=("experiment",))
     train(cfg)
 
-
-if __name__ == "__main__":
-    main()

@@ -102,9 +102,9 @@ def fault_overflow_in_step(step: int) -> None:
     finite (what a learning rate near float32's limit or a half-precision overflow in the update does)."""
     import torch
 
-    import ptune.step as step_module  # ptune.train, run as __main__, takes the name from here
+    import ptune.train as train_module  # the command's module, which ptune.command imports: it holds the name
 
-    real = step_module.optimizer_step
+    real = train_module.optimizer_step
     calls = []
 
     def optimizer_step(loss_fn, params, *args, **kwargs):
@@ -115,16 +115,16 @@ def fault_overflow_in_step(step: int) -> None:
                 params[0].view(-1)[0] = float("inf")
         return result
 
-    step_module.optimizer_step = optimizer_step
+    train_module.optimizer_step = optimizer_step
 
 
 def fault_oom_in_step(step: int) -> None:
     """Optimizer step <step> runs out of device memory: what the CUDA caching allocator raises, message and all."""
     import torch
 
-    import ptune.step as step_module
+    import ptune.train as train_module
 
-    real = step_module.optimizer_step
+    real = train_module.optimizer_step
     calls = []
 
     def optimizer_step(*args, **kwargs):
@@ -135,7 +135,7 @@ def fault_oom_in_step(step: int) -> None:
                 "1.06 GiB is free.\nOf the allocated memory 20.93 GiB is allocated by PyTorch.")
         return real(*args, **kwargs)
 
-    step_module.optimizer_step = optimizer_step
+    train_module.optimizer_step = optimizer_step
 
 
 def fault_device_memory_cap(mib: int) -> None:

@@ -199,16 +199,29 @@ def test_one_million_character_row_is_truncated_not_fatal(env, tmp_path):
 
 
 @pytest.mark.parametrize("override, fragments", [
-    pytest.param("trainer.max_steps=abc", ["Value 'abc' of type 'str' could not be converted to Integer"],
+    pytest.param("trainer.max_steps=abc", ["error: trainer.max_steps='abc': expected a whole number\n"],
                  id="int-given-text"),
-    pytest.param("trainer.max_steps=2.5", ["Value '2.5' of type 'float' could not be converted to Integer"],
+    pytest.param("trainer.max_steps=2.5", ["error: trainer.max_steps=2.5: expected a whole number\n"],
                  id="int-given-float"),
-    pytest.param("trainer.progress_bar=maybe", ["Value 'maybe' is not a valid bool"], id="bool-given-text"),
-    pytest.param("prefix.dropout=high", ["Value 'high' of type 'str' could not be converted to Float"],
-                 id="float-given-text"),
-    pytest.param("optim.betas=[0.9,fast]", ["could not be converted to Float"], id="list-item-wrong-type"),
-    pytest.param("trainer.max_stepz=5", ["Could not override 'trainer.max_stepz'"], id="unknown-key"),
-    pytest.param("prefix.lenght=8", ["Could not override 'prefix.lenght'"], id="misspelt-key"),
+    pytest.param("trainer.progress_bar=maybe", ["error: trainer.progress_bar='maybe': expected true or false\n"],
+                 id="bool-given-text"),
+    pytest.param("prefix.dropout=high", ["error: prefix.dropout='high': expected a number\n"], id="float-given-text"),
+    pytest.param("trainer.keep_last=all", ["error: trainer.keep_last='all': expected a whole number or null\n"],
+                 id="nullable-int-given-text"),
+    pytest.param("optim.betas=[0.9,fast]", ["error: optim.betas[1]='fast': expected a number\n"],
+                 id="list-item-wrong-type"),
+    pytest.param("trainer.max_stepz=5", ["error: unknown setting trainer.max_stepz: not a key of conf/train.yaml",
+                                         "; did you mean trainer.max_steps?\n"], id="unknown-key"),
+    pytest.param("prefix.lenght=8", ["error: unknown setting prefix.lenght: ", "; did you mean prefix.length?\n"],
+                 id="misspelt-key"),
+    pytest.param("trainer.zzz=8", ["error: unknown setting trainer.zzz: ", "; a misspelling?\n"],
+                 id="unknown-key-nothing-close"),
+    pytest.param("model=nosuch", ["error: model=nosuch: conf/model/ has no nosuch.yaml; the options are chatglm2_6b, "
+                                  "chatglm3_6b, local, smollm2_135m\n"], id="unknown-group-option"),
+    pytest.param("trainer.max_steps=[1", ["error: trainer.max_steps=[1: not an override Hydra can read "],
+                 id="unparsable-override"),
+    pytest.param("output_dir=${nosuch}", ["error: output_dir: Interpolation key 'nosuch' not found\n"],
+                 id="interpolation-of-nothing"),
     pytest.param("+trainer.max_step=5", ["unknown setting trainer.max_step"], id="added-key"),
     pytest.param("++prefix.lenght=8", ["unknown setting prefix.lenght"], id="force-added-key"),
 ])
@@ -218,6 +231,8 @@ def test_bad_config_value_fails_at_startup_naming_the_key(env, tmp_path, overrid
     key = override.split("=")[0].lstrip("+")
     assert key in res.stderr and all(f in res.stderr for f in fragments), str(res)
     assert "training " not in res.stderr  # refused before any model or data was loaded
+    if not override.startswith("+"):  # Hydra's own refusals: one line, nothing of Hydra's block around it
+        assert res.stderr.count("\n") == 1 and "HYDRA_FULL_ERROR" not in res.stderr, str(res)
 
 
 @pytest.mark.parametrize("module, override", [

@@ -1,0 +1,130 @@
+"""How `python -m ptune.<command>` starts: Hydra composes the command's config first, from this light module, and
+only then is the command's module imported and its main(cfg) run.
+
+The commands' modules import torch and transformers, which take seconds. Composed before them, --help and a setting
+Hydra refuses (a misspelt key, a value of the wrong type, an option a config group does not have, an override it
+cannot parse) are answered at once, and in one line naming the setting, where Hydra prints a block of its own.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
+
+import hydra
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+# ptune.config registers the resolvers and the training config's types that composing needs.
+from ptune.config import unknown_setting
+from ptune.errors import stopped
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def run_command(command: str) -> NoReturn:
+    """Compose conf/<command>.yaml with the command line, then run ptune.<command>.main(cfg) (once per job of a
+    multirun); exit with its status."""
+    raised_by_job: list[BaseException] = []
+    asked_full = os.environ.get("HYDRA_FULL_ERROR")
+
+    def job(cfg: DictConfig):
+        with environment("HYDRA_FULL_ERROR", asked_full):  # what the command itself starts sees the user's own
+            try:
+                try:
+                    module = importlib.import_module(f"ptune.{command}")
+                except KeyboardInterrupt:
+                    stopped(f"{command} interrupted")
+                return module.main(cfg)
+            except BaseException as e:
+                raised_by_job.append(e)
+                raise
+
+    job.__module__ = f"ptune.{command}"  # Hydra names the job (hydra.job.name) after this module
+    main = hydra.main(config_path=str(CONF), config_name=command, version_base="1.3")(job)
+    # Hydra then raises its errors instead of printing them: they are told below, in one line.
+    with environment("HYDRA_FULL_ERROR", "1"):
+        try:
+            main()
+        except (HydraException, OmegaConfBaseException) as e:
+            if asked_full == "1" or any(e is r for r in raised_by_job):
+                raise
+            print(f"error: {setting_error(e, command)}", file=sys.stderr)
+            sys.exit(1)
+    sys.exit(0)
+
+
+@contextmanager
+def environment(name: str, value: str | None):
+    before = os.environ.get(name)
+    _set(name, value)
+    try:
+        yield
+    finally:
+        _set(name, before)
+
+
+def _set(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+_EXPECTED = [("converted to Integer", "a whole number"), ("converted to Float", "a number"),
+             ("not a valid bool", "true or false")]
+
+
+def setting_error(e: BaseException, command: str) -> str:
+    """One line for an error of composing the config, naming the setting at fault and what it takes."""
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    if isinstance(e, OverrideParseException):
+        return (f"{e.override}: not an override Hydra can read ({_first_line(e.message)}); quote a value holding "
+                "spaces, brackets or commas, e.g. 'key=\"a, b\"'")
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options is not None:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        return (f"{group}={option}: conf/{group}/ has no {option}.yaml; the options are "
+                f"{', '.join(sorted(e.options)) or '(none)'}")
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+        return unknown_setting([cause.full_key], command, _close_key(cause))
+    if isinstance(cause, ValidationError) and cause.full_key:
+        expected = next((what for marker, what in _EXPECTED if marker in str(cause.msg)), None)
+        if expected is not None:
+            if _optional(cause):
+                expected += " or null"
+            return f"{cause.full_key}={cause.value!r}: expected {expected}"
+    if isinstance(cause, OmegaConfBaseException) and cause.full_key:  # an interpolation, say
+        return f"{cause.full_key}: {_first_line(str(cause.msg))}"
+    text = "; ".join(_first_line(str(x)) for x in (e, e.__cause__) if x is not None)
+    return text or type(e).__name__
+
+
+def _first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0]
+
+
+def _optional(error: OmegaConfBaseException) -> bool:
+    parent = error.parent_node
+    if isinstance(parent, DictConfig) and error.key is not None:
+        node = parent._get_node(error.key)
+        return node is not None and node._is_optional()
+    return False
+
+
+def _close_key(error: ConfigKeyError | ConfigAttributeError) -> str | None:
+    """The parent's key nearest a misspelt one (trainer.max_step -> trainer.max_steps), with the same path."""
+    parent, key = error.parent_node, error.key
+    if not isinstance(parent, DictConfig) or key is None:
+        return None
+    near = difflib.get_close_matches(str(key), [str(k) for k in parent.keys()], n=1, cutoff=0.75)
+    if not near:
+        return None
+    return re.sub(r"[^.]+$", near[0], error.full_key) if "." in error.full_key else near[0]
+
