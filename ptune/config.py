@@ -109,6 +109,8 @@ class MultirunFailures(Callback):
         failed = [(num, overrides, error) for num, overrides, error in self.jobs if error is not None]
         if not failed:
             return
+        if len(failed) == len(self.jobs):
+            _remove_if_only_hydras(Path(config.hydra.sweep.dir))
         # Each job named by the settings that tell it from the others, not the ones they all share.
         shared = set.intersection(*(set(overrides) for _, overrides, _ in self.jobs))
         lines = [f"#{num} ({' '.join(o for o in overrides if o not in shared) or 'no overrides'}): {error}"
@@ -116,6 +118,17 @@ class MultirunFailures(Callback):
         print(f"error: {len(failed)} of {len(self.jobs)} multirun jobs failed:\n  " + "\n  ".join(lines),
               file=sys.stderr)
         sys.exit(1)
+
+
+def _remove_if_only_hydras(sweep: Path) -> None:
+    """A multirun whose every job was refused before it wrote anything (each job's folder is gone again) leaves no
+    sweep folder holding Hydra's multirun.yaml alone, when this process made that folder."""
+    folder = sweep.resolve()
+    if folder not in _made_run_folders or [p.name for p in folder.iterdir()] != ["multirun.yaml"]:
+        return
+    with suppress(OSError):
+        (folder / "multirun.yaml").unlink()
+        folder.rmdir()
 
 
 _made_run_folders: set[Path] = set()  # by MakeRunFolder in this process: a refused run may remove them again

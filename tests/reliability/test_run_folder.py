@@ -129,6 +129,19 @@ def test_a_refused_setting_leaves_no_run_folder_and_an_existing_one_as_it_was(se
     assert (out / "train.log").read_text(encoding="utf-8") == "an earlier run\n"
 
 
+def test_a_multirun_whose_every_job_is_refused_leaves_no_sweep_folder(setup, tmp_path):
+    """Each refused job's folder is removed; the sweep folder around them held Hydra's multirun.yaml alone."""
+    model, data, _ = setup
+    sweep = tmp_path / "sweep"
+    args = ["-m", *train_args(model, data, tmp_path / "unused"), f"hydra.sweep.dir={sweep}", "trainer.max_steps=0,-1"]
+    res = cli("ptune.train", *args)
+    assert res.rc == 1 and "error: 2 of 2 multirun jobs failed:" in res.stderr, str(res)
+    assert not sweep.exists() and not (tmp_path / "unused").exists()
+    sweep.mkdir()  # a folder the user made: theirs to keep
+    assert cli("ptune.train", *args).rc == 1
+    assert sweep.is_dir()
+
+
 def test_a_resume_takes_this_runs_optimizer_settings_and_says_what_changed(setup, tmp_path):
     model, data, ref = setup
     out = copy_of(ref, tmp_path / "run", keep=(2,))
