@@ -152,9 +152,10 @@ def _make_folder(path: str, setting: str) -> None:
 
 
 @contextmanager
-def no_run_folder_if_refused():
-    """A run refused inside this block (a setting, a missing model folder) leaves no dated folder behind: the job's
-    folder is removed if it was made for this job (not the user's own) and nothing was written to it yet."""
+def no_run_folder_if_refused(written: tuple[Path, ...] = ()):
+    """A run refused inside this block (a setting, a missing model folder, a bad data file) leaves no dated folder
+    behind: the job's folder is removed if it was made for this job (not the user's own) and holds nothing but the
+    files of `written`, which this job made (its train.log with the error, say), removed with it."""
     try:
         yield
     except Exception:
@@ -166,6 +167,9 @@ def no_run_folder_if_refused():
             folder = Path(hc.runtime.output_dir).resolve()
             if hc.mode == RunMode.MULTIRUN or folder in _made_run_folders:  # a multirun job's folder is Hydra's own
                 with suppress(OSError):  # not empty, or another rank removed it first
+                    if {p.name for p in folder.iterdir()} <= {p.name for p in written if p.parent.resolve() == folder}:
+                        for p in written:
+                            p.unlink(missing_ok=True)
                     folder.rmdir()
         raise
 

@@ -386,13 +386,15 @@ def train(cfg: DictConfig) -> Path:
         base_folder = model_folder(cfg.model)
         data_file(cfg.data.train_file)
     out = run_dir(accelerator)
+    new_log = () if (out / "train.log").exists() else (out / "train.log",)
     with writing(out / "train.log"):
         setup_logging(out / "train.log", accelerator.is_main_process)
 
-    resume_from, state, optim_state = resume_point(cfg.resume, out, accelerator)
-    # The data before the model: a bad row is refused in seconds, not after the model's minutes of loading.
-    tokenizer = load_tokenizer(base_folder)
-    rows = training_rows(cfg.data, cfg.model.template, tokenizer)
+    with no_run_folder_if_refused(written=new_log):
+        resume_from, state, optim_state = resume_point(cfg.resume, out, accelerator)
+        # The data before the model: a bad row is refused in seconds, not after the model's minutes of loading.
+        tokenizer = load_tokenizer(base_folder)
+        rows = training_rows(cfg.data, cfg.model.template, tokenizer)
     lengths = [len(ids) for ids in rows["input_ids"]]
     targets = [sum(1 for x in lab[1:] if x != IGNORE) for lab in rows["labels"]]
     global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * world

@@ -120,6 +120,10 @@ def test_a_refused_setting_leaves_no_run_folder_and_an_existing_one_as_it_was(se
     typo = tmp_path / "train.jsnl"
     assert_clean_error(cli("ptune.train", *train_args(model, typo, out)), f"error: data file not found: {typo}")
     assert not out.exists()
+    bad = tmp_path / "bad.jsonl"  # found, but refused when read: after train.log was begun
+    bad.write_text(data.read_text(encoding="utf-8") + "{not json\n", encoding="utf-8")
+    assert_clean_error(cli("ptune.train", *train_args(model, bad, out)), f"{bad}:")
+    assert not out.exists()
     out.mkdir()  # a folder the user made, empty: theirs to keep
     assert_clean_error(cli("ptune.train", *refused), "error: trainer.max_steps=0")
     assert out.is_dir()
