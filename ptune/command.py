@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 # ptune.config registers the resolvers and the training config's types that composing needs.
-from ptune.config import unknown_setting
+from ptune.config import remove_unused_run_folders, unknown_setting
 from ptune.errors import stopped
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -57,6 +57,7 @@ def run_command(command: str) -> NoReturn:
             if asked_full == "1" or any(e is r for r in raised_by_job):
                 raise
             print(f"error: {setting_error(e, command)}", file=sys.stderr)
+            remove_unused_run_folders()  # a multirun's folder, made before a job's settings were composed
             sys.exit(1)
     sys.exit(0)
 

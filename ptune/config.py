@@ -110,7 +110,7 @@ class MultirunFailures(Callback):
         if not failed:
             return
         if len(failed) == len(self.jobs):
-            _remove_if_only_hydras(Path(config.hydra.sweep.dir))
+            remove_unused_run_folders()
         # Each job named by the settings that tell it from the others, not the ones they all share.
         shared = set.intersection(*(set(overrides) for _, overrides, _ in self.jobs))
         lines = [f"#{num} ({' '.join(o for o in overrides if o not in shared) or 'no overrides'}): {error}"
@@ -120,18 +120,18 @@ class MultirunFailures(Callback):
         sys.exit(1)
 
 
-def _remove_if_only_hydras(sweep: Path) -> None:
-    """A multirun whose every job was refused before it wrote anything (each job's folder is gone again) leaves no
-    sweep folder holding Hydra's multirun.yaml alone, when this process made that folder."""
-    folder = sweep.resolve()
-    if folder not in _made_run_folders or [p.name for p in folder.iterdir()] != ["multirun.yaml"]:
-        return
-    with suppress(OSError):
-        (folder / "multirun.yaml").unlink()
-        folder.rmdir()
+# Made by MakeRunFolder in this process, with the parents it made for them: a refused run removes them again.
+_made_run_folders: list[Path] = []
 
 
-_made_run_folders: set[Path] = set()  # by MakeRunFolder in this process: a refused run may remove them again
+def remove_unused_run_folders() -> None:
+    """Remove the folders made for this process's run, deepest first, that hold nothing (a sweep's folder: nothing
+    but Hydra's multirun.yaml, all its jobs refused)."""
+    for folder in sorted(set(_made_run_folders), key=lambda p: len(p.parts), reverse=True):
+        with suppress(OSError):  # not empty, or another rank removed it first
+            if [p.name for p in folder.iterdir()] == ["multirun.yaml"]:
+                (folder / "multirun.yaml").unlink()
+            folder.rmdir()
 
 
 def _make_folder(path: str, setting: str) -> None:
@@ -140,15 +140,14 @@ def _make_folder(path: str, setting: str) -> None:
               file=sys.stderr)
         sys.exit(1)
     folder = Path(path).resolve()
-    existed = folder.exists()
+    new = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         # A Hydra callback: an exception here would only become Hydra's warning, and the traceback follow.
         print(f"error: {setting}={path}: cannot create this folder ({e.strerror or e})", file=sys.stderr)
         sys.exit(1)
-    if not existed:
-        _made_run_folders.add(folder)
+    _made_run_folders.extend(new)
 
 
 @contextmanager
@@ -171,6 +170,8 @@ def no_run_folder_if_refused(written: tuple[Path, ...] = ()):
                         for p in written:
                             p.unlink(missing_ok=True)
                     folder.rmdir()
+            if hc.mode == RunMode.RUN:  # a multirun's own folders wait for its end (MultirunFailures)
+                remove_unused_run_folders()
         raise
 
 

@@ -112,6 +112,9 @@ def test_a_refused_setting_leaves_no_run_folder_and_an_existing_one_as_it_was(se
     refused = train_args(model, data, out, "trainer.max_steps=0")
     assert_clean_error(cli("ptune.train", *refused), "error: trainer.max_steps=0: expected a whole number of at least 1")
     assert not out.exists()
+    nested = tmp_path / "outputs" / "experiment" / "run"  # nor the parents made for it
+    assert_clean_error(cli("ptune.train", *train_args(model, data, nested, "trainer.max_steps=0")), "max_steps=0")
+    assert not (tmp_path / "outputs").exists()
     missing = tmp_path / "no-such-model"  # the first run's likeliest mistake: the model was never downloaded
     assert_clean_error(cli("ptune.train", *train_args(missing, data, out)), f"error: model.path={missing}: no such folder")
     assert not out.exists()
@@ -144,6 +147,10 @@ def test_a_multirun_whose_every_job_is_refused_leaves_no_sweep_folder(setup, tmp
     sweep.mkdir()  # a folder the user made: theirs to keep
     assert cli("ptune.train", *args).rc == 1
     assert sweep.is_dir()
+    sweep = tmp_path / "outputs" / "sweep"  # a job's value Hydra refuses, after the sweep's folder was made
+    res = cli("ptune.train", *args[:-2], f"hydra.sweep.dir={sweep}", "trainer.max_steps=1,abc")
+    assert_clean_error(res, "error: trainer.max_steps='abc': expected a whole number")
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_a_resume_takes_this_runs_optimizer_settings_and_says_what_changed(setup, tmp_path):
