@@ -202,11 +202,12 @@ def device_memory_cap(extra_bytes: int):
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    before = torch.cuda.get_per_process_memory_fraction()
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + extra_bytes) / total)
     try:
         yield
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.set_per_process_memory_fraction(before)
         torch.cuda.empty_cache()
 
 
