@@ -32,6 +32,8 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def run_command(command: str) -> NoReturn:
     """Compose conf/<command>.yaml with the command line, then run ptune.<command>.main(cfg) (once per job of a
     multirun); exit with its status."""
+    # The last exception a job raised (only one: a multirun's failed jobs must not keep their memory alive): it is
+    # the job's own, a bug, and keeps its traceback.
     raised_by_job: list[BaseException] = []
     asked_full = os.environ.get("HYDRA_FULL_ERROR")
 
@@ -44,7 +46,7 @@ def run_command(command: str) -> NoReturn:
                     stopped(f"{command} interrupted")
                 return module.main(cfg)
             except BaseException as e:
-                raised_by_job.append(e)
+                raised_by_job[:] = [e]
                 raise
 
     job.__module__ = f"ptune.{command}"  # Hydra names the job (hydra.job.name) after this module
@@ -53,8 +55,10 @@ def run_command(command: str) -> NoReturn:
     with environment("HYDRA_FULL_ERROR", "1"):
         try:
             main()
+        except KeyboardInterrupt:  # while Hydra composed (the command's main handles its own)
+            stopped(f"{command} interrupted")
         except (HydraException, OmegaConfBaseException) as e:
-            if asked_full == "1" or any(e is r for r in raised_by_job):
+            if asked_full == "1" or (raised_by_job and raised_by_job[0] is e):
                 raise
             print(f"error: {setting_error(e, command)}", file=sys.stderr)
             remove_unused_run_folders()  # a multirun's folder, made before a job's settings were composed

@@ -4,10 +4,13 @@ explain every setting (Hydra prints the config without them)."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from reliability_harness import cli
 
 COMMANDS = ["train", "evaluate", "sweep", "chat", "serve", "bench", "quant_check"]
@@ -34,3 +37,26 @@ def test_help_says_what_the_command_does_and_where_each_setting_is_explained(com
         assert options.split(", ") == sorted(p.stem for p in (Path(conf.group(1)).parent / group).glob("*.yaml"))
     assert Path(conf.group(1)).name == f"{command}.yaml"
     assert "# " in Path(conf.group(1)).read_text(encoding="utf-8")  # it holds the comments it is cited for
+
+
+# Runs a command as `python -m` would, and says at exit whether torch was imported.
+_TORCH_AT_EXIT = """
+import atexit, runpy, sys
+atexit.register(lambda: print("torch imported:", "torch" in sys.modules, file=sys.stderr))
+runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("command, args, status", [
+    ("train", ["--help"], 0), ("serve", ["--help"], 0), ("evaluate", ["generation.max_new_token=5"], 1),
+    ("train", ["trainer.max_stepz=5"], 1), ("chat", ["generation=nosuch"], 1),
+])
+def test_help_and_settings_hydra_refuses_are_answered_before_torch_loads(command, args, status):
+    """Composing the config comes first (ptune/command.py): --help, and a value of the wrong type, a misspelt key
+    or a missing config option, are answered without the seconds that importing torch and transformers take."""
+    proc = subprocess.run([sys.executable, "-c", _TORCH_AT_EXIT, f"ptune.{command}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == status, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == "torch imported: False", proc.stderr[-2000:]
+    if status:
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 2, proc.stderr
