@@ -95,8 +95,7 @@ def setting_error(e: BaseException, command: str) -> str:
                 "spaces, brackets or commas, e.g. 'key=\"a, b\"'")
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options is not None:
         group, _, option = e.missing_cfg_file.rpartition("/")
-        return (f"{group}={option}: conf/{group}/ has no {option}.yaml; the options are "
-                f"{', '.join(sorted(e.options)) or '(none)'}")
+        return f"{group}={option}: no such option of {group}; the options are {', '.join(sorted(e.options)) or '(none)'}"
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
         return unknown_setting([cause.full_key], command, _close_key(cause))
     if isinstance(cause, ValidationError) and cause.full_key:

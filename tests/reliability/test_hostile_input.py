@@ -216,7 +216,7 @@ def test_one_million_character_row_is_truncated_not_fatal(env, tmp_path):
                  id="misspelt-key"),
     pytest.param("trainer.zzz=8", ["error: unknown setting trainer.zzz: ", "; a misspelling?\n"],
                  id="unknown-key-nothing-close"),
-    pytest.param("model=nosuch", ["error: model=nosuch: conf/model/ has no nosuch.yaml; the options are chatglm2_6b, "
+    pytest.param("model=nosuch", ["error: model=nosuch: no such option of model; the options are chatglm2_6b, "
                                   "chatglm3_6b, local, smollm2_135m\n"], id="unknown-group-option"),
     pytest.param("trainer.max_steps=[1", ["error: trainer.max_steps=[1: not an override Hydra can read "],
                  id="unparsable-override"),
