@@ -24,7 +24,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 # ptune.config registers the resolvers and the training config's types that composing needs.
 from ptune.config import remove_unused_run_folders, unknown_setting
-from ptune.errors import stopped
+from ptune.errors import stopped, tell_launcher
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -60,7 +60,9 @@ def run_command(command: str) -> NoReturn:
         except (HydraException, OmegaConfBaseException) as e:
             if asked_full == "1" or (raised_by_job and raised_by_job[0] is e):
                 raise
-            print(f"error: {setting_error(e, command)}", file=sys.stderr)
+            line = f"error: {setting_error(e, command)}"
+            print(line, file=sys.stderr)
+            tell_launcher(line)
             remove_unused_run_folders()  # a multirun's folder, made before a job's settings were composed
             sys.exit(1)
     sys.exit(0)

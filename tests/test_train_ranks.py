@@ -82,6 +82,20 @@ def worker_pids(agent: int) -> list[int]:
     return sorted(children)
 
 
+def test_a_setting_hydra_refuses_under_torchrun_is_its_one_line_in_torchruns_summary(tmp_path):
+    """Refused while the config is composed, before any rank imports torch's distributed code or meets another."""
+    proc = two_gloo_ranks("trainer.max_steps=abc", f"output_dir={tmp_path / 'run'}")
+    try:
+        _, err = proc.communicate(timeout=180)
+    finally:
+        stop_all(proc)
+    assert proc.returncode != 0
+    summary = err.rsplit("ptune.train FAILED\n", 1)[-1]
+    assert "To enable traceback" not in summary, err[-3000:]
+    assert "traceback : error: trainer.max_steps='abc': expected a whole number" in summary, err[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tiny_model_dir, sample_file, tmp_path):
     """Signals reach the ranks at slightly different moments; they still stop after one and the same step (a
     rank that went on alone would wait forever, or pair its collectives with the wrong ones)."""
