@@ -166,7 +166,7 @@ def no_run_folder_if_refused(written: tuple[Path, ...] = ()):
             folder = Path(hc.runtime.output_dir).resolve()
             if hc.mode == RunMode.MULTIRUN or folder in _made_run_folders:  # a multirun job's folder is Hydra's own
                 with suppress(OSError):  # not empty, or another rank removed it first
-                    if {p.name for p in folder.iterdir()} <= {p.name for p in written if p.parent.resolve() == folder}:
+                    if {p.name for p in folder.iterdir()} <= {p.name for p in written}:
                         for p in written:
                             p.unlink(missing_ok=True)
                     folder.rmdir()

@@ -390,24 +390,25 @@ def train(cfg: DictConfig) -> Path:
     with writing(out / "train.log"):
         setup_logging(out / "train.log", accelerator.is_main_process)
 
+    # Refused before the first step (the data, the batch, the model): a run folder made for it is removed again.
     with no_run_folder_if_refused(written=new_log):
         resume_from, state, optim_state = resume_point(cfg.resume, out, accelerator)
         # The data before the model: a bad row is refused in seconds, not after the model's minutes of loading.
         tokenizer = load_tokenizer(base_folder)
         rows = training_rows(cfg.data, cfg.model.template, tokenizer)
-    lengths = [len(ids) for ids in rows["input_ids"]]
-    targets = [sum(1 for x in lab[1:] if x != IGNORE) for lab in rows["labels"]]
-    global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * world
-    if global_batch > len(lengths):  # a step would hold rows twice over
-        raise TrainingError(f"a global batch of {global_batch:,} rows (trainer.per_device_batch_size="
-                            f"{t.per_device_batch_size} x trainer.gradient_accumulation_steps="
-                            f"{t.gradient_accumulation_steps} x {world} rank(s)) is more than the {len(lengths):,} "
-                            f"rows of {cfg.data.train_file}; lower either setting")
-    model = load_model(cfg.model, device)
-    check_vocabulary(model, tokenizer, cfg.model.path)
-    num_layers = model.config.num_hidden_layers
-    recompute = recompute_setting(t, num_layers)
-    check_positions(model, lengths, cfg.model.path, cfg.data)
+        lengths = [len(ids) for ids in rows["input_ids"]]
+        targets = [sum(1 for x in lab[1:] if x != IGNORE) for lab in rows["labels"]]
+        global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * world
+        if global_batch > len(lengths):  # a step would hold rows twice over
+            raise TrainingError(f"a global batch of {global_batch:,} rows (trainer.per_device_batch_size="
+                                f"{t.per_device_batch_size} x trainer.gradient_accumulation_steps="
+                                f"{t.gradient_accumulation_steps} x {world} rank(s)) is more than the "
+                                f"{len(lengths):,} rows of {cfg.data.train_file}; lower either setting")
+        model = load_model(cfg.model, device)
+        check_vocabulary(model, tokenizer, cfg.model.path)
+        num_layers = model.config.num_hidden_layers
+        recompute = recompute_setting(t, num_layers)
+        check_positions(model, lengths, cfg.model.path, cfg.data)
 
     def plan_for(micro: int, accumulation: int) -> BatchPlan:
         return BatchPlan(lengths, targets, micro, accumulation, world, cfg.seed, t.sort_by_length, t.group_by_length)

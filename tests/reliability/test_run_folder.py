@@ -127,6 +127,9 @@ def test_a_refused_setting_leaves_no_run_folder_and_an_existing_one_as_it_was(se
     bad.write_text(data.read_text(encoding="utf-8") + "{not json\n", encoding="utf-8")
     assert_clean_error(cli("ptune.train", *train_args(model, bad, out)), f"{bad}:")
     assert not out.exists()
+    big = train_args(model, data, out, "trainer.per_device_batch_size=1000")  # refused once the rows are counted
+    assert_clean_error(cli("ptune.train", *big), "error: a global batch of 2,000 rows")
+    assert not out.exists()
     out.mkdir()  # a folder the user made, empty: theirs to keep
     assert_clean_error(cli("ptune.train", *refused), "error: trainer.max_steps=0")
     assert out.is_dir()
