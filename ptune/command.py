@@ -13,8 +13,10 @@ import importlib
 import os
 import re
 import sys
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
 from typing import NoReturn
 
 import hydra
@@ -32,22 +34,15 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def run_command(command: str) -> NoReturn:
     """Compose conf/<command>.yaml with the command line, then run ptune.<command>.main(cfg) (once per job of a
     multirun); exit with its status."""
-    # The last exception a job raised (only one: a multirun's failed jobs must not keep their memory alive): it is
-    # the job's own, a bug, and keeps its traceback.
-    raised_by_job: list[BaseException] = []
     asked_full = os.environ.get("HYDRA_FULL_ERROR")
 
     def job(cfg: DictConfig):
         with environment("HYDRA_FULL_ERROR", asked_full):  # what the command itself starts sees the user's own
             try:
-                try:
-                    module = importlib.import_module(f"ptune.{command}")
-                except KeyboardInterrupt:
-                    stopped(f"{command} interrupted")
-                return module.main(cfg)
-            except BaseException as e:
-                raised_by_job[:] = [e]
-                raise
+                module = importlib.import_module(f"ptune.{command}")
+            except KeyboardInterrupt:
+                stopped(f"{command} interrupted")
+            return module.main(cfg)
 
     job.__module__ = f"ptune.{command}"  # Hydra names the job (hydra.job.name) after this module
     main = hydra.main(config_path=str(CONF), config_name=command, version_base="1.3")(job)
@@ -57,8 +52,14 @@ def run_command(command: str) -> NoReturn:
             main()
         except KeyboardInterrupt:  # while Hydra composed (the command's main handles its own)
             stopped(f"{command} interrupted")
-        except (HydraException, OmegaConfBaseException) as e:
-            if asked_full == "1" or (raised_by_job and raised_by_job[0] is e):
+        except Exception as e:
+            raised_in_job = _from_frame(e.__traceback__, job.__code__)
+            if asked_full == "1":
+                raise
+            if raised_in_job is not None:  # a bug (main ends a user's mistake itself): its traceback from the job on
+                traceback.print_exception(type(e), e, raised_in_job)
+                sys.exit(1)
+            if not isinstance(e, (HydraException, OmegaConfBaseException)):
                 raise
             line = f"error: {setting_error(e, command)}"
             print(line, file=sys.stderr)
@@ -66,6 +67,13 @@ def run_command(command: str) -> NoReturn:
             remove_unused_run_folders()  # a multirun's folder, made before a job's settings were composed
             sys.exit(1)
     sys.exit(0)
+
+
+def _from_frame(tb: TracebackType | None, code) -> TracebackType | None:
+    """The part of a traceback from the first frame running `code` on, or None where no frame does."""
+    while tb is not None and tb.tb_frame.f_code is not code:
+        tb = tb.tb_next
+    return tb
 
 
 @contextmanager
@@ -90,8 +98,23 @@ _EXPECTED = [("converted to Integer", "a whole number"), ("converted to Float", 
 
 
 def setting_error(e: BaseException, command: str) -> str:
-    """One line for an error of composing the config, naming the setting at fault and what it takes."""
-    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    """One line for an error of composing the config, naming the setting at fault and what it takes (and the
+    config file it is in, where a file of conf/ or of --config-dir set it)."""
+    found = _omegaconf_error(e)
+    where = re.match(r"In '([^']+)'", str(e))
+    line = _setting_line(e, found, command)
+    return f"in {where.group(1)}.yaml: {line}" if where and found is not None else line
+
+
+def _omegaconf_error(e: BaseException) -> OmegaConfBaseException | None:
+    # Hydra raises its own exception `from` OmegaConf's, or (an error in a config file) during its handling.
+    for x in (e, e.__cause__, e.__context__):
+        if isinstance(x, OmegaConfBaseException):
+            return x
+    return None
+
+
+def _setting_line(e: BaseException, cause: OmegaConfBaseException | None, command: str) -> str:
     if isinstance(e, OverrideParseException):
         return (f"{e.override}: not an override Hydra can read ({_first_line(e.message)}); quote a value holding "
                 "spaces, brackets or commas, e.g. 'key=\"a, b\"'")
@@ -106,10 +129,11 @@ def setting_error(e: BaseException, command: str) -> str:
             if _optional(cause):
                 expected += " or null"
             return f"{cause.full_key}={cause.value!r}: expected {expected}"
-    if isinstance(cause, OmegaConfBaseException) and cause.full_key:  # an interpolation, say
+    if cause is not None and cause.full_key:  # an interpolation, say
         return f"{cause.full_key}: {_first_line(str(cause.msg))}"
-    text = "; ".join(_first_line(str(x)) for x in (e, e.__cause__) if x is not None)
-    return text or type(e).__name__
+    # Hydra's own words, on one line, without OmegaConf's key/type trailer.
+    return " ".join(line.strip() for x in (e, cause) if x is not None for line in str(x).strip().splitlines()
+                    if line.strip() and not line.strip().startswith(("full_key:", "reference_type=", "object_type=")))
 
 
 def _first_line(text: str) -> str:

@@ -157,7 +157,7 @@ def no_run_folder_if_refused(written: tuple[Path, ...] = ()):
     files of `written`, which this job made (its train.log with the error, say), removed with it."""
     try:
         yield
-    except Exception:
+    except errors.user_errors():  # a bug keeps its folder and train.log, for the report
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
@@ -166,7 +166,7 @@ def no_run_folder_if_refused(written: tuple[Path, ...] = ()):
             folder = Path(hc.runtime.output_dir).resolve()
             if hc.mode == RunMode.MULTIRUN or folder in _made_run_folders:  # a multirun job's folder is Hydra's own
                 with suppress(OSError):  # not empty, or another rank removed it first
-                    if {p.name for p in folder.iterdir()} <= {p.name for p in written}:
+                    if set(folder.iterdir()) <= {p.resolve() for p in written}:
                         for p in written:
                             p.unlink(missing_ok=True)
                     folder.rmdir()

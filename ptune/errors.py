@@ -36,12 +36,24 @@ def first_line(error: BaseException) -> str:
 def user_errors() -> tuple[type[BaseException], ...]:
     # Defined here rather than in ptune.train or ptune.sweep: under `python -m ptune.train` that module runs
     # as __main__, and an exception class defined there would not be the one caught here.
+    from omegaconf.errors import InterpolationResolutionError
+
     from ptune.checkpoint import CheckpointError
     from ptune.data import DataError
     from ptune.models import ModelError
     from ptune.quant import QuantizationError
 
-    return CheckpointError, ConfigError, DataError, ModelError, QuantizationError, SweepError, TrainingError
+    # An interpolation fails where the command first reads its setting (model.path=${oc.env:UNSET}): the user's.
+    return (CheckpointError, ConfigError, DataError, ModelError, QuantizationError, SweepError, TrainingError,
+            InterpolationResolutionError)
+
+
+def user_message(error: BaseException) -> str:
+    """A user error's line: OmegaConf's own ends in lines of its key and types; the key goes in front instead."""
+    full_key = getattr(error, "full_key", None)
+    if full_key and getattr(error, "msg", None):
+        return f"{full_key}: {str(error.msg).strip().splitlines()[0]}"
+    return str(error)
 
 
 # The signal that raised the KeyboardInterrupt being handled: SIGINT unless SIGTERM's handler below ran.
@@ -127,15 +139,17 @@ def exit_on_user_error(fn):
         except KeyboardInterrupt:
             stopped(f"{name} interrupted{' (SIGTERM)' if terminating() else ''}")
         except user_errors() as e:
+            message = user_message(e)
             # The run's log file records the error too; the console shows it once, as the "error:" line.
-            record = logging.getLogger("ptune").makeRecord("ptune", logging.ERROR, fn.__module__, 0, "%s", (e,), None)
+            record = logging.getLogger("ptune").makeRecord("ptune", logging.ERROR, fn.__module__, 0, "%s", (message,),
+                                                           None)
             for handler in logging.getLogger().handlers:
                 if isinstance(handler, logging.FileHandler):
                     handler.handle(record)
-            print(f"error: {e}", file=sys.stderr)
-            tell_launcher(f"error: {e}")
+            print(f"error: {message}", file=sys.stderr)
+            tell_launcher(f"error: {message}")
             if multirun_failures is not None:
-                multirun_failures.append(str(e))
+                multirun_failures.append(message)
                 return None
             sys.exit(1)
         except Exception as e:

@@ -223,6 +223,9 @@ def test_one_million_character_row_is_truncated_not_fatal(env, tmp_path):
     pytest.param("output_dir=${nosuch}", ["error: output_dir: Interpolation key 'nosuch' not found\n"],
                  id="interpolation-of-nothing"),
     pytest.param("+trainer.max_step=5", ["unknown setting trainer.max_step"], id="added-key"),
+    pytest.param("+trainer.max_steps=5", ["error: Could not append to config. An item is already at 'trainer.max_steps'. "
+                                          "Either remove + prefix: 'trainer.max_steps=5' Or add a second +"],
+                 id="added-key-that-exists"),
     pytest.param("++prefix.lenght=8", ["unknown setting prefix.lenght"], id="force-added-key"),
 ])
 def test_bad_config_value_fails_at_startup_naming_the_key(env, tmp_path, override, fragments):
@@ -233,6 +236,20 @@ def test_bad_config_value_fails_at_startup_naming_the_key(env, tmp_path, overrid
     assert "training " not in res.stderr  # refused before any model or data was loaded
     if not override.startswith("+"):  # Hydra's own refusals: one line, nothing of Hydra's block around it
         assert res.stderr.count("\n") == 1 and "HYDRA_FULL_ERROR" not in res.stderr, str(res)
+
+
+def test_a_bad_key_or_value_in_a_config_file_names_the_file_and_the_setting(tmp_path):
+    """A user's own experiment file (--config-dir) with a misspelt key or a value of the wrong type: Hydra's error
+    names neither in its first line."""
+    experiments = tmp_path / "conf" / "experiment"
+    experiments.mkdir(parents=True)
+    (experiments / "typo.yaml").write_text("# @package _global_\ntrainer:\n  max_step: 5\n", encoding="utf-8")
+    (experiments / "text.yaml").write_text("# @package _global_\ntrainer:\n  max_steps: many\n", encoding="utf-8")
+    for name, line in (("typo", "error: in experiment/typo.yaml: unknown setting trainer.max_step: not a key of "
+                                "conf/train.yaml or the config groups it uses; did you mean trainer.max_steps?"),
+                       ("text", "error: in experiment/text.yaml: trainer.max_steps='many': expected a whole number")):
+        res = cli("ptune.train", f"--config-dir={tmp_path / 'conf'}", f"+experiment={name}")
+        assert res.rc == 1 and res.stderr == line + "\n", str(res)
 
 
 @pytest.mark.parametrize("module, override", [
