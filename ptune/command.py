@@ -26,7 +26,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 # ptune.config registers the resolvers and the training config's types that composing needs.
 from ptune.config import remove_unused_run_folders, unknown_setting
-from ptune.errors import stopped, tell_launcher
+from ptune.errors import first_line, stopped, tell_launcher, user_message
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -116,7 +116,7 @@ def _omegaconf_error(e: BaseException) -> OmegaConfBaseException | None:
 
 def _setting_line(e: BaseException, cause: OmegaConfBaseException | None, command: str) -> str:
     if isinstance(e, OverrideParseException):
-        return (f"{e.override}: not an override Hydra can read ({_first_line(e.message)}); quote a value holding "
+        return (f"{e.override}: not an override Hydra can read ({first_line(e.message)}); quote a value holding "
                 "spaces, brackets or commas, e.g. 'key=\"a, b\"'")
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options is not None:
         group, _, option = e.missing_cfg_file.rpartition("/")
@@ -130,14 +130,10 @@ def _setting_line(e: BaseException, cause: OmegaConfBaseException | None, comman
                 expected += " or null"
             return f"{cause.full_key}={cause.value!r}: expected {expected}"
     if cause is not None and cause.full_key:  # an interpolation, say
-        return f"{cause.full_key}: {_first_line(str(cause.msg))}"
+        return user_message(cause)
     # Hydra's own words, on one line, without OmegaConf's key/type trailer.
     return " ".join(line.strip() for x in (e, cause) if x is not None for line in str(x).strip().splitlines()
                     if line.strip() and not line.strip().startswith(("full_key:", "reference_type=", "object_type=")))
-
-
-def _first_line(text: str) -> str:
-    return text.strip().split("\n", 1)[0]
 
 
 def _optional(error: OmegaConfBaseException) -> bool:

@@ -72,7 +72,7 @@ def _folder_setting(config: DictConfig, mode: str, setting: str) -> str:
     try:
         return config.hydra[mode].dir
     except OmegaConfBaseException as e:  # output_dir=${typo}: Hydra would warn, then fail formatting its own error
-        print(f"error: {setting}: {str(e.msg).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {setting}: {errors.first_line(e.msg)}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -28,9 +28,10 @@ class SweepError(ValueError):
     """A sweep that cannot start or scored nothing: no runs, no eval file, a run folder without checkpoints."""
 
 
-def first_line(error: BaseException) -> str:
-    """An error's first line: the CUDA allocator's out-of-memory message goes on for a paragraph."""
-    return str(error).split("\n", 1)[0]
+def first_line(error: BaseException | str) -> str:
+    """An error's (or a message's) first line: the CUDA allocator's out-of-memory message goes on for a paragraph,
+    and OmegaConf's ends in lines of its key and types."""
+    return str(error).strip().split("\n", 1)[0]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -52,7 +53,7 @@ def user_message(error: BaseException) -> str:
     """A user error's line: OmegaConf's own ends in lines of its key and types; the key goes in front instead."""
     full_key = getattr(error, "full_key", None)
     if full_key and getattr(error, "msg", None):
-        return f"{full_key}: {str(error.msg).strip().splitlines()[0]}"
+        return f"{full_key}: {first_line(error.msg)}"
     return str(error)
 
 
