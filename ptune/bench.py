@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from ptune.config import (check_above_zero, check_count, check_flag, check_in_range, refuse_added_settings,
-                          resolve_device)
+from ptune import settings
+from ptune.settings import resolve_device
 from ptune.data import IGNORE, BatchPlan, collate, left_pad
 from ptune.errors import ConfigError, exit_on_user_error
 from ptune.generate import generate
@@ -401,58 +401,19 @@ def append_markdown(path: Path, report: dict, command: str) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def check_settings(cfg: DictConfig) -> torch.device:
-    """conf/bench.yaml's settings no run could use, refused before the model is built; returns the device."""
-    for key in ("fused_layers", "fused_dequantize", "fused_small_matmul", "widen_timing", "gradient_checkpointing", "compile", "cuda_graphs"):
-        check_flag(cfg, key)
-    for key in ("prefix_length", "max_source_length", "max_target_length", "num_rows", "steps", "loss_chunk_size",
-                "eval_prompts", "eval_new_tokens", "pad_to_multiple_of", "graphs_pad_to_multiple_of",
-                "quantization_group_size", "eval_prompts_at_batch1"):
-        check_count(cfg, key)
-    for key in ("seed", "warmup_steps", "eval_check_prompts", "adgen_group_by_length"):
-        check_count(cfg, key, least=0)
-    for key in ("train_settings", "adgen_settings"):
-        for i, pair in enumerate(cfg[key]):
-            if not (isinstance(pair, ListConfig) and len(pair) == 2):
-                raise ConfigError(f"{key}[{i}]={pair!r}: expected [micro-batch, accumulation steps], e.g. [16, 1]")
-            check_count(cfg, f"{key}[{i}][0]")
-            check_count(cfg, f"{key}[{i}][1]")
-    for key in ("eval_batches", "decode_steady_batches", "decode_compile_batches"):
-        for i in range(len(cfg[key])):
-            check_count(cfg, f"{key}[{i}]")
-    steady = cfg.decode_steady_tokens
-    if not (isinstance(steady, ListConfig) and len(steady) == 2):
-        raise ConfigError(f"decode_steady_tokens={steady!r}: expected [fewer, more] new tokens, e.g. [16, 144]")
-    check_count(cfg, "decode_steady_tokens[0]")
-    check_count(cfg, "decode_steady_tokens[1]")
-    if steady[1] <= steady[0]:
-        raise ConfigError(f"decode_steady_tokens={list(steady)}: expected more new tokens second than first (a step's "
-                          "time is the difference over the extra steps)")
-    check_above_zero(cfg, "lr", "the learning rate of ptune's optimizer and PEFT's Trainer")
-    check_in_range(cfg, "weight_decay", "AdamW's weight decay, a finite number of at least 0")
-    check_in_range(cfg, "max_grad_norm", "a finite number of at least 0 (0: no clipping)")
-    check_in_range(cfg, "prefix_dropout", "a number from 0 up to (not) 1", below=1)
-    if any(c != "peft" for c in cfg.compare):
-        raise ConfigError(f"compare={list(cfg.compare)!r}: expected [peft], or [] to time ptune alone")
-    check_above_zero(cfg, "peak_tflops", "the card's dense bf16 peak in TFLOP/s")
-    check_above_zero(cfg, "auto_micro_batch_gib", "a memory ceiling in GiB", nullable=True)
-    if not isinstance(cfg.load_timing, ListConfig):
-        raise ConfigError(f"load_timing={cfg.load_timing!r}: expected a list of modes, e.g. [false, int4] ([] to skip)")
-    for i, mode in enumerate(cfg.load_timing):
-        if mode not in (False, None, "int8", "int4"):
-            raise ConfigError(f"load_timing[{i}]={mode!r}: expected false (not quantized), int8 or int4")
-    if cfg.quantization is not None:
-        from ptune.quant import check_mode
+def batches_run(cfg: DictConfig, key: str, prompts: int) -> list[int]:
+    """cfg[key]'s batch sizes as they run on `prompts` prompts: a larger one runs them all in one batch, so it is
+    named by that count (as eval_check_prompts is), and a size reached twice is timed once."""
+    sizes = []
+    for batch in cfg[key]:
+        if batch > prompts:
+            log.info("%s: %d is more than eval_prompts=%d; timing batch %d instead", key, batch, prompts, prompts)
+        sizes.append(min(int(batch), prompts))
+    return list(dict.fromkeys(sizes))
 
-        check_mode(cfg.quantization, cfg.quantization_group_size)
-    for key in ("out_json", "benchmarks_md"):  # written after the whole run: a bad path would lose every number
-        if cfg[key]:
-            from ptune.evaluate import check_writable
 
-            path = Path(str(cfg[key])).expanduser()
-            check_writable(path.parent, key)
-            if path.is_dir():
-                raise ConfigError(f"{key}={cfg[key]}: a folder, expected the path of a file to write")
+def bench_device(cfg: DictConfig) -> torch.device:
+    """The device to time on, with what it rules out (conf/bench.yaml's other values: ptune.settings.bench)."""
     device = resolve_device(cfg.device)
     if device.type == "cpu" and str(cfg.device) == "auto":
         # The default model_config is a 6B model: on the CPU it would take hours and ~50 GB before a first number.
@@ -465,20 +426,9 @@ def check_settings(cfg: DictConfig) -> torch.device:
                           f"on {device.type}")
     return device
 
-
-def batches_run(cfg: DictConfig, key: str, prompts: int) -> list[int]:
-    """cfg[key]'s batch sizes as they run on `prompts` prompts: a larger one runs them all in one batch, so it is
-    named by that count (as eval_check_prompts is), and a size reached twice is timed once."""
-    sizes = []
-    for batch in cfg[key]:
-        if batch > prompts:
-            log.info("%s: %d is more than eval_prompts=%d; timing batch %d instead", key, batch, prompts, prompts)
-        sizes.append(min(int(batch), prompts))
-    return list(dict.fromkeys(sizes))
-
-
 def run(cfg: DictConfig) -> dict:
-    device = check_settings(cfg)
+    settings.bench(cfg)
+    device = bench_device(cfg)
     graphs = bool(cfg.cuda_graphs) and device.type == "cuda"
     if cfg.cuda_graphs and not graphs:
         # micro_batch_loss runs eager off CUDA: such rows would repeat the plain ones under a +graphs name.
@@ -633,7 +583,6 @@ def command_line() -> str:
 
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    refuse_added_settings(cfg)
     setup_logging()
     run(cfg)
 

@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptune.config import (check_count, check_flag, check_generation, check_inference_model,
-                          refuse_added_settings, resolve_device)
+from ptune.settings import resolve_device
 from ptune.data import check_template_fits, encodable, prompt_ids, whole_characters
 from ptune.generate import generate, release_decoding_memory, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error, first_line, stopped, terminating
@@ -190,14 +189,6 @@ def check_room_for_prompt(cm: ChatModel, max_new_tokens: int) -> None:
                           f"{cm.max_positions} positions ({cm.positions_key}), which hold the prompt and the reply")
 
 
-def check_names(cfg: DictConfig) -> None:
-    """user_name and assistant_name label every turn: a word, not null, a list or blank."""
-    for key in ("user_name", "assistant_name"):
-        value = cfg.get(key)
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
-            raise ConfigError(f"{key}={value!r}: expected a name to label the turns with, e.g. {key}=Ann")
-
-
 def generation_kwargs(gen: DictConfig) -> dict:
     return {"do_sample": bool(gen.do_sample), "temperature": float(gen.temperature), "top_p": float(gen.top_p),
             "compile_step": bool(gen.compile_step)}
@@ -330,16 +321,8 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
 
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    refuse_added_settings(cfg)
+    """Chat; the settings were checked (ptune.settings.chat) before this module was imported."""
     setup_logging()
-    if not cfg.checkpoint and not cfg.model.get("path"):
-        raise ConfigError("pass checkpoint=<run>/checkpoint-N (or a run folder: its newest checkpoint), or "
-                          "checkpoint=null model.path=<dir> to chat with the base model alone")
-    check_count(cfg, "max_prompt_tokens")
-    check_flag(cfg, "show_prompt")
-    check_names(cfg)
-    check_generation(cfg)
-    check_inference_model(cfg)
     try:
         log.info("loading %s", cfg.checkpoint or cfg.model.path)
         cm = load_chat_model(cfg)

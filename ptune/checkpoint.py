@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ptune.errors import CheckpointError
 from ptune.files import read_json_object, save_tensors, sha256_file
 
 PREFIX_FILE = "prefix.safetensors"
@@ -33,10 +34,6 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is incomplete, corrupt, or does not fit what it is loaded into."""
 
 
 def _write_json(path: Path, obj) -> None:

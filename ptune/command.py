@@ -24,9 +24,10 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from ptune import settings
 # ptune.config registers the resolvers and the training config's types that composing needs.
-from ptune.config import remove_unused_run_folders, unknown_setting
-from ptune.errors import first_line, stopped, tell_launcher, user_message
+from ptune.config import no_run_folder_if_refused, refuse_added_settings, remove_unused_run_folders, unknown_setting
+from ptune.errors import exit_on_user_error, first_line, stopped, tell_launcher, user_message
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -38,6 +39,8 @@ def run_command(command: str) -> NoReturn:
 
     def job(cfg: DictConfig):
         with environment("HYDRA_FULL_ERROR", asked_full):  # what the command itself starts sees the user's own
+            if not settings_accepted(command, cfg):
+                return None  # refused, in one line (a multirun goes on with its next job)
             try:
                 module = importlib.import_module(f"ptune.{command}")
             except KeyboardInterrupt:
@@ -67,6 +70,24 @@ def run_command(command: str) -> NoReturn:
             remove_unused_run_folders()  # a multirun's folder, made before a job's settings were composed
             sys.exit(1)
     sys.exit(0)
+
+
+# Config groups a command's command line may add with `+group=option` (train's experiments): not an unknown setting.
+APPENDABLE_GROUPS = {"train": ("experiment",)}
+
+
+def settings_accepted(command: str, cfg: DictConfig) -> bool:
+    """Refuse settings the command does not have, and values ptune.settings rules out, before the command's module
+    (and torch) is imported. False where refused: the error's line is printed, and the run's fresh folder removed."""
+
+    def check(cfg: DictConfig) -> bool:
+        with no_run_folder_if_refused():
+            refuse_added_settings(cfg, appendable=APPENDABLE_GROUPS.get(command, ()))
+            settings.COMMANDS[command](cfg)
+        return True
+
+    check.__module__ = f"ptune.{command}"  # exit_on_user_error names the command after it
+    return exit_on_user_error(check)(cfg) is True
 
 
 def _from_frame(tb: TracebackType | None, code) -> TracebackType | None:

@@ -1,17 +1,15 @@
-"""Config helpers shared by the entry points: resolvers used in conf/, and checks of the composed config."""
+"""Config plumbing shared by the entry points: resolvers used in conf/, Hydra callbacks and run folders, and the
+refusal of settings a command does not have (the checks of values are ptune.settings')."""
 
 from __future__ import annotations
 
-import math
-import re
 import sys
 from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # Registers the training config's types (conf/train.yaml lists them first in its defaults); every
@@ -19,9 +17,6 @@ from omegaconf.errors import OmegaConfBaseException
 from ptune import errors
 from ptune import schema as _schema  # noqa: F401
 from ptune.errors import ConfigError
-
-if TYPE_CHECKING:
-    import torch
 
 
 def asset_path(name: str) -> str:
@@ -157,7 +152,7 @@ def no_run_folder_if_refused(written: tuple[Path, ...] = ()):
     files of `written`, which this job made (its train.log with the error, say), removed with it."""
     try:
         yield
-    except errors.user_errors():  # a bug keeps its folder and train.log, for the report
+    except errors.USER_ERRORS:  # a bug keeps its folder and train.log, for the report
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
@@ -173,14 +168,6 @@ def no_run_folder_if_refused(written: tuple[Path, ...] = ()):
             if hc.mode == RunMode.RUN:  # a multirun's own folders wait for its end (MultirunFailures)
                 remove_unused_run_folders()
         raise
-
-
-def require(cfg: DictConfig, *keys: str) -> None:
-    """Fail before any heavy work when a value the run needs is unset."""
-    for key in keys:
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is None or value == "":
-            raise ConfigError(f"{key} is not set; pass {key}=... on the command line")
 
 
 def _override_key(override: str) -> str:
@@ -235,137 +222,3 @@ def unknown_setting(keys: list[str], config_name: str, suggestion: str | None = 
             + hint)
 
 
-# Range and type checks of the composed config, which the entry points run before a model loads, so a
-# typo costs seconds, not a load. Each error names the key, the value given and what was expected.
-
-_DEVICE = re.compile(r"auto|cpu|cuda(?::(\d+))?")
-
-
-def resolve_device(value, key: str = "device") -> torch.device:
-    """`auto` (the GPU when there is one), `cpu`, `cuda` or `cuda:N`, checked against this machine."""
-    import torch  # here, not at the top: ptune.command composes a config with this module before torch loads
-
-    name = str(value)
-    form = _DEVICE.fullmatch(name)
-    if not form:
-        raise ConfigError(f"{key}={name!r}: expected auto, cpu, cuda or cuda:N")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name != "cpu":
-        count = torch.cuda.device_count()
-        if not count:
-            raise ConfigError(f"{key}={name}: no CUDA device on this machine; use cpu or auto")
-        if int(form.group(1) or 0) >= count:
-            raise ConfigError(f"{key}={name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    return torch.device(name)
-
-
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_count(cfg: DictConfig, key: str, least: int = 1, nullable: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    if (value is None and nullable) or (_whole(value) and value >= least):
-        return
-    null = " or null" if nullable else ""
-    raise ConfigError(f"{key}={value!r}: expected a whole number of at least {least}{null}")
-
-
-def check_above_zero(cfg: DictConfig, key: str, what: str, nullable: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    if (value is None and nullable) or (_number(value) and value > 0):
-        return
-    null = ", or null" if nullable else ""
-    raise ConfigError(f"{key}={value!r}: expected {what}, a number above 0{null}")
-
-
-def check_in_range(cfg: DictConfig, key: str, expected: str, least: float = 0, below: float = math.inf) -> None:
-    """A number from `least` up to (not) `below`; NaN, infinity and true/false are refused too."""
-    value = OmegaConf.select(cfg, key)
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and least <= value < below):
-        raise ConfigError(f"{key}={value!r}: expected {expected}")
-
-
-def check_flag(cfg: DictConfig, key: str) -> None:
-    value = OmegaConf.select(cfg, key)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r}: expected true or false")
-
-
-def check_batch_size(cfg: DictConfig, key: str = "batch_size") -> None:
-    if OmegaConf.select(cfg, key) != "auto":
-        check_count(cfg, key)
-
-
-def check_token_ids(cfg: DictConfig, key: str) -> None:
-    value = OmegaConf.select(cfg, key)
-    if not (isinstance(value, ListConfig) and all(_whole(t) and t >= 0 for t in value)):
-        raise ConfigError(f"{key}={value!r}: expected a list of token ids (whole numbers >= 0), e.g. [2] or []")
-
-
-def check_sampling(cfg: DictConfig, temperature_key: str, top_p_key: str, sampling: bool = True) -> None:
-    """A temperature above 0 where sampling, top_p within [0, 1] (0 keeps only the likeliest token)."""
-    t, p = OmegaConf.select(cfg, temperature_key), OmegaConf.select(cfg, top_p_key)
-    if not _number(t) or (sampling and t <= 0):
-        raise ConfigError(f"{temperature_key}={t!r}: expected a number" + (" above 0 when sampling; greedy decoding "
-                                                                           "is do_sample=false" if sampling else ""))
-    if not (_number(p) and 0 <= p <= 1):
-        raise ConfigError(f"{top_p_key}={p!r}: expected a number from 0 to 1")
-
-
-def check_generation(cfg: DictConfig, key: str = "generation") -> None:
-    """The generation group (conf/generation/): how many tokens, greedy or sampled, extra stop tokens."""
-    check_count(cfg, f"{key}.max_new_tokens")
-    check_flag(cfg, f"{key}.do_sample")
-    check_flag(cfg, f"{key}.compile_step")
-    check_count(cfg, f"{key}.seed", least=0)
-    check_sampling(cfg, f"{key}.temperature", f"{key}.top_p", sampling=OmegaConf.select(cfg, f"{key}.do_sample"))
-    check_token_ids(cfg, f"{key}.extra_eos_token_ids")
-
-
-def check_data_lengths(cfg: DictConfig, nullable: bool = False) -> None:
-    """Length limits and which end of a long prompt is cut (evaluate's null keeps the checkpoint's)."""
-    for key in ("data.max_source_length", "data.max_target_length"):
-        check_count(cfg, key, nullable=nullable)
-    side = cfg.data.truncate_source_from
-    if not (side in ("left", "right") or (nullable and side is None)):
-        raise ConfigError(f"data.truncate_source_from={side!r}: expected right (keep a long prompt's start) or left "
-                          "(keep its end)")
-
-
-def check_quantization(cfg: DictConfig, inference: bool = False) -> None:
-    """model.quantization: null or a mode that ptune.quant has; the inference entry points also take false,
-    which loads a float base for a checkpoint that trained on a quantized one."""
-    from ptune.quant import DEFAULT_GROUP_SIZE, check_mode
-
-    mode = cfg.model.get("quantization")
-    if mode is None or (inference and mode is False):
-        return
-    check_mode(mode, cfg.model.get("quantization_group_size") or DEFAULT_GROUP_SIZE)
-
-
-def check_inference_model(cfg: DictConfig) -> None:
-    """The `model` overrides of evaluate, sweep, chat and serve (null: the checkpoint's). trust_remote_code and
-    fused_layers are checked as flags: a typo such as `ture` is refused, not read as true -- least of all for running
-    code shipped with the weights."""
-    check_quantization(cfg, inference=True)
-    check_flag(cfg, "model.trust_remote_code")
-    if cfg.model.get("fused_layers") is not None:
-        check_flag(cfg, "model.fused_layers")
-    check_template(cfg, nullable=True)
-
-
-def check_template(cfg: DictConfig, nullable: bool = False) -> None:
-    """model.template names a prompt format ptune has (null, where allowed: the checkpoint's, or for a bare base
-    the tokenizer's chat template)."""
-    from ptune.data import TEMPLATES
-
-    value = cfg.model.get("template")
-    if not (value in TEMPLATES or (nullable and value is None)):
-        raise ConfigError(f"model.template={value!r}: expected one of {', '.join(TEMPLATES)}"
-                          + (" (or null)" if nullable else ""))

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 
+from ptune.errors import DataError
+from ptune.settings import TEMPLATES, data_file
+
 log = logging.getLogger(__name__)
 IGNORE = -100
-
-
-class DataError(ValueError):
-    """A data file that cannot be used, with the place and the reason."""
 
 
 @dataclass(frozen=True)
@@ -157,15 +156,6 @@ def row_places(path: Path, numbered: list[tuple[int, object]]) -> list[str]:
             for i, (line, _) in enumerate(numbered, start=1)]
 
 
-def data_file(path: str | Path) -> Path:
-    """`path`, checked to be a file before anything is read from it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: a folder, expected a data file (JSON lines or a JSON array)" if path.is_dir()
-                        else f"data file not found: {path}")
-    return path
-
-
 def read_rows(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs from a JSON-lines file or a JSON array file."""
     path = data_file(path)
@@ -257,9 +247,6 @@ def chatglm2_prompt(query: str, history) -> str:
     for i, (q, a) in enumerate(history, start=1):
         text += f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n"
     return text + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
-
-
-TEMPLATES = ("chatglm2", "chat_template", "plain")
 
 
 def whole_characters(text: str) -> str:

@@ -15,6 +15,8 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
+from omegaconf.errors import InterpolationResolutionError
+
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite values, a checkpoint that cannot be resumed, a bad setting)."""
@@ -22,6 +24,22 @@ class TrainingError(RuntimeError):
 
 class ConfigError(ValueError):
     """A setting of an entry point's config that its type or range rules out, named with the value given."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete, corrupt, or does not fit what it is loaded into."""
+
+
+class DataError(ValueError):
+    """A data file that cannot be used, with the place and the reason."""
+
+
+class ModelError(ValueError):
+    """A model folder that cannot be loaded, or a prefix that does not fit it."""
+
+
+class QuantizationError(ValueError):
+    """A mode, group size, model or cache that cannot be quantized or loaded."""
 
 
 class SweepError(ValueError):
@@ -34,19 +52,12 @@ def first_line(error: BaseException | str) -> str:
     return str(error).strip().split("\n", 1)[0]
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    # Defined here rather than in ptune.train or ptune.sweep: under `python -m ptune.train` that module runs
-    # as __main__, and an exception class defined there would not be the one caught here.
-    from omegaconf.errors import InterpolationResolutionError
-
-    from ptune.checkpoint import CheckpointError
-    from ptune.data import DataError
-    from ptune.models import ModelError
-    from ptune.quant import QuantizationError
-
-    # An interpolation fails where the command first reads its setting (model.path=${oc.env:UNSET}): the user's.
-    return (CheckpointError, ConfigError, DataError, ModelError, QuantizationError, SweepError, TrainingError,
-            InterpolationResolutionError)
+# The errors above are all defined here, not in the modules that raise them: catching them then imports none of
+# those modules (ptune.command refuses a setting before torch loads), and under `python -m ptune.train` that module
+# runs as __main__, where a class of its own would not be the one caught. An interpolation that fails where the
+# command first reads its setting (model.path=${oc.env:UNSET}) is the user's too.
+USER_ERRORS = (CheckpointError, ConfigError, DataError, ModelError, QuantizationError, SweepError, TrainingError,
+               InterpolationResolutionError)
 
 
 def user_message(error: BaseException) -> str:
@@ -127,7 +138,9 @@ def exit_on_user_error(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        name = Path(sys.modules[fn.__module__].__file__ or fn.__module__).stem
+        name = fn.__module__.rpartition(".")[2]
+        if name == "__main__":
+            name = Path(sys.modules["__main__"].__file__ or name).stem
         previous = None
         main_thread = threading.current_thread() is threading.main_thread()
         # Put back after the command, whatever handler it set: the next job of a multirun starts with Ctrl-C's own.
@@ -139,7 +152,7 @@ def exit_on_user_error(fn):
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
             stopped(f"{name} interrupted{' (SIGTERM)' if terminating() else ''}")
-        except user_errors() as e:
+        except USER_ERRORS as e:
             message = user_message(e)
             # The run's log file records the error too; the console shows it once, as the "error:" line.
             record = logging.getLogger("ptune").makeRecord("ptune", logging.ERROR, fn.__module__, 0, "%s", (message,),

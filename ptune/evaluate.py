@@ -17,7 +17,6 @@ if __name__ == "__main__":
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ptune.config import (check_batch_size, check_count, check_data_lengths, check_generation,
-                          check_inference_model, refuse_added_settings, require, resolve_device)
+from ptune import settings
+from ptune.settings import resolve_device
 from ptune.data import (Columns, fit_prompt, left_pad, load_examples, prompt_ids, report_cut_prompts, text_ids,
                         whole_characters)
 from ptune.generate import generate, release_decoding_memory, stop_token_ids
@@ -226,57 +225,13 @@ def eval_settings(cfg: DictConfig, prefix_config: dict | None) -> tuple[dict, di
     return data_cfg, inference_model_settings(prefix_config, OmegaConf.to_container(cfg.model))
 
 
-def check_settings(cfg: DictConfig) -> None:
-    """conf/evaluate.yaml's settings (ptune.sweep shares them) that no run could use, refused before loading."""
-    check_batch_size(cfg)
-    check_count(cfg, "limit", nullable=True)
-    check_generation(cfg)
-    check_data_lengths(cfg, nullable=True)
-    check_inference_model(cfg)
-    eval_file = Path(str(cfg.data.eval_file)).expanduser() if cfg.data.eval_file is not None else None
-    if eval_file is not None and not eval_file.is_file():
-        raise ConfigError(f"data.eval_file={cfg.data.eval_file}: "
-                          + ("a folder, expected a data file" if eval_file.is_dir() else "no such file"))
-
-
-def check_writable(folder: Path, setting: str | None) -> None:
-    """Refuse a results folder that cannot be written, before anything is generated: the results are written
-    last, and a failure there would lose the whole generation. Nothing is created: a run refused or stopped
-    later leaves no empty folder behind. `setting` names the config key that chose the folder, None where it is
-    the default."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:  # the nearest folder that is there: makedirs starts there
-        probe = probe.parent
-    why = None if probe.is_dir() else "not a folder"
-    if why is None and not os.access(probe, os.W_OK | os.X_OK):
-        why = "read-only"
-    if why is None:
-        return
-    if setting:
-        raise ConfigError(f"{setting}={folder}: cannot write there, {probe} is {why}; expected a folder that can be "
-                          "written")
-    raise ConfigError(f"cannot write the results to {folder}: {probe} is {why}; pass output_dir=<a folder that can "
-                      "be written>")
-
-
-# What a checkpoint records and the base model alone (checkpoint=null) does not.
-BASE_ALONE_SETTINGS = ("data.prompt_column", "data.response_column", "data.max_source_length",
-                       "data.max_target_length", "model.template")
-
-
 def evaluate(cfg: DictConfig) -> dict:
-    check_settings(cfg)
-    require(cfg, "data.eval_file")  # a checkpoint records its columns and lengths, never the file to score
-    missing = [k for k in BASE_ALONE_SETTINGS if OmegaConf.select(cfg, k) is None] if cfg.checkpoint is None else []
-    if missing:
-        raise ConfigError(f"checkpoint=null evaluates the base model alone, which records no data settings: pass "
-                          f"{', '.join(k + '=...' for k in missing)} (AdvertiseGen: data.prompt_column=content "
-                          "data.response_column=summary data.max_source_length=64 data.max_target_length=128)")
+    settings.evaluate(cfg)
     # a run folder stands for its newest complete checkpoint, as in chat and serve
     checkpoint = resolve_checkpoint(str(Path(str(cfg.checkpoint)).expanduser())) if cfg.checkpoint else None
     out_dir = Path(cfg.output_dir) if cfg.output_dir else (Path(checkpoint) / "eval" if checkpoint
                                                             else Path("outputs/eval-base"))
-    check_writable(out_dir, "output_dir" if cfg.output_dir else None)
+    settings.check_writable(out_dir, "output_dir" if cfg.output_dir else None)
     prefix_config = read_checkpoint_config(checkpoint) if checkpoint else None
     data_cfg, model_settings = eval_settings(cfg, prefix_config)
     examples = eval_examples(data_cfg["eval_file"], data_cfg)  # before the model's minutes of loading
@@ -298,7 +253,6 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    refuse_added_settings(cfg)
     setup_logging()
     evaluate(cfg)
 

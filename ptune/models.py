@@ -17,18 +17,14 @@ from safetensors import SafetensorError
 
 from ptune import checkpoint as ckpt_io
 from ptune.chatglm import ptuning
-from ptune.errors import first_line
+from ptune.errors import ModelError, first_line
 from ptune.prefix import PrefixEncoder, PrefixLM, PrefixSpec, attention_shape
-from ptune.quickstart import DEFAULT_MODEL_DIR
+from ptune.settings import DEFAULT_GROUP_SIZE, model_folder
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-class ModelError(ValueError):
-    """A model folder that cannot be loaded, or a prefix that does not fit it."""
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -74,19 +70,6 @@ def load_tokenizer(path: str | Path):
         # Padding positions are masked out everywhere, so any id works; EOS is always in the vocabulary.
         tok.pad_token = tok.eos_token
     return tok
-
-
-def model_folder(model_cfg) -> Path:
-    """`model_cfg.path`, checked to be a model folder before anything is loaded from it."""
-    path = Path(str(model_cfg.path)).expanduser()
-    if not path.is_dir():
-        made_by = (" It is the built-in default model, made once by `python -m ptune.quickstart prepare-model` "
-                   "(or `bash recipes/quickstart.sh`)." if path == DEFAULT_MODEL_DIR else "")
-        raise ModelError(f"model.path={path}: no such folder. Point model.path at a local model folder "
-                         f"(config.json + weights + tokenizer); ptune downloads nothing at run time.{made_by}")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"model.path={path}: no config.json in it; expected a transformers model folder")
-    return path
 
 
 def load_base(model_cfg, device: torch.device | str = "cpu"):
@@ -151,7 +134,7 @@ def load_model(model_cfg, device: torch.device | str = "cpu"):
     quant = model_cfg.get("quantization")
     try:
         if quant:
-            from ptune.quant import DEFAULT_GROUP_SIZE, quantized_base
+            from ptune.quant import quantized_base
 
             cache = model_cfg.get("quantization_cache")
             if cache and Path(str(cache)).expanduser().resolve() == path.resolve():
@@ -340,8 +323,6 @@ def inference_model_settings(prefix_config: dict | None, overrides: dict) -> dic
 def base_identity_settings(settings: dict, device: torch.device) -> dict:
     """The model settings that decide which base gets loaded, resolved (the folder, `auto` dtype): two
     checkpoints with equal ones share a loaded base, and scores made with other ones are not reused."""
-    from ptune.quant import DEFAULT_GROUP_SIZE
-
     quant = settings.get("quantization") or None  # false (a float base whatever was recorded) is null here
     return {"path": str(Path(str(settings["path"])).expanduser().resolve()),
             "dtype": str(resolve_dtype(str(settings.get("dtype", "auto")), device)),

@@ -72,12 +72,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
+from ptune.errors import QuantizationError
+from ptune.settings import DEFAULT_GROUP_SIZE, check_mode
+
 log = logging.getLogger(__name__)
 
-MODES = ("int8", "int4")
-# int4's group size where no setting names one: a base quantized alone for inference (checkpoint=null, whose
-# model.quantization_group_size is null). Training takes conf/model/*.yaml's, the same value.
-DEFAULT_GROUP_SIZE = 128
 FORMAT_VERSION = 2  # 2: int4 nibbles split by group halves (1: interleaved)
 WEIGHTS_FILE = "quantized.safetensors"
 META_FILE = "quantization.json"
@@ -90,19 +89,7 @@ _CHUNK_ELEMENTS = 1 << 24  # rows are quantized in chunks of about this many wei
 _TINY = 1e-12
 
 
-class QuantizationError(ValueError):
-    """A mode, group size, model or cache that cannot be quantized or loaded."""
-
-
 # --------------------------------------------------------------------------------------- kernels
-
-
-def check_mode(mode: str, group_size: int) -> None:
-    if mode not in MODES:
-        raise QuantizationError(f"quantization={mode!r}: expected one of {', '.join(MODES)} (or null)")
-    if mode == "int4" and (int(group_size) < 2 or int(group_size) % 2):
-        raise QuantizationError(f"quantization group size {group_size}: int4 needs an even group size >= 2 "
-                                "(two 4-bit values are packed per byte)")
 
 
 def padded_in_features(in_features: int, mode: str, group_size: int) -> int:

@@ -22,14 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from ptune.config import (check_count, check_data_lengths, check_template, refuse_added_settings, require,
-                          resolve_device)
+from ptune import settings
+from ptune.settings import resolve_device
 from ptune.data import IGNORE, collate, training_rows
-from ptune.errors import ConfigError, exit_on_user_error
-from ptune.evaluate import check_writable
-from ptune.quant import MODES, QuantizationError, check_mode
+from ptune.errors import exit_on_user_error
 from ptune.logs import setup_logging
 from ptune.loss import lm_loss_sum, output_softcap
 from ptune.models import load_base, load_model
@@ -58,37 +56,8 @@ def measure(model, batches: list[dict], cfg: DictConfig) -> dict:
             "predictions": torch.cat(predictions)}
 
 
-def check_settings(cfg: DictConfig) -> None:
-    """Settings no measurement could use, refused before the float base loads (the quantized loads come after
-    it, and the report is written last)."""
-    require(cfg, "model.path", "data.train_file")
-    for key in ("rows", "batch_size", "prefix_length", "loss_chunk_size"):
-        check_count(cfg, key)
-    check_template(cfg)
-    check_data_lengths(cfg)
-    modes = cfg.modes
-    if not isinstance(modes, ListConfig) or not modes:
-        raise ConfigError(f"modes={modes!r}: expected a list of [mode, int4 group size] pairs, e.g. [[int8, 128]]")
-    for i, pair in enumerate(modes):
-        if not (isinstance(pair, ListConfig) and len(pair) == 2 and isinstance(pair[1], int)
-                and not isinstance(pair[1], bool)):
-            raise ConfigError(f"modes[{i}]={OmegaConf.to_object(pair) if isinstance(pair, ListConfig) else pair!r}: "
-                              "expected [mode, int4 group size], e.g. [int8, 128] or [int4, 32]")
-        mode, group = pair
-        if mode not in MODES:
-            raise ConfigError(f"modes[{i}]: {mode!r} is no quantization mode; expected one of {', '.join(MODES)}")
-        try:
-            check_mode(mode, group)
-        except QuantizationError as e:
-            raise ConfigError(f"modes[{i}]: {e}") from None
-    if cfg.out_json:
-        check_writable(Path(str(cfg.out_json)).expanduser().parent, "out_json")
-        if Path(str(cfg.out_json)).expanduser().is_dir():
-            raise ConfigError(f"out_json={cfg.out_json}: a folder, expected the path of a JSON file to write")
-
-
 def run(cfg: DictConfig) -> dict:
-    check_settings(cfg)
+    settings.quant_check(cfg)
     device = resolve_device(cfg.device)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) | {"quantization": None, "quantization_cache": None}
     model, tokenizer = load_base(OmegaConf.create(model_cfg), device)
@@ -123,7 +92,6 @@ def run(cfg: DictConfig) -> dict:
 
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    refuse_added_settings(cfg)
     setup_logging()
     run(cfg)
 

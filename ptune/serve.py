@@ -36,9 +36,7 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import queue
-import re
 import signal
 import socket
 import threading
@@ -66,8 +64,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
 from pydantic_core import PydanticCustomError
 
 from ptune.chat import ChatModel, StreamDecoder, build_prompt, decode_reply, fit_history, load_chat_model
-from ptune.config import (check_above_zero, check_count, check_inference_model, check_sampling,
-                          check_token_ids, refuse_added_settings)
+from ptune.settings import API_KEY_ENV, api_key_of
 from ptune.data import encodable, left_pad
 from ptune.generate import generate, release_decoding_memory
 from ptune.errors import ConfigError, exit_on_user_error, first_line
@@ -75,8 +72,6 @@ from ptune.logs import setup_logging
 
 log = logging.getLogger("ptune.serve")
 
-API_KEY_ENV = "PTUNE_API_KEY"
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 SYSTEM_ROLES = ("system", "developer")
 PAGE_PATHS = ("/", "/chat", "/favicon.ico")  # with /web/<file>: what GET and HEAD may ask for without the API key
@@ -1112,44 +1107,6 @@ def _with_middleware(app: FastAPI, cfg: DictConfig, engine: Engine, api_key: str
                                  allow_headers=["*"], max_age=600), engine)
 
 
-def api_key_of(cfg: DictConfig) -> str | None:
-    """The key every request must send: api_key, else the environment's PTUNE_API_KEY; None: no key."""
-    return cfg.get("api_key") or os.environ.get(API_KEY_ENV) or None
-
-
-def check_api_key(cfg: DictConfig) -> None:
-    key = cfg.get("api_key")
-    if key is not None and not isinstance(key, str):
-        # Turned into text it would be another key than the one typed: requests sending that one would fail.
-        what = {bool: "true/false", int: "a number", float: "a number"}.get(type(key), "a list or mapping")
-        raise ConfigError(f"api_key is {what}, not text: the command line reads an unquoted key like 1e5 or true as "
-                          "a value (1e5 would become the key 100000.0); quote it: 'api_key=\"<key>\"' (or set "
-                          f"{API_KEY_ENV})")
-    if key == "":
-        # `api_key=$KEY` with KEY unset: without this the server would run with no key at all, unasked.
-        raise ConfigError("api_key is empty, which would serve without a key; give the key, or api_key=null "
-                          "(the default) to serve without one")
-    key = api_key_of(cfg)
-    if key is None:
-        return
-    setting = "api_key" if cfg.get("api_key") else API_KEY_ENV
-    if not key.isascii():
-        raise ConfigError(f"{setting} holds characters outside ASCII, which requests cannot send reliably: the key "
-                          "travels in an HTTP header, read here as latin-1, and clients encode such characters in "
-                          "different ways or refuse them; use an ASCII key")
-    # Refused rather than stripped: a secret silently made into another one would surprise whoever chose it.
-    for end, char in (("begins", key[0]), ("ends", key[-1])):
-        if char.isspace():
-            hint = " (a key read from a file may keep its line ending)" if char in "\r\n" else ""
-            raise ConfigError(f"{setting} {end} with whitespace ({char!r}), which HTTP strips from the ends of a "
-                              f"header, so no request can match it; remove it{hint}")
-    # A header's value may hold a tab, no other control character (RFC 9110, field-content).
-    control = next((c for c in key if (c < " " and c != "\t") or c == "\x7f"), None)
-    if control is not None:
-        raise ConfigError(f"{setting} holds a control character ({control!r}), which an HTTP header cannot carry, so "
-                          "no request can send this key")
-
-
 def is_loopback(host: str) -> bool:
     try:
         return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -1162,43 +1119,6 @@ def _check_exposure(cfg: DictConfig) -> None:
     if not loopback and not api_key_of(cfg):
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model; set "
                     "api_key=... or %s", cfg.host, API_KEY_ENV)
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """conf/serve.yaml's limits and request defaults, refused before the model loads or the port opens."""
-    for key in ("max_prompt_tokens", "max_new_tokens", "max_batch_size", "max_body_bytes", "max_queue",
-                "api.max_length", "openai.max_tokens"):
-        check_count(cfg, key)
-    check_count(cfg, "batch_wait_ms", least=0)
-    check_above_zero(cfg, "body_timeout_s", "the seconds a request body may take to arrive")
-    check_above_zero(cfg, "shutdown_timeout_s", "the seconds a stopping server waits for its connections to close")
-    check_count(cfg, "seed", least=0)
-    if not (isinstance(cfg.port, int) and not isinstance(cfg.port, bool) and 0 <= cfg.port <= 65535):
-        raise ConfigError(f"port={cfg.port!r}: expected a TCP port from 0 to 65535 (0: any free port)")
-    if str(cfg.log_level) not in LOG_LEVELS:
-        raise ConfigError(f"log_level={cfg.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
-    for group in ("api", "openai"):  # a temperature <= 0 asks for greedy decoding here
-        check_sampling(cfg, f"{group}.temperature", f"{group}.top_p", sampling=False)
-    check_token_ids(cfg, "generation.extra_eos_token_ids")
-    check_inference_model(cfg)
-    check_api_key(cfg)
-    check_cors_origins(cfg)
-
-
-def check_cors_origins(cfg: DictConfig) -> None:
-    """cors_origins: a list of origins as a browser sends them (scheme://host[:port], no path), or "*"."""
-    origins = cfg.get("cors_origins")
-    if origins is None:
-        return
-    if not OmegaConf.is_list(origins) and not isinstance(origins, list):
-        raise ConfigError(f"cors_origins={origins!r}: expected a list, e.g. 'cors_origins=[\"http://localhost:3000\"]'")
-    for i, origin in enumerate(origins):
-        if origin == "*":
-            continue
-        if not isinstance(origin, str) or re.fullmatch(r"https?://[^/\s?#]+", origin) is None:
-            raise ConfigError(f"cors_origins[{i}]={origin!r}: expected an origin as a browser sends it, "
-                              "scheme://host[:port] with no path or trailing slash (e.g. http://localhost:3000), "
-                              "or \"*\" for any")
 
 
 LOCALHOST = ("127.0.0.1", "::1")
@@ -1261,14 +1181,10 @@ def server_url(host: str, port: int) -> str:
 
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    refuse_added_settings(cfg)
+    """Serve; the settings were checked (ptune.settings.serve) before this module was imported."""
     import uvicorn
 
     setup_logging()
-    if not cfg.checkpoint and not cfg.model.get("path"):
-        raise ConfigError("pass checkpoint=<run>/checkpoint-N (or a run folder: its newest checkpoint), or "
-                          "checkpoint=null model.path=<dir> to serve the base model alone")
-    check_settings(cfg)
     sockets = listen_sockets(str(cfg.host), int(cfg.port))
     cm = load_chat_model(cfg)
     _check_exposure(cfg)

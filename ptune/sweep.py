@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 from ptune import checkpoint as ckpt_io
 from ptune.files import replacing, sha256_file, write_text_atomic
 from ptune.chatglm.ptuning import is_reference_checkpoint
-from ptune.config import check_flag, refuse_added_settings, resolve_device
+from ptune import settings
+from ptune.settings import resolve_device
 from ptune import evaluate as ev
 from ptune import models
 from ptune.data import DataError
@@ -338,13 +339,11 @@ def remove_report(out: Path) -> list[str]:
 
 def sweep(cfg: DictConfig) -> dict:
     """Score all checkpoints, write the comparison files; returns rows, best per metric and failures."""
-    ev.check_settings(cfg)
-    check_flag(cfg, "force")
-    check_flag(cfg, "progress_bar")
+    settings.sweep(cfg)
     device = resolve_device(cfg.device)
     out = output_dir(cfg)
     targets = plan(cfg)
-    ev.check_writable(out, "output_dir" if cfg.output_dir else None)
+    settings.check_writable(out, "output_dir" if cfg.output_dir else None)
     removed = remove_report(out)  # only now: a sweep refused at start-up leaves the last report alone
     if removed:
         log.info("removed the previous report (%s) from %s; this sweep writes it anew", ", ".join(removed), out)
@@ -558,7 +557,6 @@ def plot(path: Path, rows: list[dict]) -> None:
 
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    refuse_added_settings(cfg)
     setup_logging()
     try:
         result = sweep(cfg)

@@ -29,9 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ptune import checkpoint as ckpt_io
-from ptune.config import (check_above_zero, check_count, check_data_lengths, check_quantization, check_template,
-                          no_run_folder_if_refused, refuse_added_settings, require)
-from ptune.data import BatchPlan, IGNORE, collate, data_file, training_rows
+from ptune import settings
+from ptune.config import no_run_folder_if_refused
+from ptune.data import BatchPlan, IGNORE, collate, training_rows
 from ptune.errors import TrainingError, exit_on_user_error, first_line
 from ptune.fit import Prober, agree_across_ranks, choose_split, fastest
 from ptune.graphs import micro_batch_loss
@@ -39,7 +39,7 @@ from ptune.logs import LogWindow, MetricsLog, setup_logging
 from ptune.loss import output_softcap
 from ptune.step import optimizer_step
 from ptune.models import (base_identity, build_prefix, check_fits, check_vocabulary, learned_positions,
-                          load_model, load_tokenizer, model_folder)
+                          load_model, load_tokenizer)
 from ptune.prefix import PrefixLM, compile_layers
 
 log = logging.getLogger("ptune.train")
@@ -119,49 +119,6 @@ def smaller_step(cfg: DictConfig, rows: int, global_batch: int, recomputed: int,
         ways.append("a quantized base (model.quantization=" + ("int4" if cfg.model.get("quantization") else "int8 or int4") + ")")
     ways.append("or a device with more memory")
     return ways
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """Values the types allow but the trainer cannot use, refused before anything is loaded or written."""
-    t = cfg.trainer
-    for key in ("max_steps", "save_steps", "log_steps", "per_device_batch_size", "gradient_accumulation_steps",
-                "pad_to_multiple_of", "loss_chunk_size", "cuda_graph_shapes"):
-        check_count(cfg, f"trainer.{key}")
-    check_count(cfg, "trainer.group_by_length", least=0)
-    check_count(cfg, "trainer.keep_last", nullable=True)
-    check_count(cfg, "prefix.length")
-    check_quantization(cfg)
-    check_template(cfg)
-    if cfg.optim.schedule not in ("linear", "constant"):
-        raise TrainingError(f"optim.schedule={cfg.optim.schedule!r}: expected linear or constant")
-    o = cfg.optim
-    # Each written as "not (ok)" so that NaN, which fails every comparison, is refused too.
-    for key, value, ok, expected in (
-            ("optim.lr", o.lr, 0 < o.lr < math.inf, "a finite number above 0"),
-            ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, "a whole number of at least 0"),
-            ("prefix.dropout", cfg.prefix.dropout, 0 <= cfg.prefix.dropout < 1, "a number from 0 up to (not) 1"),
-            ("optim.eps", o.eps, 0 < o.eps < math.inf, "a finite number above 0"),
-            ("optim.weight_decay", o.weight_decay, 0 <= o.weight_decay < math.inf, "a finite number of at least 0"),
-            ("optim.max_grad_norm", o.max_grad_norm, o.max_grad_norm is None or 0 <= o.max_grad_norm < math.inf,
-             "a finite number of at least 0 (0 or null: no clipping)")):
-        if not ok:
-            raise TrainingError(f"{key}={value}: expected {expected}")
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        raise TrainingError(f"optim.betas={list(o.betas)}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
-    check_count(cfg, "prefix.projection_hidden_size", nullable=True)
-    if not 0 <= cfg.seed < 2**32:  # the per-step dropout seeds add to it and must stay within 64 bits
-        raise TrainingError(f"seed={cfg.seed}: expected a whole number from 0 to 2**32 - 1")
-    check_data_lengths(cfg)
-    check_above_zero(cfg, "trainer.auto_micro_batch_gib", "a memory ceiling in GiB (null keeps the micro-batch as set)",
-                     nullable=True)
-    recompute = t.gradient_checkpointing
-    if not (isinstance(recompute, bool) or recompute == "auto" or (isinstance(recompute, int) and recompute >= 0)):
-        raise TrainingError(f"trainer.gradient_checkpointing={recompute!r}: expected true, false, auto or a number of "
-                            "decoder layers to recompute")
-    if recompute == "auto" and t.auto_micro_batch_gib is None:
-        raise TrainingError("trainer.gradient_checkpointing=auto chooses how many layers to recompute under a "
-                            "memory ceiling: set trainer.auto_micro_batch_gib too, or give true, false or a "
-                            "number of layers")
 
 
 def resumed_optimizer_settings(optimizer: torch.optim.Optimizer, optim_cfg, resume_from: Path) -> None:
@@ -377,14 +334,12 @@ def train(cfg: DictConfig) -> Path:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     t = cfg.trainer
     with no_run_folder_if_refused():
-        require(cfg, "model.path", "data.train_file")
-        check_settings(cfg)
+        settings.train(cfg)
         if t.auto_micro_batch_gib is not None and device.type != "cuda":
             raise TrainingError(f"trainer.auto_micro_batch_gib={t.auto_micro_batch_gib}: it measures GPU memory and "
                                 f"needs a CUDA device, not {device.type}; set trainer.per_device_batch_size and "
                                 "trainer.gradient_accumulation_steps yourself, or leave it null")
-        base_folder = model_folder(cfg.model)
-        data_file(cfg.data.train_file)
+    base_folder = settings.model_folder(cfg.model)  # checked by settings.train
     out = run_dir(accelerator)
     new_log = () if (out / "train.log").exists() else (out / "train.log",)
     with writing(out / "train.log"):
@@ -578,7 +533,5 @@ def train(cfg: DictConfig) -> Path:
 
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    with no_run_folder_if_refused():
-        refuse_added_settings(cfg, appendable=("experiment",))
     train(cfg)
 

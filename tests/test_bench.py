@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO, SHARED
-from ptune import bench
+from ptune import bench, settings
 from ptune.errors import ConfigError
 
 
@@ -66,18 +66,18 @@ def test_bench_refuses_a_load_timing_mode_it_cannot_load():
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("bench", overrides=[TINY, "device=cpu", "load_timing=[false,int3]"])
     with pytest.raises(ConfigError, match=r"^load_timing\[1\]='int3': expected false \(not quantized\), int8 or int4$"):
-        bench.check_settings(cfg)
+        settings.bench(cfg)
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("bench", overrides=[TINY, "device=cpu", "load_timing=null"])
     with pytest.raises(ConfigError, match=r"^load_timing=None: expected a list of modes"):
-        bench.check_settings(cfg)
+        settings.bench(cfg)
 
 
 def test_bench_refuses_no_prompts_at_batch1():
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("bench", overrides=[TINY, "device=cpu", "eval_prompts_at_batch1=0"])
     with pytest.raises(ConfigError, match=r"^eval_prompts_at_batch1=0: expected a whole number of at least 1$"):
-        bench.check_settings(cfg)
+        settings.bench(cfg)
 
 
 def test_bench_adgen_rows_compare_against_reference_padding(tmp_path, monkeypatch, caplog):

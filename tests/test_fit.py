@@ -152,10 +152,11 @@ def test_fit_settings_refused_before_anything_loads(override, message):
     import ptune.schema  # noqa: F401 -- registers the config's types
     from conftest import REPO
     from ptune.errors import ConfigError, TrainingError
-    from ptune.train import check_settings
+    from ptune.settings import train as check_settings
 
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"trainer.{override}"])
+        cfg = compose("train", overrides=["model.path=/nonexistent", "data.train_file=/nonexistent.jsonl",
+                                          f"trainer.{override}"])
     with pytest.raises((ConfigError, TrainingError)) as refused:
         check_settings(cfg)
     assert message in str(refused.value)

@@ -909,7 +909,7 @@ def test_a_prompt_of_spaces_and_newlines_alone_is_refused(served):
 ])
 def test_an_api_key_requests_could_not_send_is_refused_at_startup(checkpoint, override, fragments):
     from ptune.errors import ConfigError
-    from ptune.serve import check_settings
+    from ptune.settings import serve as check_settings
 
     with pytest.raises(ConfigError) as e:
         check_settings(compose("serve", f"checkpoint={checkpoint}", override))
@@ -920,7 +920,7 @@ def test_an_api_key_requests_could_not_send_is_refused_at_startup(checkpoint, ov
 
 def test_a_key_from_the_environment_that_requests_could_not_send_is_refused_at_startup(checkpoint, monkeypatch):
     from ptune.errors import ConfigError
-    from ptune.serve import api_key_of, check_settings
+    from ptune.settings import api_key_of, serve as check_settings
 
     monkeypatch.setenv("PTUNE_API_KEY", "密钥")
     with pytest.raises(ConfigError, match="PTUNE_API_KEY holds characters outside ASCII"):

@@ -22,7 +22,7 @@ from reliability_harness import assert_clean_error, cli, logged, prefix_of, snap
 
 TRAINING_ERROR_TRACEBACK = (
     "`python -m ptune.train` runs train.py as __main__, so the TrainingError it raises is __main__.TrainingError, "
-    "while ptune.errors.user_errors() catches ptune.train.TrainingError (a second import of the module): Hydra "
+    "while ptune.errors.USER_ERRORS catches ptune.train.TrainingError (a second import of the module): Hydra "
     "prints the traceback. Fix: define TrainingError in ptune/errors.py and import it in ptune/train.py.")
 
 

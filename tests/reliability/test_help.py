@@ -60,3 +60,26 @@ def test_help_and_settings_hydra_refuses_are_answered_before_torch_loads(command
     assert proc.stderr.splitlines()[-1] == "torch imported: False", proc.stderr[-2000:]
     if status:
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 2, proc.stderr
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("train", [], "error: model.path=outputs/models/smollm2-135m-instruct: no such folder"),
+    ("train", ["model.path=null"], "error: model.path is not set"),
+    ("train", ["model.path=/m", "data.train_file=/d", "optim.lr=-1"], "error: optim.lr=-1.0: expected a finite number"),
+    ("train", ["+trainer.max_step=3"], "error: unknown setting trainer.max_step:"),
+    ("evaluate", ["device=gpu"], "error: device='gpu': expected auto, cpu, cuda or cuda:N"),
+    ("sweep", ["runs=[x]", "force=maybe"], "error: force='maybe': expected true or false"),
+    ("serve", ["checkpoint=/c", "port=70000"], "error: port=70000: expected a TCP port"),
+    ("chat", [], "error: pass checkpoint=<run>/checkpoint-N"),
+    ("bench", ["decode_steady_tokens=[144,16]"], "error: decode_steady_tokens=[144, 16]: expected more"),
+    ("quant_check", ["model.path=/m", "data.train_file=/d", "modes=[]"], "error: modes=[]: expected a list"),
+])
+def test_values_ptune_rules_out_are_refused_before_torch_loads(command, args, message, tmp_path):
+    """ptune.settings' checks run before the command's module is imported: a value out of range, a setting the
+    command does not have or a required one left unset costs no imports, and leaves no run folder."""
+    proc = subprocess.run([sys.executable, "-c", _TORCH_AT_EXIT, f"ptune.{command}", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 2, proc.stderr
+    assert proc.stderr.splitlines()[-1] == "torch imported: False", proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # train's outputs/<experiment>/<time> is made, then removed

@@ -20,7 +20,7 @@ from conftest import build_tokenizer, sample_rows, tiny_config
 from reliability_harness import assert_clean_error, cli, snapshot, train_args, write_long_rows
 
 MAIN_MODULE_BUG = (
-    "`python -m ptune.train` raises __main__.TrainingError, which ptune.errors.user_errors() does not catch "
+    "`python -m ptune.train` raises __main__.TrainingError, which ptune.errors.USER_ERRORS does not catch "
     "(it imports ptune.train.TrainingError, a second copy of the module). Fix: define TrainingError in "
     "ptune/errors.py and import it from there in ptune/train.py.")
 

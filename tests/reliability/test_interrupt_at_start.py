@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from ptune.config import asset_path
 
 
 def in_its_imports(proc: subprocess.Popen) -> None:
@@ -25,8 +26,16 @@ def in_its_imports(proc: subprocess.Popen) -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc to know the process is importing")
 @pytest.mark.parametrize("command", ["train", "evaluate", "chat", "serve", "sweep"])
-def test_ctrl_c_during_start_up_is_one_line_and_status_130(command):
-    proc = subprocess.Popen([sys.executable, "-m", f"ptune.{command}"], cwd=REPO, stdout=subprocess.PIPE,
+def test_ctrl_c_during_start_up_is_one_line_and_status_130(command, tmp_path):
+    # Settings that pass the checks made before the imports (ptune.settings); nothing is loaded from them.
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    sample = asset_path("adgen_sample.jsonl")
+    args = {"train": [f"model.path={tmp_path / 'model'}", f"data.train_file={sample}"],
+            "evaluate": [f"checkpoint={tmp_path / 'run'}", f"data.eval_file={sample}"],
+            "chat": [f"checkpoint={tmp_path / 'run'}"], "serve": [f"checkpoint={tmp_path / 'run'}"],
+            "sweep": [f"runs=[{tmp_path / 'run'}]"]}[command]
+    proc = subprocess.Popen([sys.executable, "-m", f"ptune.{command}", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         in_its_imports(proc)
