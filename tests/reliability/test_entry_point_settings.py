@@ -199,3 +199,11 @@ def test_command_line_refuses_before_loading(module, override, message, tmp_path
                           timeout=120, input="")
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("experiment", ["adgen_60steps", "adgen_3000steps"])
+def test_the_reference_recipes_cut_prompts_as_the_reference_does(experiment):
+    """ChatGLM2-6B's ptuning scripts keep a prompt's first max_source_length tokens (their tokenizer truncates on
+    the right); the built-in sample's data settings cut from the left, for chat templates, and must not leak in."""
+    data = composed("train", f"+experiment={experiment}").data
+    assert (data.max_source_length, data.max_target_length, data.truncate_source_from) == (64, 128, "right")
