@@ -352,6 +352,11 @@ def load_for_inference(checkpoint, model_cfg=None, device="cpu", config: dict | 
                          "keeps only the prefix); pass model.path=/path/to/chatglm2-6b")
     if merged.get("path") is None:
         raise ModelError("no checkpoint and no model.path: nothing to load")
+    recorded = Path(str(merged.path)).expanduser()
+    if config and overrides.get("path") is None and not recorded.is_dir():
+        relative = "" if recorded.is_absolute() else f", relative to the folder training ran in, not {Path.cwd()}"
+        raise ModelError(f"{checkpoint}: its base model folder {merged.path} (recorded when it was trained"
+                         f"{relative}) is not there; pass model.path=<the base model's folder>")
     model, tokenizer = load_base(merged, device)
     if checkpoint is None:
         return model, tokenizer, None

@@ -388,7 +388,8 @@ def train(cfg: DictConfig) -> Path:
     scaler = torch.amp.GradScaler(device.type, enabled=model.dtype == torch.float16)
     prefix_config = {
         "prefix": lm.prefix.spec.to_dict(), "dropout": cfg.prefix.dropout,
-        "base": base_identity(model, cfg.model.path),
+        # absolute: evaluate, chat and serve find the base from whichever folder they run in
+        "base": base_identity(model, base_folder.resolve()),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "data": {k: cfg.data[k] for k in ("prompt_column", "response_column", "history_column",
                                           "max_source_length", "max_target_length", "truncate_source_from")},

@@ -17,8 +17,9 @@ import torch
 from omegaconf import OmegaConf
 
 import ptune.evaluate as ev
-from conftest import build_tokenizer, device_memory_cap, tiny_config
+from conftest import REPO, build_tokenizer, device_memory_cap, tiny_config, train_tiny_run
 from ptune.checkpoint import CheckpointError
+from ptune.errors import ModelError
 from ptune.models import load_for_inference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,9 +244,10 @@ def test_prefix_that_does_not_fit_the_base_names_both_sides(ckpt, tmp_path, chan
     assert message in str(err.value) and "prefix does not fit the base model" in str(err.value)
 
 
-def _edit_config(ckpt: Path, manifest: bool = True, **prefix) -> None:
+def _edit_config(ckpt: Path, manifest: bool = True, base: dict | None = None, **prefix) -> None:
     config = json.loads((ckpt / "prefix_config.json").read_text())
     config["prefix"].update(prefix)
+    config["base"].update(base or {})
     (ckpt / "prefix_config.json").write_text(json.dumps(config))
     if manifest:
         listed = json.loads((ckpt / "manifest.json").read_text())
@@ -448,3 +450,24 @@ def test_a_run_folder_is_scored_at_its_newest_checkpoint_as_chat_and_serve_take_
     assert written["checkpoint"] == str(ckpt) and written["num_samples"] == metrics["num_samples"] == 2
     with pytest.raises(CheckpointError, match=rf"^checkpoint={tmp_path}: expected a checkpoint folder"):
         ev.evaluate(compose(f"checkpoint={tmp_path}", f"data.eval_file={sample_file}"))
+
+
+def test_a_checkpoint_records_its_base_folder_as_an_absolute_path(tiny_model_dir, sample_file, tmp_path, monkeypatch):
+    """model.path given relative to where training ran still finds the base from any other folder; a checkpoint
+    that recorded a relative path (as ptune did before) names where it looked when the folder is not there."""
+    model_dir = tiny_model_dir("llama")
+    relative = os.path.relpath(model_dir, REPO)  # the trainer's command runs in REPO
+    ckpt = train_tiny_run(Path(relative), sample_file, tmp_path / "run")
+    recorded = json.loads((ckpt / "prefix_config.json").read_text())["base"]["path"]
+    assert recorded == str(model_dir.resolve())
+    monkeypatch.chdir(tmp_path)
+    load_for_inference(ckpt, None, "cpu")
+
+    old = tmp_path / "old"
+    shutil.copytree(ckpt, old)
+    _edit_config(old, base={"path": relative})
+    with pytest.raises(ModelError, match=re.escape(f"{old}: its base model folder {relative} (recorded when it was "
+                                                   f"trained, relative to the folder training ran in, not "
+                                                   f"{tmp_path}) is not there; pass model.path=")):
+        load_for_inference(old, None, "cpu")
+    load_for_inference(old, OmegaConf.create({"path": str(model_dir)}), "cpu")  # the way round it the error names
