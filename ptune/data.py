@@ -408,18 +408,19 @@ def report_cut_prompts(where, prompt_lengths: list[int], template: str, max_leng
 
 
 def encode_example(tokenizer, enc: Encoding, prompt: str, response: str, history) -> dict:
-    """input_ids = prompt + response + EOS, labels = -100 over the prompt; prompt_tokens: the prompt's length
-    before it was cut."""
+    """input_ids = prompt + response + EOS, labels = -100 over the prompt; prompt_tokens and response_tokens: the
+    lengths before they were cut."""
     whole = prompt_ids(tokenizer, prompt, history, enc.template)
     source = fit_prompt(tokenizer, whole, enc.template, enc.max_source_length, enc.truncate_source_from)
-    target = text_ids(tokenizer, response)[: enc.max_target_length]
-    target = target + [tokenizer.eos_token_id]
-    return {"input_ids": source + target, "labels": [IGNORE] * len(source) + target, "prompt_tokens": len(whole)}
+    reply = text_ids(tokenizer, response)
+    target = reply[: enc.max_target_length] + [tokenizer.eos_token_id]  # EOS after a cut too, as the reference
+    return {"input_ids": source + target, "labels": [IGNORE] * len(source) + target, "prompt_tokens": len(whole),
+            "response_tokens": len(reply)}
 
 
 def tokenize(dataset, tokenizer, enc: Encoding):
     def fn(batch):
-        out = {"input_ids": [], "labels": [], "prompt_tokens": []}
+        out = {"input_ids": [], "labels": [], "prompt_tokens": [], "response_tokens": []}
         for p, r, h in zip(batch["prompt"], batch["response"], batch["history"]):
             for key, value in encode_example(tokenizer, enc, p, r, h).items():
                 out[key].append(value)
@@ -439,7 +440,13 @@ def training_rows(data_cfg, template: str, tokenizer, limit: int | None = None):
     rows = tokenize(examples, tokenizer, encoding)
     report_cut_prompts(data_cfg.train_file, rows["prompt_tokens"], template, data_cfg.max_source_length,
                        data_cfg.truncate_source_from)
-    return rows.remove_columns("prompt_tokens")
+    cut = sum(n > data_cfg.max_target_length for n in rows["response_tokens"])
+    if cut:  # each is learnt as a reply that ends there
+        log.warning("%s: %d of %d responses are longer than data.max_target_length=%d tokens and were cut, the rest "
+                    "of each left out of training and EOS put after the cut (the model learns to stop there); raise "
+                    "data.max_target_length to keep them whole", data_cfg.train_file, cut, len(rows),
+                    data_cfg.max_target_length)
+    return rows.remove_columns(["prompt_tokens", "response_tokens"])
 
 
 def collate(rows: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:

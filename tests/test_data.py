@@ -625,7 +625,7 @@ def test_tokenize_dataset_matches_encode_example(tmp_path, tok):
     ds = load_examples(path, HCOLS)
     enc = Encoding("plain", max_source_length=5, max_target_length=2, truncate_source_from="left")
     out = tokenize(ds, tok, enc)
-    assert out.column_names == ["input_ids", "labels", "prompt_tokens"]
+    assert out.column_names == ["input_ids", "labels", "prompt_tokens", "response_tokens"]
     for i in range(len(ds)):
         want = encode_example(tok, enc, ds[i]["prompt"], ds[i]["response"], ds[i]["history"])
         assert out[i]["input_ids"] == want["input_ids"]
@@ -657,6 +657,26 @@ def test_training_rows_say_how_many_prompts_were_cut_and_warn_where_the_answer_c
     with caplog.at_level(logging.INFO, logger="ptune.data"):
         training_rows(OmegaConf.merge(cfg, {"max_source_length": 64}), template, tok)
     assert not [r for r in caplog.records if "were cut" in r.getMessage()]
+
+
+def test_training_rows_warn_how_many_responses_were_cut(tmp_path, tok, caplog):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"content": "a", "summary": "s" * 20}, {"content": "b", "summary": "t"},
+                                              {"content": "c", "summary": "u" * 9}])
+    cfg = OmegaConf.create({"train_file": str(path), "prompt_column": "content", "response_column": "summary",
+                            "history_column": None, "max_source_length": 12, "max_target_length": 8,
+                            "truncate_source_from": "right"})
+    with caplog.at_level(logging.INFO, logger="ptune.data"):
+        rows = training_rows(cfg, "plain", tok)
+    (record,) = [r for r in caplog.records if "responses are longer" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith(f"{path}: 2 of 3 responses are longer than data.max_target_length=8 tokens "
+                                          "and were cut")
+    assert rows.column_names == ["input_ids", "labels"]
+    assert rows[0]["labels"][-9:] == ids(tok, "s" * 8) + [tok.eos_token_id]  # the cut reply, then EOS
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ptune.data"):
+        training_rows(OmegaConf.merge(cfg, {"max_target_length": 20}), "plain", tok)
+    assert not [r for r in caplog.records if "responses are longer" in r.getMessage()]
 
 
 # ----------------------------------------------------------------------------------------------------- collate
