@@ -287,6 +287,9 @@ def score_group(targets: list[Target], cfg: DictConfig, device: torch.device, ex
         except ConfigError as e:  # a setting this base cannot take (its positions, its vocabulary): other bases can
             skip(t, str(e), bar)
             continue
+        if not t.ckpt.is_dir():  # removed meanwhile (keep_last of a run still training): writing would make it again
+            skip(t, "removed while it was being scored (keep_last of a run still training?)", bar)
+            continue
         t.metrics, t.rows_in_file = compute_metrics(texts, evalset.labels), evalset.rows_in_file
         try:
             ev.write_results(t.ckpt / "eval", evalset, texts, t.metrics,

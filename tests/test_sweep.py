@@ -489,7 +489,26 @@ def test_folders_that_cannot_be_written_lose_no_scores(run_copy, sample_file, tm
                for m in warned), warned
 
 
-def interrupt_at(monkeypatch, call: int) -> None:
+def test_a_checkpoint_removed_while_it_is_scored_is_not_made_again(run_copy, sample_file, tmp_path, monkeypatch):
+    """keep_last of a run still training deletes a checkpoint the sweep is generating for: its eval/ folder would
+    bring the checkpoint's folder back, incomplete, and every later sweep would fail on it."""
+    run = run_copy(tmp_path / "run")
+    real = ptune.evaluate.predict
+
+    def predict(*a, **k):
+        texts = real(*a, **k)
+        if (run / "checkpoint-1" / "eval").is_dir():  # the second checkpoint's generation: prune it meanwhile
+            shutil.rmtree(run / "checkpoint-2", ignore_errors=True)
+        return texts
+    monkeypatch.setattr(ptune.evaluate, "predict", predict)
+    result = sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
+    assert not (run / "checkpoint-2").exists()
+    assert result["failed"] == [{"checkpoint": str(run / "checkpoint-2"),
+                                 "error": "removed while it was being scored (keep_last of a run still training?)"}]
+    assert [int(r["step"]) for r in read_csv(run / "sweep" / "sweep.csv")] == [1, 3]
+
+
+
     """Ctrl-C while the `call`-th checkpoint of the sweep generates (the ones before it are really scored)."""
     real, calls = ptune.evaluate.predict, []
 
