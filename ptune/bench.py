@@ -576,7 +576,8 @@ def command_line() -> str:
     """The command as run, for the table's heading; where the files went is left out (it is local)."""
     from hydra.core.hydra_config import HydraConfig
 
-    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    overrides = (OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False) if HydraConfig.initialized()
+                 else [])
     kept = [o for o in overrides if not o.startswith(("benchmarks_md=", "out_json="))]
     return " ".join(["python -m ptune.bench", *kept])
 

@@ -41,6 +41,8 @@ if not OmegaConf.has_resolver("ptune_asset"):
     OmegaConf.register_new_resolver("ptune_asset", asset_path)
 if not OmegaConf.has_resolver("ptune_conf"):
     OmegaConf.register_new_resolver("ptune_conf", conf_path)
+if not OmegaConf.has_resolver("ptune_home"):  # output_dir="~/runs/x" is a folder in the home, not ./~/runs/x
+    OmegaConf.register_new_resolver("ptune_home", lambda path: str(Path(str(path)).expanduser()))
 if not OmegaConf.has_resolver("ptune_groups"):
     OmegaConf.register_new_resolver("ptune_groups", conf_groups)
 
@@ -97,7 +99,8 @@ class MultirunFailures(Callback):
         if failures is None:
             return
         error = failures[-1] if len(failures) > self.seen else None
-        self.jobs.append((config.hydra.job.num, list(config.hydra.overrides.task), error))
+        self.jobs.append((config.hydra.job.num, OmegaConf.to_container(config.hydra.overrides.task, resolve=False),
+                          error))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         errors.multirun_failures = None
@@ -117,6 +120,12 @@ class MultirunFailures(Callback):
 
 # Made by MakeRunFolder in this process, with the parents it made for them: a refused run removes them again.
 _made_run_folders: list[Path] = []
+
+
+def made_for_this_run(path: Path) -> bool:
+    """Whether `path` is, or is inside, a folder made for this process's run (which can hold nothing earlier)."""
+    path = path.resolve()
+    return any(p in _made_run_folders for p in (path, *path.parents))
 
 
 def remove_unused_run_folders() -> None:
@@ -210,7 +219,9 @@ def refuse_added_settings(cfg: DictConfig, appendable: tuple[str, ...] = ()) -> 
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    extra = added_settings(cfg, hc.job.config_name, list(hc.overrides.task), hc.runtime.choices, appendable)
+    # unresolved: an override's own ${...} is resolved where its setting is read, which names the setting
+    overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)
+    extra = added_settings(cfg, hc.job.config_name, overrides, hc.runtime.choices, appendable)
     if extra:
         raise ConfigError(unknown_setting(extra, hc.job.config_name))
 

@@ -229,7 +229,7 @@ def evaluate(cfg: DictConfig) -> dict:
     settings.evaluate(cfg)
     # a run folder stands for its newest complete checkpoint, as in chat and serve
     checkpoint = resolve_checkpoint(str(Path(str(cfg.checkpoint)).expanduser())) if cfg.checkpoint else None
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else (Path(checkpoint) / "eval" if checkpoint
+    out_dir = Path(cfg.output_dir).expanduser() if cfg.output_dir else (Path(checkpoint) / "eval" if checkpoint
                                                             else Path("outputs/eval-base"))
     settings.check_writable(out_dir, "output_dir" if cfg.output_dir else None)
     prefix_config = read_checkpoint_config(checkpoint) if checkpoint else None

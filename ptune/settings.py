@@ -192,8 +192,8 @@ def model_folder(model_cfg) -> Path:
 
 
 def data_file(path: str | Path) -> Path:
-    """`path`, checked to be a file before anything is read from it."""
-    path = Path(path)
+    """`path` (~ expanded), checked to be a file before anything is read from it."""
+    path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: a folder, expected a data file (JSON lines or a JSON array)" if path.is_dir()
                         else f"data file not found: {path}")

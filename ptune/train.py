@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from ptune import checkpoint as ckpt_io
 from ptune import settings
-from ptune.config import no_run_folder_if_refused
+from ptune.config import made_for_this_run, no_run_folder_if_refused
 from ptune.data import BatchPlan, IGNORE, collate, training_rows
 from ptune.errors import TrainingError, exit_on_user_error, first_line
 from ptune.fit import Prober, agree_across_ranks, choose_split, fastest
@@ -79,6 +80,26 @@ def writing(path: Path, after=None):
         raise TrainingError(f"could not write {path}: {e.strerror or e}{after() if after else ''}") from None
 
 
+def refuse_output_dir_in_multirun(cfg: DictConfig) -> None:
+    """Under -m each job writes to <hydra.sweep.dir>/<job number>: an output_dir given would be silently unused."""
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return
+    hc = HydraConfig.get()
+    if any(o.lstrip("+~").split("=", 1)[0] == "output_dir"
+           for o in OmegaConf.to_container(hc.overrides.task, resolve=False)):
+        raise TrainingError(f"output_dir={cfg.output_dir}: a multirun (-m) writes each job to hydra.sweep.dir/<job "
+                            f"number> ({hc.sweep.dir}/0, /1, ...), not to output_dir; pass "
+                            f"hydra.sweep.dir={cfg.output_dir} instead")
+
+
+def go_on_with(out: Path) -> str:
+    """The settings that continue this run: its folder; under -m, the multirun's (each job goes on in its own
+    numbered folder, given the same settings)."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"resume=latest hydra.sweep.dir={HydraConfig.get().sweep.dir} and the multirun's other settings"
+    return f"resume=latest output_dir={out}"
+
+
 def last_kept(out: Path) -> str:
     """What a run stopped by an error leaves to go on from, for its error line."""
     if ckpt_io.latest_checkpoint(out) is None:
@@ -93,7 +114,7 @@ def out_of_memory(cfg: DictConfig, step: int, error: Exception, batches: list[di
     reason = first_line(error)
     return (f"step {step}: out of memory on micro-batches of up to {rows} rows of {longest} tokens ({reason}); "
             f"{last_kept(out)}. Try " + ", ".join(smaller_step(cfg, rows, global_batch, recomputed, num_layers))
-            + (f"; then go on with resume=latest output_dir={out}" if ckpt_io.latest_checkpoint(out) else ""))
+            + (f"; then go on with {go_on_with(out)}" if ckpt_io.latest_checkpoint(out) else ""))
 
 
 def smaller_step(cfg: DictConfig, rows: int, global_batch: int, recomputed: int, num_layers: int) -> list[str]:
@@ -138,12 +159,20 @@ def find_resume(resume, out: Path) -> Path | None:
         return None
     if resume == "latest":
         found = ckpt_io.latest_checkpoint(out)
-        if found is None:
+        if found is None and made_for_this_run(out):  # a dated default, a typo: nothing earlier can be there
+            log.warning("resume=latest: %s was made just now for this run, so there is no checkpoint to go on from; "
+                        "starting fresh. To continue a run, give its folder (output_dir=, or hydra.sweep.dir= for a "
+                        "multirun)", out)
+        elif found is None:
             log.info("resume=latest: no complete checkpoint in %s, starting fresh", out)
         return found
-    path = Path(str(resume))
+    path = Path(str(resume)).expanduser()
     if not path.is_dir():
         raise TrainingError(f"resume={resume}: no such folder; expected latest, or a checkpoint-N folder")
+    newest = ckpt_io.latest_checkpoint(path)
+    if not (path / ckpt_io.CONFIG_FILE).exists() and newest is not None:  # a run folder, as evaluate and chat take it
+        log.info("resume=%s is a run folder: going on from its newest complete checkpoint, %s", resume, newest.name)
+        return newest
     if not ckpt_io.is_complete(path):
         raise TrainingError(f"resume={resume}: not a complete ptune checkpoint folder (prefix.safetensors, "
                             "prefix_config.json and manifest.json)")
@@ -239,11 +268,17 @@ def resume_point(resume, out: Path, accelerator: Accelerator) -> tuple[Path | No
     try:
         found = find_resume(resume, out)
         state, optim_state = ckpt_io.load_trainer_state(found) if found is not None else ({"step": 0}, None)
-        later = [p.name for p in ckpt_io.list_checkpoints(out) if ckpt_io.checkpoint_step(p) > state["step"]]
+        held = ckpt_io.list_checkpoints(out)
+        later = [p.name for p in held if ckpt_io.checkpoint_step(p) > state["step"]]
         if later and found is None:
             raise TrainingError(f"output_dir={out} already holds {', '.join(later)} of an earlier run, and this run "
                                 "starts afresh: the two would mix. Continue that run with resume=latest, or give "
                                 "another output_dir")
+        if held and found is not None and found.resolve().parent != out.resolve():
+            raise TrainingError(f"resume={resume} is a checkpoint of another folder, and output_dir={out} already "
+                                f"holds {', '.join(p.name for p in held)} of its own run: the two runs' checkpoints "
+                                "and logs would mix. Go on from it in an empty output_dir, or in its own "
+                                f"(output_dir={found.parent})")
         problem = None
     except (TrainingError, ckpt_io.CheckpointError) as e:
         found, state, optim_state, later, problem = None, {"step": -1}, None, [], e
@@ -335,6 +370,7 @@ def train(cfg: DictConfig) -> Path:
     t = cfg.trainer
     with no_run_folder_if_refused():
         settings.train(cfg)
+        refuse_output_dir_in_multirun(cfg)
         if t.auto_micro_batch_gib is not None and device.type != "cuda":
             raise TrainingError(f"trainer.auto_micro_batch_gib={t.auto_micro_batch_gib}: it measures GPU memory and "
                                 f"needs a CUDA device, not {device.type}; set trainer.per_device_batch_size and "
@@ -421,7 +457,7 @@ def train(cfg: DictConfig) -> Path:
     def lost_log() -> str:
         if ckpt_io.latest_checkpoint(out) is None:
             return f"; {last_kept(out)}"
-        return f"; {last_kept(out)}. Make room (or fix the folder), then go on with resume=latest output_dir={out}"
+        return f"; {last_kept(out)}. Make room (or fix the folder), then go on with {go_on_with(out)}"
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stop.update(signal=signum))
@@ -439,7 +475,7 @@ def train(cfg: DictConfig) -> Path:
                                                optimizer.state_dict())
             except ckpt_io.CheckpointError as e:
                 raise TrainingError(f"step {step}: {e}. Make room (or fix the folder), then go on from the last "
-                                    f"checkpoint with resume=latest output_dir={out}") from None
+                                    f"checkpoint with {go_on_with(out)}") from None
             log.info("saved %s", path)
             metrics.plot()
             if t.keep_last:
@@ -519,8 +555,7 @@ def train(cfg: DictConfig) -> Path:
             save(done)
             window.pause(time.perf_counter() - saving)  # also where a save falls inside a window
         if stopping:
-            log.warning("stopped by signal %d after step %d; resume with resume=latest output_dir=%s",
-                        stop["signal"], done, out)
+            log.warning("stopped by signal %d after step %d; resume with %s", stop["signal"], done, go_on_with(out))
             break
     bar.close()
     if metrics is not None:

@@ -34,15 +34,17 @@ def test_adgen_60steps_writes_checkpoint_and_loss_falls(tiny_model_dir, sample_f
     assert (out / "config.yaml").is_file() and (out / "tensorboard").is_dir()
 
 
-def test_resume_is_bitwise_exact(tiny_model_dir, sample_file, tmp_path):
+@pytest.mark.parametrize("resume", ["latest", "the run folder"])
+def test_resume_is_bitwise_exact(tiny_model_dir, sample_file, tmp_path, resume):
     model = tiny_model_dir("llama")
     out = tmp_path / "run"
     run_train(*small_run(model, sample_file, out))
     straight = load_file(out / "checkpoint-6" / "prefix.safetensors")["embedding.weight"]
     straight_log = logged(out)
-    # As if the run died after saving step 3: drop the later checkpoint, then resume.
+    # As if the run died after saving step 3: drop the later checkpoint, then resume (a run folder stands for its
+    # newest complete checkpoint, as in evaluate and chat).
     shutil.rmtree(out / "checkpoint-6")
-    run_train(*small_run(model, sample_file, out, "resume=latest"))
+    run_train(*small_run(model, sample_file, out, f"resume={'latest' if resume == 'latest' else out}"))
     resumed = load_file(out / "checkpoint-6" / "prefix.safetensors")["embedding.weight"]
     assert torch.equal(straight, resumed)
     assert not torch.equal(straight, load_file(out / "checkpoint-3" / "prefix.safetensors")["embedding.weight"])
@@ -120,6 +122,39 @@ def test_hydra_multirun_gives_one_run_folder_per_combination(tiny_model_dir, sam
         # the recorded config names the folder the job wrote to, so resume=latest with it finds the job's run
         assert OmegaConf.load(sweep / job / "config.yaml").output_dir == str(sweep / job)
     assert lengths == {"0": 2, "1": 4}
+
+
+def test_paths_starting_with_a_tilde_are_in_the_home_folder(tiny_model_dir, sample_file, tmp_path):
+    """Quoted for Hydra, output_dir="~/runs/x" is the home's runs/x, not a folder named ~ in the working folder."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(sample_file, home / "train.jsonl")
+    run_train(*small_run(tiny_model_dir("llama"), "unused", "unused", 'data.train_file="~/train.jsonl"',
+                         'output_dir="~/runs/x"', "trainer.max_steps=1", "trainer.save_steps=1"), env={"HOME": str(home)})
+    assert list_checkpoints(home / "runs" / "x") == [home / "runs" / "x" / "checkpoint-1"]
+    assert not (REPO / "~").exists()
+
+
+def test_output_dir_in_a_multirun_is_refused_naming_hydra_sweep_dir(tiny_model_dir, sample_file, tmp_path):
+    """Each job of a multirun writes to <hydra.sweep.dir>/<job number>: an output_dir would go unused, silently."""
+    sweep = tmp_path / "sweep"
+    proc = run_train("-m", f"model.path={tiny_model_dir('llama')}", f"data.train_file={sample_file}",
+                     f"output_dir={tmp_path / 'mine'}", f"hydra.sweep.dir={sweep}", "prefix.length=2,4", check=False)
+    assert proc.returncode == 1
+    assert (f"#0 (prefix.length=2): output_dir={tmp_path / 'mine'}: a multirun (-m) writes each job to "
+            f"hydra.sweep.dir/<job number> ({sweep}/0, /1, ...), not to output_dir; pass "
+            f"hydra.sweep.dir={tmp_path / 'mine'} instead") in proc.stderr, proc.stderr[-3000:]
+    assert not sweep.exists() and not (tmp_path / "mine").exists()
+
+
+def test_resume_latest_into_a_folder_made_for_this_run_warns_that_nothing_is_resumed(tiny_model_dir, sample_file,
+                                                                                     tmp_path):
+    out = tmp_path / "typo" / "run"
+    proc = run_train(*small_run(tiny_model_dir("llama"), sample_file, out, "resume=latest", "trainer.max_steps=1"))
+    assert (f"WARNING ptune.train] resume=latest: {out} was made just now for this run, so there is no checkpoint to "
+            "go on from; starting fresh") in proc.stderr, proc.stderr[-3000:]
+    proc = run_train(*small_run(tiny_model_dir("llama"), sample_file, out, "resume=latest", "trainer.max_steps=2"))
+    assert "made just now" not in proc.stderr and [r["step"] for r in logged(out)] == [1, 2]
 
 
 def test_group_by_length_run_resumes_bitwise(tiny_model_dir, sample_file, tmp_path):

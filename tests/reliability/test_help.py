@@ -3,6 +3,7 @@ explain every setting (Hydra prints the config without them)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -83,3 +84,14 @@ def test_values_ptune_rules_out_are_refused_before_torch_loads(command, args, me
     assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 2, proc.stderr
     assert proc.stderr.splitlines()[-1] == "torch imported: False", proc.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []  # train's outputs/<experiment>/<time> is made, then removed
+
+
+def test_an_interpolation_that_fails_is_named_by_its_setting(tmp_path):
+    """An override's own ${...} used to be resolved where ptune listed the overrides, with no setting named."""
+    proc = subprocess.run([sys.executable, "-m", "ptune.train", "data.train_file=${oc.env:PTUNE_TEST_UNSET}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PTUNE_TEST_UNSET"})
+    assert proc.returncode == 1
+    assert proc.stderr == ("error: data.train_file: KeyError raised while resolving interpolation: \"Environment "
+                           "variable 'PTUNE_TEST_UNSET' not found\"\n")
+    assert list(tmp_path.iterdir()) == []

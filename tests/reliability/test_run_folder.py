@@ -46,6 +46,23 @@ def test_a_fresh_start_among_an_earlier_runs_checkpoints_is_refused(setup, tmp_p
     assert snapshot(out, skip=("train.log",)) == {k: v for k, v in before.items() if k != "train.log"}
 
 
+def test_resuming_another_folders_checkpoint_among_this_folders_checkpoints_is_refused(setup, tmp_path):
+    """The two runs would mix: their checkpoints side by side, this folder's log cut back to the other's step."""
+    model, data, ref = setup
+    other = copy_of(ref, tmp_path / "other", keep=(2,))
+    out = copy_of(ref, tmp_path / "run", keep=(2, 4))
+    before = snapshot(out)
+    res = cli("ptune.train", *train_args(model, data, out, f"resume={other / 'checkpoint-2'}"))
+    assert_clean_error(res, f"resume={other / 'checkpoint-2'} is a checkpoint of another folder, and output_dir={out} "
+                            "already holds checkpoint-2, checkpoint-4 of its own run", f"(output_dir={other})")
+    assert snapshot(out, skip=("train.log",)) == {k: v for k, v in before.items() if k != "train.log"}
+    # into an empty folder it goes on from there, as into its own
+    res = cli("ptune.train", *train_args(model, data, tmp_path / "fresh", f"resume={other / 'checkpoint-2'}",
+                                         "trainer.max_steps=3"))
+    assert res.rc == 0, res.stderr[-2000:]
+    assert [r["step"] for r in logged(tmp_path / "fresh")][-1] == 3
+
+
 def test_a_rewind_keeps_the_checkpoint_it_saves_under_keep_last(setup, tmp_path):
     """Resumed from checkpoint-2 of a run that went on to checkpoint-4, with keep_last=1, the new checkpoint-3
     stays (pruning used to keep the highest step, the rewound run's checkpoint-4, and delete the new one)."""
