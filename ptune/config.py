@@ -3,6 +3,7 @@ refusal of settings a command does not have (the checks of values are ptune.sett
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager, suppress
 from importlib import resources
@@ -42,7 +43,7 @@ if not OmegaConf.has_resolver("ptune_asset"):
 if not OmegaConf.has_resolver("ptune_conf"):
     OmegaConf.register_new_resolver("ptune_conf", conf_path)
 if not OmegaConf.has_resolver("ptune_home"):  # output_dir="~/runs/x" is a folder in the home, not ./~/runs/x
-    OmegaConf.register_new_resolver("ptune_home", lambda path: str(Path(str(path)).expanduser()))
+    OmegaConf.register_new_resolver("ptune_home", lambda path: os.path.expanduser(str(path)))  # "" stays ""
 if not OmegaConf.has_resolver("ptune_groups"):
     OmegaConf.register_new_resolver("ptune_groups", conf_groups)
 

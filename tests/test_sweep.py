@@ -508,7 +508,7 @@ def test_a_checkpoint_removed_while_it_is_scored_is_not_made_again(run_copy, sam
     assert [int(r["step"]) for r in read_csv(run / "sweep" / "sweep.csv")] == [1, 3]
 
 
-
+def interrupt_at(monkeypatch, call: int) -> None:
     """Ctrl-C while the `call`-th checkpoint of the sweep generates (the ones before it are really scored)."""
     real, calls = ptune.evaluate.predict, []
 
