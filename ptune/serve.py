@@ -957,13 +957,13 @@ def _add_openai_api(app: FastAPI, cfg: DictConfig, engine: Engine, prompts: Prom
     def model_object() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "ptune"}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
         return {"object": "list", "data": [model_object()]}
 
     # `:path`, as the default id (<run folder>/checkpoint-N) holds a slash; OpenAI's client sends it as %2F,
     # which arrives decoded.
-    @app.get("/v1/models/{model_id:path}")
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model(model_id: str):
         if model_id != model_name:
             raise RequestError(404, f"no model {model_id!r} here: this server serves {model_name!r} alone",
@@ -1073,18 +1073,18 @@ def _add_page(app: FastAPI) -> None:
                                                "form-action 'none'; frame-ancestors 'none'",
                     "Cache-Control": "no-cache"}
 
-    @app.get("/")
-    @app.get("/chat")
+    @app.api_route("/", methods=["GET", "HEAD"])
+    @app.api_route("/chat", methods=["GET", "HEAD"])
     async def page():
         return FileResponse(str(web / "index.html"), media_type="text/html; charset=utf-8", headers=page_headers)
 
-    @app.get("/web/{name}")
+    @app.api_route("/web/{name}", methods=["GET", "HEAD"])
     async def web_file(name: str):
         if name not in WEB_FILES:
             return JSONResponse(error_body(f"no such file: {name}", "not_found"), status_code=404)
         return FileResponse(str(web / name), media_type=WEB_FILES[name], headers=page_headers)
 
-    @app.get("/favicon.ico")
+    @app.api_route("/favicon.ico", methods=["GET", "HEAD"])
     async def favicon():
         return Response(status_code=204)
 
@@ -1138,6 +1138,9 @@ def _bind(address: str, port: int) -> socket.socket:
 
 def _cannot_listen(host: str, address: str, port: int, e: OSError) -> ConfigError:
     where = "there" if address == host else f"on {address}"
+    if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:  # the host is at fault, not the port
+        return ConfigError(f"host={host}: cannot listen there ({e.strerror or e}); expected an address of this "
+                           "machine (127.0.0.1, ::1, localhost, or 0.0.0.0 for every interface)")
     return ConfigError(f"host={host} port={port}: cannot listen {where} ({e.strerror or e}); pick another port "
                        "(port=0 lets the system choose a free one)")
 

@@ -403,6 +403,15 @@ def serve(cfg: DictConfig) -> None:
     check_above_zero(cfg, "body_timeout_s", "the seconds a request body may take to arrive")
     check_above_zero(cfg, "shutdown_timeout_s", "the seconds a stopping server waits for its connections to close")
     check_count(cfg, "seed", least=0)
+    host = cfg.host
+    if not isinstance(host, str) or not host.strip():
+        # `host=$HOST` with HOST unset: bind() would take "" as every interface, the server open to the network.
+        raise ConfigError(f"host={host!r}: expected the address to listen on (127.0.0.1, the default, for this "
+                          "machine alone; 0.0.0.0 for every interface)")
+    name = cfg.get("model_name")
+    if name is not None and not isinstance(name, str):  # typed unquoted, 2024 is a number; OpenAI's ids are text
+        raise ConfigError(f"model_name={name!r}: expected text, the model's id in the API; quote it: "
+                          "'model_name=\"<name>\"'")
     if not (isinstance(cfg.port, int) and not isinstance(cfg.port, bool) and 0 <= cfg.port <= 65535):
         raise ConfigError(f"port={cfg.port!r}: expected a TCP port from 0 to 65535 (0: any free port)")
     if str(cfg.log_level) not in LOG_LEVELS:

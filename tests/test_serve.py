@@ -144,8 +144,10 @@ def test_openai_shape_and_stream_equal_evaluate(served):
     health = httpx.get(url + "/health").json()
     assert models["data"][0]["id"] == health["model"] == body["model"]
     assert health["checkpoint"] == str(cm.checkpoint) and health["step"] == 2
-    probe = httpx.head(url + "/health")  # how uptime monitors ask
-    assert probe.status_code == 200 and probe.content == b""
+    for path in ("/health", "/", "/chat", "/favicon.ico", "/v1/models", f"/v1/models/{body['model']}"):
+        probe = httpx.head(url + path)  # how uptime monitors ask: the GET's status, no body
+        assert (probe.status_code, probe.content) == (httpx.get(url + path).status_code, b""), path
+        assert probe.status_code in (200, 204), path
 
 
 def test_seeded_sampling_is_reproducible(served):
@@ -989,6 +991,16 @@ def test_an_ipv6_host_is_bracketed_in_the_startup_line(checkpoint, tmp_path):
     with served_by(serve_cmd(checkpoint, "host=::1"), REPO, os.environ, tmp_path / "serve.log", port=0) as (_, url):
         assert re.fullmatch(r"http://\[::1\]:\d+", url), url
         assert httpx.get(url + "/health", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("host, why", [("example.invalid", ""), ("192.0.2.1", "Cannot assign requested address")])
+def test_a_host_that_is_no_address_of_this_machine_is_refused_naming_the_host_not_the_port(host, why):
+    from ptune.errors import ConfigError
+    from ptune.serve import listen_sockets
+
+    with pytest.raises(ConfigError, match=rf"^host={host}: cannot listen there \(.*{why}.*\); expected an address of "
+                                          r"this machine \(127.0.0.1, ::1, localhost, or 0.0.0.0 for every interface\)$"):
+        listen_sockets(host, 0)
 
 
 @needs_ipv6

@@ -82,6 +82,9 @@ REFUSED = [  # (config, overrides, what the message says)
     ("serve", "model.quantization=int4 model.quantization_group_size=3", "group size 3: int4 needs an even group"),
     # conf/serve.yaml
     ("serve", "port=70000", "port=70000: expected a TCP port from 0 to 65535"),
+    ("serve", "host=", "host='': expected the address to listen on"),  # `host=$HOST`, HOST unset: every interface
+    ("serve", "host=null", "host=None: expected the address to listen on"),
+    ("serve", "model_name=2024", "model_name=2024: expected text, the model's id in the API; quote it"),
     ("serve", "max_batch_size=0", "max_batch_size=0: expected a whole number of at least 1"),
     ("serve", "batch_wait_ms=-1", "batch_wait_ms=-1: expected a whole number of at least 0"),
     ("serve", "cors_origins=[http://localhost:3000/]", "cors_origins[0]='http://localhost:3000/': expected an origin"),
