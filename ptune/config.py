@@ -157,12 +157,12 @@ def _make_folder(path: str, setting: str) -> None:
 
 @contextmanager
 def no_run_folder_if_refused(written: tuple[Path, ...] = ()):
-    """A run refused inside this block (a setting, a missing model folder, a bad data file) leaves no dated folder
-    behind: the job's folder is removed if it was made for this job (not the user's own) and holds nothing but the
+    """A run refused inside this block (a setting, a missing model folder, a bad data file), or stopped there by
+    Ctrl-C or SIGTERM before its first step, leaves no dated folder behind: the job's folder is removed if it was made for this job (not the user's own) and holds nothing but the
     files of `written`, which this job made (its train.log with the error, say), removed with it."""
     try:
         yield
-    except errors.USER_ERRORS:  # a bug keeps its folder and train.log, for the report
+    except (*errors.USER_ERRORS, KeyboardInterrupt):  # a bug keeps its folder and train.log, for the report
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 

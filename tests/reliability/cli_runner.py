@@ -138,6 +138,19 @@ def fault_oom_in_step(step: int) -> None:
     train_module.optimizer_step = optimizer_step
 
 
+def fault_sigterm_reading_data() -> None:
+    """SIGTERM arrives while the trainer reads and tokenizes its data, before the first step."""
+    import ptune.train as train_module
+
+    real = train_module.training_rows
+
+    def training_rows(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    train_module.training_rows = training_rows
+
+
 def fault_device_memory_cap(mib: int) -> None:
     """The CUDA allocator refuses to hold more than <mib> MiB: its own out-of-memory error, nothing injected."""
     import torch
@@ -148,7 +161,8 @@ def fault_device_memory_cap(mib: int) -> None:
 
 FAULTS = {"kill_in_save_file": fault_kill_in_save_file, "kill_at_fsync": fault_kill_at_fsync,
           "kill_between_renames": fault_kill_between_renames, "overflow_in_step": fault_overflow_in_step,
-          "oom_in_step": fault_oom_in_step, "device_memory_cap": fault_device_memory_cap}
+          "oom_in_step": fault_oom_in_step,
+          "sigterm_reading_data": fault_sigterm_reading_data, "device_memory_cap": fault_device_memory_cap}
 
 # ----------------------------------------------------------------------------------------- the child
 

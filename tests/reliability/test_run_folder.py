@@ -271,3 +271,12 @@ def test_an_empty_output_dir_is_refused_not_taken_as_the_current_folder(setup, t
     res = cli("ptune.train", *train_args(model, data, tmp_path / "unused"), "output_dir=")
     assert_clean_error(res, "error: output_dir is empty; pass the folder to write the run to")
     assert not (REPO / "train.log").exists() and not (REPO / "checkpoint-8").exists()
+
+
+def test_a_sigterm_before_the_first_step_leaves_no_fresh_run_folder(setup, tmp_path):
+    """Stopped while it read its data, a run that had made its folder (and its train.log) removes them again."""
+    model, data, _ = setup
+    out = tmp_path / "new" / "run"
+    res = cli("ptune.train", *train_args(model, data, out), fault={"fault": "sigterm_reading_data"})
+    assert res.rc == 128 + 15 and res.stderr.splitlines()[-1] == "train interrupted (SIGTERM)", res.stderr[-2000:]
+    assert not (tmp_path / "new").exists()
