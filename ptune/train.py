@@ -332,9 +332,10 @@ def on_rank0(accelerator: Accelerator, work) -> None:
 
 
 def restore(resume_from: Path, state: dict, optim_state: dict, lm: PrefixLM, model, optimizer, scaler,
-            cfg: DictConfig, plan: BatchPlan) -> tuple[int, int]:
+            cfg: DictConfig, plan: BatchPlan, prefix_config: dict) -> tuple[int, int]:
     """Load a checkpoint's prefix, optimizer and loss scale into this run; returns (step, skipped steps). Settings
-    that change the data order from here on are a warning; a different prefix cannot go on and is refused."""
+    that change the data order or the prompts from here on are a warning; a different prefix cannot go on and is
+    refused. `prefix_config`: what this run's checkpoints will record."""
     recorded = ckpt_io.read_prefix_config(resume_from)
     check_fits(recorded, model, str(resume_from))
     if recorded["prefix"] != lm.prefix.spec.to_dict():
@@ -360,6 +361,16 @@ def restore(resume_from: Path, state: dict, optim_state: dict, lm: PrefixLM, mod
                     "the data order from step %d on is not the one the original run would have seen",
                     resume_from, state["global_batch"], plan.global_batch, plan.micro_batch, plan.accumulation,
                     plan.world_size, start + 1)
+    def prompt_settings(config: dict) -> dict:  # how the rows were made: the data entry and the template
+        return {**{f"data.{k}": v for k, v in config.get("data", {}).items()},
+                **({"model.template": config["model"].get("template")} if "model" in config else {})}
+
+    was = prompt_settings(recorded)
+    changed = [f"{k} {was[k]!r} -> {v!r}" for k, v in prompt_settings(prefix_config).items() if k in was and was[k] != v]
+    if changed:
+        log.warning("resume=%s: %s; from step %d on the prefix trains on other prompts or targets than it was "
+                    "trained on so far (config.yaml now holds this run's settings; the checkpoint's own are in its "
+                    "prefix_config.json)", resume_from, ", ".join(changed), start + 1)
     return start, state.get("skipped_steps", 0)
 
 
@@ -433,7 +444,8 @@ def train(cfg: DictConfig) -> Path:
 
     start, skipped = 0, 0
     if resume_from is not None:
-        start, skipped = restore(resume_from, state, optim_state, lm, model, optimizer, scaler, cfg, plan)
+        start, skipped = restore(resume_from, state, optim_state, lm, model, optimizer, scaler, cfg, plan,
+                                 prefix_config)
 
     if start >= t.max_steps:  # config.yaml stays the config that trained the checkpoints
         log.warning("resume=%s is at step %d, trainer.max_steps=%d: nothing to train; raise trainer.max_steps to go "

@@ -178,9 +178,12 @@ def test_a_resume_takes_this_runs_optimizer_settings_and_says_what_changed(setup
     out = copy_of(ref, tmp_path / "run", keep=(2,))
     res = cli("ptune.train", *train_args(model, data, out, "resume=latest", "trainer.max_steps=4",
                                          "optim.weight_decay=0.5", "optim.eps=1e-6", "optim.betas=[0.8,0.99]", "seed=7",
-                                         "trainer.gradient_accumulation_steps=1"))
+                                         "trainer.gradient_accumulation_steps=1", "data.max_source_length=48",
+                                         "model.template=plain"))
     assert res.rc == 0, str(res)
     assert "optimizer betas (0.9, 0.999) -> (0.8, 0.99), eps 1e-08 -> 1e-06, weight_decay 0.0 -> 0.5" in res.stderr
+    assert (f"resume={out / 'checkpoint-2'}: data.max_source_length 128 -> 48, model.template 'chat_template' -> "
+            "'plain'; from step 3 on the prefix trains on other prompts or targets") in res.stderr, res.stderr[-3000:]
     assert "it was trained with seed 42, this run's is 7" in res.stderr
     assert "it was trained with global batch 4, this run's is 2 (2 x 1 x 1 ranks)" in res.stderr
     group = ck.load_trainer_state(out / "checkpoint-4")[1]["param_groups"][0]
