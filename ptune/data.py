@@ -388,8 +388,14 @@ def fit_prompt(tokenizer, ids: list[int], template: str, max_length: int, trunca
     head, tail = template_frame(tokenizer, ids, template)
     tail = min(tail, max_length)
     head = min(head, max_length - tail)
-    text = max_length - head - tail
-    return ids[:head] + ids[len(ids) - tail - text:]
+    start, end = len(ids) - max_length + head, len(ids) - tail
+    # A byte-level tokenizer spreads a character over several tokens; a cut between them would keep its last
+    # bytes, which decode to U+FFFD, no text at all. The kept text starts at the next whole character instead.
+    for _ in range(3):  # a UTF-8 character has at most 3 bytes after its first
+        if start >= end or not tokenizer.decode(ids[start:end]).startswith("\ufffd"):
+            break
+        start += 1
+    return ids[:head] + ids[start:]
 
 
 def report_cut_prompts(where, prompt_lengths: list[int], template: str, max_length: int, truncate_from: str) -> None:

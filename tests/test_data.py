@@ -906,3 +906,29 @@ def test_batchplan_global_batch_larger_than_dataset():
     plan = make_plan(n=3, micro=4, acc=2, world=1)  # 8 rows a step from 3 rows: spans three epochs
     counts = Counter(r for s in range(3) for r in plan.global_rows(s))
     assert counts == Counter({0: 8, 1: 8, 2: 8})
+
+
+def _byte_level_tokenizer():
+    """A byte-level BPE with no merges: every byte of a Chinese character is a token of its own."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"</s>": 0, **{c: i + 1 for i, c in enumerate(sorted(alphabet))}}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>")
+
+
+@pytest.mark.parametrize("keep", range(4, 12))
+def test_a_left_cut_never_keeps_part_of_a_character(keep):
+    """Cut from the left at any byte, the kept text starts at a whole character: 类型#裤 is 3 bytes a character
+    but for the #, and a cut inside one used to keep its last bytes, decoding to U+FFFD."""
+    bt = _byte_level_tokenizer()
+    text = "类型#裤*材质"
+    whole = bt.encode(text, add_special_tokens=False)
+    assert len(whole) == 3 * 5 + 2
+    kept = fit_prompt(bt, whole, "plain", keep, "left")
+    decoded = bt.decode(kept)
+    assert "\ufffd" not in decoded and text.endswith(decoded) and keep - 2 <= len(kept) <= keep, (kept, decoded)
