@@ -315,6 +315,32 @@ def test_convert_state_dict_refuses_missing_parameters_unless_not_strict():
     assert "model.layers.1.mlp.down_proj.weight" not in convert_state_dict(sd, cfg, strict=False)
 
 
+@pytest.mark.parametrize("multi_query, groups, layout", [
+    (True, 2, "split"), (True, 4, "split"),  # multi-query with as many groups as heads: still split
+    (False, 2, "per head"),  # the group count is ignored without the flag
+])
+def test_fused_query_key_value_rows_are_split_as_the_reference_lays_them_out(multi_query, groups, layout):
+    """The reference's SelfAttention splits [all q | all k | all v] under multi_query_attention and views the
+    rows per head ([head][q|k|v][dim]) without it, whatever multi_query_group_num says."""
+    cfg = {**json.loads((TINY / "config.json").read_text()), "multi_query_attention": multi_query,
+           "multi_query_group_num": groups}
+    sd = {k: v for k, v in load_file(str(TINY / "model.safetensors")).items() if "query_key_value" not in k}
+    heads, dim = cfg["num_attention_heads"], cfg["kv_channels"]
+    kv = groups if multi_query else heads
+    rows = torch.arange(float((heads + 2 * kv) * dim))[:, None].expand(-1, cfg["hidden_size"]).contiguous()
+    for layer in range(cfg["num_layers"]):
+        sd[f"transformer.encoder.layers.{layer}.self_attention.query_key_value.weight"] = rows
+        sd[f"transformer.encoder.layers.{layer}.self_attention.query_key_value.bias"] = rows[:, 0].clone()
+    out = convert_state_dict(sd, cfg)
+    q, k, v = (out[f"model.layers.0.self_attn.{n}_proj.weight"][:, 0] for n in "qkv")
+    if layout == "split":
+        expected = torch.arange(float((heads + 2 * kv) * dim)).split([heads * dim, kv * dim, kv * dim])
+    else:
+        per_head = torch.arange(float(3 * heads * dim)).reshape(heads, 3, dim)
+        expected = tuple(per_head[:, j].reshape(-1) for j in range(3))
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), expected))
+
+
 @pytest.mark.parametrize("content, fault", [
     ("{x", "not valid JSON (Expecting property name"),
     ("[1]", "a JSON list, expected an object"),

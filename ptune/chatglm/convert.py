@@ -56,6 +56,7 @@ __all__ = [
     "glm_config_from_chatglm",
     "convert_state_dict",
     "convert_tensor",
+    "qkv_per_head",
     "weight_files",
     "load_chatglm",
 ]
@@ -158,13 +159,13 @@ def _qkv_sizes(config: GlmConfig) -> list[int]:
     return [config.num_attention_heads * d, config.num_key_value_heads * d, config.num_key_value_heads * d]
 
 
-def _split_qkv(tensor: torch.Tensor, config: GlmConfig) -> tuple[torch.Tensor, ...]:
+def _split_qkv(tensor: torch.Tensor, config: GlmConfig, per_head: bool) -> tuple[torch.Tensor, ...]:
     sizes = _qkv_sizes(config)
     if tensor.shape[0] != sum(sizes):
         raise ChatGLMConversionError(
             f"query_key_value has {tensor.shape[0]} rows, the config implies {sum(sizes)} "
             f"({config.num_attention_heads} heads + 2 x {config.num_key_value_heads} key/value groups of {config.head_dim})")
-    if config.num_key_value_heads == config.num_attention_heads:
+    if per_head:
         # Without multi-query attention the fused rows are laid out per head: [head][q|k|v][dim].
         h, d = config.num_attention_heads, config.head_dim
         per_head = tensor.reshape(h, 3, d, *tensor.shape[1:])
@@ -187,9 +188,19 @@ _TOP_MAP = {
 _LAYER_PREFIX = "transformer.encoder.layers."
 
 
-def convert_tensor(name: str, tensor: torch.Tensor, config: GlmConfig) -> list[tuple[str, torch.Tensor]] | None:
+def qkv_per_head(chatglm_config: dict) -> bool:
+    """How a ChatGLM config's fused query_key_value rows are laid out: per head ([head][q|k|v][dim]) without
+    multi-query attention, else [all q | all k | all v], whatever the number of groups (the reference's
+    SelfAttention branches on the flag alone)."""
+    return not chatglm_config.get("multi_query_attention", False)
+
+
+def convert_tensor(name: str, tensor: torch.Tensor, config: GlmConfig,
+                   per_head_qkv: bool | None = None) -> list[tuple[str, torch.Tensor]] | None:
     """Native ``(name, tensor)`` pairs for one ChatGLM parameter; ``[]`` for one that is dropped,
-    ``None`` for a name that is not a ChatGLM2/3 parameter at all."""
+    ``None`` for a name that is not a ChatGLM2/3 parameter at all. ``per_head_qkv``: the ChatGLM config's
+    ``not multi_query_attention`` (see qkv_per_head); None guesses it from ``config``, which cannot tell
+    multi-query attention with as many groups as heads from none."""
     if name in _TOP_MAP:
         return [(_TOP_MAP[name], tensor)]
     if name.endswith(_IGNORED_SUFFIXES):
@@ -203,7 +214,10 @@ def convert_tensor(name: str, tensor: torch.Tensor, config: GlmConfig) -> list[t
             return [(base + _LAYER_MAP[rest], tensor)]
         if rest in ("self_attention.query_key_value.weight", "self_attention.query_key_value.bias"):
             kind = rest.rsplit(".", 1)[1]
-            q, k, v = _split_qkv(tensor, config)
+            per_head = per_head_qkv
+            if per_head is None:
+                per_head = config.num_key_value_heads == config.num_attention_heads
+            q, k, v = _split_qkv(tensor, config, per_head)
             return [(f"{base}self_attn.q_proj.{kind}", q), (f"{base}self_attn.k_proj.{kind}", k),
                     (f"{base}self_attn.v_proj.{kind}", v)]
     return None
@@ -217,6 +231,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: GlmConfig | 
     (``transformer.prefix_encoder.*``) are not part of the base model and are skipped with a warning.
     With ``strict``, unknown names and parameters of the config that no tensor gives raise, listing them.
     """
+    per_head = qkv_per_head(config) if isinstance(config, dict) else None
     if isinstance(config, dict):
         config = glm_config_from_chatglm(config)
     out: dict[str, torch.Tensor] = {}
@@ -225,7 +240,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: GlmConfig | 
         if name.startswith(_PREFIX_ENCODER):
             prefix.append(name)
             continue
-        pairs = convert_tensor(name, tensor, config)
+        pairs = convert_tensor(name, tensor, config, per_head)
         if pairs is None:
             unexpected.append(name)
             continue
@@ -383,7 +398,7 @@ def load_chatglm(
             if name.startswith(_PREFIX_ENCODER):
                 prefix_keys += 1
                 continue
-            pairs = convert_tensor(name, tensor, config)
+            pairs = convert_tensor(name, tensor, config, qkv_per_head(cfg))
             if pairs is None:
                 unexpected.append(f"{name} ({file.name})")
                 continue
