@@ -69,10 +69,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from torch import nn
 
-from ptune.errors import QuantizationError
+from ptune.errors import QuantizationError, first_line
 from ptune.settings import DEFAULT_GROUP_SIZE, check_mode
 
 log = logging.getLogger(__name__)
@@ -451,9 +450,25 @@ def source_fingerprint(path: str | Path) -> dict:
 
 def _read_meta(directory: Path) -> dict | None:
     try:
-        return json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return meta if isinstance(meta, dict) else None
+
+
+# What a cache folder holds (save_quantized); files of an interrupted write start with a dot.
+CACHE_FILES = (WEIGHTS_FILE, META_FILE, "config.json", "generation_config.json")
+
+
+def check_cache_folder(directory: Path) -> None:
+    """Refuse a cache folder that holds files of its own (another model, say): a save writes over config.json."""
+    others = sorted(p.name for p in directory.iterdir() if p.name not in CACHE_FILES
+                    and not p.name.startswith(".")) if directory.is_dir() else []
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise QuantizationError(f"model.quantization_cache={directory}: holds {shown}, so it is not a quantized "
+                                "cache, and writing one there would replace its config.json; give an empty or new "
+                                "folder")
 
 
 def cache_matches(directory: str | Path, mode: str, group_size: int = DEFAULT_GROUP_SIZE, dtype: torch.dtype | None = None,
@@ -604,13 +619,20 @@ def quantized_base(load_float: Callable[[], nn.Module], mode: str, group_size: i
     """The quantized base: from `cache_dir` when it holds this mode/group/dtype of `source`'s current
     files, else `load_float()` quantized layer by layer onto `device` (and saved to `cache_dir` when given)."""
     check_mode(mode, group_size)
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir).expanduser()
+        check_cache_folder(cache_dir)
     fingerprint = source_fingerprint(source) if source is not None else None
     if cache_dir is not None and cache_matches(cache_dir, mode, group_size, dtype, fingerprint):
         log.info("loading the %s-quantized base from %s", mode, cache_dir)
         try:
             return load_quantized(cache_dir, device=device, dtype=dtype, attn_implementation=attn_implementation)
-        except (SafetensorError, QuantizationError) as e:  # damaged after it was written (a cut copy, a full disk)
-            log.warning("the quantized cache in %s cannot be read (%s); rebuilding it from the base model", cache_dir, e)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- damaged after it was written (a cut copy, a full disk, an edit):
+            # whatever it is, the base it was made from makes it again
+            log.warning("the quantized cache in %s cannot be read (%s: %s); rebuilding it from the base model",
+                        cache_dir, type(e).__name__, first_line(e))
     model = load_float()
     quantize_model(model, mode, group_size, device=device)
     model.to(device)

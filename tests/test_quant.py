@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -429,23 +431,59 @@ def test_cache_of_an_older_layout_is_rebuilt_not_misread(tmp_path, tiny_model_di
     assert torch.equal(logits(fresh), logits(rebuilt))
 
 
-@pytest.mark.parametrize("damage", [
-    pytest.param(lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), id="truncated"),
-    pytest.param(lambda p: p.write_bytes(b"\x00" * 64), id="zeroed"),
+def _without_layers(p: Path) -> None:
+    meta = json.loads(p.read_text())
+    del meta["layers"]
+    p.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("file, damage, warned", [
+    pytest.param(Q.WEIGHTS_FILE, lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), True,
+                 id="truncated"),
+    pytest.param(Q.WEIGHTS_FILE, lambda p: p.write_bytes(b"\x00" * 64), True, id="zeroed"),
+    pytest.param("config.json", lambda p: p.write_text("\n"), True, id="config-emptied"),
+    pytest.param("config.json", Path.unlink, True, id="config-deleted"),
+    pytest.param("generation_config.json", lambda p: p.write_text("{x"), True, id="generation-config-broken"),
+    pytest.param(Q.META_FILE, lambda p: p.write_text("[]"), False, id="meta-a-list"),  # no cache at all: rebuilt
+    pytest.param(Q.META_FILE, _without_layers, True, id="meta-without-layers"),
 ])
-def test_a_damaged_cache_is_rebuilt(tmp_path, tiny_model_dir, caplog, damage):
-    """A cache cut short after it was written (a copy interrupted, a full disk) is rebuilt with a warning."""
+def test_a_damaged_cache_is_rebuilt(tmp_path, tiny_model_dir, caplog, file, damage, warned):
+    """A cache damaged after it was written (a copy interrupted, a full disk, an edit) is rebuilt with a
+    warning, whichever of its files it is."""
     src = tiny_model_dir("llama")
     cache = tmp_path / "cache"
     load_float, calls = counting_loader(src)
     kw = dict(cache_dir=cache, source=src, dtype=torch.float32, attn_implementation="sdpa")
     fresh = Q.quantized_base(load_float, "int4", 32, **kw)
-    damage(cache / Q.WEIGHTS_FILE)
+    damage(cache / file)
     with caplog.at_level("WARNING", logger="ptune.quant"):
         rebuilt = Q.quantized_base(load_float, "int4", 32, **kw)
-    assert len(calls) == 2 and f"the quantized cache in {cache} cannot be read" in caplog.text
+    assert len(calls) == 2
+    assert (f"the quantized cache in {cache} cannot be read" in caplog.text) == warned
     assert torch.equal(logits(fresh), logits(rebuilt))
     assert torch.equal(logits(Q.quantized_base(load_float, "int4", 32, **kw)), logits(fresh)) and len(calls) == 2
+
+
+def test_a_cache_folder_holding_other_files_is_refused_and_left_alone(tmp_path, tiny_model_dir):
+    """Another model's folder given as the cache: writing the cache would replace its config.json."""
+    src = tiny_model_dir("llama")
+    other = tmp_path / "other"
+    shutil.copytree(src, other)
+    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    load_float, calls = counting_loader(src)
+    with pytest.raises(Q.QuantizationError, match=rf"^model.quantization_cache={other}: holds \w.*model.safetensors.* "
+                                                  r"and \d+ more, so it is not a quantized cache"):
+        Q.quantized_base(load_float, "int8", cache_dir=other, source=src, dtype=torch.float32)
+    assert calls == [] and {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
+
+
+def test_a_cache_folder_starting_with_a_tilde_is_in_the_home_folder(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    src = tiny_model_dir("llama")
+    load_float, _ = counting_loader(src)
+    Q.quantized_base(load_float, "int8", cache_dir="~/q8", source=src, dtype=torch.float32)
+    assert (tmp_path / "home" / "q8" / Q.META_FILE).is_file() and not (tmp_path / "~").exists()
 
 
 def test_incomplete_cache_is_refused(tmp_path):
