@@ -245,8 +245,12 @@ def verify_model(model_dir: str | os.PathLike, prompt: str = "What is the capita
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    if not (Path(model_dir) / "config.json").is_file():  # else transformers takes the path for a hub name
+        raise QuickstartError(f"{model_dir}: " + ("no config.json in it; expected a model folder"
+                                                  if Path(model_dir).is_dir() else "no such folder")
+                              + f" (`python -m ptune.quickstart prepare-model --out {model_dir}` makes one)")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
     model.eval()
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -580,6 +584,12 @@ def write_adgen_sample(path: str | os.PathLike, n: int = SAMPLE_ROWS, seed: int 
 # ---------------------------------------------------------------------------
 
 
+def _rows(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a whole number of at least 1")
+    return int(value)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ptune.quickstart", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -597,7 +607,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     ws = sub.add_parser("write-sample", help="write the AdvertiseGen-format sample dataset")
     ws.add_argument("--out", required=True, help="output .jsonl path")
-    ws.add_argument("--n", type=int, default=SAMPLE_ROWS, help="number of rows")
+    ws.add_argument("--n", type=_rows, default=SAMPLE_ROWS, help="number of rows")
     ws.add_argument("--seed", type=int, default=SAMPLE_SEED, help="random seed")
     return p
 
@@ -621,7 +631,10 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "verify-model":
         print(verify_model(args.model, prompt=args.prompt))
     elif args.command == "write-sample":
-        path = write_adgen_sample(args.out, n=args.n, seed=args.seed)
+        try:
+            path = write_adgen_sample(args.out, n=args.n, seed=args.seed)
+        except OSError as e:  # a folder there, a file where a folder should be, no permission
+            raise QuickstartError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
         _log(f"wrote {args.n} rows to {path}")
 
 

@@ -92,6 +92,26 @@ def test_write_sample_cli(tmp_path):
     assert len(_read_rows(out)) == 12
 
 
+def test_write_sample_refuses_what_it_cannot_write_in_one_line(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert qs.main(["write-sample", "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"error: --out {tmp_path}: cannot write there (Is a directory)\n"
+    assert qs.main(["write-sample", "--out", str(tmp_path / "a-file" / "x.jsonl")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / 'a-file' / 'x.jsonl'}: cannot write there")
+    with pytest.raises(SystemExit) as e:
+        qs.main(["write-sample", "--out", str(tmp_path / "x.jsonl"), "--n", "-3"])
+    assert e.value.code == 2 and "argument --n: '-3': expected a whole number of at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_verify_model_of_a_missing_folder_says_so_and_never_asks_the_hub(tmp_path, capsys, monkeypatch):
+    """transformers would take a path that is not there for a model name and try to download it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert qs.main(["verify-model", "--model", str(tmp_path / "nosuch")]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'nosuch'}: no such folder (`python -m ptune.quickstart "
+                                       f"prepare-model --out {tmp_path / 'nosuch'}` makes one)\n")
+
+
 # --- model cache -----------------------------------------------------------
 
 
