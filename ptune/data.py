@@ -285,17 +285,26 @@ def check_template_fits(tokenizer, template: str) -> None:
                           "ChatGLM2's round format")
 
 
+def _apply_chat_template(tokenizer, messages: list[dict], tokenize: bool):
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=tokenize)
+    except TemplateError as e:  # the template's own raise_exception: Gemma-2's has no system role, say
+        raise DataError(f"the model's chat template refuses these messages: {e}") from None
+
+
 def chat_template_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Ids of `messages` under the tokenizer's chat template, generation prompt included. The template's
     markers are control tokens; the messages' text is read as text (:func:`text_ids`)."""
     check_template_fits(tokenizer, "chat_template")
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = _apply_chat_template(tokenizer, messages, tokenize=True)
     ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     spellings = _special_spellings(tokenizer)
     if not any(s and s in m["content"] for m in messages for s in spellings):
         return ids  # the common case, tokenized as the template's own code does it
     slotted = [{**m, "content": _SLOT.format(i)} for i, m in enumerate(messages)]
-    rendered = tokenizer.apply_chat_template(slotted, add_generation_prompt=True, tokenize=False)
+    rendered = _apply_chat_template(tokenizer, slotted, tokenize=False)
     pieces = _SLOTS.split(rendered)  # template, slot number, template, slot number, ..., template
     if [int(n) for n in pieces[1::2]] != list(range(len(messages))):
         if tokenizer.chat_template not in _WARNED_TEMPLATES:

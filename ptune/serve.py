@@ -67,7 +67,7 @@ from ptune.chat import ChatModel, StreamDecoder, build_prompt, decode_reply, fit
 from ptune.settings import API_KEY_ENV, api_key_of
 from ptune.data import encodable, left_pad
 from ptune.generate import generate, release_decoding_memory
-from ptune.errors import ConfigError, exit_on_user_error, first_line
+from ptune.errors import ConfigError, DataError, exit_on_user_error, first_line
 from ptune.logs import setup_logging
 
 log = logging.getLogger("ptune.serve")
@@ -782,7 +782,10 @@ class Prompts:
         self.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     def checked_prompt(self, query: str, history, system: str | None, param: str) -> list[int]:
-        ids = build_prompt(self.cm.tokenizer, self.cm.template, query, history, system)
+        try:
+            ids = build_prompt(self.cm.tokenizer, self.cm.template, query, history, system)
+        except DataError as e:  # the chat template refuses the messages
+            raise RequestError(400, str(e), param, "unsupported_messages") from None
         # A template's role tokens make an empty query more than 0 tokens, yet there is still nothing to answer;
         # nor is there in spaces and newlines alone.
         if not query.strip() or not ids:

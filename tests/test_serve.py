@@ -71,6 +71,28 @@ def served_gpt2(tiny_model_dir):
     live.stop()
 
 
+def test_messages_the_chat_template_refuses_are_a_400_naming_why(checkpoint):
+    """Gemma-2's template raises on a system message; the server answered 500 with no message."""
+    from ptune.serve import create_app
+
+    cfg = compose("serve", f"checkpoint={checkpoint}", "device=cpu", "max_new_tokens=2")
+    cm = load_chat_model(cfg)
+    cm.tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                                  "supported') }}{% endif %}" + cm.tokenizer.chat_template)
+    live = LiveServer(create_app(cm, cfg))
+    try:
+        user = {"role": "user", "content": "hi"}
+        r = httpx.post(live.url + "/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "system", "content": "be brief"}, user]})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"] == ("the model's chat template refuses these messages: System role not "
+                                                "supported")
+        assert r.json()["error"]["code"] == "unsupported_messages"
+        assert httpx.post(live.url + "/v1/chat/completions", json={"messages": [user]}, timeout=60).status_code == 200
+    finally:
+        live.stop()
+
+
 def greedy(cm, prompt: list[int], max_new_tokens: int = MAX_NEW) -> str:
     """What `python -m ptune.evaluate` generates for this prompt."""
     gen = OmegaConf.create({"max_new_tokens": max_new_tokens, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "compile_step": False,
