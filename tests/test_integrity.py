@@ -128,6 +128,37 @@ def test_wrong_size_fails_the_cheap_check(folder):
         verify_dir(d, level="size", manifest=m, raise_on_error=True)
 
 
+def test_a_damaged_zip_directory_is_damaged_whatever_zipfile_raises(folder):
+    """A byte changed in a shard's zip directory can make zipfile raise UnicodeDecodeError or
+    NotImplementedError, which came out as a traceback."""
+    d, names = folder
+    f = d / names[1]
+    data = bytearray(f.read_bytes())
+    entry = data.find(b"PK\x01\x02")  # the first central-directory entry; its file name starts 46 bytes in
+    data[entry + 46] = 0xFF
+    f.write_bytes(bytes(data))
+    checks = {c.name: c for c in verify_dir(d, level="size")}
+    assert checks[names[1]].status == "DAMAGED"
+    assert checks[names[1]].detail.startswith("the zip directory at the end of the file is unreadable "
+                                              "(UnicodeDecodeError: ")
+
+
+def test_a_folder_with_both_indexes_and_one_formats_shards_is_complete(tmp_path):
+    """Downloaded with --include '*.safetensors' '*.json': the .bin index's shards are not there, nor needed."""
+    d = tmp_path / "st"
+    make_bin_folder(tmp_path / "bin")
+    d.mkdir()
+    shutil.copyfile(TINY / "config.json", d / "config.json")
+    shutil.copyfile(tmp_path / "bin" / "pytorch_model.bin.index.json", d / "pytorch_model.bin.index.json")
+    shutil.copyfile(TINY / "model.safetensors", d / "model-00001-of-00001.safetensors")
+    weight_map = dict.fromkeys(load_file(str(TINY / "model.safetensors")), "model-00001-of-00001.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    checks = verify_dir(d, level="full")
+    assert [c.name for c in checks] == ["model-00001-of-00001.safetensors"] and not any(c.failed for c in checks)
+    model = load_chatglm(d, dtype=torch.float32, verify="size")
+    assert model.config.num_hidden_layers == 2
+
+
 def test_truncated_safetensors_is_damaged(tmp_path):
     d = tmp_path / "st"
     shutil.copytree(TINY, d)

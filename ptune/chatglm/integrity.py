@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ptune.errors import first_line
 from ptune.files import read_json_object, sha256_file, write_text_atomic
 
 __all__ = [
@@ -131,8 +132,9 @@ def _structure_problem(path: Path) -> str | None:
         try:
             with zipfile.ZipFile(path) as z:
                 z.infolist()
-        except (zipfile.BadZipFile, OSError) as e:
-            return f"the zip directory at the end of the file is unreadable ({e}; truncated download?)"
+        except Exception as e:  # noqa: BLE001 -- a damaged directory makes zipfile raise almost anything
+            return (f"the zip directory at the end of the file is unreadable ({type(e).__name__}: {first_line(e)}; "
+                    "truncated or damaged download?)")
     return None
 
 
@@ -239,10 +241,13 @@ def read_weight_map(index: Path) -> dict[str, str]:
 
 
 def _listed_files(path: Path) -> list[str]:
+    """The weight files present, and the shards of the index the loader reads (the first of INDEX_FILES there,
+    as ptune.chatglm.convert.weight_files takes it): a folder may hold both formats' indexes and one format's
+    shards, and the other format's are not needed."""
     names = {p.name for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES}
-    for index in INDEX_FILES:
-        if (path / index).is_file():
-            names |= set(read_weight_map(path / index).values())
+    index = next((path / name for name in INDEX_FILES if (path / name).is_file()), None)
+    if index is not None:
+        names |= set(read_weight_map(index).values())
     return sorted(names)
 
 
