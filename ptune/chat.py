@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ptune.settings import resolve_device
-from ptune.data import check_template_fits, encodable, prompt_ids, whole_characters
+from ptune.data import check_template_fits, decode_reply, encodable, prompt_ids
 from ptune.generate import generate, release_decoding_memory, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error, first_line, stopped, terminating
 from ptune.logs import setup_logging
@@ -107,17 +107,6 @@ def fit_history(tokenizer, template: str, query: str, history, max_prompt_tokens
         else:
             low = middle + 1
     return build_prompt(tokenizer, template, query, history[high:], system), history[high:]
-
-
-def decode_reply(tokenizer, tokens: list[int]) -> str:
-    """The text of a reply's tokens, as chat and the server show it, streamed or not.
-
-    Without the tokenizer's space cleanup: it rewrites text already streamed ('a ' then 'a ,' becomes
-    'a,'), which a stream cannot take back, so a streamed reply would part from the same reply sent whole.
-    Without a last character the tokens end part-way through (:func:`ptune.data.whole_characters`): a stream
-    shows it once the next token completes it, a reply cut by its token limit never.
-    """
-    return whole_characters(tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
 
 class StreamDecoder:

@@ -255,6 +255,20 @@ def whole_characters(text: str) -> str:
     return text.rstrip("\ufffd")
 
 
+def decode_text(tokenizer, tokens: list[int]) -> str:
+    """The text of tokens as ptune shows and scores it everywhere (evaluate's predictions and references, chat,
+    serve): special tokens left out, and without the tokenizer's space cleanup, which rewrites text already
+    streamed ('a ' then 'a ,' becomes 'a,') and so would part a streamed reply from the same reply sent whole."""
+    return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def decode_reply(tokenizer, tokens: list[int]) -> str:
+    """The text of a reply's tokens (decode_text), without a last character the tokens end part-way through
+    (:func:`whole_characters`): a stream shows it once the next token completes it, a reply cut by its token
+    limit never."""
+    return whole_characters(decode_text(tokenizer, tokens))
+
+
 def text_ids(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
     """Ids of `text` read as text: a special token's spelling in it ("</s>", "<|im_end|>") stays those
     characters instead of becoming the control token, which would end a training target early or let a

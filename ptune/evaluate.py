@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from ptune import settings
 from ptune.settings import resolve_device
-from ptune.data import (Columns, fit_prompt, left_pad, load_examples, prompt_ids, report_cut_prompts, text_ids,
-                        whole_characters)
+from ptune.data import (Columns, decode_reply, decode_text, fit_prompt, left_pad, load_examples, prompt_ids,
+                        report_cut_prompts, text_ids)
 from ptune.generate import generate, release_decoding_memory, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error, first_line
 from ptune.logs import peak_memory_gib, setup_logging
@@ -74,8 +74,8 @@ def build_eval_set(examples, tokenizer, data_cfg: dict, template: str, limit: in
         prompts.append(fit_prompt(tokenizer, whole, template, data_cfg["max_source_length"], side))
         lengths.append(len(whole))
         target = text_ids(tokenizer, row["response"])
-        label = tokenizer.decode(target[: data_cfg["max_target_length"]], skip_special_tokens=True)
-        labels.append(whole_characters(label) if len(target) > data_cfg["max_target_length"] else label)
+        cut = target[: data_cfg["max_target_length"]]
+        labels.append(decode_reply(tokenizer, cut) if len(cut) < len(target) else decode_text(tokenizer, cut))
     report_cut_prompts(data_cfg.get("eval_file", "eval file"), lengths, template, data_cfg["max_source_length"], side)
     return EvalSet(prompts, labels, list(examples["prompt"]), rows_in_file)
 
@@ -169,7 +169,7 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
                 # The reply ends before its stop token, as in chat and serve: an extra stop token that is an
                 # ordinary one (a newline, say) is not part of the prediction, nor is the padding after it.
                 reply = row[:next((j for j, t in enumerate(row) if t in stops), len(row))]
-                texts[i] = whole_characters(tokenizer.decode(reply, skip_special_tokens=True))
+                texts[i] = decode_reply(tokenizer, reply)  # what chat and serve answer
                 new_tokens += len(reply)
             bar.update(len(idx))
     wall = time.perf_counter() - start

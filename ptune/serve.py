@@ -63,9 +63,9 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
                       field_validator)
 from pydantic_core import PydanticCustomError
 
-from ptune.chat import ChatModel, StreamDecoder, build_prompt, decode_reply, fit_history, load_chat_model
+from ptune.chat import ChatModel, StreamDecoder, build_prompt, fit_history, load_chat_model
 from ptune.settings import API_KEY_ENV, api_key_of
-from ptune.data import encodable, left_pad
+from ptune.data import decode_reply, encodable, left_pad
 from ptune.generate import generate, release_decoding_memory
 from ptune.errors import ConfigError, DataError, exit_on_user_error, first_line
 from ptune.logs import setup_logging

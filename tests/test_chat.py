@@ -17,7 +17,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import build_tokenizer, device_memory_cap
-from ptune.chat import StreamDecoder, decode_reply, load_chat_model
+from ptune.chat import StreamDecoder, load_chat_model
+from ptune.data import decode_reply
 from ptune.data import prompt_ids
 from ptune.evaluate import predict
 

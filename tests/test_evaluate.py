@@ -336,6 +336,23 @@ def test_a_stopped_write_never_leaves_new_predictions_under_old_scores(ckpt, sam
     assert sorted(p.name for p in out.iterdir()) == ["generated_predictions.jsonl"]  # no temporary file left
 
 
+def test_references_are_decoded_as_chat_and_serve_decode_replies(tmp_path):
+    """With a tokenizer saved with clean_up_tokenization_spaces on, decoding rewrote 'S , M' to 'S, M' in the
+    scored texts but not in what chat and serve answer: one rule (ptune.data.decode_text) for both now."""
+    from ptune.data import decode_reply, text_ids
+
+    tok = build_tokenizer(tmp_path / "tok")
+    tok.clean_up_tokenization_spaces = True
+    reference = "Size S , M . Don 't"
+    assert tok.decode(text_ids(tok, reference), skip_special_tokens=True) != reference  # what the cleanup does
+    data = tmp_path / "dev.jsonl"
+    data.write_text(json.dumps({"content": "q", "summary": reference}) + "\n", encoding="utf-8")
+    data_cfg = {"prompt_column": "content", "response_column": "summary", "history_column": None,
+                "max_source_length": 6, "max_target_length": 64, "truncate_source_from": "right"}
+    (label,) = ev.build_eval_set(ev.eval_examples(data, data_cfg), tok, data_cfg, "plain").labels
+    assert label == decode_reply(tok, text_ids(tok, reference)) == reference
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_eval_prompts_are_cut_as_training_cuts_them(tmp_path, side):
     """Evaluate builds its prompts with the training code: left truncation keeps the chat template's user
