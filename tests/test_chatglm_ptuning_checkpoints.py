@@ -166,10 +166,32 @@ def test_import_refuses_to_replace_an_existing_checkpoint(base, tmp_path, capsys
     shutil.copytree(REF_DIR, old)
     assert ptuning.main(["import", str(old), str(run)]) == 1
     err = capsys.readouterr().err
-    assert err == f"error: {existing}: exists; import into another run folder (or remove it first)\n"
+    assert err == (f"error: {run}: holds checkpoint-3 of another run; import into an empty or new folder (the "
+                   f"checkpoints of {tmp_path} may share one)\n")
     assert {p.name: p.read_bytes() for p in existing.iterdir()} == before
-    # Another step of the same run is imported as before.
-    assert ptuning.import_checkpoint(REF_DIR, run) == run / "checkpoint-0"
+    old = tmp_path / "checkpoint-3000"  # another step: resume=latest would have picked it over the run's own
+    shutil.copytree(REF_DIR, old)
+    assert ptuning.main(["import", str(old), str(run)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {run}: holds checkpoint-3 of another run")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-3"]
+    # Into a folder of its own, the same reference step twice is refused; another step of that run goes in too.
+    imported = tmp_path / "imported"
+    assert ptuning.main(["import", str(old), str(imported)]) == 0
+    assert ptuning.main(["import", str(old), str(imported)]) == 1
+    assert capsys.readouterr().err.endswith(f"error: {imported / 'checkpoint-3000'}: exists; import into another run "
+                                            "folder (or remove it first)\n")
+    assert ptuning.main(["import", str(tmp_path / "checkpoint-3"), str(imported)]) == 0
+    assert sorted(p.name for p in imported.iterdir()) == ["checkpoint-3", "checkpoint-3000"]
+
+
+def test_import_refuses_a_base_the_prefix_does_not_fit(tmp_path, tiny_model_dir):
+    old = tmp_path / "checkpoint-3000"
+    shutil.copytree(REF_DIR, old)
+    llama = tiny_model_dir("llama")
+    with pytest.raises(ptuning.PtuningFormatError, match=rf"^--base {llama}: the prefix of {old} does not fit it "
+                                                         r"\(.*head_dim: prefix 16 vs base \d+.*\); pass the base"):
+        ptuning.import_checkpoint(old, tmp_path / "run", base_path=str(llama))
+    assert not (tmp_path / "run").exists()
 
 
 def test_export_refuses_prefixes_that_are_not_chatglm_shaped(base, tmp_path, capsys):

@@ -219,9 +219,18 @@ def import_checkpoint(old_dir, run_dir, base_path: str | None = None) -> Path:
         if not (base / "config.json").is_file():
             raise PtuningFormatError(f"--base {base_path}: no config.json there; pass the folder of the base model "
                                      "the prefix was trained on (or leave --base out and pass model.path= when loading)")
+        _check_base_fits(base, config["prefix"], old_dir)
         # Absolute: the checkpoint is loaded from other working folders than the one it was imported in.
         config["base"]["path"] = config["model"]["path"] = str(base.resolve())
     step = config.pop("step") or 0
+    # The checkpoints of one reference run (checkpoint-1000, -2000, ...) go into one folder; those of another run
+    # or of a ptune training run would mix with them (resume=latest, a run folder's newest checkpoint).
+    held = ckpt_io.list_checkpoints(run_dir) if Path(run_dir).is_dir() else []
+    others = [p.name for p in held
+              if Path(ckpt_io.read_prefix_config(p).get("imported_from", "")).parent != old_dir.resolve().parent]
+    if others:
+        raise PtuningFormatError(f"{run_dir}: holds {', '.join(others)} of another run; import into an empty or new "
+                                 f"folder (the checkpoints of {old_dir.parent} may share one)")
     target = Path(run_dir) / f"checkpoint-{step}"
     # save_checkpoint replaces a checkpoint of the same step (right for a resumed run re-saving it), which
     # here would throw away a run's own checkpoint, its optimizer and trainer state with it.
@@ -231,6 +240,27 @@ def import_checkpoint(old_dir, run_dir, base_path: str | None = None) -> Path:
     config["imported_from"] = str(old_dir.resolve())
     config.pop("source")
     return ckpt_io.save_checkpoint(run_dir, step, weights, config)
+
+
+def _check_base_fits(base: Path, prefix: dict, old_dir: Path) -> None:
+    """Refuse a --base whose attention layers the prefix cannot fit (it would fail only when loaded, naming the
+    base as what the prefix 'was trained on')."""
+    from transformers import AutoConfig
+
+    from ptune.chatglm.convert import glm_config_from_chatglm
+    from ptune.prefix import attention_shape
+
+    chatglm = _base_chatglm_config(base)
+    try:
+        shape = attention_shape(glm_config_from_chatglm(chatglm) if chatglm
+                                else AutoConfig.from_pretrained(base, local_files_only=True))
+    except (ChatGLMConversionError, OSError, ValueError, KeyError) as e:
+        raise PtuningFormatError(f"--base {base}: its config.json cannot be read as a model's ({e})") from None
+    wanted = {k: prefix[k] for k in ("num_layers", "num_kv_heads", "head_dim")}
+    differ = [f"{k}: prefix {v} vs base {shape[k]}" for k, v in wanted.items() if shape[k] != v]
+    if differ:
+        raise PtuningFormatError(f"--base {base}: the prefix of {old_dir} does not fit it ({', '.join(differ)}); "
+                                 "pass the base model it was trained on")
 
 
 def _base_chatglm_config(path) -> dict:
