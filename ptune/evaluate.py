@@ -69,12 +69,16 @@ def build_eval_set(examples, tokenizer, data_cfg: dict, template: str, limit: in
         examples = examples.select(range(min(limit, len(examples))))
     prompts, labels, lengths = [], [], []
     side = data_cfg.get("truncate_source_from", "right")  # a bare base with the setting left null: as in training
+    # ChatGLM2's ptuning main.py tokenizes a reference with the tokenizer's special tokens ([gMASK] sop), which
+    # count toward max_target_length: it is scored on that many fewer text tokens than the model trained on.
+    special = len(tokenizer("", add_special_tokens=True)["input_ids"]) - len(text_ids(tokenizer, ""))
+    keep = max(data_cfg["max_target_length"] - special, 0)
     for row in examples:
         whole = prompt_ids(tokenizer, row["prompt"], row["history"], template)
         prompts.append(fit_prompt(tokenizer, whole, template, data_cfg["max_source_length"], side))
         lengths.append(len(whole))
         target = text_ids(tokenizer, row["response"])
-        cut = target[: data_cfg["max_target_length"]]
+        cut = target[:keep]
         labels.append(decode_reply(tokenizer, cut) if len(cut) < len(target) else decode_text(tokenizer, cut))
     report_cut_prompts(data_cfg.get("eval_file", "eval file"), lengths, template, data_cfg["max_source_length"], side)
     return EvalSet(prompts, labels, list(examples["prompt"]), rows_in_file)

@@ -336,6 +336,26 @@ def test_a_stopped_write_never_leaves_new_predictions_under_old_scores(ckpt, sam
     assert sorted(p.name for p in out.iterdir()) == ["generated_predictions.jsonl"]  # no temporary file left
 
 
+def test_references_are_cut_as_the_reference_script_cuts_them(tmp_path):
+    """ChatGLM2's main.py: tokenizer(text_target=..., max_length=T, truncation=True), special tokens and all,
+    then decoded without them: T less the tokenizer's special tokens of text ([gMASK] sop for ChatGLM)."""
+    from tokenizers import processors
+
+    tok = build_tokenizer(tmp_path / "tok")
+    # two special tokens before the text, as ChatGLM's [gMASK] sop
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> <s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    specials = len(tok("", add_special_tokens=True)["input_ids"])
+    assert specials == 2
+    data = tmp_path / "dev.jsonl"
+    data.write_text(json.dumps({"content": "q", "summary": "abcdefghijklmnop"}) + "\n", encoding="utf-8")
+    data_cfg = {"prompt_column": "content", "response_column": "summary", "history_column": None,
+                "max_source_length": 6, "max_target_length": 8, "truncate_source_from": "right"}
+    (label,) = ev.build_eval_set(ev.eval_examples(data, data_cfg), tok, data_cfg, "plain").labels
+    reference = tok.decode(tok("abcdefghijklmnop", max_length=8, truncation=True)["input_ids"], skip_special_tokens=True)
+    assert label == reference == "abcdefghijklmnop"[: 8 - specials]
+
+
 def test_references_are_decoded_as_chat_and_serve_decode_replies(tmp_path):
     """With a tokenizer saved with clean_up_tokenization_spaces on, decoding rewrote 'S , M' to 'S, M' in the
     scored texts but not in what chat and serve answer: one rule (ptune.data.decode_text) for both now."""
