@@ -187,7 +187,9 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
 # (an ordinary token given as an extra stop token stayed in the text). 3: a prompt cut from the left keeps the
 # template's head and answer cue (they were cut with the text). 4: a reference or a reply whose tokens end
 # part-way through a character (byte-level tokenizers) leaves that character out instead of ending in U+FFFD.
-PREDICTION_RULES = 4
+# 5: references cut with the tokenizer's special tokens counted (main.py's cut); texts decoded without the
+# tokenizer's space cleanup (as chat and serve answer); a prompt cut from the left starts at a whole character.
+PREDICTION_RULES = 5
 
 
 def settings_record(data: dict, model: dict, limit, device: torch.device, eval_sha256: str | None = None) -> dict:
