@@ -128,7 +128,7 @@ def load_timing(model, cfg, device, modes: list[str | None]) -> dict[str | None,
 
     from ptune.models import load_model
 
-    out = Path(cfg.out_json).parent
+    out = Path(cfg.out_json).expanduser().parent
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     with tempfile.TemporaryDirectory(dir=out, prefix=".bench-model-") as folder:
@@ -564,11 +564,11 @@ def run(cfg: DictConfig) -> dict:
               "model": cfg.model_name + (f", {quant['mode']} base" if quant else ""),
               "prefix_length": cfg.prefix_length, "results": results, "quantization": quant,
               "config": OmegaConf.to_container(cfg, resolve=True)}
-    out = Path(cfg.out_json)
+    out = Path(cfg.out_json).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if cfg.benchmarks_md:
-        append_markdown(Path(cfg.benchmarks_md), report, cfg.command_label or command_line())
+        append_markdown(Path(cfg.benchmarks_md).expanduser(), report, cfg.command_label or command_line())
     return report
 
 

@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ptune.settings import resolve_device
+from ptune import settings
 from ptune.data import check_template_fits, decode_reply, encodable, prompt_ids
 from ptune.generate import generate, release_decoding_memory, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error, first_line, stopped, terminating
@@ -310,7 +311,7 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
 
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    """Chat; the settings were checked (ptune.settings.chat) before this module was imported."""
+    settings.chat(cfg)  # python -m ptune.chat checked them before this module's imports; other callers did not
     setup_logging()
     try:
         log.info("loading %s", cfg.checkpoint or cfg.model.path)

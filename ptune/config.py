@@ -144,6 +144,10 @@ def _make_folder(path: str, setting: str) -> None:
         print(f"error: {setting} is empty; pass the folder to write the run to, e.g. {setting}=outputs/my_run",
               file=sys.stderr)
         sys.exit(1)
+    if str(path).startswith("~"):  # a hydra.sweep.dir given on the command line: Hydra would make ./~/...
+        print(f"error: {setting}={path}: ~ is not expanded here, the folder would be ./{path}; give the full path, "
+              f"{setting}={os.path.expanduser(str(path))}", file=sys.stderr)
+        sys.exit(1)
     folder = Path(path).resolve()
     new = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
@@ -180,7 +184,7 @@ def no_run_folder_if_refused(written: tuple[Path, ...] = ()):
         raise
 
 
-def _override_key(override: str) -> str:
+def override_key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
@@ -197,11 +201,11 @@ def added_settings(cfg: DictConfig, config_name: str, overrides: list[str], grou
     """
     from hydra import compose
 
-    appended = [_override_key(o) for o in overrides
-                if o.startswith("+") and _override_key(o) in groups and _override_key(o) not in appendable]
+    appended = [override_key(o) for o in overrides
+                if o.startswith("+") and override_key(o) in groups and override_key(o) not in appendable]
     if appended:  # the cause of whatever keys they brought
         return appended
-    picked = [o for o in overrides if _override_key(o) in groups]
+    picked = [o for o in overrides if override_key(o) in groups]
     known = OmegaConf.to_container(compose(config_name, overrides=picked), resolve=False)
 
     def walk(have, known, at):

@@ -304,7 +304,10 @@ def _apply_chat_template(tokenizer, messages: list[dict], tokenize: bool):
 
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=tokenize)
-    except TemplateError as e:  # the template's own raise_exception: Gemma-2's has no system role, say
+    except TemplateError as e:
+        if type(e) is not TemplateError:  # a syntax error, an undefined name: the template is broken, not the input
+            raise
+        # the template's own raise_exception: Gemma-2's has no system role, say
         raise DataError(f"the model's chat template refuses these messages: {e}") from None
 
 

@@ -71,7 +71,9 @@ def build_eval_set(examples, tokenizer, data_cfg: dict, template: str, limit: in
     side = data_cfg.get("truncate_source_from", "right")  # a bare base with the setting left null: as in training
     # ChatGLM2's ptuning main.py tokenizes a reference with the tokenizer's special tokens ([gMASK] sop), which
     # count toward max_target_length: it is scored on that many fewer text tokens than the model trained on.
-    special = len(tokenizer("", add_special_tokens=True)["input_ids"]) - len(text_ids(tokenizer, ""))
+    # Its prompt format alone: other models have no reference script to match, and keep what training keeps.
+    special = (len(tokenizer("", add_special_tokens=True)["input_ids"]) - len(text_ids(tokenizer, ""))
+               if template == "chatglm2" else 0)
     keep = max(data_cfg["max_target_length"] - special, 0)
     for row in examples:
         whole = prompt_ids(tokenizer, row["prompt"], row["history"], template)

@@ -85,8 +85,9 @@ def run(cfg: DictConfig) -> dict:
                  ref["loss"], 100 * row["loss_change"], row["prefix_grad_cosine"], row["prefix_grad_norm_ratio"],
                  100 * row["top1_agreement"])
     if cfg.out_json:
-        Path(cfg.out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out_json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        out = Path(cfg.out_json).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 
 

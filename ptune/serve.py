@@ -64,6 +64,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
 from pydantic_core import PydanticCustomError
 
 from ptune.chat import ChatModel, StreamDecoder, build_prompt, fit_history, load_chat_model
+from ptune import settings
 from ptune.settings import API_KEY_ENV, api_key_of
 from ptune.data import decode_reply, encodable, left_pad
 from ptune.generate import generate, release_decoding_memory
@@ -1187,7 +1188,7 @@ def server_url(host: str, port: int) -> str:
 
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    """Serve; the settings were checked (ptune.settings.serve) before this module was imported."""
+    settings.serve(cfg)  # python -m ptune.serve checked them before this module's imports; other callers did not
     import uvicorn
 
     setup_logging()

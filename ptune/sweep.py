@@ -313,7 +313,7 @@ def _scores(m: dict) -> str:
 
 def output_dir(cfg: DictConfig) -> Path:
     if cfg.output_dir:
-        return Path(str(cfg.output_dir))
+        return Path(str(cfg.output_dir)).expanduser()
     runs = cfg.runs if isinstance(cfg.runs, (list, ListConfig)) else [cfg.runs]
     if not runs:
         raise SweepError("runs is empty; pass runs='[outputs/run_a,outputs/run_b]'")

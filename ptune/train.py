@@ -16,6 +16,7 @@ if __name__ == "__main__":
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ptune import checkpoint as ckpt_io
 from ptune import settings
-from ptune.config import made_for_this_run, no_run_folder_if_refused
+from ptune.config import made_for_this_run, no_run_folder_if_refused, override_key
 from ptune.data import BatchPlan, IGNORE, collate, training_rows
 from ptune.errors import TrainingError, exit_on_user_error, first_line
 from ptune.fit import Prober, agree_across_ranks, choose_split, fastest
@@ -82,20 +83,28 @@ def writing(path: Path, after=None):
 
 def refuse_output_dir_in_multirun(cfg: DictConfig) -> None:
     """Under -m each job writes to <hydra.sweep.dir>/<job number>: an output_dir given would be silently unused."""
-    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+    if not multirun():
         return
     hc = HydraConfig.get()
-    if any(o.lstrip("+~").split("=", 1)[0] == "output_dir"
-           for o in OmegaConf.to_container(hc.overrides.task, resolve=False)):
+    if "output_dir" in {override_key(o) for o in OmegaConf.to_container(hc.overrides.task, resolve=False)}:
         raise TrainingError(f"output_dir={cfg.output_dir}: a multirun (-m) writes each job to hydra.sweep.dir/<job "
                             f"number> ({hc.sweep.dir}/0, /1, ...), not to output_dir; pass "
-                            f"hydra.sweep.dir={cfg.output_dir} instead")
+                            f"hydra.sweep.dir={os.path.expanduser(str(cfg.output_dir))} instead")
+
+
+def multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def folder_setting() -> str:
+    """The setting that chooses the run's folder: output_dir, or under -m the multirun's hydra.sweep.dir."""
+    return "hydra.sweep.dir" if multirun() else "output_dir"
 
 
 def go_on_with(out: Path) -> str:
     """The settings that continue this run: its folder; under -m, the multirun's (each job goes on in its own
     numbered folder, given the same settings)."""
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if multirun():
         return f"resume=latest hydra.sweep.dir={HydraConfig.get().sweep.dir} and the multirun's other settings"
     return f"resume=latest output_dir={out}"
 
@@ -273,12 +282,12 @@ def resume_point(resume, out: Path, accelerator: Accelerator) -> tuple[Path | No
         if later and found is None:
             raise TrainingError(f"output_dir={out} already holds {', '.join(later)} of an earlier run, and this run "
                                 "starts afresh: the two would mix. Continue that run with resume=latest, or give "
-                                "another output_dir")
+                                f"another {folder_setting()}")
         if held and found is not None and found.resolve().parent != out.resolve():
             raise TrainingError(f"resume={resume} is a checkpoint of another folder, and output_dir={out} already "
                                 f"holds {', '.join(p.name for p in held)} of its own run: the two runs' checkpoints "
-                                "and logs would mix. Go on from it in an empty output_dir, or in its own "
-                                f"(output_dir={found.parent})")
+                                f"and logs would mix. Go on from it in an empty {folder_setting()}, or in its own "
+                                f"folder (output_dir={found.parent})")
         problem = None
     except (TrainingError, ckpt_io.CheckpointError) as e:
         found, state, optim_state, later, problem = None, {"step": -1}, None, [], e

@@ -932,3 +932,20 @@ def test_a_left_cut_never_keeps_part_of_a_character(keep):
     kept = fit_prompt(bt, whole, "plain", keep, "left")
     decoded = bt.decode(kept)
     assert "\ufffd" not in decoded and text.endswith(decoded) and keep - 2 <= len(kept) <= keep, (kept, decoded)
+
+
+def test_a_template_that_refuses_messages_is_a_data_error_a_broken_one_is_not(tok):
+    """The template's own raise_exception (Gemma-2 on a system message) is the messages' fault; a syntax error
+    in the template is the model folder's, and must not be told to a client as a problem with its messages."""
+    from jinja2 import TemplateSyntaxError
+
+    from ptune.data import chat_template_ids
+    from ptune.errors import DataError
+
+    refusing = tok.__class__.from_pretrained(tok.name_or_path)
+    refusing.chat_template = "{{ raise_exception('System role not supported') }}"
+    with pytest.raises(DataError, match="^the model's chat template refuses these messages: System role not supported$"):
+        chat_template_ids(refusing, [{"role": "user", "content": "hi"}])
+    refusing.chat_template = "{{ messages[0].content }"
+    with pytest.raises(TemplateSyntaxError):
+        chat_template_ids(refusing, [{"role": "user", "content": "hi"}])

@@ -351,9 +351,12 @@ def test_references_are_cut_as_the_reference_script_cuts_them(tmp_path):
     data.write_text(json.dumps({"content": "q", "summary": "abcdefghijklmnop"}) + "\n", encoding="utf-8")
     data_cfg = {"prompt_column": "content", "response_column": "summary", "history_column": None,
                 "max_source_length": 6, "max_target_length": 8, "truncate_source_from": "right"}
-    (label,) = ev.build_eval_set(ev.eval_examples(data, data_cfg), tok, data_cfg, "plain").labels
+    (label,) = ev.build_eval_set(ev.eval_examples(data, data_cfg), tok, data_cfg, "chatglm2").labels
     reference = tok.decode(tok("abcdefghijklmnop", max_length=8, truncation=True)["input_ids"], skip_special_tokens=True)
     assert label == reference == "abcdefghijklmnop"[: 8 - specials]
+    # other prompt formats have no reference script: their references keep what training keeps
+    (label,) = ev.build_eval_set(ev.eval_examples(data, data_cfg), tok, data_cfg, "plain").labels
+    assert label == "abcdefghijklmnop"[:8]
 
 
 def test_references_are_decoded_as_chat_and_serve_decode_replies(tmp_path):

@@ -133,6 +133,13 @@ def test_paths_starting_with_a_tilde_are_in_the_home_folder(tiny_model_dir, samp
                          'output_dir="~/runs/x"', "trainer.max_steps=1", "trainer.save_steps=1"), env={"HOME": str(home)})
     assert list_checkpoints(home / "runs" / "x") == [home / "runs" / "x" / "checkpoint-1"]
     assert not (REPO / "~").exists()
+    # hydra.sweep.dir given on the command line is Hydra's own, taken literally: refused, naming the full path
+    proc = run_train("-m", *small_run(tiny_model_dir("llama"), sample_file, "unused")[:2], 'hydra.sweep.dir="~/sw"',
+                     "prefix.length=2,4", check=False, env={"HOME": str(home)})
+    assert proc.returncode == 1 and proc.stderr.endswith(
+        f"error: hydra.sweep.dir=~/sw: ~ is not expanded here, the folder would be ./~/sw; give the full path, "
+        f"hydra.sweep.dir={home}/sw\n"), proc.stderr[-2000:]
+    assert not (REPO / "~").exists() and not (home / "sw").exists()
 
 
 def test_output_dir_in_a_multirun_is_refused_naming_hydra_sweep_dir(tiny_model_dir, sample_file, tmp_path):
