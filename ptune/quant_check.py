@@ -66,8 +66,9 @@ def run(cfg: DictConfig) -> dict:
                                                      tokenizer.pad_token_id).items()}
                for i in range(0, len(rows), cfg.batch_size)]
     ref = measure(model, batches, cfg)
+    dtype = str(model.dtype)  # the base's (measure's gradient is made float32 for the comparisons)
     del model
-    report = {"model": str(cfg.model.path), "dtype": str(ref["grad"].dtype), "rows": len(rows),
+    report = {"model": str(cfg.model.path), "dtype": dtype, "rows": len(rows),
               "response_tokens": int(ref["predictions"].numel()), "float_loss": ref["loss"], "modes": []}
     for mode, group in cfg.modes:
         quantized = load_model(OmegaConf.create(model_cfg | {"quantization": mode, "quantization_group_size": group}),

@@ -109,6 +109,16 @@ def go_on_with(out: Path) -> str:
     return f"resume=latest output_dir={out}"
 
 
+def steadier(cfg: DictConfig, dtype: torch.dtype) -> list[str]:
+    """The settings that would make a run that went non-finite steadier, leaving out those already in effect."""
+    ways = [f"a lower optim.lr (now {cfg.optim.lr:g})"]
+    if not cfg.optim.max_grad_norm or cfg.optim.max_grad_norm > 1.0:
+        ways.append("optim.max_grad_norm=1.0")
+    if dtype == torch.float16:
+        ways.append("model.dtype=bfloat16 instead of float16")
+    return ways
+
+
 def last_kept(out: Path) -> str:
     """What a run stopped by an error leaves to go on from, for its error line."""
     if ckpt_io.latest_checkpoint(out) is None:
@@ -486,7 +496,7 @@ def train(cfg: DictConfig) -> Path:
     def save(step: int) -> None:
         if not all(bool(torch.isfinite(p).all()) for p in params):  # the step's check saw a finite gradient
             raise TrainingError(f"step {step}: the prefix holds NaN or inf after the update and was not saved; "
-                                f"{last_kept(out)}. Try a lower optim.lr or optim.max_grad_norm=1.0")
+                                f"{last_kept(out)}. Try {', '.join(steadier(cfg, model.dtype))}")
         def write() -> None:
             trainer_state = {"seed": cfg.seed, "world_size": world, "global_batch": plan.global_batch,
                              "skipped_steps": skipped, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
@@ -550,10 +560,16 @@ def train(cfg: DictConfig) -> Path:
             log.warning("step %d: fp16 overflow, update skipped (loss scale now %g; %d skipped so far)",
                         step + 1, scaler.get_scale(), skipped)
         elif not result.applied:
-            raise TrainingError(
-                f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
-                f"(loss={loss}, grad_norm={grad_norm}); {last_kept(out)}. Try a lower optim.lr, "
-                "optim.max_grad_norm=1.0, or model.dtype=bfloat16 instead of float16.")
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            if step == start == 0:  # before any update: the prefix is as initialised, the base or the data is at fault
+                raise TrainingError(
+                    f"step 1: non-finite {what} (loss={loss}, grad_norm={grad_norm}) before any update, so not from "
+                    f"the learning rate: the base model gives it on this data. Check its weights (python -m "
+                    f"ptune.verify_model {cfg.model.path} --full)"
+                    + (", or load it as model.dtype=bfloat16 instead of float16" if model.dtype == torch.float16
+                       else ""))
+            raise TrainingError(f"step {step + 1}: non-finite {what} (loss={loss}, grad_norm={grad_norm}); "
+                                f"{last_kept(out)}. Try {', '.join(steadier(cfg, model.dtype))}")
 
         window.add(loss, grad_norm, int(tokens))  # optimizer_step hands the norm back as a float: no device sync
         done = step + 1

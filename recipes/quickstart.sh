@@ -16,8 +16,8 @@ $PY -m ptune.quickstart write-sample --out "$DEV" --n 6 --seed 7
 echo "== base model, before tuning"
 $PY -m ptune.evaluate model.path="$MODEL" model.template=chat_template data.eval_file="$DEV" \
     data.prompt_column=content data.response_column=summary data.max_source_length=96 \
-    data.max_target_length=64 data.truncate_source_from=left generation.max_new_tokens=48 limit=2 \
-    output_dir=outputs/quickstart/eval-base
+    data.max_target_length=64 data.truncate_source_from=left generation.max_new_tokens=48 \
+    output_dir=outputs/quickstart/eval-base  # all 6 rows, as the tuned prefix is scored: the tables compare
 head -n 2 outputs/quickstart/eval-base/generated_predictions.jsonl
 echo "== P-tuning"
 rm -rf "$RUN"  # a rerun starts over: ptune refuses to start afresh among an earlier run's checkpoints

@@ -676,3 +676,18 @@ def test_quant_check_reports_each_mode_against_the_float_base(tiny_model_dir, sa
     assert 0.9 < int4["prefix_grad_cosine"] < int8["prefix_grad_cosine"]
     assert abs(int4["loss_change"]) > abs(int8["loss_change"])
     assert json.loads((tmp_path / "q.json").read_text())["modes"] == report["modes"]
+
+
+def test_quant_check_reports_the_dtype_of_the_base(tiny_model_dir, sample_file):
+    """It said torch.float32 for any base: the gradient it read the dtype from is made float32 first."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import REPO
+    from ptune import quant_check
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("quant_check", overrides=[
+            f"model.path={tiny_model_dir('llama')}", "model.template=plain", "model.dtype=bfloat16",
+            f"data.train_file={sample_file}", "rows=2", "batch_size=2", "prefix_length=4", "device=cpu",
+            "modes=[[int8,128]]", "out_json=null"])
+    assert quant_check.run(cfg)["dtype"] == "torch.bfloat16"
