@@ -139,6 +139,8 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
     """Generated texts in input order, and throughput figures."""
     device = torch.device(device)
     check_positions(model, prompts, gen.max_new_tokens)
+    if device.type == "cuda":  # this generation's peak, not an earlier one's (a sweep's other base, say)
+        torch.cuda.reset_peak_memory_stats(device)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     auto = batch_size == "auto"
     if auto:

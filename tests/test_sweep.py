@@ -285,6 +285,19 @@ def test_scores_written_by_evaluate_are_reused_only_when_made_with_the_same_sett
         if k != "generation"}
 
 
+def test_sampled_scores_are_reused_only_at_the_batch_size_they_were_made_with(run_copy, sample_file, tmp_path,
+                                                                             counted):
+    """A seeded sample depends on the rows batched with it: scores sampled at batch 2 are not batch 4's."""
+    run = run_copy(tmp_path / "run")
+    common = [f"runs=[{run}]", f"data.eval_file={sample_file}", "limit=4", "generation=reference_sampling",
+              "generation.max_new_tokens=4"]
+    sw.sweep(compose(*common, "batch_size=2"))
+    counted()
+    assert len(sw.sweep(compose(*common, "batch_size=2"))["reused"]) == 3 and counted()["predict"] == 0
+    assert sw.sweep(compose(*common, "batch_size=4"))["reused"] == [] and counted()["predict"] == 3
+    assert sw.sweep(compose(*common, "batch_size=auto"))["reused"] == []  # its size is known only once loaded
+
+
 def test_a_limit_past_the_files_end_reuses_scores_made_without_one_and_the_reverse(run_copy, sample_file,
                                                                                      tmp_path, counted):
     """limit=null and a limit at or past the row count score the same rows: neither makes the other's
