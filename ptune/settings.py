@@ -191,12 +191,14 @@ def model_folder(model_cfg) -> Path:
     return path
 
 
-def data_file(path: str | Path) -> Path:
-    """`path` (~ expanded), checked to be a file before anything is read from it."""
+def data_file(path: str | Path, setting: str | None = None) -> Path:
+    """`path` (~ expanded), checked to be a file before anything is read from it; `setting` names the key that
+    gave it."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"{path}: a folder, expected a data file (JSON lines or a JSON array)" if path.is_dir()
-                        else f"data file not found: {path}")
+        where = f"{setting}={path}" if setting else str(path)
+        raise DataError(f"{where}: " + ("a folder, expected a data file (JSON lines or a JSON array)" if path.is_dir()
+                                        else "no such file"))
     return path
 
 
@@ -342,7 +344,7 @@ def train(cfg: DictConfig) -> None:
                             "memory ceiling: set trainer.auto_micro_batch_gib too, or give true, false or a "
                             "number of layers")
     model_folder(cfg.model)
-    data_file(cfg.data.train_file)
+    data_file(cfg.data.train_file, "data.train_file")
 
 def _scoring(cfg: DictConfig) -> None:
     """conf/evaluate.yaml's settings, which conf/sweep.yaml shares."""
@@ -352,10 +354,8 @@ def _scoring(cfg: DictConfig) -> None:
     check_generation(cfg)
     check_data_lengths(cfg, nullable=True)
     check_inference_model(cfg)
-    eval_file = Path(str(cfg.data.eval_file)).expanduser() if cfg.data.eval_file is not None else None
-    if eval_file is not None and not eval_file.is_file():
-        raise ConfigError(f"data.eval_file={cfg.data.eval_file}: "
-                          + ("a folder, expected a data file" if eval_file.is_dir() else "no such file"))
+    if cfg.data.eval_file is not None:
+        data_file(cfg.data.eval_file, "data.eval_file")
 
 
 # What a checkpoint records and the base model alone (checkpoint=null) does not.

@@ -82,7 +82,7 @@ def test_read_rows_json_array(tmp_path):
 
 
 def test_read_rows_missing_file(tmp_path):
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'nope.jsonl'}: no such file")):
         read_rows(tmp_path / "nope.jsonl")
     with pytest.raises(DataError, match=re.escape(f"{tmp_path}: a folder, expected a data file (JSON lines or a "
                                                   "JSON array)")):

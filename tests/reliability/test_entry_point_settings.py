@@ -16,7 +16,7 @@ import ptune.schema  # noqa: F401 -- registers the training config's types
 from ptune import bench, settings
 from ptune.config import asset_path
 from ptune.settings import resolve_device
-from ptune.errors import ConfigError, QuantizationError, TrainingError
+from ptune.errors import ConfigError, DataError, QuantizationError, TrainingError
 
 # What each command needs set before its values are looked at; the checks never open these paths (but the eval file).
 NEEDED = {"train": ["model.path=/nonexistent/model", "data.train_file=/nonexistent/train.jsonl"],
@@ -138,7 +138,7 @@ REFUSED = [  # (config, overrides, what the message says)
 
 @pytest.mark.parametrize("config, override, message", REFUSED)
 def test_refused(config, override, message):
-    with pytest.raises((ConfigError, QuantizationError, TrainingError)) as refused:
+    with pytest.raises((ConfigError, DataError, QuantizationError, TrainingError)) as refused:
         settings.COMMANDS[config](composed(config, *override.split()))
     assert message in str(refused.value)
 

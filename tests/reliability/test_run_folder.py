@@ -138,7 +138,7 @@ def test_a_refused_setting_leaves_no_run_folder_and_an_existing_one_as_it_was(se
     assert_clean_error(cli("ptune.train", *train_args(model, data, out, "+trainer.max_stepz=3")), "trainer.max_stepz")
     assert not out.exists()
     typo = tmp_path / "train.jsnl"
-    assert_clean_error(cli("ptune.train", *train_args(model, typo, out)), f"error: data file not found: {typo}")
+    assert_clean_error(cli("ptune.train", *train_args(model, typo, out)), f"error: data.train_file={typo}: no such file")
     assert not out.exists()
     bad = tmp_path / "bad.jsonl"  # found, but refused when read: after train.log was begun
     bad.write_text(data.read_text(encoding="utf-8") + "{not json\n", encoding="utf-8")
