@@ -184,8 +184,9 @@ def generation_kwargs(gen: DictConfig) -> dict:
             "compile_step": bool(gen.compile_step)}
 
 
-def reply(cm: ChatModel, prompt: list[int], gen: DictConfig, on_text=None, generator=None) -> str:
-    """Generate one reply to `prompt`, calling `on_text(new_text)` as it grows; the full reply is returned."""
+def reply(cm: ChatModel, prompt: list[int], gen: DictConfig, on_text=None, turn: int = 0) -> str:
+    """Generate one reply to `prompt`, calling `on_text(new_text)` as it grows; the full reply is returned. A
+    sampled reply draws from the stream of (generation.seed, turn): a conversation typed again replays."""
     batch = torch.tensor([prompt], dtype=torch.long, device=cm.device)
     decoder = StreamDecoder(cm.tokenizer)
     eos = set(cm.eos_token_ids)
@@ -202,15 +203,15 @@ def reply(cm: ChatModel, prompt: list[int], gen: DictConfig, on_text=None, gener
             on_text(new)
 
     generate(cm.model, batch, torch.ones_like(batch), max_new_tokens=int(gen.max_new_tokens),
-             eos_token_ids=cm.eos_token_ids, pad_token_id=cm.pad_token_id, generator=generator,
-             on_token=on_token, keep_decoder=True, **generation_kwargs(gen))
+             eos_token_ids=cm.eos_token_ids, pad_token_id=cm.pad_token_id,
+             sample_keys=[(int(gen.seed), turn)], on_token=on_token, keep_decoder=True, **generation_kwargs(gen))
     rest = decoder.flush()
     if rest and on_text is not None:
         on_text(rest)
     return decoder.text()
 
 
-def take_turn(cm: ChatModel, cfg: DictConfig, query: str, history: list, out, generator=None) -> list:
+def take_turn(cm: ChatModel, cfg: DictConfig, query: str, history: list, out, turn: int = 0) -> list:
     """Answer `query` (streamed through `out`); returns the history that follows this turn.
 
     The history changes only with a finished reply: a message refused as too long, or a reply cut short
@@ -228,7 +229,7 @@ def take_turn(cm: ChatModel, cfg: DictConfig, query: str, history: list, out, ge
     if cfg.show_prompt:
         out(f"[turn {len(kept) + 1}: history {len(kept)} turn(s), prompt {len(prompt)} tokens]\n")
     out(f"{cfg.assistant_name}: ")
-    answer = reply(cm, prompt, gen, on_text=out, generator=generator)
+    answer = reply(cm, prompt, gen, on_text=out, turn=turn)
     out("\n")
     return kept + [(query, answer)]
 
@@ -251,11 +252,8 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
             import readline  # noqa: F401  (line editing and arrow-key history for input())
         except ImportError:
             pass
-    gen = cfg.generation
-    generator = None
-    if gen.do_sample:
-        generator = torch.Generator(device=cm.device).manual_seed(int(gen.seed))
     history: list[tuple[str, str]] = []
+    turns = 0  # messages answered or tried: each samples from its own stream
 
     def out(text: str) -> None:
         stdout.write(text)
@@ -296,7 +294,8 @@ def chat_loop(cm: ChatModel, cfg: DictConfig, stdin=None, stdout=None) -> int:
             continue
         out_of_memory = None
         try:
-            history = take_turn(cm, cfg, query, history, out, generator)
+            turns += 1
+            history = take_turn(cm, cfg, query, history, out, turns)
         except KeyboardInterrupt:
             if terminating():
                 raise

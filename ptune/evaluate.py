@@ -147,7 +147,6 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
         batch_size = auto_batch_size(model, len(prompts[order[0]]), gen.max_new_tokens, device, len(prompts))
     eos = stop_token_ids(model, tokenizer, gen.get("extra_eos_token_ids"))
     stops = set(eos)
-    generator = torch.Generator(device=device).manual_seed(int(gen.seed)) if gen.do_sample else None
     texts: list[str | None] = [None] * len(prompts)
     new_tokens, start, done = 0, time.perf_counter(), 0
     # `with`: an interrupted bar's line is finished before the message that follows it
@@ -155,13 +154,13 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
         while done < len(order):
             idx = order[done:done + batch_size]
             batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in idx], tokenizer.pad_token_id).items()}
-            # A batch that runs out of memory is sampled again from where it began, not from wherever it stopped.
-            seed_state = generator.get_state() if generator is not None else None
             try:
+                # A row's samples are keyed by the seed and its place among the eval rows: the same at any batch
+                # size, and in a batch that runs out of memory and is generated again.
                 out = generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=gen.max_new_tokens,
                                eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, do_sample=gen.do_sample,
-                               temperature=gen.temperature, top_p=gen.top_p, generator=generator,
-                               compile_step=bool(gen.compile_step))
+                               temperature=gen.temperature, top_p=gen.top_p,
+                               sample_keys=[(int(gen.seed), i) for i in idx], compile_step=bool(gen.compile_step))
             except torch.OutOfMemoryError as e:
                 out, reason = None, first_line(e)
             if out is None:  # out here, where the traceback no longer holds the failed batch's tensors
@@ -169,8 +168,6 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
                                            gen.max_new_tokens, reason)
                 del batch
                 release_decoding_memory(model)  # for the smaller batch to take what the failed one held
-                if generator is not None:
-                    generator.set_state(seed_state)
                 continue
             done += len(idx)
             for row, i in zip(out.tolist(), idx):
@@ -193,7 +190,8 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
 # part-way through a character (byte-level tokenizers) leaves that character out instead of ending in U+FFFD.
 # 5: references cut with the tokenizer's special tokens counted (main.py's cut); texts decoded without the
 # tokenizer's space cleanup (as chat and serve answer); a prompt cut from the left starts at a whole character.
-PREDICTION_RULES = 5
+# 6: each sampled row draws from its own random stream, keyed by the seed and its place among the eval rows.
+PREDICTION_RULES = 6
 
 
 def settings_record(data: dict, model: dict, limit, device: torch.device, eval_sha256: str | None = None) -> dict:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from transformers import DynamicCache, StaticCache
 
@@ -51,16 +53,59 @@ def stop_token_ids(model, tokenizer, extra, key: str = "generation.extra_eos_tok
     return [tokenizer.eos_token_id] + extra
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
-    probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest set of tokens whose mass reaches top_p (the first token always stays).
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_p, 1, generator=generator)
-        return order.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def row_draws(keys: Sequence[Sequence[int]], steps: int, device) -> torch.Tensor:
+    """(rows, steps) numbers in (0, 1], row r's from its own random stream, seeded by `keys[r]` (integers such as
+    (seed, row number)). A sampled row then takes the same tokens whichever rows share its batch and in whatever
+    order, where one stream drawn by the whole batch made every row depend on the others (and on the batch size)."""
+    rows = [np.ones(steps) if key is None else 1.0 - np.random.default_rng(_entropy(key)).random(steps)
+            for key in keys]  # a greedy row's key may be None
+    return torch.from_numpy(np.stack(rows).astype(np.float32)).to(device)
+
+
+def _entropy(key: Sequence[int]) -> list[int]:
+    # Every number as two 32-bit words after the key's length: numpy's seeding pads with zero words, so
+    # (42,) and (42, 0) given as they are would share a stream, as would (2**32,) and (0, 1).
+    words = [len(key)]
+    for k in key:
+        k = int(k) % 2**64  # a negative seed, as torch.Generator takes, is its two's complement
+        words += [k & 0xFFFFFFFF, k >> 32]
+    return words
+
+
+class Sampler:
+    """How each row picks its token: a greedy row the likeliest; a sampled row draws from softmax(logits /
+    temperature) cut to the smallest set of likeliest tokens whose mass reaches top_p, by inverse transform with
+    its own draw for the step (:func:`row_draws`). The settings may differ row by row, so requests with
+    different ones share a batch."""
+
+    def __init__(self, rows: int, do_sample, temperature, top_p, keys, steps: int, device):
+        def per_row(value, dtype):
+            values = list(value) if isinstance(value, Sequence) else [value] * rows
+            if len(values) != rows:
+                raise ValueError(f"{len(values)} sampling settings for {rows} rows")
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        self.sampled = per_row(do_sample, torch.bool)
+        self.any = bool(self.sampled.any())
+        if self.any and keys is None:
+            raise ValueError("sampling needs sample_keys: one key per row, for each row's own random stream")
+        if self.any:
+            self.temperature = per_row(temperature, torch.float32).clamp(min=1e-5).unsqueeze(-1)
+            self.top_p = per_row(top_p, torch.float32).unsqueeze(-1)
+            self.draws = row_draws(keys, steps, device)
+
+    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        greedy = logits.argmax(-1)
+        if not self.any:
+            return greedy
+        # Sorted (ties in vocabulary order) whatever top_p is, so a row's token does not depend on whether
+        # another row of its batch cuts its distribution.
+        probs, order = torch.softmax(logits.float() / self.temperature, -1).sort(dim=-1, descending=True, stable=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs > self.top_p, 0.0)  # the likeliest token always stays
+        cdf = probs.cumsum(-1)
+        # The first token whose cumulative mass reaches the draw's share of the total: never one of mass 0.
+        choice = torch.searchsorted(cdf, self.draws[:, step:step + 1] * cdf[:, -1:]).clamp_(max=cdf.shape[-1] - 1)
+        return torch.where(self.sampled, order.gather(-1, choice).squeeze(-1), greedy)
 
 
 def last_position(length: int, device) -> int | torch.Tensor:
@@ -255,10 +300,14 @@ def has_sliding_layers(base) -> bool:
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-             eos_token_ids: list[int], pad_token_id: int, do_sample: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, generator: torch.Generator | None = None, on_token=None,
+             eos_token_ids: list[int], pad_token_id: int, do_sample: bool | Sequence[bool] = False,
+             temperature: float | Sequence[float] = 1.0, top_p: float | Sequence[float] = 1.0,
+             sample_keys: Sequence[Sequence[int]] | None = None, on_token=None,
              static_cache: bool = True, compile_step: bool = False, keep_decoder: bool = False) -> torch.Tensor:
     """New tokens `(B, n)` for left-padded prompts; rows that finished are filled with `pad_token_id`.
+
+    `do_sample`, `temperature` and `top_p` are one value for every row or one per row (:class:`Sampler`); a
+    sampled row needs its key in `sample_keys`, which seeds its own random stream (:func:`row_draws`).
 
     `model` is a PrefixLM or a bare transformers model. `on_token(tokens)` is called with each new
     column, for streaming. `static_cache=False` takes the growing-cache path (the reference the static
@@ -272,6 +321,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     """
     if max_new_tokens < 1:
         return input_ids.new_zeros((input_ids.shape[0], 0))
+    pick = Sampler(input_ids.shape[0], do_sample, temperature, top_p, sample_keys, max_new_tokens, input_ids.device)
     base = model.base if isinstance(model, PrefixLM) else model
     prefix = model.prefix(1) if isinstance(model, PrefixLM) else None
     if static_cache and not has_sliding_layers(base) and keep_decoder and not compile_step:
@@ -285,7 +335,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, ma
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     logits, out = decoder.logits, []
     for i in range(max_new_tokens):
-        token = _sample(logits, temperature, top_p, generator) if do_sample else logits.argmax(-1)
+        token = pick(logits, i)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         out.append(token)
         if on_token is not None:

@@ -14,9 +14,10 @@ A prompt too long (history included) is refused with 400 `context_length_exceede
 `prompt_tokens`, `prompt_limit`, `system_too_long` and `turns_to_leave_out` (the fewest oldest turns whose leaving
 out makes it fit, null where none would), which the chat page acts on.
 
-One worker thread owns the model. Requests wait in a queue; the worker takes every compatible request
-that arrived within `batch_wait_ms` (up to `max_batch_size`) and generates them together, left-padded,
-with `ptune.generate.generate`; streamed requests share those batches and get their text as it comes.
+One worker thread owns the model. Requests wait in a queue; the worker takes every request that arrived
+within `batch_wait_ms` (up to `max_batch_size`) and generates them together, left-padded, with
+`ptune.generate.generate`, each with its own sampling settings and random stream; streamed requests share those
+batches and get their text as it comes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import datetime
 import errno
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import queue
@@ -111,15 +113,12 @@ class Job:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cancelled: bool = False
     streamed: bool = False  # some text went out already: the job cannot be generated again from the start
+    # Seeds the job's own random stream (ptune.generate.row_draws): its seed, or one the engine gives it.
+    sample_key: tuple[int, ...] = ()
 
-    def batch_key(self):
-        """Jobs with equal keys can share a batch (generate takes one set of sampling settings)."""
-        if not self.do_sample:
-            return ("greedy",)
+    def __post_init__(self):
         if self.seed is not None:
-            # A seeded request is reproducible only alone: rows of a batch share one random stream.
-            return ("seeded", id(self))
-        return ("sample", self.temperature, self.top_p)
+            self.sample_key = (self.seed,)
 
 
 class QueueFull(RuntimeError):
@@ -149,7 +148,9 @@ class Engine:
         self.queue: queue.Queue[Job | None] = queue.Queue()
         # Jobs the worker took from the queue to batch, not yet running: they still wait, so they count.
         self.waiting: deque[Job] = deque()
-        self.generator = torch.Generator(device=cm.device).manual_seed(int(seed))
+        # A request without a seed of its own samples from the stream of (seed, its number): each its own, and
+        # a server started again with the same seed answers the same requests in the same order alike.
+        self.seed, self.numbers = int(seed), itertools.count()  # next() on it is one step under the GIL
         self.batches = 0           # counters for /health and the tests
         self.largest_batch = 0
         self.served = 0
@@ -168,6 +169,8 @@ class Engine:
         waiting = self.pending()
         if waiting >= self.max_queue:
             raise QueueFull(f"{waiting} requests are waiting (max_queue={self.max_queue}); retry later")
+        if not job.sample_key:
+            job.sample_key = (self.seed, next(self.numbers))
         self.queue.put(job)
         return job
 
@@ -198,10 +201,7 @@ class Engine:
                 waiting.append(job)
             # Let the requests that arrive within batch_wait join this batch.
             deadline = time.monotonic() + self.batch_wait
-            while True:
-                key = waiting[0].batch_key()
-                if sum(1 for j in waiting if j.batch_key() == key) >= self.max_batch_size:
-                    break
+            while len(waiting) < self.max_batch_size:
                 timeout = deadline - time.monotonic()
                 try:
                     job = self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
@@ -218,10 +218,9 @@ class Engine:
                     self._end_unfinished(j)
                 waiting.clear()
                 continue
-            key = waiting[0].batch_key()
             batch, rest = [], deque()
             for j in waiting:
-                if j.batch_key() == key and len(batch) < self.max_batch_size and self._fits(batch, j):
+                if len(batch) < self.max_batch_size and self._fits(batch, j):
                     # Once running, a future can no longer be cancelled; a cancelled one is dropped here.
                     if not j.cancelled and j.future.set_running_or_notify_cancel():
                         batch.append(j)
@@ -293,7 +292,6 @@ class Engine:
     def _generate(self, batch: list[Job]) -> None:
         cm = self.cm
         eos = set(cm.eos_token_ids)
-        first = batch[0]
         tokens: list[list[int]] = [[] for _ in batch]
         reasons: list[str | None] = [None] * len(batch)
         decoders = [StreamDecoder(cm.tokenizer, j.stop) if j.on_text or j.stop else None for j in batch]
@@ -327,16 +325,14 @@ class Engine:
 
         enc = left_pad([j.prompt for j in batch], cm.pad_token_id)
         enc = {k: v.to(cm.device) for k, v in enc.items()}
-        generator = self.generator
-        if first.do_sample and first.seed is not None:
-            generator = torch.Generator(device=cm.device).manual_seed(int(first.seed))
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(batch))
         try:
             generate(cm.model, enc["input_ids"], enc["attention_mask"],
                      max_new_tokens=max(j.max_new_tokens for j in batch), eos_token_ids=cm.eos_token_ids,
-                     pad_token_id=cm.pad_token_id, do_sample=first.do_sample, temperature=first.temperature,
-                     top_p=first.top_p, generator=generator if first.do_sample else None, on_token=on_token,
+                     pad_token_id=cm.pad_token_id, do_sample=[j.do_sample for j in batch],
+                     temperature=[j.temperature for j in batch], top_p=[j.top_p for j in batch],
+                     sample_keys=[j.sample_key for j in batch], on_token=on_token,
                      keep_decoder=True)
         except _AllFinished:
             pass

@@ -176,7 +176,6 @@ class Expected:
 
     def __init__(self, cfg: DictConfig, device: torch.device):
         self.gen = OmegaConf.to_container(cfg.generation, resolve=True)
-        self.batch_size = cfg.batch_size
         self.limit = cfg.limit
         self.device = device
         self._rows: dict[str, int] = {}
@@ -221,9 +220,6 @@ class Expected:
             why = f"eval file {old.get('eval_file')}"
         elif any(old.get("generation", {}).get(k) != v for k, v in self.gen.items()):
             why = "generation settings"
-        elif self.gen.get("do_sample") and old.get("generation", {}).get("batch_size") != self.batch_size:
-            # a seeded sample depends on the rows it is batched with; auto's size is known only once loaded
-            why = "batch size (sampled replies depend on it)"
         elif old.get("num_samples") != self.rows(t.data):
             why = f"{old.get('num_samples')} rows"
         elif any(recorded.get(k) != v for k, v in self.record(t).items()):

@@ -64,27 +64,36 @@ def test_greedy_outputs_do_not_depend_on_batch_size(ckpt, sample_file):
     assert len(set(one)) > 1 and all(t for t in one)
 
 
-def test_a_sampled_batch_that_ran_out_of_memory_samples_again_from_where_it_began(ckpt, sample_file, monkeypatch):
-    """A batch can run out of memory after drawing from the sampling generator: its retry in smaller batches draws
-    what it would had the failed attempt drawn nothing."""
+def test_sampled_predictions_do_not_depend_on_the_batch(ckpt, sample_file, monkeypatch):
+    """Each row samples from its own stream (the seed and its place among the eval rows): the same replies at any
+    batch size, and where a batch that ran out of memory part-way is generated again in smaller batches."""
     model, tok, config = load_for_inference(ckpt, OmegaConf.create({"dtype": "float32"}), "cpu")
     prompts = ev.build_eval_set(ev.eval_examples(sample_file, config["data"]), tok, config["data"],
                                 config["model"]["template"], limit=12).prompts
     gen = generation("reference_sampling", max_new_tokens=6)
-    real = ev.generate
+    one, _ = ev.predict(model, tok, prompts, gen, 1, CPU, progress=False)
+    for size in (12, 5):
+        assert ev.predict(model, tok, prompts, gen, size, CPU, progress=False)[0] == one, f"batch size {size}"
+    other, _ = ev.predict(model, tok, prompts, generation("reference_sampling", max_new_tokens=6, seed=7), 12, CPU,
+                          progress=False)
+    assert other != one and len(set(one)) > 1
+    real, calls = ev.generate, []
 
-    def sampled(draws_before_failing: int) -> list[str]:
-        def generate(model, input_ids, *args, generator=None, **kwargs):
-            if len(input_ids) > 4:  # the first batch of 12 fails part-way through its draws
-                torch.rand(draws_before_failing, generator=generator)
+    def generate(model, input_ids, *args, **kwargs):
+        calls.append(len(input_ids))
+        steps = []
+
+        def fail_at_third_step(column):
+            steps.append(column)
+            if len(steps) == 3:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB.")
-            return real(model, input_ids, *args, generator=generator, **kwargs)
 
-        monkeypatch.setattr(ev, "generate", generate)
-        texts, _ = ev.predict(model, tok, prompts, gen, "auto", CPU, progress=False)
-        return texts
+        # batches of 12 and 6 run out of memory after drawing two tokens
+        return real(model, input_ids, *args, on_token=fail_at_third_step if len(input_ids) > 4 else None, **kwargs)
 
-    assert sampled(0) == sampled(1000) and len(set(sampled(0))) > 1
+    monkeypatch.setattr(ev, "generate", generate)
+    assert ev.predict(model, tok, prompts, gen, "auto", CPU, progress=False)[0] == one
+    assert calls[:3] == [12, 6, 3] and sum(calls[2:]) == 12
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA allocator's own out-of-memory error")

@@ -191,30 +191,95 @@ def test_cached_generation_matches_full_recompute_through_the_wrapper(family):
 @pytest.mark.parametrize("family", ["llama", "glm", "qwen2", "gpt2"])
 def test_static_cache_sampling_and_eos_match_the_growing_cache(family):
     """The static-cache decoder (a preallocated cache) against the growing cache: same sampled tokens
-    from the same generator, same per-row EOS stop."""
+    from the same row keys, same per-row EOS stop."""
     from ptune.data import left_pad
     from ptune.generate import generate
 
     lm = make_lm(family, length=5, projection=False, seed=4)
     prompts = [[5, 9, 11, 40, 7], [17, 23], [60, 61, 62, 63, 64, 65, 66], [8]]
     batch = left_pad(prompts, pad_token_id=0)
+    keys = [(11, row) for row in range(4)]
     runs = {}
     for static in (True, False):
-        g = torch.Generator().manual_seed(11)
         runs[static] = generate(lm, batch["input_ids"], batch["attention_mask"], max_new_tokens=12,
                                 eos_token_ids=[], pad_token_id=0, do_sample=True, temperature=0.9, top_p=0.95,
-                                generator=g, static_cache=static)
+                                sample_keys=keys, static_cache=static)
     assert runs[True].shape == (4, 12)
     assert torch.equal(runs[True], runs[False])
     # A token that some row emits becomes EOS: that row stops (pad after it), the others go on.
     eos = int(runs[True][1, 3])
     stopped = {static: generate(lm, batch["input_ids"], batch["attention_mask"], max_new_tokens=12,
                                 eos_token_ids=[eos], pad_token_id=0, do_sample=True, temperature=0.9, top_p=0.95,
-                                generator=torch.Generator().manual_seed(11), static_cache=static)
+                                sample_keys=keys, static_cache=static)
                for static in (True, False)}
     assert torch.equal(stopped[True], stopped[False])
     first = runs[True][1].tolist().index(eos)
     assert stopped[True][1, first + 1:].eq(0).all() and stopped[True][1, first] == eos
+
+
+def test_sampled_tokens_follow_the_temperature_and_top_p_distribution():
+    """20000 rows of the same logits, each its own key: token frequencies within 5 standard deviations of
+    softmax(logits / temperature) cut to the smallest likeliest set reaching top_p (worked out here with numpy), the
+    tokens cut never drawn, and a greedy row in the same batch takes the likeliest token."""
+    import numpy as np
+
+    from ptune.generate import Sampler
+
+    rows, logits = 20000, np.array([1.0, 2.0, -3.0, 1.5, 0.2, -1.0])
+    p = np.exp(logits / 0.8) / np.exp(logits / 0.8).sum()
+    keep = np.zeros(6, dtype=bool)
+    for rank, token in enumerate(np.argsort(-p)):
+        keep[token] = True
+        if p[np.argsort(-p)[:rank + 1]].sum() >= 0.9:
+            break
+    want = np.where(keep, p, 0) / p[keep].sum()
+    pick = Sampler(rows + 1, [True] * rows + [False], 0.8, 0.9, [(3, i) for i in range(rows)] + [None], 1, "cpu")
+    got = pick(torch.tensor(logits, dtype=torch.float32).expand(rows + 1, 6), 0)
+    counts = np.bincount(got[:rows].numpy(), minlength=6)
+    sigma = np.sqrt(rows * want * (1 - want))
+    assert (counts[~keep] == 0).all() and keep.sum() == 3
+    assert (np.abs(counts - rows * want) <= 5 * sigma + 1e-9).all(), (counts, rows * want)
+    assert got[rows] == 1
+
+
+def test_a_sampled_row_takes_the_same_tokens_in_any_batch():
+    """A row's samples depend on its key, not on the rows beside it, their sampling settings, or its place."""
+    from ptune.data import left_pad
+    from ptune.generate import generate
+
+    lm = make_lm("llama", length=5, projection=False, seed=4)
+    prompts = [[5, 9, 11, 40, 7], [17, 23], [60, 61, 62, 63, 64, 65, 66]]
+
+    def run(rows, **settings):
+        batch = left_pad([prompts[r] for r in rows], pad_token_id=0)
+        return generate(lm, batch["input_ids"], batch["attention_mask"], max_new_tokens=10, eos_token_ids=[],
+                        pad_token_id=0, sample_keys=[(5, r) for r in rows], **settings)
+
+    alone = [run([r], do_sample=True, temperature=1.5, top_p=0.95)[0] for r in range(3)]
+    together = run([2, 0, 1], do_sample=True, temperature=1.5, top_p=0.95)
+    assert all(torch.equal(together[i], alone[r]) for i, r in enumerate([2, 0, 1]))
+    mixed = run([1, 0, 2], do_sample=[True, False, True], temperature=[1.5, 1.0, 0.3], top_p=[0.95, 1.0, 0.5])
+    assert torch.equal(mixed[0], alone[1])
+    assert torch.equal(mixed[1], run([0])[0])  # greedy beside sampled rows is greedy
+    assert len({tuple(t.tolist()) for t in alone}) == 3
+
+
+def test_row_keys_do_not_share_streams():
+    """numpy pads a seed with zero words; ptune's keys are laid out so that (42,) and (42, 0) differ."""
+    from ptune.generate import row_draws
+
+    draws = row_draws([(42,), (42, 0), (2**32,), (0, 1), (-1,), (2**64 - 1,)], 4, "cpu")
+    assert len({tuple(d.tolist()) for d in draws[:5]}) == 5 and torch.equal(draws[4], draws[5])
+    assert ((draws > 0) & (draws <= 1)).all()
+
+
+def test_sampling_without_row_keys_is_refused():
+    from ptune.generate import generate
+
+    lm = make_lm("llama", length=5, projection=False, seed=4)
+    with pytest.raises(ValueError, match="sample_keys"):
+        generate(lm, torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long), max_new_tokens=2, eos_token_ids=[],
+                 pad_token_id=0, do_sample=True)
 
 
 @pytest.mark.parametrize("family", ["llama", "glm"])

@@ -180,6 +180,28 @@ def test_seeded_sampling_is_reproducible(served):
     assert a == b
 
 
+def test_a_seeded_request_samples_alike_alone_and_batched_with_others(served_gpt2):
+    """Each row draws from its own stream: a seeded request's reply does not depend on the requests that share its
+    batch, greedy or sampled with other settings, nor on its place in the batch."""
+    from ptune.serve import Engine, Job
+
+    _, cm = served_gpt2
+    ids = [prompt_ids(cm.tokenizer, p, [], cm.template) for p in ("类型#裙", "风格#复古*图案#条纹", "hi")]
+    seeded = lambda seed=7: Job(ids[0], MAX_NEW, do_sample=True, temperature=1.3, top_p=0.9, seed=seed)  # noqa: E731
+    engine = Engine(cm, max_batch_size=8, batch_wait_ms=300)
+    try:
+        alone = engine.submit(seeded()).future.result(timeout=120).text
+        again = [engine.submit(Job(ids[1], MAX_NEW, do_sample=False, temperature=1.0, top_p=1.0)),
+                 engine.submit(Job(ids[2], 5, do_sample=True, temperature=0.7, top_p=0.5)),
+                 engine.submit(seeded()), engine.submit(seeded(8))]
+        replies = [j.future.result(timeout=120).text for j in again]
+        assert engine.batches == 2 and engine.largest_batch == 4
+        assert replies[2] == alone and replies[0] == greedy(cm, ids[1])
+        assert replies[3] != alone  # another seed, another reply (the tiny model's replies are varied)
+    finally:
+        engine.close()
+
+
 def test_32_concurrent_clients_get_their_own_answers(served):
     url, cm = served
     prompts = [f"类型#裙*长度#{i}*颜色#{'红蓝白黑'[i % 4]}" for i in range(32)]
@@ -608,15 +630,18 @@ def test_jobs_waiting_to_be_batched_count_against_max_queue(served_gpt2):
     _, cm = served_gpt2
     engine = gated_engine(cm, batch_wait_ms=300, max_queue=3)
     try:
-        # Seeded requests batch alone, so the worker gathers these three, runs the first and holds two back.
-        seeded = lambda: Job([1, 2], 2, do_sample=True, temperature=1.0, top_p=1.0, seed=1)  # noqa: E731
-        for _ in range(3):
-            engine.submit(seeded())
+        # A long prompt does not fit GPT-2's 512 positions beside a long reply, so the worker gathers these three,
+        # runs the first and holds two back.
+        greedy_job = dict(do_sample=False, temperature=1.0, top_p=1.0)
+        engine.submit(Job([1, 2], 500, **greedy_job))
+        wide = lambda: Job([1] * 400, 2, **greedy_job)  # noqa: E731
+        for _ in range(2):
+            engine.submit(wide())
         wait_for(lambda: engine.entered.is_set() and engine.queue.qsize() == 0)
         assert engine.pending() == 2
-        engine.submit(seeded())
+        engine.submit(wide())
         with pytest.raises(QueueFull, match="3 requests are waiting"):
-            engine.submit(seeded())
+            engine.submit(wide())
     finally:
         engine.gate.set()
         engine.close()

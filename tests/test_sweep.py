@@ -285,17 +285,26 @@ def test_scores_written_by_evaluate_are_reused_only_when_made_with_the_same_sett
         if k != "generation"}
 
 
-def test_sampled_scores_are_reused_only_at_the_batch_size_they_were_made_with(run_copy, sample_file, tmp_path,
-                                                                             counted):
-    """A seeded sample depends on the rows batched with it: scores sampled at batch 2 are not batch 4's."""
+def test_sampled_scores_are_the_same_at_any_batch_size_and_reused_at_any(run_copy, sample_file, tmp_path, counted):
+    """Each row samples from its own stream: scores sampled at batch 2 are batch 4's, so a sweep at another batch
+    size reuses them."""
     run = run_copy(tmp_path / "run")
     common = [f"runs=[{run}]", f"data.eval_file={sample_file}", "limit=4", "generation=reference_sampling",
               "generation.max_new_tokens=4"]
-    sw.sweep(compose(*common, "batch_size=2"))
+
+    def scores() -> list[dict]:
+        return [{k: json.loads((c / "eval" / "metrics.json").read_text())[k] for k in ("rouge-1", "bleu-4")} |
+                {"predict": (c / "eval" / "generated_predictions.jsonl").read_text()}
+                for c in sorted(run.glob("checkpoint-*"))]
+
+    sw.sweep(compose(*common, "batch_size=1"))
+    at_one = scores()
     counted()
-    assert len(sw.sweep(compose(*common, "batch_size=2"))["reused"]) == 3 and counted()["predict"] == 0
-    assert sw.sweep(compose(*common, "batch_size=4"))["reused"] == [] and counted()["predict"] == 3
-    assert sw.sweep(compose(*common, "batch_size=auto"))["reused"] == []  # its size is known only once loaded
+    assert len(sw.sweep(compose(*common, "batch_size=4"))["reused"]) == 3 and counted()["predict"] == 0
+    assert len(sw.sweep(compose(*common, "batch_size=auto"))["reused"]) == 3
+    assert len(sw.sweep(compose(*common, "batch_size=4", "force=true"))["scored"]) == 3
+    assert scores() == at_one and counted()["predict"] == 3
+    assert len({s["predict"] for s in at_one}) == 3  # the checkpoints' replies differ: the check compares something
 
 
 def test_a_limit_past_the_files_end_reuses_scores_made_without_one_and_the_reverse(run_copy, sample_file,
