@@ -129,6 +129,13 @@ def made_for_this_run(path: Path) -> bool:
     return any(p in _made_run_folders for p in (path, *path.parents))
 
 
+def not_made_for_this_run(path: Path) -> None:
+    """`path` and the folders above it belong to another process after all (which made them a moment earlier): a
+    refusal of this run must not remove them."""
+    path = path.resolve()
+    _made_run_folders[:] = [p for p in _made_run_folders if p != path and p not in path.parents]
+
+
 def remove_unused_run_folders() -> None:
     """Remove the folders made for this process's run, deepest first, that hold nothing (a sweep's folder: nothing
     but Hydra's multirun.yaml, all its jobs refused)."""

@@ -1,5 +1,5 @@
 """Files written whole (a reader, or a crash part-way, never sees half of one), tensors written readable like any
-other file, SHA-256 of files, and JSON objects read with the file at fault named."""
+other file, SHA-256 of files, JSON objects read with the file at fault named, and folders one process at a time."""
 
 from __future__ import annotations
 
@@ -79,3 +79,30 @@ def read_json_object(path: str | os.PathLike, error: Callable[[str], Exception],
     if not isinstance(data, dict):
         raise error(f"{path}: a JSON {type(data).__name__}, expected {shape}{hint}")
     return data
+
+
+class FolderInUse(Exception):
+    """Another process holds the folder (:func:`held_folder`)."""
+
+
+@contextmanager
+def held_folder(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `folder` for the block; raises FolderInUse at once where another process holds it. The
+    lock is the kernel's (flock on the folder itself, no file left behind), so a process that dies lets go of it.
+    Where the filesystem or the platform has no such locks the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderInUse(str(folder)) from None
+        except OSError:  # a filesystem without flock (some network mounts)
+            pass
+        yield
+    finally:
+        os.close(fd)

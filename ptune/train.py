@@ -13,6 +13,7 @@ if __name__ == "__main__":
 
     run_command("train")
 
+import contextlib
 import json
 import logging
 import math
@@ -32,9 +33,10 @@ from tqdm.auto import tqdm
 
 from ptune import checkpoint as ckpt_io
 from ptune import settings
-from ptune.config import made_for_this_run, no_run_folder_if_refused, override_key
+from ptune.config import made_for_this_run, no_run_folder_if_refused, not_made_for_this_run, override_key
 from ptune.data import BatchPlan, IGNORE, collate, training_rows
 from ptune.errors import TrainingError, exit_on_user_error, first_line
+from ptune.files import FolderInUse, held_folder
 from ptune.fit import Prober, agree_across_ranks, choose_split, fastest
 from ptune.graphs import micro_batch_loss
 from ptune.logs import LogWindow, MetricsLog, setup_logging
@@ -69,6 +71,26 @@ def run_dir(accelerator: Accelerator) -> Path:
     if chosen != mine and mine.is_dir() and not any(mine.iterdir()):
         mine.rmdir()
     return chosen
+
+
+@contextmanager
+def run_folder_held(out: Path, accelerator: Accelerator):
+    """Rank 0 holds the run folder for the run: a second training given the same folder, or the same dated default
+    folder (started within the same second), is refused rather than mixing its checkpoints and log lines in."""
+    with contextlib.ExitStack() as stack:
+        busy = [False]
+        if accelerator.is_main_process:
+            try:
+                stack.enter_context(held_folder(out))
+            except FolderInUse:
+                busy = [True]
+        if accelerator.num_processes > 1:
+            torch.distributed.broadcast_object_list(busy, src=0)
+        if busy[0]:
+            not_made_for_this_run(out)  # the other run's folder, even where this one made it a moment earlier
+            raise TrainingError(f"{out}: another training is writing to this run folder now; wait for it to end, "
+                                f"or give another {folder_setting()}")
+        yield
 
 
 @contextmanager
@@ -396,17 +418,24 @@ def restore(resume_from: Path, state: dict, optim_state: dict, lm: PrefixLM, mod
 def train(cfg: DictConfig) -> Path:
     # accelerate sets up gloo for several CPU processes only when told it runs on the CPU.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    t = cfg.trainer
     with no_run_folder_if_refused():
         settings.train(cfg)
         refuse_output_dir_in_multirun(cfg)
-        if t.auto_micro_batch_gib is not None and device.type != "cuda":
-            raise TrainingError(f"trainer.auto_micro_batch_gib={t.auto_micro_batch_gib}: it measures GPU memory and "
-                                f"needs a CUDA device, not {device.type}; set trainer.per_device_batch_size and "
-                                "trainer.gradient_accumulation_steps yourself, or leave it null")
-    base_folder = settings.model_folder(cfg.model)  # checked by settings.train
+        if cfg.trainer.auto_micro_batch_gib is not None and accelerator.device.type != "cuda":
+            raise TrainingError(f"trainer.auto_micro_batch_gib={cfg.trainer.auto_micro_batch_gib}: it measures GPU "
+                                f"memory and needs a CUDA device, not {accelerator.device.type}; set "
+                                "trainer.per_device_batch_size and trainer.gradient_accumulation_steps yourself, or "
+                                "leave it null")
     out = run_dir(accelerator)
+    with run_folder_held(out, accelerator):
+        return train_in(out, cfg, accelerator)
+
+
+def train_in(out: Path, cfg: DictConfig, accelerator: Accelerator) -> Path:
+    """The run itself, in its folder: resume point, data, model, then the steps."""
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    t = cfg.trainer
+    base_folder = settings.model_folder(cfg.model)  # checked by settings.train
     new_log = () if (out / "train.log").exists() else (out / "train.log",)
     with writing(out / "train.log"):
         setup_logging(out / "train.log", accelerator.is_main_process)

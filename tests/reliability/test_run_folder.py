@@ -283,3 +283,33 @@ def test_a_sigterm_before_the_first_step_leaves_no_fresh_run_folder(setup, tmp_p
     res = cli("ptune.train", *train_args(model, data, out), fault={"fault": "sigterm_reading_data"})
     assert res.rc == 128 + 15 and res.stderr.splitlines()[-1] == "train interrupted (SIGTERM)", res.stderr[-2000:]
     assert not (tmp_path / "new").exists()
+
+
+def test_a_second_training_into_a_folder_in_use_is_refused_and_changes_nothing(setup, tmp_path):
+    """Two trainings given one folder (or the same dated default folder, started within one second) would
+    interleave their checkpoints and log lines; the one that finds the folder held stops before writing."""
+    from ptune.files import held_folder
+
+    model, data, ref = setup
+    out = copy_of(ref, tmp_path / "run", keep=(2,))
+    before = snapshot(out)
+    with held_folder(out):  # as a training running there holds it
+        res = cli("ptune.train", *train_args(model, data, out, "resume=latest"))
+    assert_clean_error(res, f"{out}: another training is writing to this run folder now", "give another output_dir")
+    assert snapshot(out) == before  # not even a train.log line
+    res = cli("ptune.train", *train_args(model, data, out, "resume=latest", "trainer.max_steps=4"))
+    assert res.rc == 0, str(res)  # once let go, the folder is free again
+    assert ck.checkpoint_step(ck.latest_checkpoint(out)) == 4
+
+
+def test_a_folder_another_process_made_is_not_removed_by_this_ones_refusal(tmp_path):
+    from ptune import config
+
+    folder = tmp_path / "outputs" / "default" / "2026-11-29_12-00-00"
+    config._make_folder(str(folder), "output_dir")  # made here, a moment after the other run made it too
+    try:
+        config.not_made_for_this_run(folder)
+        config.remove_unused_run_folders()
+        assert folder.is_dir()
+    finally:
+        config._made_run_folders.clear()
