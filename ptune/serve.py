@@ -41,6 +41,7 @@ import logging
 import queue
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -49,7 +50,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 
@@ -175,7 +176,12 @@ class Engine:
         return job
 
     def pending(self) -> int:
-        return self.queue.qsize() + len(self.waiting)
+        """Requests waiting for a batch whose clients still wait: one that hung up keeps no place in max_queue
+        (the worker drops it when it next builds a batch)."""
+        with self.queue.mutex:
+            queued = sum(1 for j in self.queue.queue if j is not None and not j.cancelled)
+        # tuple() copies the deque in one step under the GIL, while the worker may be changing it
+        return queued + sum(1 for j in tuple(self.waiting) if not j.cancelled)
 
     def shut_down(self) -> None:
         """Ends every job, generating or waiting, with ShuttingDown (a job generating ends at its next token), and
@@ -297,26 +303,44 @@ class Engine:
         decoders = [StreamDecoder(cm.tokenizer, j.stop) if j.on_text or j.stop else None for j in batch]
         cut_short = False  # the server began to stop before every row finished
 
+        def finish(i: int) -> None:
+            """Answer row i's request as soon as it ends: not after the batch's longest reply."""
+            job = batch[i]
+            if job.future.done():
+                return
+            if job.on_text and not job.cancelled:
+                rest = decoders[i].flush()
+                if rest:
+                    job.streamed = True
+                    job.on_text(rest)
+            text = decode_reply(cm.tokenizer, tokens[i]) if decoders[i] is None else decoders[i].text()
+            if job.cancelled:
+                self.cancelled += 1
+            else:
+                self.served += 1
+            job.future.set_result(Result(text, len(job.prompt), len(tokens[i]), reasons[i] or "length"))
+
         def on_token(col):
             nonlocal cut_short
             for i, token in enumerate(col.tolist()):
                 if reasons[i] is not None:
                     continue
+                job = batch[i]
                 if token in eos:
                     reasons[i] = "stop"
-                    continue
-                tokens[i].append(token)
-                job = batch[i]
-                if decoders[i] is not None and not job.cancelled:
-                    new = decoders[i].push(token)
-                    if new and job.on_text:
-                        job.streamed = True
-                        job.on_text(new)
-                    if decoders[i].stopped:
-                        reasons[i] = "stop"
-                        continue
-                if len(tokens[i]) >= job.max_new_tokens:
-                    reasons[i] = "length"
+                else:
+                    tokens[i].append(token)
+                    if decoders[i] is not None and not job.cancelled:
+                        new = decoders[i].push(token)
+                        if new and job.on_text:
+                            job.streamed = True
+                            job.on_text(new)
+                        if decoders[i].stopped:
+                            reasons[i] = "stop"
+                    if reasons[i] is None and len(tokens[i]) >= job.max_new_tokens:
+                        reasons[i] = "length"
+                if reasons[i] is not None and not job.cancelled:
+                    finish(i)
             if all(reasons[i] is not None or j.cancelled for i, j in enumerate(batch)):
                 raise _AllFinished
             if self.closing:
@@ -341,17 +365,7 @@ class Engine:
                 # Not flushed: the text held back may be the start of a stop string, which a stream never sends.
                 self._end_unfinished(job)
                 continue
-            if job.on_text and not job.cancelled:
-                rest = decoders[i].flush()
-                if rest:
-                    job.streamed = True
-                    job.on_text(rest)
-            text = decode_reply(cm.tokenizer, tokens[i]) if decoders[i] is None else decoders[i].text()
-            if job.cancelled:
-                self.cancelled += 1
-            else:
-                self.served += 1
-            job.future.set_result(Result(text, len(job.prompt), len(tokens[i]), reasons[i] or "length"))
+            finish(i)
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -452,8 +466,18 @@ class StreamOptions(_Strict):
     include_usage: StrictBool | None = None
 
 
+# Fields of OpenAI's chat completion request that would change the reply and that this server does not do, with
+# the values that leave them off (what clients send by default): any other value is refused, naming the field,
+# rather than answered as if it had not been asked.
+NOT_DONE = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+            "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "tools": (None, []),
+            "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
+            "response_format": (None, {"type": "text"})}
+
+
 class ChatCompletionRequest(_Strict):
-    """The part of OpenAI's chat completion request that applies here; other fields are ignored."""
+    """The part of OpenAI's chat completion request that applies here; fields that would change the reply and are
+    not done here are refused (NOT_DONE), others ignored."""
 
     model: Text | None = None
     messages: list[Message] = Field(min_length=1)
@@ -466,6 +490,25 @@ class ChatCompletionRequest(_Strict):
     n: StrictInt | None = Field(1, ge=1, le=1)
     seed: StrictInt | None = Field(None, ge=-2**63, le=2**64 - 1)  # what torch.Generator accepts
     stop: StrictStr | list[StrictStr] | None = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+
+    @field_validator(*NOT_DONE)
+    @classmethod
+    def _not_done(cls, value, info):
+        off = NOT_DONE[info.field_name]
+        if value not in off:
+            raise ValueError(f"{json.dumps(value)[:80]} is not done by this server (the reply would ignore it); leave "
+                             f"it out or send {' or '.join(json.dumps(o) for o in off)}")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -909,6 +952,11 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException):
         # the body".
         return JSONResponse(error_body(DEEP_JSON, "json_too_deep"), status_code=exc.status_code,
                             headers=exc.headers)
+    if isinstance(exc.__cause__, ValueError) and "integer string conversion" in str(exc.__cause__):
+        # (only Pythons with the digit limit raise this, so only they are asked for it)
+        message = (f"the body holds a number of more than {sys.get_int_max_str_digits()} digits, which Python's "
+                   "JSON parser does not read; no field takes a number that long")
+        return JSONResponse(error_body(message, "number_too_long"), status_code=exc.status_code, headers=exc.headers)
     return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
 
 
@@ -995,6 +1043,18 @@ def _add_openai_api(app: FastAPI, cfg: DictConfig, engine: Engine, prompts: Prom
                 "usage": result.usage()}
 
 
+# Line breaks to Python's str.splitlines (and JavaScript's line terminators), which SSE readers that split the
+# stream that way (httpx's iter_lines, some hand-written clients) would break an event's JSON at; escaped, the
+# JSON means the same.
+# (json.dumps escapes the C0 control characters itself.)
+_LINE_BREAKS_IN_TEXT = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def sse_event(body: dict) -> str:
+    """One server-sent event: the text as it is (not \\u-escaped), except characters some readers split lines at."""
+    return f"data: {json.dumps(body, ensure_ascii=False).translate(_LINE_BREAKS_IN_TEXT)}\n\n"
+
+
 def _stream_completion(engine: Engine, job: Job, req: ChatCompletionRequest, cid: str, stamp: int,
                        model_name: str) -> StreamingResponse:
     """Submits `job` and answers with its text as server-sent events, as it comes from the worker."""
@@ -1016,7 +1076,7 @@ def _stream_completion(engine: Engine, job: Job, req: ChatCompletionRequest, cid
                 "choices": choices}
         if usage_alone or usage is not None:
             body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return sse_event(body)
 
     async def events():
         try:
@@ -1027,17 +1087,17 @@ def _stream_completion(engine: Engine, job: Job, req: ChatCompletionRequest, cid
                     break
                 yield chunk({"content": piece})
             if job.future.cancelled():
-                yield f"data: {json.dumps(error_body('the request was cancelled', 'cancelled'))}\n\n"
+                yield sse_event(error_body('the request was cancelled', 'cancelled'))
             elif isinstance(job.future.exception(), ShuttingDown):
                 message = f"the reply was cut short: {job.future.exception()}"
-                yield f"data: {json.dumps(error_body(message, 'server_shutting_down', kind='server_error'))}\n\n"
+                yield sse_event(error_body(message, 'server_shutting_down', kind='server_error'))
             elif isinstance(job.future.exception(), (torch.OutOfMemoryError, CutShort)):
                 exc = job.future.exception()
                 message = str(exc) if isinstance(exc, CutShort) else out_of_memory(job, exc)
-                yield f"data: {json.dumps(error_body(message, 'out_of_memory', kind='server_error'))}\n\n"
+                yield sse_event(error_body(message, 'out_of_memory', kind='server_error'))
             elif job.future.exception() is not None:
                 message = f"generation failed: {job.future.exception()}"
-                yield f"data: {json.dumps(error_body(message, 'generation_failed'))}\n\n"
+                yield sse_event(error_body(message, 'generation_failed'))
             else:
                 r = job.future.result()
                 if usage_alone:

@@ -202,6 +202,28 @@ def test_a_seeded_request_samples_alike_alone_and_batched_with_others(served_gpt
         engine.close()
 
 
+def test_a_request_that_ends_is_answered_before_its_batch_ends(served_gpt2):
+    """A short reply batched with a long one is answered (a stream closed) when it ends, not when the long one does."""
+    from ptune.serve import Engine, Job
+
+    _, cm = served_gpt2
+    ids = prompt_ids(cm.tokenizer, "类型#裙", [], cm.template)
+    assert len(greedy(cm, ids, 40)) >= 30  # the long reply goes on well past the short one's 2 tokens
+    engine = Engine(cm, max_batch_size=8, batch_wait_ms=300)
+    seen = []
+    try:
+        greedy_job = dict(do_sample=False, temperature=1.0, top_p=1.0)
+        long = Job(ids, 40, on_text=lambda text: seen.append(short.future.done()), **greedy_job)
+        short = Job(ids, 2, **greedy_job)
+        engine.submit(long)
+        engine.submit(short)
+        assert long.future.result(timeout=120).completion_tokens == 40
+        assert short.future.result().text == greedy(cm, ids, 2) and short.future.result().finish_reason == "length"
+        assert engine.batches == 1 and seen[:1] == [False] and seen[-1] and seen.count(True) >= 20
+    finally:
+        engine.close()
+
+
 def test_32_concurrent_clients_get_their_own_answers(served):
     url, cm = served
     prompts = [f"类型#裙*长度#{i}*颜色#{'红蓝白黑'[i % 4]}" for i in range(32)]
@@ -563,10 +585,10 @@ def test_a_stream_cut_short_by_its_batch_running_out_of_memory_says_so_and_the_r
     from ptune.generate import StaticDecoder
 
     url, engine, _ = gated
-    real, failed_decoders_at_retry = ptune.serve.generate, []
+    real, failed_decoders_at_retry, failed = ptune.serve.generate, [], []
 
     def generate(model, input_ids, *args, on_token=None, **kwargs):
-        if len(input_ids) == 1 and len(engine.jobs) == 3:  # the retry: the failed batch's cache must be let go
+        if len(input_ids) == 1 and failed:  # the retry: the failed batch's cache must be let go
             failed_decoders_at_retry.extend(o for o in gc.get_objects()
                                             if isinstance(o, StaticDecoder) and len(o.token) == 2)
         steps = []
@@ -574,6 +596,7 @@ def test_a_stream_cut_short_by_its_batch_running_out_of_memory_says_so_and_the_r
         def counted(column):
             steps.append(None)
             if len(input_ids) > 1 and len(steps) > 3:
+                failed.append(len(input_ids))
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB.\nOf the allocated ...")
             on_token(column)
 
@@ -599,7 +622,7 @@ def test_a_stream_cut_short_by_its_batch_running_out_of_memory_says_so_and_the_r
     assert any(e["choices"][0]["delta"].get("content") for e in events if "choices" in e), events  # text went out
     errors = [e["error"] for e in events if isinstance(e, dict) and "error" in e]
     assert len(errors) == 1 and events[-1] == "[DONE]", events
-    assert failed_decoders_at_retry == []
+    assert failed == [2] and failed_decoders_at_retry == []
     error = errors[0]
     assert error["code"] == "out_of_memory" and error["type"] == "server_error", events
     assert re.fullmatch(r"the reply was cut short: the batch it shared with 1 other request\(s\) ran out of device "
@@ -642,6 +665,60 @@ def test_jobs_waiting_to_be_batched_count_against_max_queue(served_gpt2):
         engine.submit(wide())
         with pytest.raises(QueueFull, match="3 requests are waiting"):
             engine.submit(wide())
+    finally:
+        engine.gate.set()
+        engine.close()
+
+
+def test_openai_fields_that_would_change_the_reply_are_refused_unless_off(served):
+    """logprobs, tools, response_format, penalties and the like are not done here: a value that asks for them is a
+    422 naming the field, not a reply that silently ignores it; the values clients send by default are served."""
+    url, _ = served
+    path, body = chat_request("hi", max_tokens=2, temperature=0)
+    off = {"logprobs": False, "top_logprobs": 0, "logit_bias": {}, "frequency_penalty": 0, "presence_penalty": 0.0,
+           "tools": [], "tool_choice": "auto", "response_format": {"type": "text"}}
+    r = httpx.post(url + path, json={**body, **off}, timeout=60)
+    assert r.status_code == 200, r.text
+    for field, value in [("logprobs", True), ("top_logprobs", 2), ("logit_bias", {"5": 100}),
+                         ("frequency_penalty", 0.5), ("presence_penalty", -1), ("response_format", {"type": "json_object"}),
+                         ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
+                         ("functions", [{"name": "f"}]), ("function_call", {"name": "f"})]:
+        r = httpx.post(url + path, json={**body, field: value}, timeout=60)
+        assert r.status_code == 422, (field, r.text)
+        error = r.json()["error"]
+        assert error["param"] == field and "not done by this server" in error["message"], r.text
+
+
+def test_a_streamed_event_is_one_line_to_readers_that_split_at_unicode_line_breaks():
+    """httpx's iter_lines splits as str.splitlines does: at U+2028, U+2029, U+0085 and the C0 separators too."""
+    from ptune.serve import sse_event
+
+    text = "一\u2028二\u2029三\x85四\x1c五\x1d六\x1e七\x0b八\x0c九\r十\n完"
+    event = sse_event({"choices": [{"delta": {"content": text}}]})
+    lines = event.splitlines()
+    assert lines[0].startswith("data: ") and lines[1:] == [""] and event.endswith("\n\n")
+    assert json.loads(lines[0][len("data: "):])["choices"][0]["delta"]["content"] == text
+    assert "一" in lines[0]  # the text itself is not escaped
+
+
+def test_requests_whose_clients_went_away_keep_no_place_in_the_queue(served_gpt2):
+    from ptune.serve import Job
+
+    _, cm = served_gpt2
+    engine = gated_engine(cm, batch_wait_ms=0, max_batch_size=1, max_queue=2)
+    try:
+        job = lambda: Job([1, 2], 2, do_sample=False, temperature=1.0, top_p=1.0)  # noqa: E731
+        running = engine.submit(job())
+        wait_for(lambda: engine.entered.is_set())
+        gone = [engine.submit(job()), engine.submit(job())]
+        assert engine.pending() == 2
+        for j in gone:
+            j.cancelled = True  # what a handler does when its client hangs up
+        assert engine.pending() == 0
+        waiting = [engine.submit(job()), engine.submit(job())]  # max_queue=2 counts only these
+        engine.gate.set()
+        assert all(j.future.result(timeout=60).completion_tokens == 2 for j in [running, *waiting])
+        assert all(j.future.cancelled() for j in gone)
     finally:
         engine.gate.set()
         engine.close()
@@ -858,6 +935,18 @@ def depth_json_refuses() -> int:
     probe.start()
     probe.join()
     return found[0] + found[0] // 10
+
+
+@pytest.mark.parametrize("path, field", [("/", "max_length"), ("/v1/chat/completions", "max_tokens")])
+def test_a_number_too_long_to_parse_is_refused_saying_so(served, path, field):
+    url, _ = served
+    fields = {"prompt": "hi"} if path == "/" else chat_request("hi")[1]
+    body = json.dumps(fields)[:-1] + f', "{field}": 1' + "0" * (sys.get_int_max_str_digits() + 10) + "}"
+    r = httpx.post(url + path, content=body.encode(), timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "number_too_long", r.text
+    assert f"a number of more than {sys.get_int_max_str_digits()} digits" in error["message"]
 
 
 @pytest.mark.parametrize("path", ["/", "/v1/chat/completions"])
