@@ -33,7 +33,7 @@ from ptune.data import check_template_fits, decode_reply, encodable, prompt_ids
 from ptune.generate import generate, release_decoding_memory, stop_token_ids
 from ptune.errors import ConfigError, exit_on_user_error, first_line, stopped, terminating
 from ptune.logs import setup_logging
-from ptune.models import inference_model_settings, load_for_inference, position_limit, resolve_checkpoint
+from ptune.models import inference_model_settings, is_chatglm, load_for_inference, position_limit, resolve_checkpoint
 
 log = logging.getLogger("ptune.chat")
 
@@ -73,8 +73,10 @@ def load_chat_model(cfg: DictConfig) -> ChatModel:
     settings = inference_model_settings(prefix_config, OmegaConf.to_container(cfg.model))
     template = settings.get("template")
     if not template:
-        # A bare base with no template given: its own chat template when it has one.
-        template = "chat_template" if getattr(tokenizer, "chat_template", None) else "plain"
+        # A bare base with no template given: ChatGLM2/3's round format (what their own chat and api.py build, and
+        # conf/model/chatglm*_6b.yaml give), else its own chat template when it has one.
+        template = ("chatglm2" if is_chatglm(Path(str(settings["path"])))
+                    else "chat_template" if getattr(tokenizer, "chat_template", None) else "plain")
     check_template_fits(tokenizer, template)  # at start-up, not at the first message or request
     eos = stop_token_ids(model, tokenizer, cfg.generation.get("extra_eos_token_ids"))
     limit, key = position_limit(model) or (None, None)

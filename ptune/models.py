@@ -38,7 +38,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _is_chatglm(path: Path) -> bool:
+def is_chatglm(path: Path) -> bool:
     cfg = path / "config.json"
     if not cfg.is_file():
         return False
@@ -50,7 +50,7 @@ def _is_chatglm(path: Path) -> bool:
 
 def load_tokenizer(path: str | Path):
     path = Path(path)
-    if (path / "tokenizer.model").is_file() and (_is_chatglm(path) or not (path / "tokenizer_config.json").is_file()):
+    if (path / "tokenizer.model").is_file() and (is_chatglm(path) or not (path / "tokenizer_config.json").is_file()):
         from ptune.chatglm.tokenizer import load_tokenizer as load_chatglm_tokenizer
 
         try:
@@ -98,7 +98,7 @@ def load_model(model_cfg, device: torch.device | str = "cpu"):
     dtype = resolve_dtype(str(model_cfg.dtype), device)
 
     def load_float(device: torch.device = device):
-        if _is_chatglm(path):
+        if is_chatglm(path):
             from ptune.chatglm.convert import ChatGLMConversionError, load_chatglm
             from ptune.chatglm.integrity import IntegrityError
 

@@ -399,3 +399,22 @@ def test_fit_history_drops_the_fewest_oldest_turns_that_make_the_prompt_fit(tmp_
         ids, got = fit_history(tok, "plain", "last one", history, limit)
         assert got == kept and ids == build_prompt(tok, "plain", "last one", kept), limit
     assert fit_history(tok, "plain", "last one", history, None)[1] == history
+
+
+def test_a_bare_chatglm_base_chats_in_its_round_format(tmp_path, tiny_model_dir):
+    """checkpoint=null model.path=<ChatGLM2/3 folder>: the [Round n] 问/答 format its own chat and api.py build,
+    not the tokenizer's chat template or plain text; a template given still wins, and other bases are unchanged."""
+    import shutil
+
+    chatglm = tmp_path / "chatglm"
+    shutil.copytree(REPO / "tests" / "golden" / "chatglm" / "tiny_chatglm2", chatglm)
+    build_tokenizer(chatglm)  # it has a chat template of its own, which a ChatGLM base does not use
+    cm = load_chat_model(compose("chat", "checkpoint=null", f"model.path={chatglm}", "device=cpu"))
+    assert cm.template == "chatglm2"
+    text = cm.tokenizer.decode(prompt_ids(cm.tokenizer, "你好", [("问题", "回答")], cm.template))
+    assert text.startswith("[Round 1]") and "[Round 2]" in text  # (the fixture's tokenizer lacks 问, 答 and ：)
+    given = load_chat_model(compose("chat", "checkpoint=null", f"model.path={chatglm}", "model.template=plain",
+                                    "device=cpu"))
+    assert given.template == "plain"
+    llama = load_chat_model(compose("chat", "checkpoint=null", f"model.path={tiny_model_dir('llama')}", "device=cpu"))
+    assert llama.template == "chat_template"

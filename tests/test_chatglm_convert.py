@@ -23,7 +23,7 @@ from ptune.chatglm.convert import (
     glm_config_from_chatglm,
     load_chatglm,
 )
-from ptune.models import _is_chatglm
+from ptune.models import is_chatglm
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -80,11 +80,11 @@ def write_bin_shards(src: Path, dst: Path, n_shards: int = 2) -> list[str]:
 
 
 def test_only_a_chatglm_config_takes_the_conversion_path(tmp_path):
-    assert _is_chatglm(TINY)
-    assert not _is_chatglm(tmp_path)
+    assert is_chatglm(TINY)
+    assert not is_chatglm(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    assert not _is_chatglm(tmp_path)
-    assert not _is_chatglm(tmp_path / "nope")
+    assert not is_chatglm(tmp_path)
+    assert not is_chatglm(tmp_path / "nope")
 
 
 @needs_shared

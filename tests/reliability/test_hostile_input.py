@@ -437,7 +437,7 @@ def test_a_tokenizer_without_a_chat_template_under_the_chat_template_template_is
     pytest.param(_truncate_weights, "catch safetensors.SafetensorError around from_pretrained in load_base",
                  id="truncated-weights"),
     pytest.param(lambda f: (f / "config.json").write_text('{"model_type": '),
-                 "catch ValueError from json.loads in _is_chatglm (config.json is not JSON)", id="config-not-json"),
+                 "catch ValueError from json.loads in is_chatglm (config.json is not JSON)", id="config-not-json"),
     pytest.param(lambda f: [(f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
                  "wrap AutoTokenizer.from_pretrained in load_tokenizer with except (OSError, ValueError)",
                  id="no-tokenizer"),
