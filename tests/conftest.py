@@ -76,16 +76,53 @@ def sample_rows(n: int | None = None) -> list[dict]:
     return rows[:n] if n else rows
 
 
-def build_tokenizer(out: Path):
-    """A character-level fast tokenizer over the sample's characters plus ASCII, with a chat template."""
+def _byte_symbols() -> dict[int, str]:
+    """Byte-level BPE's printable stand-in for each byte (printable Latin-1 bytes stand for themselves)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in kept]
+    return {**{b: chr(b) for b in kept}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _byte_level_core(chars: list[str]):
+    """Byte-level BPE whose merges build each of `chars` whole, at the character-level tokenizer's ids (every byte
+    has an id after them): transformers 5 loads a qwen2 folder's tokenizer as Qwen2Tokenizer, a byte-level BPE,
+    whatever tokenizer_class says, which rebuilt from the character-level vocabulary dropped every Chinese
+    character and space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    symbol = _byte_symbols()
+    spelled = lambda text: "".join(symbol[b] for b in text.encode("utf-8"))  # noqa: E731
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for c in chars:
+        vocab.setdefault(spelled(c), len(vocab))
+    for b in range(256):
+        vocab.setdefault(symbol[b], len(vocab))
+    merges = []
+    for c in chars:
+        whole = spelled(c)
+        for k in range(2, len(whole) + 1):
+            vocab.setdefault(whole[:k], len(vocab))
+            merges.append((whole[:k - 1], whole[k - 1]))
+    core = Tokenizer(models.BPE(vocab=vocab, merges=list(dict.fromkeys(merges))))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    return core
+
+
+def build_tokenizer(out: Path, byte_level: bool = False):
+    """A character-level fast tokenizer over the sample's characters plus ASCII, with a chat template; with
+    `byte_level`, a byte-level BPE that encodes those characters to the same ids."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = sorted({c for r in sample_rows() for c in r["content"] + r["summary"]} | {chr(i) for i in range(32, 127)})
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + [c for c in chars if c not in SPECIALS])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()  # characters back together, no spaces between them
+    chars = [c for c in chars if c not in SPECIALS]
+    if byte_level:
+        core = _byte_level_core(chars)
+    else:
+        core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(SPECIALS + chars)}, unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        core.decoder = decoders.Fuse()  # characters back together, no spaces between them
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
                                   eos_token="</s>", additional_special_tokens=["<|user|>", "<|assistant|>"])
     tok.chat_template = CHAT_TEMPLATE
@@ -125,7 +162,7 @@ def tiny_model_dir(tmp_path_factory):
     def make(family: str = "llama") -> Path:
         if family not in made:
             out = tmp_path_factory.mktemp(f"tiny-{family}")
-            tok = build_tokenizer(out)
+            tok = build_tokenizer(out, byte_level=family == "qwen2")
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok)))
             model.save_pretrained(out, safe_serialization=True)
