@@ -189,7 +189,7 @@ def _ptune_train(lm, rows, micro, accum, cfg, device, *, pad_to, sort, checkpoin
     targets = [sum(1 for x in r["labels"][1:] if x != IGNORE) for r in rows]
 
     def plan_for(m: int, a: int) -> BatchPlan:
-        return BatchPlan(lengths, targets, m, a, 1, cfg.seed, sort, group_by_length)
+        return BatchPlan(lengths, targets, m, a, 1, cfg.seed, sort, group_by_length, pad_multiple)
 
     fitted = {}
     if fit_gib:  # the trainer's trainer.auto_micro_batch_gib, on these rows

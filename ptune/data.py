@@ -546,7 +546,8 @@ class BatchPlan:
     """
 
     def __init__(self, lengths: list[int], num_target_tokens: list[int], micro_batch: int, accumulation: int,
-                 world_size: int, seed: int, sort_by_length: bool = True, group_by_length: int = 0):
+                 world_size: int, seed: int, sort_by_length: bool = True, group_by_length: int = 0,
+                 pad_to_multiple_of: int = 1):
         self.lengths = lengths
         self.targets = num_target_tokens
         self.micro_batch = micro_batch
@@ -555,6 +556,7 @@ class BatchPlan:
         self.seed = seed
         self.sort_by_length = sort_by_length
         self.group_by_length = group_by_length
+        self.pad_to_multiple_of = pad_to_multiple_of  # collate's rounding: the micro-batches are cut at padded lengths
         self.global_batch = micro_batch * accumulation * world_size
         self._epochs: dict[int, list[int]] = {}
 
@@ -601,11 +603,14 @@ class BatchPlan:
         Unsorted: `micro_batch` rows each. Sorted by length: runs of similar length whose padded size
         (rows x longest row) is as even as it can be, so a run of short rows holds more of them and
         ranks stepping together finish together. No micro-batch pads to more than `micro_batch` of the
-        step's longest rows would, so memory stays within what the setting promises.
+        step's longest rows would, each rounded up to `pad_to_multiple_of` as collate pads it, so memory stays
+        within what the setting promises.
         """
         rows = self.global_rows(step)
         if self.sort_by_length and self.micro_batch > 1:
-            bounds = balanced_bounds([self.lengths[r] for r in rows], self.accumulation * self.world_size)
+            multiple = self.pad_to_multiple_of
+            bounds = balanced_bounds([-(-self.lengths[r] // multiple) * multiple for r in rows],
+                                     self.accumulation * self.world_size)
         else:
             bounds = list(range(0, len(rows) + 1, self.micro_batch))
         micro = [rows[a:b] for a, b in zip(bounds, bounds[1:])]

@@ -461,7 +461,8 @@ def train_in(out: Path, cfg: DictConfig, accelerator: Accelerator) -> Path:
         check_positions(model, lengths, cfg.model.path, cfg.data)
 
     def plan_for(micro: int, accumulation: int) -> BatchPlan:
-        return BatchPlan(lengths, targets, micro, accumulation, world, cfg.seed, t.sort_by_length, t.group_by_length)
+        return BatchPlan(lengths, targets, micro, accumulation, world, cfg.seed, t.sort_by_length, t.group_by_length,
+                         t.pad_to_multiple_of)
 
     torch.manual_seed(cfg.seed)
     lm = PrefixLM(model, build_prefix(model, cfg.prefix, device))

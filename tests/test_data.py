@@ -807,6 +807,26 @@ def test_balanced_bounds_cut_contiguous_runs_of_even_padded_size():
             assert max(padded) <= max(equal)
 
 
+def test_sorted_micro_batches_stay_within_the_micro_batch_setting_once_padded_to_a_multiple():
+    """collate rounds a micro-batch's length up to pad_to_multiple_of: the cut must weigh rows at that length, or a
+    run of 5 rows x 144 padded tokens passes for 5 x 133 and outgrows 4 x 176 (AdvertiseGen at 4 x 4, padding 16)."""
+    from ptune.data import collate
+
+    g = random.Random(3)
+    for _ in range(200):
+        micro, acc, multiple = g.randint(2, 6), g.randint(1, 4), g.choice([1, 8, 16, 64])
+        lengths = [g.randint(20, 193) for _ in range(micro * acc * 3)]
+        plan = BatchPlan(lengths, [1] * len(lengths), micro_batch=micro, accumulation=acc, world_size=1, seed=0,
+                         pad_to_multiple_of=multiple)
+        for step in range(3):
+            rows = [{"input_ids": [5] * lengths[r], "labels": [5] * lengths[r]} for r in plan.global_rows(step)]
+            promised = micro * collate(rows, 0, multiple)["input_ids"].shape[1]
+            for run in plan.micro_batches(step, 0):
+                padded = collate([{"input_ids": [5] * lengths[r], "labels": [5] * lengths[r]} for r in run], 0,
+                                 multiple)["input_ids"].numel()
+                assert padded <= promised, (micro, acc, multiple, step, run)
+
+
 def test_balanced_bounds_evens_out_two_ranks():
     g = random.Random(1)
     lengths = sorted(g.randint(100, 193) for _ in range(32))
