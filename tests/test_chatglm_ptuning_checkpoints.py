@@ -115,6 +115,9 @@ def test_export_then_import_round_trips_bitwise(base, ref, tmp_path, projection)
     assert (cfg["num_layers"], cfg["multi_query_group_num"], cfg["kv_channels"], cfg["hidden_size"]) == (2, 2, 16, 64)
     sd = load_file(str(out / "model.safetensors"))
     assert all(k.startswith("transformer.prefix_encoder.") for k in sd)
+    # ChatGLM2-6B's main.py and web demo load pytorch_model.bin alone, keeping the transformer.prefix_encoder.* keys
+    binary = torch.load(out / "pytorch_model.bin", weights_only=True)
+    assert binary.keys() == sd.keys() and all(torch.equal(binary[k], sd[k]) for k in sd)
     assert ptuning.spec_from_config(cfg, "x") == PrefixSpec(**ckpt_io.read_prefix_config(ckpt)["prefix"])
 
     assert ptuning.main(["import", str(out), str(tmp_path / "back")]) == 0

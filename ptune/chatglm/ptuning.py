@@ -15,8 +15,9 @@ Command line::
     python -m ptune.chatglm.ptuning export <ptune checkpoint> <out dir>
 
 ``import`` writes ``<run dir>/checkpoint-N`` (N from the old folder's name, else 0) with a manifest, and
-refuses a ``checkpoint-N`` that exists; ``export`` writes ``model.safetensors`` and ``config.json`` in the
-reference format, for a prefix trained on a ChatGLM-shaped base only. ``.bin`` files are read with
+refuses a ``checkpoint-N`` that exists; ``export`` writes ``config.json``, ``pytorch_model.bin`` (the one file
+ChatGLM2-6B's main.py, web demo and README load a prefix from) and ``model.safetensors`` (what ptune reads)
+in the reference format, for a prefix trained on a ChatGLM-shaped base only. ``.bin`` files are read with
 ``torch.load(weights_only=True)``, which refuses pickled code.
 """
 
@@ -34,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from ptune import checkpoint as ckpt_io
 from ptune.chatglm import integrity
 from ptune.chatglm.convert import ChatGLMConversionError, config_number
-from ptune.files import read_json_object, save_tensors
+from ptune.files import read_json_object, replacing, save_tensors
 from ptune.prefix import PrefixSpec
 
 REF_PREFIX = "transformer.prefix_encoder."
@@ -275,7 +276,8 @@ def _base_chatglm_config(path) -> dict:
 
 
 def export_checkpoint(ckpt, out_dir) -> Path:
-    """Write a ptune checkpoint as ``out_dir/model.safetensors`` + ``out_dir/config.json`` in the reference format.
+    """Write a ptune checkpoint as ``out_dir/config.json`` + ``pytorch_model.bin`` + ``model.safetensors`` in the
+    reference format (the reference code loads the .bin alone; the same tensors in both).
 
     Only a prefix trained on a ChatGLM2/3-shaped base (GLM, projection width = the model's hidden size)
     has a reference-format equivalent; anything else is refused.
@@ -313,8 +315,10 @@ def export_checkpoint(ckpt, out_dir) -> Path:
         ref_cfg.setdefault("padded_vocab_size", base["vocab_size"])
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_tensors({REF_PREFIX + k: v.contiguous() for k, v in weights.items()}, out_dir / "model.safetensors",
-                     metadata={"format": "pt"})
+        tensors = {REF_PREFIX + k: v.contiguous() for k, v in weights.items()}
+        save_tensors(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+        with replacing(out_dir / "pytorch_model.bin") as tmp:
+            torch.save(tensors, tmp)
         (out_dir / CONFIG).write_text(json.dumps(ref_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     except (OSError, SafetensorError) as e:  # a file where a folder is needed, a read-only or full disk
         reason = e.strerror if isinstance(e, OSError) and e.strerror else e
