@@ -15,7 +15,6 @@ import re
 import sys
 import traceback
 from contextlib import contextmanager
-from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
 
@@ -26,10 +25,10 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from ptune import settings
 # ptune.config registers the resolvers and the training config's types that composing needs.
-from ptune.config import no_run_folder_if_refused, refuse_added_settings, remove_unused_run_folders, unknown_setting
+from ptune.config import (conf_dir, no_run_folder_if_refused, refuse_added_settings, remove_unused_run_folders,
+                          unknown_setting)
 from ptune.errors import exit_on_user_error, first_line, stopped, tell_launcher, user_message
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def run_command(command: str) -> NoReturn:
@@ -48,7 +47,7 @@ def run_command(command: str) -> NoReturn:
             return module.main(cfg)
 
     job.__module__ = f"ptune.{command}"  # Hydra names the job (hydra.job.name) after this module
-    main = hydra.main(config_path=str(CONF), config_name=command, version_base="1.3")(job)
+    main = hydra.main(config_path=str(conf_dir()), config_name=command, version_base="1.3")(job)
     # Hydra then raises its errors instead of printing them: they are told below, in one line.
     with environment("HYDRA_FULL_ERROR", "1"):
         try:

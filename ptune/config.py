@@ -25,9 +25,16 @@ def asset_path(name: str) -> str:
     return str(resources.files("ptune.assets") / name)
 
 
+def conf_dir() -> Path:
+    """ptune's Hydra configs: ptune/conf in an installed package (pyproject.toml puts them there), else the
+    repository's conf/ beside the package (a checkout, an editable install)."""
+    package = Path(__file__).resolve().parent
+    return package / "conf" if (package / "conf").is_dir() else package.parent / "conf"
+
+
 def conf_path(name: str) -> str:
     """Path of one of ptune's config files (each command's --help points at its own, for the comments)."""
-    return str(Path(__file__).resolve().parents[1] / "conf" / name)
+    return str(conf_dir() / name)
 
 
 def conf_groups(groups) -> str:
