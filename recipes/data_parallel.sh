@@ -11,12 +11,19 @@
 # then prints throughput, the prefix differences and which files each run wrote.
 # FIXED_LENGTH=1 trains on rows all cut to the full 64 + 128 tokens, as ptune.bench's fixed rows are:
 # consecutive AdvertiseGen rows strung together, so that every micro-batch has the same size.
+# Relative paths given in MODEL, RUN_DIR, DATA and TOKENIZER are the caller's; the defaults the repository's.
 set -euo pipefail
+CALLER=$PWD
+from_caller() { case "$1" in /*) echo "$1" ;; *) echo "$CALLER/$1" ;; esac; }
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-2}
+MODEL=${MODEL:+$(from_caller "$MODEL")}
 MODEL=${MODEL:-outputs/glm6b-shape}
-OUT=${RUN_DIR:-outputs/data_parallel}
+OUT=${RUN_DIR:+$(from_caller "$RUN_DIR")}
+OUT=${OUT:-outputs/data_parallel}
+DATA=${DATA:+$(from_caller "$DATA")}
 DATA=${DATA:-../shared/data/advertisegen/train_5000.json}
+TOKENIZER=${TOKENIZER:+$(from_caller "$TOKENIZER")}
 TOKENIZER=${TOKENIZER:-../shared/chatglm}
 STEPS=${STEPS:-20}
 

@@ -19,10 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "adgen_smollm2.sh"
 
 
-def run_recipe(src: Path, out: Path, model: Path, holdout: int, *overrides: str) -> subprocess.CompletedProcess:
+def run_recipe(src: Path, out: Path, model: Path, holdout: int, *overrides: str,
+               cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "MODEL": str(model), "HOLDOUT": str(holdout)}
     return subprocess.run(["bash", str(RECIPE), str(src), str(out), *overrides], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=env, timeout=600, cwd=cwd)
 
 
 def test_adgen_smollm2_recipe_scores_base_and_every_checkpoint(tiny_model_dir, sample_file, tmp_path):
@@ -30,8 +31,11 @@ def test_adgen_smollm2_recipe_scores_base_and_every_checkpoint(tiny_model_dir, s
     src = tmp_path / "adgen.jsonl"
     src.write_text("\n".join(rows[:6]) + "\n\n" + "\n".join(rows[6:]) + "\n", encoding="utf-8")  # a blank line too
     out = tmp_path / "e2e"
-    proc = run_recipe(src, out, tiny_model_dir("llama"), 3, "prefix.length=4", "trainer.max_steps=2",
-                      "trainer.save_steps=1", "trainer.per_device_batch_size=2", "trainer.progress_bar=false")
+    # run from the data's folder with paths relative to it, as the caller's (the recipe works in the repository)
+    model = Path(os.path.relpath(tiny_model_dir("llama"), tmp_path))
+    proc = run_recipe(Path(src.name), Path(out.name), model, 3, "prefix.length=4", "trainer.max_steps=2",
+                      "trainer.save_steps=1", "trainer.per_device_batch_size=2", "trainer.progress_bar=false",
+                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # The last HOLDOUT rows are held out, in order, and never trained on.
     assert (out / "train.jsonl").read_text(encoding="utf-8").splitlines() == rows[:7]
