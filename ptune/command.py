@@ -137,7 +137,7 @@ def _omegaconf_error(e: BaseException) -> OmegaConfBaseException | None:
 def _setting_line(e: BaseException, cause: OmegaConfBaseException | None, command: str) -> str:
     if isinstance(e, OverrideParseException):
         return (f"{e.override}: not an override Hydra can read ({first_line(e.message)}); quote a value holding "
-                "spaces, brackets or commas, or starting with ~, e.g. 'key=\"a, b\"'")
+                "spaces, brackets, commas or non-ASCII letters, or starting with ~, e.g. 'key=\"a, b\"'")
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options is not None:
         group, _, option = e.missing_cfg_file.rpartition("/")
         return f"{group}={option}: no such option of {group}; the options are {', '.join(sorted(e.options)) or '(none)'}"

@@ -192,14 +192,16 @@ def encodable(text: str) -> bool:
 def _check_columns(path, numbered: list[tuple[int, dict]], columns: Columns, require_history: bool) -> None:
     """Every configured column must be in some row: a misspelt name would otherwise read as empty everywhere."""
     present = sorted({k for _, row in numbered for k in row})
-    for name in (columns.prompt, columns.response):
+    for name, setting in ((columns.prompt, "data.prompt_column"), (columns.response, "data.response_column")):
         if all(name not in row for _, row in numbered):
-            raise DataError(f"{path}: column {name!r} not found; columns present: {present}")
+            raise DataError(f"{path}: column {name!r} not found; columns present: {present} (set {setting}= to the "
+                            "one that holds it)")
     # A row may lack the history column (no earlier turns), but a file where none has it was most likely
     # given a misspelt name, and training on it would silently drop every history.
     if columns.history and all(columns.history not in row for _, row in numbered):
         if require_history:
-            raise DataError(f"{path}: column {columns.history!r} not found; columns present: {present}")
+            raise DataError(f"{path}: column {columns.history!r} not found; columns present: {present} (set "
+                            "data.history_column= to the one that holds it, or null)")
         log.warning("%s: no row has the history column %r (columns present: %s); every prompt is built without "
                     "history", path, columns.history, present)
 

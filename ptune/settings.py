@@ -181,9 +181,13 @@ def resolve_device(value, key: str = "device") -> torch.device:
 def model_folder(model_cfg) -> Path:
     """`model_cfg.path`, checked to be a model folder before anything is loaded from it."""
     path = Path(str(model_cfg.path)).expanduser()
+    if path.is_file():
+        raise ModelError(f"model.path={path}: a file, not a folder; point model.path at the model's folder (config.json "
+                         "+ weights + tokenizer)")
     if not path.is_dir():
-        made_by = (" It is the built-in default model, made once by `python -m ptune.quickstart prepare-model` "
-                   "(or `bash recipes/quickstart.sh`)." if path == DEFAULT_MODEL_DIR else "")
+        made_by = (" It is the built-in default model, a folder relative to where you run: "
+                   "`python -m ptune.quickstart prepare-model` makes it here (`bash recipes/quickstart.sh` makes it "
+                   "in the repository's folder, for commands run from there)." if path == DEFAULT_MODEL_DIR else "")
         raise ModelError(f"model.path={path}: no such folder. Point model.path at a local model folder "
                          f"(config.json + weights + tokenizer); ptune downloads nothing at run time.{made_by}")
     if not (path / "config.json").is_file():

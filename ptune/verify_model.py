@@ -5,7 +5,8 @@
 
 Expected values come from ``--manifest FILE``, else a ``ptune_manifest.json`` in the folder, else a
 bundled manifest matched by the folder's config.json (the published hashes of THUDM/chatglm2-6b).
-Exit status 0 when every file passes, 1 otherwise.
+Exit status 0 when every file passes, 1 when one fails (or there are none), 2 when the folder or the manifest
+cannot be read.
 """
 
 from __future__ import annotations

@@ -70,6 +70,14 @@ def test_gradient_checkpointing_run(tiny_model_dir, sample_file, tmp_path):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_a_model_path_that_is_a_file_says_so(sample_file, tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    proc = run_train(f"model.path={tmp_path / 'model.safetensors'}", f"data.train_file={sample_file}",
+                     f"output_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 1
+    assert f"model.path={tmp_path / 'model.safetensors'}: a file, not a folder" in proc.stderr
+
+
 def test_missing_model_path_is_a_clear_error(sample_file, tmp_path):
     proc = run_train(f"model.path={tmp_path / 'nope'}", f"data.train_file={sample_file}",
                      f"output_dir={tmp_path / 'run'}", check=False)
@@ -87,7 +95,8 @@ def test_the_missing_default_model_names_the_command_that_makes_it(tmp_path, mon
     with pytest.raises(ModelError) as e:
         load_base(OmegaConf.create({"path": str(DEFAULT_MODEL_DIR)}))
     assert str(e.value).startswith(f"model.path={DEFAULT_MODEL_DIR}: no such folder")
-    assert "`python -m ptune.quickstart prepare-model`" in str(e.value)
+    assert "`python -m ptune.quickstart prepare-model` makes it here" in str(e.value)
+    assert "relative to where you run" in str(e.value)
     with pytest.raises(ModelError) as other:
         load_base(OmegaConf.create({"path": "elsewhere"}))
     assert "quickstart" not in str(other.value)  # only the default is the quickstart's to make
