@@ -188,12 +188,13 @@ POSITION_KEYS = ("max_position_embeddings", "n_positions", "seq_length")
 
 
 def position_limit(model) -> tuple[int, str] | None:
-    """(positions, config key) of the model's position limit, or None where its config states none."""
+    """(positions, config key) of the model's position limit, or None where its config states none. The key is the
+    one its config.json spells (GPT-2's n_positions, which transformers also answers to as max_position_embeddings)."""
     config = model.config.get_text_config()
     for key in POSITION_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value, key
+            return value, getattr(config, "attribute_map", {}).get(key, key)
     return None
 
 

@@ -862,23 +862,33 @@ class Prompts:
         return RequestError(400, f"the prompt is {prompt} tokens (history included); {self.limit_of(prompt)}", param,
                             "context_length_exceeded", extra)
 
-    def turns_to_leave_out(self, query: str, history, system: str | None) -> int | None:
-        """The fewest oldest turns of `history` whose leaving out makes the prompt fit; None where none would."""
-        ids, kept = fit_history(self.cm.tokenizer, self.cm.template, query, history, self.prompt_limit, system)
-        return None if not history or self.too_long(len(ids)) else len(history) - len(kept)
+    def turns_to_leave_out(self, query: str, history, system: str | None, limit: int | None = None) -> int | None:
+        """The fewest oldest turns of `history` whose leaving out makes the prompt fit (in `limit` tokens, else the
+        prompt limit); None where none would."""
+        limit = self.prompt_limit if limit is None else limit
+        ids, kept = fit_history(self.cm.tokenizer, self.cm.template, query, history, limit, system)
+        return None if not history or len(ids) > limit else len(history) - len(kept)
 
-    def fit_reply(self, prompt: int, new: int, asked: str | None, param: str | None) -> int:
+    async def fit_reply(self, prompt: int, new: int, asked: str | None, param: str | None, turns=()) -> int:
         """`new` reply tokens, or as many as the model's positions leave where the request named no length
         (`asked` None). A length asked for past the positions is refused here, before the request joins a
-        batch: generation would fail with an IndexError, and fail every request batched with it."""
+        batch: generation would fail with an IndexError, and fail every request batched with it. `turns`
+        (query, history, system) lets the refusal say how many oldest turns to leave out for the reply to fit, as
+        a prompt's refusal does (worked out on the tokenizing thread)."""
         positions = self.positions
         if positions is None or prompt + new <= positions:
             return new
         if asked is None:
             return positions - prompt
+        extra = None
+        if turns and positions - new > 0:
+            leave_out = await asyncio.get_running_loop().run_in_executor(
+                self.tokenizing, self.turns_to_leave_out, *turns, positions - new)
+            extra = {"prompt_tokens": prompt, "prompt_limit": positions - new, "system_too_long": False,
+                     "turns_to_leave_out": leave_out}
         raise RequestError(400, f"the prompt is {prompt} tokens and {asked}: {prompt} + {new} > the model's "
                            f"{positions} positions ({self.positions_key}), which hold prompt and reply together; at "
-                           f"most {positions - prompt} new tokens fit", param, "context_length_exceeded")
+                           f"most {positions - prompt} new tokens fit", param, "context_length_exceeded", extra)
 
     def capped(self, new: int) -> str:
         return f" (max_new_tokens={self.max_new} caps a reply)" if new > self.max_new else ""
@@ -987,7 +997,7 @@ def _add_chatglm_api(app: FastAPI, cfg: DictConfig, engine: Engine, prompts: Pro
         new = min(room, prompts.max_new)
         asked = (None if req.max_length is None else
                  f"max_length={max_length} leaves {new} for the reply{prompts.capped(room)}")
-        new = prompts.fit_reply(len(ids), new, asked, "max_length")
+        new = await prompts.fit_reply(len(ids), new, asked, "max_length")
         temperature = cfg.api.temperature if req.temperature is None else req.temperature
         job = Job(ids, new, **sampling_params(temperature, req.top_p, float(cfg.api.top_p)))
         result = await run_job(engine, job, request)
@@ -1026,7 +1036,7 @@ def _add_openai_api(app: FastAPI, cfg: DictConfig, engine: Engine, prompts: Prom
         wanted = req.max_tokens or req.max_completion_tokens or int(cfg.openai.max_tokens)
         new = min(wanted, prompts.max_new)
         asked = None if param is None else f"{param}={wanted} asks for {new} more{prompts.capped(wanted)}"
-        new = prompts.fit_reply(len(ids), new, asked, param)
+        new = await prompts.fit_reply(len(ids), new, asked, param, (query, history, system))
         temperature = cfg.openai.temperature if req.temperature is None else req.temperature
         params = sampling_params(temperature, req.top_p, float(cfg.openai.top_p))
         cid = f"chatcmpl-{uuid.uuid4().hex}"

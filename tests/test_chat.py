@@ -199,7 +199,7 @@ def test_pipe_over_long_or_undecodable_line_is_refused_and_the_chat_goes_on(tiny
     out, err = proc.stdout.decode(), proc.stderr.decode()
     assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
     assert (f"[this message is 600 tokens; the prompt may have at most {512 - MAX_NEW}: the model's 512 positions "
-            f"(max_position_embeddings) less generation.max_new_tokens={MAX_NEW} for the reply; "
+            f"(n_positions) less generation.max_new_tokens={MAX_NEW} for the reply; "
             "the history is kept]") in out
     assert "[this line is not valid UTF-8 and is skipped; the chat goes on]" in out
     turns = TURN.findall(out)
@@ -215,7 +215,7 @@ def test_a_reply_length_that_fills_the_models_positions_is_refused(tiny_model_di
                           text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert ("error: generation.max_new_tokens=512: expected fewer than the model's 512 positions "
-            "(max_position_embeddings)") in proc.stderr
+            "(n_positions)") in proc.stderr
 
 
 def test_an_extra_stop_id_past_the_vocabulary_is_one_clear_line(tiny_model_dir):

@@ -461,7 +461,7 @@ def test_prompts_and_replies_past_the_models_positions_are_refused_before_genera
     assert 20 < longest <= 32
     assert str(err.value) == (
         f"generation.max_new_tokens=500: the longest of the 3 eval prompts has {longest} tokens, which with the "
-        f"reply need {longest + 500} positions; the model has 512 (max_position_embeddings): expected "
+        f"reply need {longest + 500} positions; the model has 512 (n_positions): expected "
         f"generation.max_new_tokens of at most {512 - longest}, or data.max_source_length of at most 12")
     assert not out.exists()
     assert ev.evaluate(compose(*base, f"generation.max_new_tokens={512 - longest}"))["num_samples"] == 3

@@ -1019,6 +1019,29 @@ def test_a_conversation_too_long_is_refused_saying_how_many_turns_to_leave_out(s
     assert r.status_code == 400 and r.json()["error"]["turns_to_leave_out"] is None, r.text
 
 
+def test_a_reply_that_does_not_fit_beside_the_conversation_says_how_many_turns_to_leave_out(served_gpt2):
+    """The prompt fits GPT-2's 512 positions, but not with the max_tokens asked for: the refusal says how many oldest
+    turns to leave out for the reply to fit too (the chat page acts on it), not only that it does not fit."""
+    url, cm = served_gpt2
+    length = lambda history: len(prompt_ids(cm.tokenizer, "hi", history, cm.template))  # noqa: E731
+    history = []
+    while length(history) <= 512 - 64:
+        history.append((f"q{len(history)} " + "x" * 20, f"a{len(history)} " + "y" * 20))
+    assert length(history) < 512  # the prompt alone fits
+    fewest = next(n for n in range(len(history) + 1) if length(history[n:]) + 64 <= 512)
+    assert fewest >= 1
+    messages = [{"role": r, "content": t} for turn in history for r, t in zip(("user", "assistant"), turn)]
+    body = {"messages": [*messages, {"role": "user", "content": "hi"}], "max_tokens": 64, "temperature": 0}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["param"], error["turns_to_leave_out"]) == ("context_length_exceeded", "max_tokens",
+                                                                            fewest), error
+    assert error["prompt_tokens"] == length(history) and error["prompt_limit"] == 512 - 64, error
+    body["messages"] = body["messages"][2 * fewest:]
+    assert httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+
+
 def test_a_prompt_of_spaces_and_newlines_alone_is_refused(served):
     url, _ = served
     for text in [" ", "\n\n", " \t\r\n\u3000"]:
