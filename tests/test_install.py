@@ -24,7 +24,9 @@ def test_the_wheel_carries_the_configs_and_its_commands_run_from_anywhere(tmp_pa
     assert packed == {"ptune/conf/" + str(p.relative_to(REPO / "conf")) for p in (REPO / "conf").rglob("*.yaml")}
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
                     str(wheel)], check=True, capture_output=True, timeout=300)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}  # ahead of the editable install's path
+    # ahead of the editable install, and of a checkout on the path
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path / "site"), os.environ.get("PYTHONPATH"))
+                                                       if p)}
     run = lambda *args: subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True,  # noqa: E731
                                        text=True, timeout=300)
     where = run("-c", "import ptune.config as c; print(c.__file__); print(c.conf_dir())")
