@@ -190,7 +190,8 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
 # part-way through a character (byte-level tokenizers) leaves that character out instead of ending in U+FFFD.
 # 5: references cut with the tokenizer's special tokens counted (main.py's cut); texts decoded without the
 # tokenizer's space cleanup (as chat and serve answer); a prompt cut from the left starts at a whole character.
-# 6: each sampled row draws from its own random stream, keyed by the seed and its place among the eval rows.
+# 6: each sampled row draws from its own random stream, keyed by the seed and its place among the eval rows, by
+# inverse transform over the vocabulary in float64.
 PREDICTION_RULES = 6
 
 

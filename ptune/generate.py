@@ -59,7 +59,7 @@ def row_draws(keys: Sequence[Sequence[int]], steps: int, device) -> torch.Tensor
     order, where one stream drawn by the whole batch made every row depend on the others (and on the batch size)."""
     rows = [np.ones(steps) if key is None else 1.0 - np.random.default_rng(_entropy(key)).random(steps)
             for key in keys]  # a greedy row's key may be None
-    return torch.from_numpy(np.stack(rows).astype(np.float32)).to(device)
+    return torch.from_numpy(np.stack(rows)).to(device)  # float64, as the cumulative probabilities they pick from
 
 
 def _entropy(key: Sequence[int]) -> list[int]:
@@ -76,7 +76,14 @@ class Sampler:
     """How each row picks its token: a greedy row the likeliest; a sampled row draws from softmax(logits /
     temperature) cut to the smallest set of likeliest tokens whose mass reaches top_p, by inverse transform with
     its own draw for the step (:func:`row_draws`). The settings may differ row by row, so requests with
-    different ones share a batch."""
+    different ones share a batch.
+
+    The cumulative probabilities run in vocabulary order and in float64. Batched arithmetic changes a row's logits
+    in the last bits (left padding, another matrix shape); in vocabulary order that moves each token's interval
+    by as little, so a draw changes token about as rarely as a greedy pick flips at a near-tie. Sorted by
+    probability, near-equal tokens would swap places and move whole intervals (7 of 16 rows of 64 sampled tokens
+    differed alone and batched on a CPU). In float32 the tail of a large vocabulary (tokens below the last bit of
+    a sum near 1) could never be drawn."""
 
     def __init__(self, rows: int, do_sample, temperature, top_p, keys, steps: int, device):
         def per_row(value, dtype):
@@ -90,22 +97,26 @@ class Sampler:
         if self.any and keys is None:
             raise ValueError("sampling needs sample_keys: one key per row, for each row's own random stream")
         if self.any:
-            self.temperature = per_row(temperature, torch.float32).clamp(min=1e-5).unsqueeze(-1)
-            self.top_p = per_row(top_p, torch.float32).unsqueeze(-1)
+            self.temperature = per_row(temperature, torch.float64).clamp(min=1e-5).unsqueeze(-1)
+            self.top_p = per_row(top_p, torch.float64).unsqueeze(-1)
+            self.cut = self.sampled.unsqueeze(-1) & (self.top_p < 1)  # top_p=1 keeps every token, even past rounding
+            self.any_cut = bool(self.cut.any())
             self.draws = row_draws(keys, steps, device)
 
     def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         greedy = logits.argmax(-1)
         if not self.any:
             return greedy
-        # Sorted (ties in vocabulary order) whatever top_p is, so a row's token does not depend on whether
-        # another row of its batch cuts its distribution.
-        probs, order = torch.softmax(logits.float() / self.temperature, -1).sort(dim=-1, descending=True, stable=True)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs > self.top_p, 0.0)  # the likeliest token always stays
+        probs = torch.softmax(logits.double() / self.temperature, -1)
+        if self.any_cut:
+            ranked, order = probs.sort(dim=-1, descending=True, stable=True)
+            # Past the smallest likeliest set reaching top_p (the likeliest token always stays), in rows that cut.
+            drop = (ranked.cumsum(-1) - ranked > self.top_p) & self.cut
+            probs = probs.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), 0.0)
         cdf = probs.cumsum(-1)
         # The first token whose cumulative mass reaches the draw's share of the total: never one of mass 0.
         choice = torch.searchsorted(cdf, self.draws[:, step:step + 1] * cdf[:, -1:]).clamp_(max=cdf.shape[-1] - 1)
-        return torch.where(self.sampled, order.gather(-1, choice).squeeze(-1), greedy)
+        return torch.where(self.sampled, choice.squeeze(-1), greedy)
 
 
 def last_position(length: int, device) -> int | torch.Tensor:
