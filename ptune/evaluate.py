@@ -15,6 +15,7 @@ if __name__ == "__main__":
 
     run_command("evaluate")
 
+import hashlib
 import json
 import logging
 import time
@@ -25,12 +26,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from ptune import checkpoint as ckpt_io
 from ptune import settings
+from ptune.chatglm.ptuning import WEIGHT_FILES
 from ptune.settings import resolve_device
 from ptune.data import (Columns, decode_reply, decode_text, fit_prompt, left_pad, load_examples, prompt_ids,
                         report_cut_prompts, text_ids)
 from ptune.generate import generate, release_decoding_memory, stop_token_ids
-from ptune.errors import ConfigError, exit_on_user_error, first_line
+from ptune.errors import CheckpointError, ConfigError, exit_on_user_error, first_line
 from ptune.logs import peak_memory_gib, setup_logging
 from ptune.metrics import compute_metrics
 from ptune.files import sha256_file, write_text_atomic
@@ -191,26 +194,44 @@ def predict(model, tokenizer, prompts: list[list[int]], gen: DictConfig, batch_s
 # 5: references cut with the tokenizer's special tokens counted (main.py's cut); texts decoded without the
 # tokenizer's space cleanup (as chat and serve answer); a prompt cut from the left starts at a whole character.
 # 6: each sampled row draws from its own random stream, keyed by the seed and its place among the eval rows, by
-# inverse transform over the vocabulary in float64.
+# inverse transform over the vocabulary in float64; metrics.json records the prefix's SHA-256.
 PREDICTION_RULES = 6
 
 
-def settings_record(data: dict, model: dict, limit, device: torch.device, eval_sha256: str | None = None) -> dict:
-    """What produced a metrics.json besides the generation settings: the eval file's contents, the data and
-    model settings, the row limit, the prediction rules. ptune.evaluate and ptune.sweep both write it, at the
-    top level; a sweep reuses earlier scores only where it matches."""
+def prefix_sha256(checkpoint) -> str | None:
+    """SHA-256 of the prefix weights of `checkpoint` (None: the base alone, or no weights there any more). A sweep
+    reuses scores only for the prefix they were made with: a checkpoint folder's prefix can be replaced under the
+    same name (copied over, saved again by a rewound run, or while it was being scored)."""
+    if checkpoint is None:
+        return None
+    folder = Path(checkpoint)
+    names = [ckpt_io.PREFIX_FILE] if (folder / ckpt_io.PREFIX_FILE).is_file() else list(WEIGHT_FILES)
+    digests = [sha256_file(folder / n) for n in names if (folder / n).is_file()]
+    if not digests:
+        return None
+    return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def settings_record(data: dict, model: dict, limit, device: torch.device, eval_sha256: str | None = None,
+                    prefix: str | None = None) -> dict:
+    """What produced a metrics.json besides the generation settings: the prefix's and the eval file's contents,
+    the data and model settings, the row limit, the prediction rules. ptune.evaluate and ptune.sweep both write
+    it, at the top level; a sweep reuses earlier scores only where it matches."""
     eval_file = Path(str(data["eval_file"])).expanduser().resolve()
-    record = {"eval_sha256": eval_sha256 or sha256_file(eval_file), "data": {**data, "eval_file": str(eval_file)},
+    record = {"prefix_sha256": prefix,
+              "eval_sha256": eval_sha256 or sha256_file(eval_file), "data": {**data, "eval_file": str(eval_file)},
               "model": {**model, **base_identity_settings(model, device)}, "limit": limit,
               "prediction_rules": PREDICTION_RULES}
     return json.loads(json.dumps(record))  # as it reads back from the file (tuples become lists)
 
 
-def write_results(out_dir: Path, evalset: EvalSet, texts: list[str], metrics: dict, extra: dict) -> None:
+def write_results(out_dir: Path, evalset: EvalSet, texts: list[str], metrics: dict, extra: dict,
+                  parents: bool = True) -> None:
     """Predictions, then the scores that go with them, each file replaced whole. The old metrics.json goes
     first: a run stopped in between leaves new predictions without scores, never under the old scores,
-    which a sweep would reuse."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    which a sweep would reuse. `parents=False`: out_dir's folder must still be there (a checkpoint's eval/,
+    which must not bring back a checkpoint removed meanwhile)."""
+    out_dir.mkdir(parents=parents, exist_ok=True)
     (out_dir / "metrics.json").unlink(missing_ok=True)
     rows = [json.dumps({"prompt": prompt, "label": label, "predict": text.strip()}, ensure_ascii=False) + "\n"
             for prompt, label, text in zip(evalset.texts, evalset.labels, texts)]
@@ -242,6 +263,7 @@ def evaluate(cfg: DictConfig) -> dict:
                                                             else Path("outputs/eval-base"))
     settings.check_writable(out_dir, "output_dir" if cfg.output_dir else None)
     prefix_config = read_checkpoint_config(checkpoint) if checkpoint else None
+    prefix = prefix_sha256(checkpoint)  # what is scored: the files as they are before loading
     data_cfg, model_settings = eval_settings(cfg, prefix_config)
     examples = eval_examples(data_cfg["eval_file"], data_cfg)  # before the model's minutes of loading
     device = resolve_device(cfg.device)
@@ -249,7 +271,11 @@ def evaluate(cfg: DictConfig) -> dict:
     evalset = build_eval_set(examples, tokenizer, data_cfg, model_settings.get("template"), cfg.limit)
     texts, stats = predict(model, tokenizer, evalset.prompts, cfg.generation, cfg.batch_size, device)
     metrics = compute_metrics(texts, evalset.labels)
-    record = settings_record(data_cfg, model_settings, effective_limit(cfg.limit, evalset.rows_in_file), device)
+    if prefix_sha256(checkpoint) != prefix:
+        raise CheckpointError(f"checkpoint={checkpoint}: its prefix changed while it was being scored (saved again by "
+                              "a run still training?); nothing was written: score it again")
+    record = settings_record(data_cfg, model_settings, effective_limit(cfg.limit, evalset.rows_in_file), device,
+                             prefix=prefix)
     write_results(out_dir, evalset, texts, metrics,
                   {"generation": {**OmegaConf.to_container(cfg.generation), **stats},
                    "checkpoint": checkpoint,

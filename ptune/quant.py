@@ -637,6 +637,12 @@ def quantized_base(load_float: Callable[[], nn.Module], mode: str, group_size: i
     quantize_model(model, mode, group_size, device=device)
     model.to(device)
     if cache_dir is not None:
-        save_quantized(model, cache_dir, source=fingerprint)
-        log.info("cached the quantized base in %s", cache_dir)
+        try:
+            save_quantized(model, cache_dir, source=fingerprint)
+            log.info("cached the quantized base in %s", cache_dir)
+        except OSError as e:  # a folder recorded on another machine, a file in the way, a full disk: the quantized
+            # model is here all the same, and minutes of quantizing are not thrown away for want of a cache
+            log.warning("could not cache the quantized base in model.quantization_cache=%s (%s); going on without "
+                        "the cache: fix that folder, or set model.quantization_cache=null", cache_dir,
+                        e.strerror or e)
     return model

@@ -50,7 +50,7 @@ from ptune.settings import resolve_device
 from ptune import evaluate as ev
 from ptune import models
 from ptune.data import DataError
-from ptune.errors import ConfigError, SweepError, exit_on_user_error, stopped
+from ptune.errors import ConfigError, QuantizationError, SweepError, exit_on_user_error, stopped
 from ptune.logs import setup_logging
 from ptune.metrics import SCORE_KEYS, compute_metrics
 
@@ -76,6 +76,7 @@ class Target:
     scored: bool = False     # generated in this sweep (not taken from an earlier metrics.json)
     saved: bool = False      # those scores written to its eval/metrics.json (not where eval/ could not be written)
     rows_in_file: int | None = None  # eval rows its data settings read, before the limit (set with its metrics)
+    prefix_sha256: str | None = None  # its prefix when planned: scores are reused, and written, for this prefix only
 
     @property
     def name(self) -> str:
@@ -97,8 +98,9 @@ def expand_runs(runs) -> list[tuple[str, Path]]:
         path = Path(str(r)).expanduser()
         if not path.is_dir():
             raise SweepError(f"runs: {path}: no such folder")
-        if ckpt_io.list_checkpoints(path):
-            folders = [(label, path)]
+        present = ckpt_io.checkpoint_folders(path)
+        if ckpt_io.list_checkpoints(path) or (present and not any(is_reference_checkpoint(p) for p in present)):
+            folders = [(label, path)]  # a run; one whose checkpoints are all incomplete is listed as not scored
         else:
             jobs = sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
             if not any(ckpt_io.list_checkpoints(p) for p in jobs):
@@ -157,7 +159,7 @@ def plan(cfg: DictConfig) -> list[Target]:
                 except ckpt_io.CheckpointError as e:
                     t.error = str(e)
                 else:
-                    t.config = config
+                    t.config, t.prefix_sha256 = config, ev.prefix_sha256(ckpt)
                     t.model = models.inference_model_settings(config, model_overrides)
                     t.data = {**config["data"], **data_overrides}
             targets.append(t)
@@ -201,7 +203,7 @@ class Expected:
         if f not in self._sha:
             self._sha[f] = sha256_file(Path(f))
         limit = ev.effective_limit(self.limit, self.rows_in_file(t.data))
-        return ev.settings_record(t.data, t.model, limit, self.device, eval_sha256=self._sha[f])
+        return ev.settings_record(t.data, t.model, limit, self.device, eval_sha256=self._sha[f], prefix=t.prefix_sha256)
 
     def reusable(self, t: Target) -> dict | None:
         path = t.ckpt / "eval" / METRICS_FILE
@@ -216,9 +218,12 @@ class Expected:
         # files a sweep wrote before it shared ptune.evaluate's layout keep the record under "sweep"
         recorded = old["sweep"] if isinstance(old.get("sweep"), dict) else old
         why = None
-        if Path(str(old.get("eval_file", ""))).expanduser().resolve() != Path(t.data["eval_file"]):
+        generation = old.get("generation")
+        if old.get("prefix_sha256") != t.prefix_sha256:
+            why = "its prefix (replaced since, or scored before metrics.json recorded it)"
+        elif Path(str(old.get("eval_file", ""))).expanduser().resolve() != Path(t.data["eval_file"]):
             why = f"eval file {old.get('eval_file')}"
-        elif any(old.get("generation", {}).get(k) != v for k, v in self.gen.items()):
+        elif not isinstance(generation, dict) or any(generation.get(k) != v for k, v in self.gen.items()):
             why = "generation settings"
         elif old.get("num_samples") != self.rows(t.data):
             why = f"{old.get('num_samples')} rows"
@@ -240,6 +245,9 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+REMOVED = "removed while it was being scored (keep_last of a run still training?)"
+
+
 def skip(t: Target, error: str, bar) -> None:
     """A checkpoint that cannot be scored: reported under "Not scored", the sweep goes on."""
     t.error = error
@@ -256,7 +264,7 @@ def score_group(targets: list[Target], cfg: DictConfig, device: torch.device, ex
     model_cfg = OmegaConf.create(targets[0].model)
     try:
         base, tokenizer, _ = models.load_for_inference(None, model_cfg, device)
-    except models.ModelError as e:
+    except (models.ModelError, QuantizationError) as e:
         for t in targets:
             skip(t, str(e), bar)
         return
@@ -287,15 +295,26 @@ def score_group(targets: list[Target], cfg: DictConfig, device: torch.device, ex
         except ConfigError as e:  # a setting this base cannot take (its positions, its vocabulary): other bases can
             skip(t, str(e), bar)
             continue
-        if not t.ckpt.is_dir():  # removed meanwhile (keep_last of a run still training): writing would make it again
-            skip(t, "removed while it was being scored (keep_last of a run still training?)", bar)
+        metrics = compute_metrics(texts, evalset.labels)
+        # A run still training may have removed it (keep_last) or saved it again meanwhile: writing would bring it
+        # back, or put this prefix's scores beside another prefix.
+        if not t.ckpt.is_dir():
+            skip(t, REMOVED, bar)
             continue
-        t.metrics, t.rows_in_file = compute_metrics(texts, evalset.labels), evalset.rows_in_file
+        if ev.prefix_sha256(t.ckpt) != t.prefix_sha256:
+            skip(t, "its prefix changed while it was being scored (saved again by a run still training?); the next "
+                    "sweep scores it", bar)
+            continue
+        t.metrics, t.rows_in_file = metrics, evalset.rows_in_file
         try:
             ev.write_results(t.ckpt / "eval", evalset, texts, t.metrics,
                              {"generation": {**expected.gen, **stats}, "checkpoint": str(t.ckpt),
-                              "eval_file": t.data["eval_file"], **expected.record(t)})
+                              "eval_file": t.data["eval_file"], **expected.record(t)}, parents=False)
             t.saved = True
+        except FileNotFoundError:  # removed in the moment since
+            t.metrics = None
+            skip(t, REMOVED, bar)
+            continue
         except OSError as e:  # a run on read-only storage: the scores made are still ranked
             log.warning("%s: could not write %s (%s); its scores are in this sweep's report only, and the next sweep "
                         "scores it again", t.name, t.ckpt / "eval", e)

@@ -120,8 +120,10 @@ def test_export_then_import_round_trips_bitwise(base, ref, tmp_path, projection)
     assert binary.keys() == sd.keys() and all(torch.equal(binary[k], sd[k]) for k in sd)
     assert ptuning.spec_from_config(cfg, "x") == PrefixSpec(**ckpt_io.read_prefix_config(ckpt)["prefix"])
 
+    assert json.loads((out / "trainer_state.json").read_text()) == {"global_step": 3}
     assert ptuning.main(["import", str(out), str(tmp_path / "back")]) == 0
     (back,) = ckpt_io.list_checkpoints(tmp_path / "back")
+    assert back.name == "checkpoint-3"  # the step goes with it, whatever the exported folder is called
     ckpt_io.verify(back)
     original, again = ckpt_io.load_prefix_weights(ckpt), ckpt_io.load_prefix_weights(back)
     assert set(original) == set(again)
@@ -328,6 +330,23 @@ def test_a_shard_index_of_another_shape_or_pointing_elsewhere_is_refused(tmp_pat
     err = capsys.readouterr().err
     assert err.startswith(f"error: {old / 'model.safetensors.index.json'}: ") and fault in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_export_that_fails_part_way_leaves_nothing_and_can_run_again(base, tmp_path, capsys, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError: one line, and no half-written folder refusing the retry."""
+    ckpt = make_ptune_checkpoint(base, tmp_path / "run", False)
+    out = tmp_path / "exported"
+
+    def full_disk(*a, **k):
+        raise RuntimeError("basic_ios::clear: iostream error")
+    monkeypatch.setattr(ptuning.torch, "save", full_disk)
+    assert ptuning.main(["export", str(ckpt), str(out)]) == 1
+    assert capsys.readouterr().err.strip() == f"error: could not write {out}: basic_ios::clear: iostream error"
+    assert not out.exists()
+    monkeypatch.undo()
+    assert ptuning.main(["export", str(ckpt), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "pytorch_model.bin",
+                                                     "trainer_state.json"]
 
 
 def test_export_to_a_file_or_below_one_is_refused_in_one_line(base, tmp_path, capsys):

@@ -217,6 +217,36 @@ def test_evaluate_command_is_repeatable(ckpt, sample_file, tmp_path):
     assert all(isinstance(r["predict"], str) and r["label"] for r in rows)
 
 
+def test_a_checkpoint_saved_again_while_it_is_evaluated_gets_no_scores(ckpt, sample_file, tmp_path, monkeypatch):
+    """The scores would be the old prefix's, written beside the new one (and reused by a sweep as the new one's)."""
+    import shutil
+
+    copy = shutil.copytree(ckpt, tmp_path / "run" / ckpt.name)
+    real = ev.predict
+
+    def predict(*a, **k):
+        out = real(*a, **k)
+        prefix = copy / "prefix.safetensors"
+        prefix.write_bytes(prefix.read_bytes())  # the same bytes: no change, no refusal
+        return out
+    monkeypatch.setattr(ev, "predict", predict)
+    cfg = compose(f"checkpoint={copy}", f"data.eval_file={sample_file}", "limit=3", "generation.max_new_tokens=4")
+    assert ev.evaluate(cfg) and json.loads((copy / "eval" / "metrics.json").read_text())["prefix_sha256"] == (
+        hashlib.sha256((copy / "prefix.safetensors").read_bytes()).hexdigest())
+    shutil.rmtree(copy / "eval")
+
+    def predict_then_resave(*a, **k):
+        out = real(*a, **k)
+        from safetensors.torch import load_file, save_file
+        weights = load_file(str(copy / "prefix.safetensors"))
+        save_file({k: v + 1 for k, v in weights.items()}, str(copy / "prefix.safetensors"))
+        return out
+    monkeypatch.setattr(ev, "predict", predict_then_resave)
+    with pytest.raises(CheckpointError, match="its prefix changed while it was being scored"):
+        ev.evaluate(cfg)
+    assert not (copy / "eval" / "metrics.json").exists()
+
+
 def test_seeded_sampling_is_repeatable(ckpt, sample_file, tmp_path):
     def run(name: str, *extra: str) -> list[str]:
         ev.evaluate(compose(f"checkpoint={ckpt}", f"data.eval_file={sample_file}", "generation=reference_sampling",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -635,3 +636,107 @@ def test_a_checkpoint_damaged_after_it_was_scored_is_not_ranked_on_its_old_score
     assert failed[str(run / "checkpoint-3")] == (f"{run / 'checkpoint-3' / 'prefix_config.json'}: a JSON list, "
                                                  "expected an object; the checkpoint is damaged")
     assert [int(r["step"]) for r in read_csv(run / "sweep" / "sweep.csv")] == [1]
+
+
+def replace_prefix(ckpt: Path, other: Path) -> None:
+    """`ckpt`'s prefix (and the manifest that vouches for it) replaced by `other`'s, under the same name: a rewound
+    run saved again, or a checkpoint copied over (rsync -a without --delete); its eval/ stays."""
+    for name in ("prefix.safetensors", "prefix_config.json", "trainer_state.json", "optimizer.safetensors",
+                 "manifest.json"):
+        if (other / name).is_file():
+            shutil.copyfile(other / name, ckpt / name)
+
+
+def test_a_checkpoint_whose_prefix_was_replaced_is_scored_again(run_copy, sample_file, tmp_path, counted, caplog):
+    run = run_copy(tmp_path / "run")
+    common = [f"runs=[{run}]", f"data.eval_file={sample_file}"]
+    sw.sweep(compose(*common))
+    before = json.loads((run / "checkpoint-2" / "eval" / "metrics.json").read_text())
+    assert before["prefix_sha256"] == hashlib.sha256((run / "checkpoint-2" / "prefix.safetensors").read_bytes()
+                                                     ).hexdigest()
+    replace_prefix(run / "checkpoint-2", run / "checkpoint-3")
+    counted()
+    caplog.set_level(logging.INFO, logger="ptune")
+    result = sw.sweep(compose(*common))
+    assert counted()["predict"] == 1 and len(result["reused"]) == 2
+    assert "checkpoint-2: earlier scores differ in its prefix" in caplog.text
+    after = json.loads((run / "checkpoint-2" / "eval" / "metrics.json").read_text())
+    third = json.loads((run / "checkpoint-3" / "eval" / "metrics.json").read_text())
+    assert after["prefix_sha256"] == third["prefix_sha256"] != before["prefix_sha256"]
+    assert {k: after[k] for k in ("rouge-1", "bleu-4")} == {k: third[k] for k in ("rouge-1", "bleu-4")}
+
+
+def test_a_checkpoint_saved_again_while_it_is_scored_gets_no_scores_of_the_old_prefix(run_copy, sample_file,
+                                                                                        tmp_path, monkeypatch):
+    run = run_copy(tmp_path / "run")
+    real = ptune.evaluate.predict
+
+    def predict(*a, **k):
+        texts = real(*a, **k)
+        if (run / "checkpoint-1" / "eval").is_dir() and not (run / "checkpoint-2" / "eval").is_dir():
+            replace_prefix(run / "checkpoint-2", run / "checkpoint-3")  # the trainer saves it again meanwhile
+        return texts
+    monkeypatch.setattr(ptune.evaluate, "predict", predict)
+    result = sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
+    assert [f["checkpoint"] for f in result["failed"]] == [str(run / "checkpoint-2")]
+    assert "its prefix changed while it was being scored" in result["failed"][0]["error"]
+    assert not (run / "checkpoint-2" / "eval").exists()
+    monkeypatch.setattr(ptune.evaluate, "predict", real)
+    assert not sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))["failed"]  # the next one scores it
+
+
+def test_a_checkpoint_removed_while_its_scores_are_worked_out_is_not_made_again(run_copy, sample_file, tmp_path,
+                                                                                 monkeypatch):
+    run = run_copy(tmp_path / "run")
+    real = sw.compute_metrics
+
+    def compute_metrics(*a, **k):
+        scores = real(*a, **k)
+        if (run / "checkpoint-1" / "eval").is_dir():  # the second checkpoint's scoring: pruned meanwhile
+            shutil.rmtree(run / "checkpoint-2", ignore_errors=True)
+        return scores
+    monkeypatch.setattr(sw, "compute_metrics", compute_metrics)
+    result = sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
+    assert not (run / "checkpoint-2").exists()
+    assert result["failed"] == [{"checkpoint": str(run / "checkpoint-2"),
+                                 "error": "removed while it was being scored (keep_last of a run still training?)"}]
+
+
+def test_a_run_without_a_complete_checkpoint_is_listed_and_the_others_are_ranked(run_copy, sample_file, tmp_path):
+    done, saving = run_copy(tmp_path / "done"), run_copy(tmp_path / "saving")
+    for ckpt in list_checkpoints(saving):
+        (ckpt / "manifest.json").unlink()  # written last: a run part-way through its first save looks like this
+    result = sw.sweep(compose(f"runs=[{done},{saving}]", f"data.eval_file={sample_file}"))
+    assert {f["checkpoint"] for f in result["failed"]} == {str(saving / f"checkpoint-{n}") for n in (1, 2, 3)}
+    assert {(r["run"], r["step"]) for r in read_csv(done / "sweep" / "sweep.csv")} == {
+        (str(done), str(n)) for n in (1, 2, 3)}
+
+
+def test_earlier_scores_with_generation_settings_of_another_shape_are_scored_again(run_copy, sample_file, tmp_path,
+                                                                                    counted):
+    run = run_copy(tmp_path / "run")
+    sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
+    path = run / "checkpoint-1" / "eval" / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "generation": None}))
+    counted()
+    result = sw.sweep(compose(f"runs=[{run}]", f"data.eval_file={sample_file}"))
+    assert counted()["predict"] == 1 and len(result["reused"]) == 2 and not result["failed"]
+
+
+def test_a_quantized_cache_folder_that_cannot_be_used_is_reported_and_the_other_runs_are_ranked(
+        run_copy, sample_file, tmp_path, caplog):
+    plain, quantized = run_copy(tmp_path / "float"), run_copy(tmp_path / "int8")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "README.txt").write_text("mine\n")
+    recorded_as(quantized, "model", "quantization", "int8")
+    recorded_as(quantized, "model", "quantization_cache", str(tmp_path / "taken"))  # holds another file
+    result = sw.sweep(compose(f"runs=[{plain},{quantized}]", f"data.eval_file={sample_file}"))
+    assert {f["checkpoint"] for f in result["failed"]} == {str(quantized / f"checkpoint-{n}") for n in (1, 2, 3)}
+    assert all("holds README.txt" in f["error"] for f in result["failed"])
+    assert len(read_csv(plain / "sweep" / "sweep.csv")) == 3
+    # A cache folder that cannot be made (a file in its way): quantized all the same, scored, a warning
+    (tmp_path / "file").write_text("x")
+    recorded_as(quantized, "model", "quantization_cache", str(tmp_path / "file" / "cache"))
+    result = sw.sweep(compose(f"runs=[{quantized}]", f"data.eval_file={sample_file}"))
+    assert not result["failed"] and len(read_csv(quantized / "sweep" / "sweep.csv")) == 3
+    assert f"could not cache the quantized base in model.quantization_cache={tmp_path / 'file' / 'cache'}" in caplog.text

@@ -27,6 +27,7 @@ import argparse
 import json
 import re
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from ptune import checkpoint as ckpt_io
 from ptune.chatglm import integrity
 from ptune.chatglm.convert import ChatGLMConversionError, config_number
+from ptune.errors import first_line
 from ptune.files import read_json_object, replacing, save_tensors
 from ptune.prefix import PrefixSpec
 
@@ -313,15 +315,27 @@ def export_checkpoint(ckpt, out_dir) -> Path:
                     "pre_seq_len": spec.length, "prefix_projection": spec.projection})
     if base.get("vocab_size") is not None:
         ref_cfg.setdefault("padded_vocab_size", base["vocab_size"])
+    made = not out_dir.exists()
+    written = [out_dir / name for name in ("model.safetensors", "pytorch_model.bin", "trainer_state.json", CONFIG)]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tensors = {REF_PREFIX + k: v.contiguous() for k, v in weights.items()}
         save_tensors(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
         with replacing(out_dir / "pytorch_model.bin") as tmp:
             torch.save(tensors, tmp)
+        if config.get("step") is not None:  # where the Trainer keeps it, which import reads back
+            (out_dir / "trainer_state.json").write_text(json.dumps({"global_step": int(config["step"])}) + "\n",
+                                                        encoding="utf-8")
         (out_dir / CONFIG).write_text(json.dumps(ref_cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    except (OSError, SafetensorError) as e:  # a file where a folder is needed, a read-only or full disk
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+    except (OSError, SafetensorError, RuntimeError) as e:  # a file where a folder is needed, a read-only or full
+        # disk (torch.save reports that as a RuntimeError); what was written goes, so the same command can run again
+        for path in written:
+            with suppress(OSError):
+                path.unlink(missing_ok=True)
+        if made:
+            with suppress(OSError):
+                out_dir.rmdir()
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
         raise PtuningFormatError(f"could not write {out_dir}: {reason}") from None
     return out_dir
 
