@@ -95,7 +95,11 @@ def held_folder(folder: Path) -> Iterator[None]:
     except ImportError:  # not a POSIX system
         yield
         return
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder that can be written but not read: the block runs unlocked, as without flock
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

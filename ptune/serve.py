@@ -176,10 +176,17 @@ class Engine:
         return job
 
     def pending(self) -> int:
-        """Requests waiting for a batch whose clients still wait: one that hung up keeps no place in max_queue
-        (the worker drops it when it next builds a batch)."""
+        """Requests waiting for a batch whose clients still wait: one that hung up keeps no place in max_queue.
+        Those are dropped from the queue here too, so that clients hanging up during a long batch cannot grow it
+        without bound."""
         with self.queue.mutex:
-            queued = sum(1 for j in self.queue.queue if j is not None and not j.cancelled)
+            gone = [j for j in self.queue.queue if j is not None and j.cancelled]
+            for j in gone:
+                self.queue.queue.remove(j)
+            queued = sum(1 for j in self.queue.queue if j is not None)
+        for j in gone:
+            if j.future.cancel():
+                self.cancelled += 1
         # tuple() copies the deque in one step under the GIL, while the worker may be changing it
         return queued + sum(1 for j in tuple(self.waiting) if not j.cancelled)
 

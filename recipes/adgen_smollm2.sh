@@ -10,6 +10,8 @@
 set -euo pipefail
 CALLER=$PWD
 from_caller() { case "$1" in /*) echo "$1" ;; *) echo "$CALLER/$1" ;; esac; }
+# A path as one Hydra value: quoted, so that commas, brackets, = or non-ASCII letters in it are the path's.
+q() { printf "'%s'" "${1//\'/\\\'}"; }
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 SRC=$(from_caller "${1:?usage: recipes/adgen_smollm2.sh TRAIN_JSONL [OUT_DIR] [overrides...]}")
@@ -34,15 +36,15 @@ awk -v n=$(( rows - HOLDOUT )) -v train="$OUT/train.jsonl" -v dev="$OUT/dev.json
     'NF { print > (++i <= n ? train : dev) }' "$SRC"
 stage prepare
 
-$PY -m ptune.evaluate model.path="$MODEL" model.template=chat_template data.eval_file="$OUT/dev.jsonl" \
-    data.prompt_column=content data.response_column=summary $LIMITS $GEN output_dir="$OUT/eval-base"
+$PY -m ptune.evaluate model.path="$(q "$MODEL")" model.template=chat_template data.eval_file="$(q "$OUT/dev.jsonl")" \
+    data.prompt_column=content data.response_column=summary $LIMITS $GEN output_dir="$(q "$OUT/eval-base")"
 stage evaluate-base
 
 rm -rf "$OUT/run"  # a rerun starts over: ptune refuses to start afresh among an earlier run's checkpoints
-$PY -m ptune.train +experiment=adgen_smollm2 model.path="$MODEL" data.train_file="$OUT/train.jsonl" \
-    output_dir="$OUT/run" "$@"
+$PY -m ptune.train +experiment=adgen_smollm2 model.path="$(q "$MODEL")" data.train_file="$(q "$OUT/train.jsonl")" \
+    output_dir="$(q "$OUT/run")" "$@"
 stage train
 
-$PY -m ptune.sweep "runs=[$OUT/run]" data.eval_file="$OUT/dev.jsonl" $GEN
+$PY -m ptune.sweep "runs=[$(q "$OUT/run")]" data.eval_file="$(q "$OUT/dev.jsonl")" $GEN
 stage sweep
 cat "$OUT/eval-base/metrics.json" "$OUT/run/sweep/sweep.md"

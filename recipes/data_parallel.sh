@@ -15,6 +15,8 @@
 set -euo pipefail
 CALLER=$PWD
 from_caller() { case "$1" in /*) echo "$1" ;; *) echo "$CALLER/$1" ;; esac; }
+# A path as one Hydra value: quoted, so that commas, brackets, = or non-ASCII letters in it are the path's.
+q() { printf "'%s'" "${1//\'/\\\'}"; }
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-2}
 MODEL=${MODEL:+$(from_caller "$MODEL")}
@@ -60,21 +62,21 @@ PY
 fi
 
 # Micro-batch 16 without checkpointing or CUDA graphs, padded to 8: the settings BENCHMARKS.md's 2-GPU table used.
-common=(+experiment=adgen_60steps model=local "model.path=$MODEL" model.template=chatglm2 "data.train_file=$DATA"
+common=(+experiment=adgen_60steps model=local "model.path=$(q "$MODEL")" model.template=chatglm2 "data.train_file=$(q "$DATA")"
         trainer.per_device_batch_size=16 trainer.gradient_checkpointing=false trainer.pad_to_multiple_of=8
         trainer.cuda_graphs=false "trainer.max_steps=$STEPS" "trainer.save_steps=$((STEPS / 2))"
         trainer.log_steps=5 trainer.progress_bar=false trainer.tensorboard=false "$@")
 torchrun_=(torchrun --standalone --nproc_per_node "$NPROC" -m ptune.train)
 rm -rf "$OUT"
-python -m ptune.train "${common[@]}" "trainer.gradient_accumulation_steps=$NPROC" "output_dir=$OUT/one"
-"${torchrun_[@]}" "${common[@]}" trainer.gradient_accumulation_steps=1 "output_dir=$OUT/multi"
+python -m ptune.train "${common[@]}" "trainer.gradient_accumulation_steps=$NPROC" "output_dir=$(q "$OUT/one")"
+"${torchrun_[@]}" "${common[@]}" trainer.gradient_accumulation_steps=1 "output_dir=$(q "$OUT/multi")"
 # The 1-GPU run once more: GPU attention kernels are not bitwise deterministic, so this is the noise floor.
-python -m ptune.train "${common[@]}" "trainer.gradient_accumulation_steps=$NPROC" "output_dir=$OUT/one_again"
+python -m ptune.train "${common[@]}" "trainer.gradient_accumulation_steps=$NPROC" "output_dir=$(q "$OUT/one_again")"
 if [ "${CHECK_RESUME:-1}" = 1 ]; then
-  "${torchrun_[@]}" "${common[@]}" trainer.gradient_accumulation_steps=1 "output_dir=$OUT/multi_from_one" \
-    "resume=$OUT/one/checkpoint-$((STEPS / 2))"
-  python -m ptune.train "${common[@]}" "trainer.gradient_accumulation_steps=$NPROC" "output_dir=$OUT/one_from_multi" \
-    "resume=$OUT/multi/checkpoint-$((STEPS / 2))"
+  "${torchrun_[@]}" "${common[@]}" trainer.gradient_accumulation_steps=1 "output_dir=$(q "$OUT/multi_from_one")" \
+    "resume=$(q "$OUT/one/checkpoint-$((STEPS / 2))")"
+  python -m ptune.train "${common[@]}" "trainer.gradient_accumulation_steps=$NPROC" "output_dir=$(q "$OUT/one_from_multi")" \
+    "resume=$(q "$OUT/multi/checkpoint-$((STEPS / 2))")"
 fi
 
 python - "$OUT" "$STEPS" "$NPROC" <<'PY'

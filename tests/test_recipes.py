@@ -30,7 +30,7 @@ def test_adgen_smollm2_recipe_scores_base_and_every_checkpoint(tiny_model_dir, s
     rows = [line for line in sample_file.read_text(encoding="utf-8").splitlines() if line.strip()][:10]
     src = tmp_path / "adgen.jsonl"
     src.write_text("\n".join(rows[:6]) + "\n\n" + "\n".join(rows[6:]) + "\n", encoding="utf-8")  # a blank line too
-    out = tmp_path / "e2e"
+    out = tmp_path / "e2e ünï,[1]"  # a folder name Hydra would not read unquoted
     # run from the data's folder with paths relative to it, as the caller's (the recipe works in the repository)
     model = Path(os.path.relpath(tiny_model_dir("llama"), tmp_path))
     proc = run_recipe(Path(src.name), Path(out.name), model, 3, "prefix.length=4", "trainer.max_steps=2",
