@@ -301,7 +301,8 @@ def widen_timing(model, device, fused: bool) -> dict:
 
 
 def ptune_eval(model, prompts, new_tokens: int, batch: int, cfg, device, *, static_cache: bool = True,
-               keep: list | None = None, compile_step: bool = False) -> dict:
+               keep: list | None = None, compile_step: bool = False, sampled: bool = False) -> dict:
+    """`sampled`: every row samples with cfg.eval_sampling's temperature and top_p, from its own stream."""
     fuse_layers(model, bool(cfg.fused_layers))
     spec = PrefixSpec.for_model(model.config, cfg.prefix_length)
     torch.manual_seed(cfg.seed)
@@ -310,8 +311,11 @@ def ptune_eval(model, prompts, new_tokens: int, batch: int, cfg, device, *, stat
     def run(count=len(prompts), new=new_tokens, record=True):
         for i in range(0, count, batch):
             b = {k: v.to(device) for k, v in left_pad(prompts[i:min(i + batch, count)], 0).items()}
+            sampling = (dict(do_sample=True, temperature=float(cfg.eval_sampling.temperature),
+                             top_p=float(cfg.eval_sampling.top_p), sample_keys=[(cfg.seed, i + j) for j in range(
+                                 len(b["input_ids"]))]) if sampled else {})
             out = generate(lm, b["input_ids"], b["attention_mask"], max_new_tokens=new, eos_token_ids=[],
-                           pad_token_id=0, static_cache=static_cache, compile_step=compile_step)
+                           pad_token_id=0, static_cache=static_cache, compile_step=compile_step, **sampling)
             if keep is not None and record:
                 keep.extend(out.tolist())
 
@@ -528,6 +532,11 @@ def run(cfg: DictConfig) -> dict:
                                                                    cfg, device))
         add(f"eval ptune batch {batch} ({n} prompts)", ptune_eval(model, prompts[:n], cfg.eval_new_tokens, batch, cfg,
                                                                  device), f"eval peft batch {batch} ({n} prompts)")
+    for batch in batches_run(cfg, "eval_sampled_batches", len(prompts)):
+        n = min(len(prompts), cfg.eval_prompts_at_batch1) if batch == 1 else len(prompts)
+        add(f"eval ptune batch {batch} ({n} prompts) sampled", ptune_eval(
+            model, prompts[:n], cfg.eval_new_tokens, batch, cfg, device, sampled=True),
+            f"eval ptune batch {batch} ({n} prompts)")
     for batch in batches_run(cfg, "decode_steady_batches", len(prompts)):
         add(f"decode ptune steady batch {batch} (seconds a step)", decode_steady(model, prompts, batch, cfg, device))
     for batch in batches_run(cfg, "decode_compile_batches", len(prompts)):

@@ -445,9 +445,10 @@ def bench(cfg: DictConfig) -> None:
                 raise ConfigError(f"{key}[{i}]={pair!r}: expected [micro-batch, accumulation steps], e.g. [16, 1]")
             check_count(cfg, f"{key}[{i}][0]")
             check_count(cfg, f"{key}[{i}][1]")
-    for key in ("eval_batches", "decode_steady_batches", "decode_compile_batches"):
+    for key in ("eval_batches", "eval_sampled_batches", "decode_steady_batches", "decode_compile_batches"):
         for i in range(len(cfg[key])):
             check_count(cfg, f"{key}[{i}]")
+    check_sampling(cfg, "eval_sampling.temperature", "eval_sampling.top_p")
     steady = cfg.decode_steady_tokens
     if not (isinstance(steady, ListConfig) and len(steady) == 2):
         raise ConfigError(f"decode_steady_tokens={steady!r}: expected [fewer, more] new tokens, e.g. [16, 144]")
