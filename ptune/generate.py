@@ -78,7 +78,8 @@ class Sampler:
     its own draw for the step (:func:`row_draws`). The settings may differ row by row, so requests with
     different ones share a batch.
 
-    The cumulative probabilities run in vocabulary order and in float64. Batched arithmetic changes a row's logits
+    The cumulative probabilities run in vocabulary order and in float64 (the probabilities themselves, and the top_p
+    cut, in float32: a float32 number keeps a small probability's own precision). Batched arithmetic changes a row's logits
     in the last bits (left padding, another matrix shape); in vocabulary order that moves each token's interval
     by as little, so a draw changes token about as rarely as a greedy pick flips at a near-tie. Sorted by
     probability, near-equal tokens would swap places and move whole intervals (7 of 16 rows of 64 sampled tokens
@@ -97,8 +98,8 @@ class Sampler:
         if self.any and keys is None:
             raise ValueError("sampling needs sample_keys: one key per row, for each row's own random stream")
         if self.any:
-            self.temperature = per_row(temperature, torch.float64).clamp(min=1e-5).unsqueeze(-1)
-            self.top_p = per_row(top_p, torch.float64).unsqueeze(-1)
+            self.temperature = per_row(temperature, torch.float32).clamp(min=1e-5).unsqueeze(-1)
+            self.top_p = per_row(top_p, torch.float32).unsqueeze(-1)
             self.cut = self.sampled.unsqueeze(-1) & (self.top_p < 1)  # top_p=1 keeps every token, even past rounding
             self.any_cut = bool(self.cut.any())
             self.draws = row_draws(keys, steps, device)
@@ -107,13 +108,14 @@ class Sampler:
         greedy = logits.argmax(-1)
         if not self.any:
             return greedy
-        probs = torch.softmax(logits.double() / self.temperature, -1)
+        probs = torch.softmax(logits.float() / self.temperature, -1)
         if self.any_cut:
-            ranked, order = probs.sort(dim=-1, descending=True, stable=True)
-            # Past the smallest likeliest set reaching top_p (the likeliest token always stays), in rows that cut.
-            drop = (ranked.cumsum(-1) - ranked > self.top_p) & self.cut
-            probs = probs.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), 0.0)
-        cdf = probs.cumsum(-1)
+            # The smallest likeliest set whose mass reaches top_p (the likeliest token always in it), as the least
+            # probability it keeps: tokens as likely as that one stay too, whichever order a sort gave them.
+            ranked = probs.sort(dim=-1, descending=True).values
+            kept = (ranked.cumsum(-1) - ranked <= self.top_p).sum(-1, keepdim=True)
+            probs = torch.where(self.cut & (probs < ranked.gather(-1, kept - 1)), 0.0, probs)
+        cdf = probs.double().cumsum(-1)
         # The first token whose cumulative mass reaches the draw's share of the total: never one of mass 0.
         choice = torch.searchsorted(cdf, self.draws[:, step:step + 1] * cdf[:, -1:]).clamp_(max=cdf.shape[-1] - 1)
         return torch.where(self.sampled, choice.squeeze(-1), greedy)
