@@ -205,14 +205,28 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     return stale
 
 
-def prune(run_dir: str | Path, keep_last: int, up_to_step: int | None = None) -> list[Path]:
+def prune(run_dir: str | Path, keep_last: int, up_to_step: int | None = None) -> tuple[list[Path], list[str]]:
     """Delete all but the newest `keep_last` complete checkpoints up to `up_to_step` (later ones are a rewound
-    run's, left alone); returns what was removed."""
+    run's, left alone); returns what was removed, and why each of the others could not be.
+
+    Each goes out of the checkpoints' names first (renamed to a `.checkpoint-N.tmp-PID` folder, which
+    remove_stale_temporaries clears later), so a removal that fails part-way (a file another user or an open NFS
+    handle holds) never leaves a half-deleted `checkpoint-N` standing; a training does not stop for it."""
     found = [p for p in list_checkpoints(run_dir) if up_to_step is None or checkpoint_step(p) <= up_to_step]
     doomed = found[:-keep_last] if keep_last > 0 else []
+    removed, failed = [], []
     for p in doomed:
-        shutil.rmtree(p)
-    return doomed
+        gone = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        try:
+            p.rename(gone)
+        except OSError as e:
+            failed.append(f"{p}: {e.strerror or e}")
+            continue
+        removed.append(p)
+        shutil.rmtree(gone, ignore_errors=True)
+        if gone.exists():
+            failed.append(f"{p}: out of the checkpoints, but {gone} could not be removed whole")
+    return removed, failed
 
 
 def verify(ckpt: str | Path, files: list[str] | None = None) -> None:

@@ -110,3 +110,30 @@ def held_folder(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+_held_by_this_process: dict[Path, int] = {}
+
+
+def hold_for_this_process(folder: Path) -> None:
+    """An exclusive lock on `folder` until this process ends (held_folder's kind); FolderInUse where another process
+    holds it. Asked again in the same process, it is held already."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return
+    key = Path(folder).resolve()
+    if key in _held_by_this_process:
+        return
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:  # as held_folder: unlocked where the folder cannot be opened
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderInUse(str(folder)) from None
+    except OSError:  # a filesystem without flock
+        pass
+    _held_by_this_process[key] = fd

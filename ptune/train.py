@@ -36,7 +36,7 @@ from ptune import settings
 from ptune.config import made_for_this_run, no_run_folder_if_refused, not_made_for_this_run, override_key
 from ptune.data import BatchPlan, IGNORE, collate, training_rows
 from ptune.errors import TrainingError, exit_on_user_error, first_line
-from ptune.files import FolderInUse, held_folder
+from ptune.files import FolderInUse, held_folder, hold_for_this_process, write_text_atomic
 from ptune.fit import Prober, agree_across_ranks, choose_split, fastest
 from ptune.graphs import micro_batch_loss
 from ptune.logs import LogWindow, MetricsLog, setup_logging
@@ -76,20 +76,25 @@ def run_dir(accelerator: Accelerator) -> Path:
 @contextmanager
 def run_folder_held(out: Path, accelerator: Accelerator):
     """Rank 0 holds the run folder for the run: a second training given the same folder, or the same dated default
-    folder (started within the same second), is refused rather than mixing its checkpoints and log lines in."""
+    folder (started within the same second), is refused rather than mixing its checkpoints and log lines in. A
+    multirun holds its hydra.sweep.dir too, for all its jobs: another multirun there (two started in the same
+    second) would take turns with it job by job, each grid's jobs among the other's."""
     with contextlib.ExitStack() as stack:
-        busy = [False]
+        busy = [None]
         if accelerator.is_main_process:
             try:
+                if multirun():
+                    hold_for_this_process(Path(HydraConfig.get().sweep.dir))
                 stack.enter_context(held_folder(out))
-            except FolderInUse:
-                busy = [True]
+            except FolderInUse as e:
+                busy = [str(e)]
         if accelerator.num_processes > 1:
             torch.distributed.broadcast_object_list(busy, src=0)
-        if busy[0]:
+        if busy[0] is not None:
             not_made_for_this_run(out)  # the other run's folder, even where this one made it a moment earlier
-            raise TrainingError(f"{out}: another training is writing to this run folder now; wait for it to end, "
-                                f"or give another {folder_setting()}")
+            what = "multirun" if Path(busy[0]) != out else "training"
+            raise TrainingError(f"{busy[0]}: another {what} is writing to this folder now; wait for it to end, or "
+                                f"give another {folder_setting()}")
         yield
 
 
@@ -436,6 +441,11 @@ def train_in(out: Path, cfg: DictConfig, accelerator: Accelerator) -> Path:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     t = cfg.trainer
     base_folder = settings.model_folder(cfg.model)  # checked by settings.train
+    if accelerator.is_main_process and not os.access(out, os.W_OK | os.X_OK):
+        # The run's files may each be writable while the folder takes no new one: found at the first save, the
+        # steps before it would be lost.
+        raise TrainingError(f"{folder_setting()}: {out} is read-only: a checkpoint could not be saved there; make it "
+                            "writable, or give another folder")
     new_log = () if (out / "train.log").exists() else (out / "train.log",)
     with writing(out / "train.log"):
         setup_logging(out / "train.log", accelerator.is_main_process)
@@ -503,13 +513,14 @@ def train_in(out: Path, cfg: DictConfig, accelerator: Accelerator) -> Path:
 
     def start_files() -> None:
         nonlocal metrics
-        if start < t.max_steps:  # output_dir as used: a multirun job's folder is not the configured one
-            used = OmegaConf.merge(cfg, {"output_dir": str(out)})
-            with writing(out / "config.yaml"):
-                (out / "config.yaml").write_text(OmegaConf.to_yaml(used, resolve=True), encoding="utf-8")
+        if start >= t.max_steps:  # nothing to train: the run's config, log and plot stay the longer run's
+            return
+        used = OmegaConf.merge(cfg, {"output_dir": str(out)})  # as used: a multirun job's folder is not the configured one
+        with writing(out / "config.yaml"):  # written whole: a full disk leaves the previous one
+            write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(used, resolve=True))
         if fitted is not None:
             with writing(out / "auto_micro_batch.json"):
-                (out / "auto_micro_batch.json").write_text(json.dumps(fitted, indent=2) + "\n", encoding="utf-8")
+                write_text_atomic(out / "auto_micro_batch.json", json.dumps(fitted, indent=2) + "\n")
         with writing(out / "train_log.jsonl"):
             metrics = MetricsLog(out, t.tensorboard, resume_step=start)
 
@@ -540,7 +551,8 @@ def train_in(out: Path, cfg: DictConfig, accelerator: Accelerator) -> Path:
             log.info("saved %s", path)
             metrics.plot()
             if t.keep_last:
-                ckpt_io.prune(out, t.keep_last, up_to_step=step)
+                for failure in ckpt_io.prune(out, t.keep_last, up_to_step=step)[1]:
+                    log.warning("trainer.keep_last: could not remove %s; training goes on", failure)
 
         on_rank0(accelerator, write)
 

@@ -198,7 +198,8 @@ def test_prune_keeps_newest_and_never_touches_temporary(tmp_path):
     (partial / MANIFEST_FILE).unlink()
     before = {p.name: p.read_bytes() for p in tmp.iterdir()}
 
-    removed = prune(tmp_path, keep_last=2)
+    removed, failed = prune(tmp_path, keep_last=2)
+    assert failed == []
     assert removed == [tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [".checkpoint-11.tmp-99", "checkpoint-0", "checkpoint-3", "checkpoint-10"])
@@ -206,8 +207,8 @@ def test_prune_keeps_newest_and_never_touches_temporary(tmp_path):
     assert torch.equal(load_prefix_weights(tmp_path / "checkpoint-10")["embedding.weight"],
                        prefix_state(10)["embedding.weight"])
     # Nothing more to remove.
-    assert prune(tmp_path, keep_last=2) == []
-    assert prune(tmp_path, keep_last=5) == []
+    assert prune(tmp_path, keep_last=2) == ([], [])
+    assert prune(tmp_path, keep_last=5) == ([], [])
     assert len(list_checkpoints(tmp_path)) == 2
 
 

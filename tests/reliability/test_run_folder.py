@@ -5,6 +5,7 @@ keeps what it saves, a resume takes this run's optimizer settings, and what a cr
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -295,7 +296,7 @@ def test_a_second_training_into_a_folder_in_use_is_refused_and_changes_nothing(s
     before = snapshot(out)
     with held_folder(out):  # as a training running there holds it
         res = cli("ptune.train", *train_args(model, data, out, "resume=latest"))
-    assert_clean_error(res, f"{out}: another training is writing to this run folder now", "give another output_dir")
+    assert_clean_error(res, f"{out}: another training is writing to this folder now", "give another output_dir")
     assert snapshot(out) == before  # not even a train.log line
     res = cli("ptune.train", *train_args(model, data, out, "resume=latest", "trainer.max_steps=4"))
     assert res.rc == 0, str(res)  # once let go, the folder is free again
@@ -313,3 +314,64 @@ def test_a_folder_another_process_made_is_not_removed_by_this_ones_refusal(tmp_p
         assert folder.is_dir()
     finally:
         config._made_run_folders.clear()
+
+
+def test_a_multirun_whose_sweep_folder_another_multirun_holds_is_refused_job_by_job(setup, tmp_path):
+    """Two multiruns started in the same second share multirun_<time>/: each job's own folder lock let them take
+    turns, one grid's jobs among the other's. The first multirun holds the sweep folder for all its jobs."""
+    from ptune.files import held_folder
+
+    model, data, _ = setup
+    sweep = tmp_path / "grid"
+    sweep.mkdir()
+    args = [a for a in train_args(model, data, tmp_path / "unused", "trainer.max_steps=2")
+            if not a.startswith("output_dir=")]
+    with held_folder(sweep):  # as the other multirun's process holds it
+        res = cli("ptune.train", "-m", *args, "optim.lr=0.05,0.01", f"hydra.sweep.dir={sweep}")
+    assert res.rc == 1 and "Traceback" not in res.stderr, str(res)
+    assert "error: 2 of 2 multirun jobs failed" in res.stderr, res.stderr
+    assert f"#1 (optim.lr=0.01): {sweep}: another multirun is writing to this folder now" in res.stderr
+    assert not list(sweep.glob("*/checkpoint-*"))
+    res = cli("ptune.train", "-m", *args, "optim.lr=0.05,0.01", f"hydra.sweep.dir={sweep}")
+    assert res.rc == 0, str(res)
+    assert [p.name for p in sorted(sweep.glob("*/checkpoint-2"))] == ["checkpoint-2", "checkpoint-2"]
+
+
+def test_a_resume_with_nothing_to_train_leaves_the_runs_log_config_and_plot(setup, tmp_path):
+    model, data, ref = setup
+    out = copy_of(ref, tmp_path / "run", keep=(2, 4, 6, 8))
+    before = snapshot(out, skip=("train.log",))
+    res = cli("ptune.train", *train_args(model, data, out, f"resume={out / 'checkpoint-4'}", "trainer.max_steps=4"))
+    assert res.rc == 0 and "nothing to train" in res.stderr, str(res)
+    assert snapshot(out, skip=("train.log",)) == before  # train_log.jsonl's 8 lines, config.yaml, train_loss.png
+
+
+def test_keep_last_that_cannot_remove_a_checkpoint_warns_and_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    import ptune.checkpoint as ckpt
+
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(run, step, {"embedding.weight": torch.zeros(2, 4)}, {"prefix": {}, "base": {},
+                                                                              "model": {}, "data": {}})
+    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda *a, **k: None)  # a file it cannot delete: nothing goes
+    removed, failed = ckpt.prune(run, keep_last=1)
+    assert removed == [run / "checkpoint-1", run / "checkpoint-2"] and len(failed) == 2
+    assert "could not be removed whole" in failed[0]
+    assert [p.name for p in ckpt.checkpoint_folders(run)] == ["checkpoint-3"]  # none left standing half-deleted
+    monkeypatch.undo()
+    assert ckpt.remove_stale_temporaries(run) and not list(run.glob(".checkpoint-*"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="folder permissions are not enforced for this user")
+def test_a_run_folder_that_takes_no_new_file_is_refused_before_the_first_step(setup, tmp_path):
+    """Its files may each be writable while the folder takes no new one: found at the first save, every step
+    before it was lost."""
+    model, data, ref = setup
+    out = copy_of(ref, tmp_path / "run", keep=(2,))
+    out.chmod(0o555)
+    try:
+        res = cli("ptune.train", *train_args(model, data, out, "resume=latest"))
+    finally:
+        out.chmod(0o755)
+    assert_clean_error(res, f"output_dir: {out} is read-only: a checkpoint could not be saved there")
+    assert not logged(out)[2:]
