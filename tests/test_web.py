@@ -101,16 +101,21 @@ def first_token(cm, prompt: list[int]) -> int:
                     eos_token_ids=cm.eos_token_ids, pad_token_id=cm.pad_token_id).item()
 
 
-def posted(browser) -> list[list[dict]]:
-    """The messages of each chat request the page sent since the last call, from Chromium's network log."""
+def posted_requests(browser) -> list[dict]:
+    """Each chat request the page sent since the last call, from Chromium's network log."""
     sent = []
     for entry in browser.get_log("performance"):
         event = json.loads(entry["message"])["message"]
         if event["method"] == "Network.requestWillBeSent":
             request = event["params"]["request"]
             if request["url"].endswith("/v1/chat/completions"):
-                sent.append(json.loads(request["postData"])["messages"])
+                sent.append(json.loads(request["postData"]))
     return sent
+
+
+def posted(browser) -> list[list[dict]]:
+    """The messages of each chat request the page sent since the last call."""
+    return [request["messages"] for request in posted_requests(browser)]
 
 
 def turns(*texts: str) -> list[dict]:
@@ -687,3 +692,48 @@ def test_a_page_on_another_origin_calls_the_api_only_where_cors_origins_lets_it(
     finally:
         open_to_page.stop()
         site.shutdown()
+
+
+def test_on_a_model_of_few_positions_the_server_sizes_the_reply_unless_max_new_tokens_is_set(tiny_model_dir, browser):
+    """A base GPT-2 of 512 positions: a default of 512 new tokens left no room for any prompt, and every message was
+    refused. The field starts empty (the server's default, which fits the reply to the positions left)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("serve", overrides=["checkpoint=null", f"model.path={tiny_model_dir('gpt2')}",
+                                          "model.template=plain", "device=cpu"])
+    cm = load_chat_model(cfg)
+    server = LiveServer(create_app(cm, cfg))
+    try:
+        wait = WebDriverWait(browser, 60)
+        browser.get(server.url + "/")
+        wait.until(lambda d: "base model" in d.find_element(By.ID, "model").text)
+        cap = health(server.url)["max_new_tokens"]
+        tokens = browser.find_element(By.ID, "max_tokens")
+        assert tokens.get_attribute("value") == ""
+        assert tokens.get_attribute("placeholder") == f"server's default (up to {cap})"
+        assert tokens.get_attribute("max") == str(cap)
+        box, status = browser.find_element(By.ID, "input"), browser.find_element(By.ID, "status")
+        posted_requests(browser)
+        reply = send_and_wait(browser, wait, box, "hi")
+        assert "error" not in reply.get_attribute("class"), reply.text
+        assert "max_tokens" not in posted_requests(browser)[0]
+
+        # Short turns, then a length the positions cannot hold beside any prompt: one refusal, which says what to
+        # change, and no turn left out (leaving turns out would not make room).
+        browser.find_element(By.ID, "clear").click()
+        browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
+        tokens.send_keys("2")
+        for text in ("a", "b"):
+            send_and_wait(browser, wait, box, text)
+        tokens.clear()
+        tokens.send_keys("512")
+        posted_requests(browser)
+        failed = send_and_wait(browser, wait, box, "c")
+        assert "error" in failed.get_attribute("class")
+        assert len(posted_requests(browser)) == 1
+        assert "lower Max new tokens under Settings" in status.text, status.text
+        assert "too long" not in status.text, status.text
+        assert browser.find_elements(By.ID, "left-out") == []
+    finally:
+        server.stop()

@@ -180,8 +180,11 @@
         ? "checkpoint " + h.checkpoint + (h.step !== null && h.step !== undefined ? " (step " + h.step + ")" : "")
         : "base model " + h.base + " (no prefix)";
       modelEl.title = "base " + h.base + ", template " + h.template + ", " + h.device;
+      // Empty, the field leaves the reply's length to the server, which also fits it to the model's positions: a
+      // number of our own (the field once started at 512) would be refused beside any prompt on a 512-position model.
       $("max_tokens").max = h.max_new_tokens;
-      if (parseInt($("max_tokens").value, 10) > h.max_new_tokens) $("max_tokens").value = h.max_new_tokens;
+      $("max_tokens").placeholder = "server's default (up to " + h.max_new_tokens + ")";
+      if (Number($("max_tokens").value) > h.max_new_tokens) $("max_tokens").value = h.max_new_tokens;
     } catch (e) {
       modelEl.textContent = "cannot reach the server: " + e;
       modelEl.classList.add("error");
@@ -257,6 +260,7 @@
       // terminal chat does, the oldest turns make room: as many as the refusal says would (its
       // turns_to_leave_out; null: none would), else one more per refusal (a refusal costs the server no
       // generation). The shorter request is checked again, and the history loses them only once one is taken.
+      // A refusal without turns_to_leave_out (a reply too long for any prompt, or an older server) means none would.
       const turns = turnEls.length;
       let skip = 0, r;
       for (;;) {
@@ -273,15 +277,19 @@
           throw new Failure("the system message is too long for the model: " + failure.message + " under Settings",
                             failure.code, failure.param);
         }
-        const fewest = failure.details.turns_to_leave_out;
+        const fewest = failure.details.turns_to_leave_out ?? null;
         if (fewest !== null && skip < turns) {
           skip = Math.min(turns, skip + (Number.isInteger(fewest) && fewest > 0 ? fewest : 1));
           continue;
         }
         const without = turns ? " (even without the " + plural(turns, "earlier turn") + ")" : "";
-        const fix = failure.param === "max_tokens" ? "lower Max new tokens under Settings"
-          : $("system").value.trim() ? "shorten your message, or the system message under Settings"
-            : "shorten your message";
+        if (failure.param === "max_tokens") {  // the reply asked for is what leaves no room, not the message
+          throw new Failure("Max new tokens asks for more than the model has room for" + without + ": "
+            + failure.message + "; lower Max new tokens under Settings, or empty it to let the server fit the reply",
+                            failure.code, failure.param);
+        }
+        const fix = $("system").value.trim() ? "shorten your message, or the system message under Settings"
+          : "shorten your message";
         throw new Failure("this message is too long for the model" + without + ": " + failure.message + "; " + fix,
                           failure.code, failure.param);
       }
