@@ -737,3 +737,44 @@ def test_on_a_model_of_few_positions_the_server_sizes_the_reply_unless_max_new_t
         assert browser.find_elements(By.ID, "left-out") == []
     finally:
         server.stop()
+
+
+def test_settings_numbers_are_read_whole_and_invalid_ones_are_refused_by_name(served, browser):
+    url, cm = served
+    wait = open_greedy(browser, url, cm)
+    box, status = browser.find_element(By.ID, "input"), browser.find_element(By.ID, "status")
+    tokens, temperature = browser.find_element(By.ID, "max_tokens"), browser.find_element(By.ID, "temperature")
+    posted_requests(browser)
+
+    def sent_with(field, value) -> dict:
+        field.clear()
+        field.send_keys(value)
+        send_and_wait(browser, wait, box, "hi")
+        [request] = posted_requests(browser)
+        return {k: v for k, v in request.items() if k in ("temperature", "top_p", "max_tokens")}
+
+    assert sent_with(tokens, "1e1") == {"temperature": 0, "top_p": 0.7, "max_tokens": 10}  # not 1 (parseInt)
+    # An emptied temperature is the server's, and the field says so rather than showing a number.
+    assert sent_with(temperature, "") == {"top_p": 0.7, "max_tokens": 10}
+    assert temperature.get_attribute("placeholder") == "server's default"
+
+    # What a field does not take: nothing sent, the field named with what it takes, the words kept.
+    for field, value, said in [(tokens, "2.9", f"Max new tokens: a whole number from 1 to {MAX_NEW}"),
+                               (tokens, "0", f"Max new tokens: a whole number from 1 to {MAX_NEW}"),
+                               (tokens, "-3", f"Max new tokens: a whole number from 1 to {MAX_NEW}"),
+                               (temperature, "3", "Temperature: a number from 0 to 2"),
+                               (temperature, "1e", "Temperature: a number from 0 to 2")]:  # (not a number at all)
+        field.clear()
+        field.send_keys(value)
+        browser.execute_script("arguments[0].textContent = ''", status)  # (the line of the value before)
+        box.send_keys("again", Keys.ENTER)
+        wait.until(lambda d: status.text)
+        assert "error" in status.get_attribute("class")
+        assert said in status.text, (value, status.text)
+        assert box.get_attribute("value") == "again"
+        assert posted_requests(browser) == []
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 2
+        box.clear()
+        field.clear()
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == [], errors

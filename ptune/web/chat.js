@@ -191,9 +191,36 @@
     }
   }
 
+  // What each number setting takes. Read with Number, not parseInt: "1e2" is 100, and "2.9" is no whole number of
+  // tokens (parseInt made them 1 and 2, silently). Max new tokens' top is /health's max_new_tokens (its max).
+  const NUMBERS = {
+    temperature: { name: "Temperature", min: 0, max: 2, whole: false },
+    top_p: { name: "Top-p", min: 0, max: 1, whole: false },
+    max_tokens: { name: "Max new tokens", min: 1, max: null, whole: true },
+  };
+
+  // A number setting's value; null where the field is empty (the server's default). A value the field does not
+  // take is refused by name: sending without it, or with it, would not be what the user asked for.
   function numberOf(id) {
-    const v = parseFloat($(id).value);
-    return Number.isFinite(v) ? v : null;
+    const el = $(id), rule = NUMBERS[id];
+    if (el.value === "" && !el.validity.badInput) return null;  // (badInput: typed, yet no number, as "1e")
+    const v = Number(el.value), max = rule.max ?? (el.max === "" ? Infinity : Number(el.max));
+    if (!el.validity.badInput && Number.isFinite(v) && v >= rule.min && v <= max && (!rule.whole || Number.isInteger(v))) {
+      return v;
+    }
+    $("settings").open = true;
+    throw new Failure(rule.name + ": " + (rule.whole ? "a whole number" : "a number") + " from " + rule.min
+      + (max === Infinity ? " up" : " to " + max) + ", or empty for the server's default (under Settings)");
+  }
+
+  // The request's settings, or a Failure naming the first field that holds what it does not take.
+  function sampling() {
+    const request = {};
+    for (const id of Object.keys(NUMBERS)) {
+      const v = numberOf(id);
+      if (v !== null) request[id] = v;
+    }
+    return request;
   }
 
   // Server-sent events: "data: <json>" lines, events separated by a blank line.
@@ -237,13 +264,8 @@
 
   function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
 
-  async function send(text) {
-    const request = { messages: null, stream: true };
-    const t = numberOf("temperature"), p = numberOf("top_p"), m = parseInt($("max_tokens").value, 10);
-    if (t !== null) request.temperature = t;
-    if (p !== null) request.top_p = p;
-    if (Number.isInteger(m) && m > 0) request.max_tokens = m;
-
+  async function send(text, settings) {
+    const request = { messages: null, stream: true, ...settings };
     const asked = addMessage("user", text);
     const out = addMessage("assistant", "");
     toBottom();
@@ -380,8 +402,15 @@
       hint("The reply is still coming: wait for it to end, or press Stop. Your message stays here until then.");
       return;
     }
+    let settings;
+    try {
+      settings = sampling();
+    } catch (e) {  // nothing sent: the words stay in the input while the field is put right
+      setStatus(e.message, true);
+      return;
+    }
     input.value = "";
-    send(text);
+    send(text, settings);
   });
   input.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
