@@ -778,3 +778,30 @@ def test_settings_numbers_are_read_whole_and_invalid_ones_are_refused_by_name(se
         field.clear()
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == [], errors
+
+
+def test_a_reload_while_a_reply_streams_gives_the_question_back(slow_server, browser):
+    server = slow_server()
+    wait = WebDriverWait(browser, 60)
+    browser.get(server.url + "/")
+    wait.until(lambda d: "checkpoint" in d.find_element(By.ID, "model").text)
+    box = browser.find_element(By.ID, "input")
+    browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
+    browser.find_element(By.ID, "max_tokens").send_keys("4")
+    send_and_wait(browser, wait, box, "类型#裙*颜色#红色")
+    browser.find_element(By.ID, "max_tokens").clear()  # the server's cap, 200 slowed pieces: seconds
+    box.send_keys("材质#棉", Keys.ENTER)
+    streaming = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+    wait.until(lambda d: chunks_of(streaming) >= 3)
+
+    browser.refresh()
+    wait.until(lambda d: "checkpoint" in d.find_element(By.ID, "model").text)
+    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".msg.user")] == ["类型#裙*颜色#红色"]
+    assert browser.find_element(By.ID, "input").get_attribute("value") == "材质#棉"
+    assert "interrupted by the reload" in browser.find_element(By.ID, "status").text
+    # Once given back, the words are not given back again by the next reload.
+    browser.find_element(By.ID, "input").clear()
+    browser.refresh()
+    wait.until(lambda d: "checkpoint" in d.find_element(By.ID, "model").text)
+    assert browser.find_element(By.ID, "input").get_attribute("value") == ""
+    assert browser.find_element(By.ID, "status").text == ""

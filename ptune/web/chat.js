@@ -12,6 +12,8 @@
   let controller = null;   // AbortController of the reply being streamed
   const HISTORY_KEY = "ptune.history";  // a reload (or a slip of F5) must not lose the conversation
   const LEFT_OUT_KEY = "ptune.leftOut";  // nor show the turns left out for length as if the model saw them
+  const ASKED_KEY = "ptune.asked";  // nor the question whose reply it cut short: kept until the reply is done
+  let leaving = false;  // the page is being unloaded: a reply cut short by it leaves its question for the next page
 
   for (const id of settings) {  // settings live in this tab only
     const saved = sessionStorage.getItem("ptune." + id);
@@ -120,6 +122,23 @@
       i++;
     }
     return pairs;
+  }
+
+  function keepAsked(text) {
+    try {
+      if (text === null) sessionStorage.removeItem(ASKED_KEY);
+      else sessionStorage.setItem(ASKED_KEY, text);
+    } catch (e) { /* storage full: a reload would lose it, as before */ }
+  }
+
+  // A reply cut short by a reload (or F5 by mistake): its question goes back to the input, to send again.
+  function restoreAsked() {
+    const asked = sessionStorage.getItem(ASKED_KEY);
+    if (asked === null) return;
+    keepAsked(null);
+    if (!asked.trim() || input.value.trim()) return;
+    input.value = asked;
+    setStatus("the reply to your last message was interrupted by the reload; your message is back in the input");
   }
 
   function restoreHistory() {
@@ -271,6 +290,7 @@
     toBottom();
     out.classList.add("pending");
     out.dataset.chunks = "0";
+    keepAsked(text);
     let reply = "", finish = null, ended = false, notice = "";
     controller = new AbortController();
     sendBtn.disabled = true;
@@ -383,6 +403,7 @@
         if (!input.value.trim()) input.value = text;
       }
     } finally {
+      if (!leaving) keepAsked(null);  // the turn came to an end here: kept, or its words given back
       out.classList.remove("pending");
       out.dataset.done = "true";
       controller = null;
@@ -430,7 +451,12 @@
   });
   $("api_key").addEventListener("change", loadHealth);
 
+  // (pagehide: the reply's stream may fail as the page goes, and the question must outlive that failure.)
+  addEventListener("pagehide", () => { leaving = true; });
+  addEventListener("pageshow", () => { leaving = false; });  // (back from the browser's page cache)
+
   restoreHistory();
+  restoreAsked();
   loadHealth();
   input.focus();
 })();
