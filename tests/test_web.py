@@ -805,3 +805,31 @@ def test_a_reload_while_a_reply_streams_gives_the_question_back(slow_server, bro
     wait.until(lambda d: "checkpoint" in d.find_element(By.ID, "model").text)
     assert browser.find_element(By.ID, "input").get_attribute("value") == ""
     assert browser.find_element(By.ID, "status").text == ""
+
+
+def test_an_api_key_a_header_cannot_carry_is_named_and_a_server_back_clears_cannot_reach(slow_server, browser):
+    server = slow_server("api_key=sekrit")
+    wait = WebDriverWait(browser, 60)
+    browser.get(server.url + "/")
+    model, status = browser.find_element(By.ID, "model"), browser.find_element(By.ID, "status")
+    wait.until(lambda d: "API key" in model.text)
+    key, box = browser.find_element(By.ID, "api_key"), browser.find_element(By.ID, "input")
+    key.send_keys("sekrit\u2019", Keys.TAB)  # a pasted curly apostrophe: fetch would throw on the header
+    wait.until(lambda d: "a header cannot carry" in model.text)
+    posted(browser)
+    box.send_keys("hello", Keys.ENTER)
+    wait.until(lambda d: "a header cannot carry" in status.text)
+    assert "cannot reach" not in status.text and "error" in status.get_attribute("class")
+    assert box.get_attribute("value") == "hello" and posted(browser) == []
+
+    key.clear()
+    key.send_keys("sekrit", Keys.TAB)
+    wait.until(lambda d: "checkpoint" in model.text)
+    assert status.text == ""
+    # The server out of reach once (fetch fails as it does with no server), then back: the line goes.
+    browser.execute_script("const real = window.fetch; window.fetch = (...a) => { window.fetch = real; "
+                           "return Promise.reject(new TypeError('Failed to fetch')); }")
+    box.send_keys(Keys.ENTER)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.msg.assistant[data-done="true"]'))
+    assert "cannot reach the server" in browser.find_element(By.CSS_SELECTOR, ".msg.assistant").text
+    wait.until(lambda d: status.text == "" and "checkpoint" in model.text)

@@ -28,11 +28,26 @@
     return h;
   }
 
-  const KEY_REFUSED = "the server needs an API key, or refused this one: enter it under Settings";
+  // What is wrong with the key, if a header cannot carry it (null where it can). fetch throws on a header value
+  // past Latin-1 (a pasted curly apostrophe) or holding a line break, before any request: that read as a server
+  // out of reach.
+  function keyProblem() {
+    const key = $("api_key").value.trim();
+    const at = key.search(/[^\x01-\x09\x0b\x0c\x0e-\xff]/);
+    if (at < 0) return null;
+    const code = key.codePointAt(at).toString(16).toUpperCase().padStart(4, "0");
+    return "the API key holds a character a header cannot carry (U+" + code + ", character " + (at + 1)
+      + "): retype it under Settings";
+  }
 
-  function setStatus(text, isError) {
+  const KEY_REFUSED = "the server needs an API key, or refused this one: enter it under Settings";
+  const UNREACHABLE = "cannot reach the server";
+
+  // `healthClears`: the line is about the key or about reaching the server, which /health answering puts right.
+  function setStatus(text, isError, healthClears) {
     statusEl.textContent = text || "";
     statusEl.classList.toggle("error", !!isError);
+    statusEl.dataset.healthClears = healthClears ? "true" : "";
   }
 
   // Follow a growing reply only while the user is at the bottom: one who scrolled up to read stays there.
@@ -172,7 +187,7 @@
     } catch (e) { /* not JSON (a proxy's page): the status line says it */ }
     if (response.status === 401) {
       $("settings").open = true;
-      return new Failure(KEY_REFUSED);
+      return new Failure(KEY_REFUSED, "key_refused");
     }
     if (response.status === 503) {
       message = "the server is busy, try again in a moment (" + message + ")";
@@ -180,7 +195,17 @@
     return new Failure(message, code, param, details);
   }
 
+  let healthAgain = null;  // the timer of the next try at /health while the server cannot be reached
+
   async function loadHealth() {
+    clearTimeout(healthAgain);
+    const bad = keyProblem();
+    if (bad) {
+      modelEl.textContent = bad;
+      modelEl.classList.add("error");
+      $("settings").open = true;
+      return;
+    }
     try {
       const r = await fetch("/health", { headers: headers() });
       if (!r.ok && r.status !== 401) throw new Error("/health answered " + r.status + " " + r.statusText);
@@ -192,8 +217,8 @@
       }
       const h = await r.json();
       modelEl.classList.remove("error");
-      // A refused key's line is answered now that /health takes the key: it would only mislead.
-      if (statusEl.textContent === KEY_REFUSED) setStatus("");
+      // A refused key's line, or one saying the server is out of reach, is answered now: it would only mislead.
+      if (statusEl.dataset.healthClears) setStatus("");
       modelEl.dataset.checkpoint = h.checkpoint || "";
       modelEl.textContent = h.checkpoint
         ? "checkpoint " + h.checkpoint + (h.step !== null && h.step !== undefined ? " (step " + h.step + ")" : "")
@@ -205,8 +230,9 @@
       $("max_tokens").placeholder = "server's default (up to " + h.max_new_tokens + ")";
       if (Number($("max_tokens").value) > h.max_new_tokens) $("max_tokens").value = h.max_new_tokens;
     } catch (e) {
-      modelEl.textContent = "cannot reach the server: " + e;
+      modelEl.textContent = UNREACHABLE + ": " + e;
       modelEl.classList.add("error");
+      healthAgain = setTimeout(loadHealth, 5000);  // a server restarted: the page says so once it answers
     }
   }
 
@@ -277,7 +303,7 @@
       });
     } catch (e) {
       if (e.name === "AbortError") throw e;
-      throw new Failure("cannot reach the server (" + e.message + "): is it still running?");
+      throw new Failure(UNREACHABLE + " (" + e.message + "): is it still running?", "unreachable");
     }
   }
 
@@ -398,7 +424,8 @@
         out.classList.add("error");
         out.textContent = reply + (reply ? "\n" : "") + "[error] " + e.message;
         if (follow) toBottom();
-        setStatus(e.message, true);
+        setStatus(e.message, true, e.code === "key_refused" || e.code === "unreachable");
+        if (e.code === "unreachable") loadHealth();  // which tries again until the server answers
         // Give the words back: the user can send them again without typing them anew.
         if (!input.value.trim()) input.value = text;
       }
@@ -425,9 +452,14 @@
     }
     let settings;
     try {
+      const bad = keyProblem();
+      if (bad) {
+        $("settings").open = true;
+        throw new Failure(bad);
+      }
       settings = sampling();
     } catch (e) {  // nothing sent: the words stay in the input while the field is put right
-      setStatus(e.message, true);
+      setStatus(e.message, true, !!keyProblem());
       return;
     }
     input.value = "";
