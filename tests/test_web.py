@@ -833,3 +833,13 @@ def test_an_api_key_a_header_cannot_carry_is_named_and_a_server_back_clears_cann
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.msg.assistant[data-done="true"]'))
     assert "cannot reach the server" in browser.find_element(By.CSS_SELECTOR, ".msg.assistant").text
     wait.until(lambda d: status.text == "" and "checkpoint" in model.text)
+
+
+def test_a_setting_typed_and_not_left_survives_a_reload(served, browser):
+    url, cm = served
+    wait = open_greedy(browser, url, cm)  # temperature typed, and the field not left
+    browser.find_element(By.ID, "system").send_keys("Answer briefly.")
+    browser.refresh()
+    wait.until(lambda d: str(cm.checkpoint) in d.find_element(By.ID, "model").text)
+    assert browser.find_element(By.ID, "temperature").get_attribute("value") == "0"
+    assert browser.find_element(By.ID, "system").get_attribute("value") == "Answer briefly."

@@ -18,7 +18,10 @@
   for (const id of settings) {  // settings live in this tab only
     const saved = sessionStorage.getItem("ptune." + id);
     if (saved !== null) $(id).value = saved;
-    $(id).addEventListener("change", () => sessionStorage.setItem("ptune." + id, $(id).value));
+    // On each keystroke too: `change` waits for the field to be left, and a reload before that lost the value.
+    for (const type of ["input", "change"]) {
+      $(id).addEventListener(type, () => sessionStorage.setItem("ptune." + id, $(id).value));
+    }
   }
 
   function headers() {
