@@ -843,3 +843,19 @@ def test_a_setting_typed_and_not_left_survives_a_reload(served, browser):
     wait.until(lambda d: str(cm.checkpoint) in d.find_element(By.ID, "model").text)
     assert browser.find_element(By.ID, "temperature").get_attribute("value") == "0"
     assert browser.find_element(By.ID, "system").get_attribute("value") == "Answer briefly."
+
+
+def test_right_to_left_text_is_laid_out_right_to_left(served, browser):
+    url, cm = served
+    wait = open_greedy(browser, url, cm)
+    box = browser.find_element(By.ID, "input")
+    hebrew = "שלום, מה שלומך?"
+    send_and_wait(browser, wait, box, hebrew)
+    asked = browser.find_element(By.CSS_SELECTOR, ".msg.user")
+    assert asked.get_attribute("dir") == "auto" and asked.value_of_css_property("direction") == "rtl"
+    assert browser.find_element(By.CSS_SELECTOR, ".msg.assistant").get_attribute("dir") == "auto"
+    box.send_keys(hebrew)
+    assert box.get_attribute("dir") == "auto" and box.value_of_css_property("direction") == "rtl"
+    browser.refresh()  # restored turns too
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.user"))
+    assert browser.find_element(By.CSS_SELECTOR, ".msg.user").value_of_css_property("direction") == "rtl"

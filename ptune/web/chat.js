@@ -63,6 +63,7 @@
   function addMessage(role, text) {
     const el = document.createElement("div");
     el.className = "msg " + role;
+    el.dir = "auto";  // right-to-left text (Arabic, Hebrew) laid out as such, its punctuation at its end
     el.textContent = text;  // text only: a reply can never inject markup
     messagesEl.appendChild(el);
     return el;
