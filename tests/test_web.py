@@ -859,3 +859,60 @@ def test_right_to_left_text_is_laid_out_right_to_left(served, browser):
     browser.refresh()  # restored turns too
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.user"))
     assert browser.find_element(By.CSS_SELECTOR, ".msg.user").value_of_css_property("direction") == "rtl"
+
+
+# Answers the page's next chat request in the page itself, with the body in the pieces given: how a server or a
+# proxy in front of it may frame a reply, down to a line break split between two reads.
+ANSWER_NEXT = """
+    const [pieces, type] = arguments;
+    const real = window.fetch;
+    window.fetch = (url, init) => {
+      if (!String(url).endsWith("/v1/chat/completions")) return real(url, init);
+      window.fetch = real;
+      const bytes = new TextEncoder();
+      const body = new ReadableStream({start(c) { for (const p of pieces) c.enqueue(bytes.encode(p)); c.close(); }});
+      return Promise.resolve(new Response(body, {status: 200, headers: {"Content-Type": type}}));
+    };
+"""
+
+
+def sse_chunk(content: str | None = None, finish: str | None = None) -> str:
+    delta = {} if content is None else {"content": content}
+    return "data: " + json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+def test_replies_framed_as_any_server_may_frame_them_are_read_whole(served, browser):
+    url, cm = served
+    wait = WebDriverWait(browser, 60)
+    browser.get(url + "/")
+    wait.until(lambda d: str(cm.checkpoint) in d.find_element(By.ID, "model").text)
+    box, status = browser.find_element(By.ID, "input"), browser.find_element(By.ID, "status")
+    events = [sse_chunk("Hel"), sse_chunk("lo"), sse_chunk(None, "stop"), "data: [DONE]"]
+    sse = "text/event-stream"
+    framings = {
+        # Events ending in CRLF pairs, a CRLF split between two reads; lone CRs; a comment and an event name.
+        "crlf": ["".join(e + "\r\n\r\n" for e in events)[:-1], "\n"],
+        "cr": ["".join(e + "\r\r" for e in events)],
+        "split": [p for e in events for p in (e[:7], e[7:] + "\r\n", "\r\n")],
+        "comments": [": keep-alive\n\n", "event: message\n" + events[0] + "\n\n",
+                     *(e + "\n\n" for e in events[1:])],
+        "null": [events[0] + "\n\n", "data: null\n\n", "data: 3\n\n", *(e + "\n\n" for e in events[1:])],
+    }
+    for name, pieces in framings.items():
+        browser.execute_script(ANSWER_NEXT, pieces, sse)
+        reply = send_and_wait(browser, wait, box, name)
+        assert reply.get_attribute("textContent") == "Hello", (name, reply.text)
+        assert "error" not in reply.get_attribute("class") and status.text == "", (name, status.text)
+    # A server (or proxy) that ignores stream: true answers one JSON completion: its reply, not "cut off".
+    whole = {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant",
+                                                                                "content": "whole reply"},
+                                                       "finish_reason": "length"}]}
+    browser.execute_script(ANSWER_NEXT, [json.dumps(whole)], "application/json")
+    reply = send_and_wait(browser, wait, box, "json")
+    assert reply.get_attribute("textContent") == "whole reply" and "error" not in reply.get_attribute("class")
+    assert status.text == "stopped at the token limit"
+    assert [e.get_attribute("textContent") for e in browser.find_elements(By.CSS_SELECTOR, ".msg.dropped")] == []
+    # A stream cut short is still said to be.
+    browser.execute_script(ANSWER_NEXT, [events[0] + "\r\n\r\n"], sse)
+    reply = send_and_wait(browser, wait, box, "cut")
+    assert "the reply was cut off" in reply.text

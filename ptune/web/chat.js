@@ -272,23 +272,54 @@
     return request;
   }
 
-  // Server-sent events: "data: <json>" lines, events separated by a blank line.
+  // Server-sent events: "data: <json>" lines, events separated by a blank line. Lines end in "\r\n", "\r" or "\n",
+  // as the SSE spec allows (servers and proxies that write CRLF had every reply read as cut off); other fields
+  // and ":" comments (keep-alives) are skipped.
   async function* sseEvents(body) {
     const reader = body.getReader();
     const decoder = new TextDecoder("utf-8");
-    let buffer = "";
+    let buffer = "", data = [];
     for (;;) {
       const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const event = buffer.slice(0, cut);
-        buffer = buffer.slice(cut + 2);
-        const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
-        if (data) yield data;
+      if (!done) buffer += decoder.decode(value, { stream: true });
+      let end;
+      // (A "\r" last in the buffer may be the first half of a "\r\n" still to come: it waits for the next read,
+      // unless the stream has ended.)
+      while ((end = /\r\n|\r|\n/.exec(buffer)) && (done || end[0] !== "\r" || end.index < buffer.length - 1)) {
+        const line = buffer.slice(0, end.index);
+        buffer = buffer.slice(end.index + end[0].length);
+        if (line === "") {  // the event ends
+          const event = data.join("\n");
+          data = [];
+          if (event) yield event;
+        } else if (line === "data" || line.startsWith("data:")) {
+          data.push(line.slice(5).replace(/^ /, ""));  // (the spec drops one space after the colon)
+        }
       }
+      if (done) break;
     }
+  }
+
+  // A server (or a proxy) that ignores stream: true answers one JSON chat.completion: its message is the reply.
+  async function wholeReply(r) {
+    let body;
+    try {
+      body = await r.json();
+    } catch (e) {
+      if (e.name === "AbortError") throw e;
+      throw new Failure("the server's reply is not the JSON it said it was (" + e.message + ")");
+    }
+    if (body && body.error) throw new Failure(body.error.message || JSON.stringify(body.error));
+    const choice = body && body.choices && body.choices[0];
+    const content = choice && choice.message && choice.message.content;
+    if (typeof content !== "string") {
+      throw new Failure("the server's reply holds no message: " + JSON.stringify(body).slice(0, 200));
+    }
+    return { content, finish: choice.finish_reason || null };
+  }
+
+  function isJson(response) {
+    return /^application\/json\b/i.test(response.headers.get("Content-Type") || "");
   }
 
   // The request for `text` after the history less its oldest `skip` turns.
@@ -373,20 +404,28 @@
         setStatus(notice);
       }
       try {
-        for await (const data of sseEvents(r.body)) {
-          if (data === "[DONE]") { ended = true; break; }
-          const event = JSON.parse(data);
-          if (event.error) throw new Failure(event.error.message);
-          const choice = event.choices && event.choices[0];
-          if (!choice) continue;
-          if (choice.delta && choice.delta.content) {
-            const follow = atBottom();
-            reply += choice.delta.content;
-            out.textContent = reply;
-            out.dataset.chunks = String(parseInt(out.dataset.chunks, 10) + 1);
-            if (follow) toBottom();
+        if (isJson(r)) {
+          ({ content: reply, finish } = await wholeReply(r));
+          out.textContent = reply;
+          out.dataset.chunks = "1";
+          ended = true;
+        } else {
+          for await (const data of sseEvents(r.body)) {
+            if (data.trim() === "[DONE]") { ended = true; break; }
+            const event = JSON.parse(data);
+            if (event === null || typeof event !== "object") continue;  // ("data: null": no reply in it)
+            if (event.error) throw new Failure(event.error.message);
+            const choice = event.choices && event.choices[0];
+            if (!choice) continue;
+            if (choice.delta && choice.delta.content) {
+              const follow = atBottom();
+              reply += choice.delta.content;
+              out.textContent = reply;
+              out.dataset.chunks = String(parseInt(out.dataset.chunks, 10) + 1);
+              if (follow) toBottom();
+            }
+            if (choice.finish_reason) finish = choice.finish_reason;
           }
-          if (choice.finish_reason) finish = choice.finish_reason;
         }
       } catch (e) {
         if (e.name === "AbortError" || e instanceof Failure) throw e;
