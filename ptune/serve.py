@@ -888,10 +888,10 @@ class Prompts:
         if asked is None:
             return positions - prompt
         extra = None
-        if turns and positions - new > 0:
-            leave_out = await asyncio.get_running_loop().run_in_executor(
+        if turns:  # the same fields as a prompt's refusal; no turn helps where the reply alone fills the positions
+            leave_out = None if positions - new <= 0 else await asyncio.get_running_loop().run_in_executor(
                 self.tokenizing, self.turns_to_leave_out, *turns, positions - new)
-            extra = {"prompt_tokens": prompt, "prompt_limit": positions - new, "system_too_long": False,
+            extra = {"prompt_tokens": prompt, "prompt_limit": max(0, positions - new), "system_too_long": False,
                      "turns_to_leave_out": leave_out}
         raise RequestError(400, f"the prompt is {prompt} tokens and {asked}: {prompt} + {new} > the model's "
                            f"{positions} positions ({self.positions_key}), which hold prompt and reply together; at "
