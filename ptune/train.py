@@ -36,7 +36,7 @@ from ptune import settings
 from ptune.config import made_for_this_run, no_run_folder_if_refused, not_made_for_this_run, override_key
 from ptune.data import BatchPlan, IGNORE, collate, training_rows
 from ptune.errors import TrainingError, exit_on_user_error, first_line
-from ptune.files import FolderInUse, held_folder, hold_for_this_process, write_text_atomic
+from ptune.files import FolderInUse, held_folder, hold_for_this_process, sha256_file, write_text_atomic
 from ptune.fit import Prober, agree_across_ranks, choose_split, fastest
 from ptune.graphs import micro_batch_loss
 from ptune.logs import LogWindow, MetricsLog, setup_logging
@@ -378,10 +378,11 @@ def on_rank0(accelerator: Accelerator, work) -> None:
 
 
 def restore(resume_from: Path, state: dict, optim_state: dict, lm: PrefixLM, model, optimizer, scaler,
-            cfg: DictConfig, plan: BatchPlan, prefix_config: dict) -> tuple[int, int]:
+            cfg: DictConfig, plan: BatchPlan, prefix_config: dict, train_data: dict) -> tuple[int, int]:
     """Load a checkpoint's prefix, optimizer and loss scale into this run; returns (step, skipped steps). Settings
-    that change the data order or the prompts from here on are a warning; a different prefix cannot go on and is
-    refused. `prefix_config`: what this run's checkpoints will record."""
+    that change the data order or the prompts from here on, other training data and another base folder are a
+    warning; a different prefix cannot go on and is refused. `prefix_config`: what this run's checkpoints will
+    record; `train_data`: this run's training file and its SHA-256."""
     recorded = ckpt_io.read_prefix_config(resume_from)
     check_fits(recorded, model, str(resume_from))
     if recorded["prefix"] != lm.prefix.spec.to_dict():
@@ -407,6 +408,16 @@ def restore(resume_from: Path, state: dict, optim_state: dict, lm: PrefixLM, mod
                     "the data order from step %d on is not the one the original run would have seen",
                     resume_from, state["global_batch"], plan.global_batch, plan.micro_batch, plan.accumulation,
                     plan.world_size, start + 1)
+    if state.get("train_sha256") not in (None, train_data["train_sha256"]):
+        same = state.get("train_file") == train_data["train_file"]
+        log.warning("resume=%s: it was trained on %s%s; from step %d on the rows are not the ones the original run "
+                    "would have had", resume_from, state.get("train_file"),
+                    " as it was then (the file has changed since)" if same else
+                    f", this run reads {train_data['train_file']}", start + 1)
+    base_then, base_now = recorded.get("base", {}).get("path"), prefix_config["base"].get("path")
+    if base_then and base_now and Path(base_then).expanduser().resolve() != Path(base_now).resolve():
+        log.warning("resume=%s: it was trained on the base in %s, this run's is %s (of the same shape); the prefix "
+                    "goes on against other weights if they differ", resume_from, base_then, base_now)
     def prompt_settings(config: dict) -> dict:  # how the rows were made: the data entry and the template
         return {**{f"data.{k}": v for k, v in config.get("data", {}).items()},
                 **({"model.template": config["model"].get("template")} if "model" in config else {})}
@@ -456,6 +467,9 @@ def train_in(out: Path, cfg: DictConfig, accelerator: Accelerator) -> Path:
         # The data before the model: a bad row is refused in seconds, not after the model's minutes of loading.
         tokenizer = load_tokenizer(base_folder)
         rows = training_rows(cfg.data, cfg.model.template, tokenizer)
+        # which rows the steps take: a resume on another file (or this one edited) takes others from here on
+        train_data = {"train_file": str(settings.data_file(cfg.data.train_file).resolve()),
+                      "train_sha256": sha256_file(settings.data_file(cfg.data.train_file))}
         lengths = [len(ids) for ids in rows["input_ids"]]
         targets = [sum(1 for x in lab[1:] if x != IGNORE) for lab in rows["labels"]]
         global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * world
@@ -504,7 +518,7 @@ def train_in(out: Path, cfg: DictConfig, accelerator: Accelerator) -> Path:
     start, skipped = 0, 0
     if resume_from is not None:
         start, skipped = restore(resume_from, state, optim_state, lm, model, optimizer, scaler, cfg, plan,
-                                 prefix_config)
+                                 prefix_config, train_data)
 
     if start >= t.max_steps:  # config.yaml stays the config that trained the checkpoints
         log.warning("resume=%s is at step %d, trainer.max_steps=%d: nothing to train; raise trainer.max_steps to go "
@@ -541,7 +555,7 @@ def train_in(out: Path, cfg: DictConfig, accelerator: Accelerator) -> Path:
         def write() -> None:
             trainer_state = {"seed": cfg.seed, "world_size": world, "global_batch": plan.global_batch,
                              "skipped_steps": skipped, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                             "log_window": window.kept()}
+                             "log_window": window.kept(), **train_data}
             try:
                 path = ckpt_io.save_checkpoint(out, step, lm.prefix.state_dict(), prefix_config, trainer_state,
                                                optimizer.state_dict())

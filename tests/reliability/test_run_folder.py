@@ -4,6 +4,7 @@ keeps what it saves, a resume takes this run's optimizer settings, and what a cr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -375,3 +376,30 @@ def test_a_run_folder_that_takes_no_new_file_is_refused_before_the_first_step(se
         out.chmod(0o755)
     assert_clean_error(res, f"output_dir: {out} is read-only: a checkpoint could not be saved there")
     assert not logged(out)[2:]
+
+
+def test_a_resume_on_other_training_data_or_another_base_folder_says_so(setup, tmp_path):
+    """The checkpoint records its training file and that file's SHA-256: another file, or the same one edited, takes
+    other rows from the resumed step on; a base from another folder may hold other weights of the same shape."""
+    model, data, ref = setup
+    out = copy_of(ref, tmp_path / "run", keep=(2,))
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["train_file"] == str(data.resolve())
+    assert state["train_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    quiet = cli("ptune.train", *train_args(model, data, out, "resume=latest", "trainer.max_steps=3"))
+    assert quiet.rc == 0 and "it was trained on" not in quiet.stderr, str(quiet)
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(data.read_text(encoding="utf-8").splitlines(keepends=True)[:20]), encoding="utf-8")
+    moved = shutil.copytree(model, tmp_path / "base-copy")
+    res = cli("ptune.train", *train_args(moved, other, out, "resume=latest", "trainer.max_steps=4"))
+    assert res.rc == 0, str(res)
+    assert (f"resume={out / 'checkpoint-3'}: it was trained on {data.resolve()}, this run reads {other.resolve()}; "
+            "from step 4 on the rows are not the ones the original run would have had") in res.stderr, res.stderr
+    assert f"it was trained on the base in {model.resolve()}, this run's is {moved.resolve()}" in res.stderr
+
+    with other.open("a", encoding="utf-8") as f:  # the same file, edited
+        f.write(data.read_text(encoding="utf-8").splitlines(keepends=True)[30])
+    res = cli("ptune.train", *train_args(moved, other, out, "resume=latest", "trainer.max_steps=5"))
+    assert res.rc == 0 and f"it was trained on {other.resolve()} as it was then (the file has changed since)" in \
+        res.stderr, str(res)
