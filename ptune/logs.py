@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -138,9 +139,17 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+            try:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        self.writer.add_scalar(f"train/{key}", value, record["step"])
+            except OSError as e:  # its event file, not train_log.jsonl (written above): the run goes on without it
+                logging.getLogger(__name__).warning(
+                    "could not write TensorBoard events under %s (%s); train_log.jsonl goes on, TensorBoard stops "
+                    "here for this run", self.path.with_name("tensorboard"), e.strerror or e)
+                writer, self.writer = self.writer, None
+                with contextlib.suppress(OSError):
+                    writer.close()
 
     def plot(self) -> None:
         """Redraw `train_loss.png` from the log so far (at every checkpoint, so a crashed run has one too).

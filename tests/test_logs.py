@@ -149,3 +149,20 @@ def test_a_resume_that_fails_while_rewriting_the_log_leaves_the_history_whole(tm
     mtime = (tmp_path / "train_log.jsonl").stat().st_mtime_ns
     MetricsLog(tmp_path, tensorboard=False, resume_step=2)  # nothing to drop: the file is left as it is
     assert (tmp_path / "train_log.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_a_tensorboard_event_file_that_cannot_be_written_costs_tensorboard_not_the_run(tmp_path, caplog):
+    """A full disk on the event file was reported as train_log.jsonl failing, and stopped the run."""
+    from ptune.logs import MetricsLog
+
+    pytest.importorskip("torch.utils.tensorboard")
+    metrics = MetricsLog(tmp_path, tensorboard=True)
+
+    def full(*args, **kwargs):
+        raise OSError(27, "File too large")
+    metrics.writer.add_scalar = full
+    metrics.write({"step": 1, "loss": 2.5})
+    metrics.write({"step": 2, "loss": 2.0})
+    assert [json.loads(line)["step"] for line in metrics.path.read_text().splitlines()] == [1, 2]
+    assert caplog.text.count("could not write TensorBoard events") == 1 and "File too large" in caplog.text
+    metrics.close()
