@@ -17,6 +17,19 @@ import torch
 from ptune.files import replacing, write_text_atomic
 
 
+class LogFile(logging.FileHandler):
+    """The run's log file. One it can no longer write (a full disk) is said once on the console and left off;
+    logging's own handling printed a traceback for every line from then on."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        reason = sys.exc_info()[1]
+        logging.getLogger().removeHandler(self)
+        with contextlib.suppress(OSError):
+            self.close()
+        logging.getLogger(__name__).warning("could not write %s (%s); the rest of this run's log is on the console "
+                                            "only", self.baseFilename, getattr(reason, "strerror", None) or reason)
+
+
 def setup_logging(log_file: Path | None = None, main_process: bool = True) -> None:
     """Plain console logging (warnings only on other ranks) plus an optional log file."""
     root = logging.getLogger()
@@ -29,7 +42,7 @@ def setup_logging(log_file: Path | None = None, main_process: bool = True) -> No
     root.setLevel(logging.INFO if main_process else logging.WARNING)
     if log_file is not None and main_process:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh = LogFile(log_file, encoding="utf-8")
         fh.setFormatter(fmt)
         root.addHandler(fh)
     for noisy in ("httpx", "urllib3", "datasets", "jieba"):

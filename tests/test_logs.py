@@ -166,3 +166,32 @@ def test_a_tensorboard_event_file_that_cannot_be_written_costs_tensorboard_not_t
     assert [json.loads(line)["step"] for line in metrics.path.read_text().splitlines()] == [1, 2]
     assert caplog.text.count("could not write TensorBoard events") == 1 and "File too large" in caplog.text
     metrics.close()
+
+
+def test_a_log_file_that_can_no_longer_be_written_is_said_once_and_left_off(tmp_path, capsys):
+    """A full disk made logging print a traceback for every line from then on, and the run ended 0 regardless."""
+    from ptune.logs import setup_logging
+
+    setup_logging(tmp_path / "train.log")
+    log = logging.getLogger("ptune.train")
+    log.info("first")
+    handler = next(h for h in logging.getLogger().handlers if getattr(h, "baseFilename", None))
+
+    class Full:  # the file's stream once the disk is full
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+    handler.stream.close()
+    handler.stream = Full()
+    for i in range(5):
+        log.info("line %d", i)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--- Logging error ---" not in err
+    assert err.count("could not write") == 1 and "No space left on device" in err and "line 4" in err
+    assert (tmp_path / "train.log").read_text().splitlines()[-1].endswith("first")
+    setup_logging()
