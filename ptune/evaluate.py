@@ -271,7 +271,10 @@ def evaluate(cfg: DictConfig) -> dict:
     evalset = build_eval_set(examples, tokenizer, data_cfg, model_settings.get("template"), cfg.limit)
     texts, stats = predict(model, tokenizer, evalset.prompts, cfg.generation, cfg.batch_size, device)
     metrics = compute_metrics(texts, evalset.labels)
-    if prefix_sha256(checkpoint) != prefix:
+    if checkpoint and not cfg.output_dir and not Path(checkpoint).is_dir():
+        raise CheckpointError(f"checkpoint={checkpoint}: removed while it was being scored (keep_last of a run still "
+                              "training?); its eval/ would bring the folder back: give output_dir= to keep the scores")
+    if checkpoint and Path(checkpoint).is_dir() and prefix_sha256(checkpoint) != prefix:
         raise CheckpointError(f"checkpoint={checkpoint}: its prefix changed while it was being scored (saved again by "
                               "a run still training?); nothing was written: score it again")
     record = settings_record(data_cfg, model_settings, effective_limit(cfg.limit, evalset.rows_in_file), device,

@@ -284,20 +284,25 @@ def read_checkpoint_config(checkpoint) -> dict:
     return ckpt_io.read_prefix_config(checkpoint)
 
 
-def attach_checkpoint(model, checkpoint, prefix_lm: PrefixLM | None = None, config: dict | None = None) -> PrefixLM:
+def prefix_weights(checkpoint, config: dict) -> dict:
+    """The prefix tensors of a ptune checkpoint or a ChatGLM P-tuning folder, as its config describes them."""
+    if config.get("format") == ptuning.FORMAT:
+        return ptuning.load_reference_weights(Path(checkpoint), PrefixSpec(**config["prefix"]))
+    return ckpt_io.load_prefix_weights(checkpoint)
+
+
+def attach_checkpoint(model, checkpoint, prefix_lm: PrefixLM | None = None, config: dict | None = None,
+                      weights: dict | None = None) -> PrefixLM:
     """A PrefixLM for `model` with the checkpoint's prefix; reuses `prefix_lm` when only weights change.
 
     `checkpoint` is a ptune checkpoint or a folder saved by ChatGLM2-6B's P-tuning scripts; `config` its
-    :func:`read_checkpoint_config`, where the caller has read it already.
+    :func:`read_checkpoint_config` and `weights` its :func:`prefix_weights`, where the caller has read them.
     """
     checkpoint = Path(checkpoint)
     config = config or read_checkpoint_config(checkpoint)
     check_fits(config, model, str(checkpoint))
     spec = PrefixSpec(**config["prefix"])
-    if config.get("format") == ptuning.FORMAT:
-        weights = ptuning.load_reference_weights(checkpoint, spec)
-    else:
-        weights = ckpt_io.load_prefix_weights(checkpoint)
+    weights = weights if weights is not None else prefix_weights(checkpoint, config)
     if prefix_lm is None or prefix_lm.prefix.spec != spec:
         prefix_lm = PrefixLM(model, PrefixEncoder(spec).to(next(model.parameters()).device))
     expected = set(prefix_lm.prefix.state_dict())
@@ -358,7 +363,10 @@ def load_for_inference(checkpoint, model_cfg=None, device="cpu", config: dict | 
         relative = "" if recorded.is_absolute() else f", relative to the folder training ran in, not {Path.cwd()}"
         raise ModelError(f"{checkpoint}: its base model folder {merged.path} (recorded when it was trained"
                          f"{relative}) is not there; pass model.path=<the base model's folder>")
+    # The prefix is read before the base's minutes of loading: a run still training may prune this checkpoint
+    # (keep_last) meanwhile.
+    weights = prefix_weights(checkpoint, config) if checkpoint else None
     model, tokenizer = load_base(merged, device)
     if checkpoint is None:
         return model, tokenizer, None
-    return attach_checkpoint(model, checkpoint, config=config), tokenizer, config
+    return attach_checkpoint(model, checkpoint, config=config, weights=weights), tokenizer, config

@@ -247,6 +247,30 @@ def test_a_checkpoint_saved_again_while_it_is_evaluated_gets_no_scores(ckpt, sam
     assert not (copy / "eval" / "metrics.json").exists()
 
 
+def test_a_checkpoint_pruned_while_the_base_loads_is_still_scored(ckpt, sample_file, tmp_path, monkeypatch):
+    """checkpoint=<run> takes the newest checkpoint; a run still training with keep_last can remove it during the
+    base's minutes of loading. Its prefix is read first, so it is scored; its eval/ is not made again."""
+    import shutil
+
+    import ptune.models
+
+    run = tmp_path / "run"
+    shutil.copytree(ckpt, run / ckpt.name)
+    real = ptune.models.load_base
+
+    def load_base(*a, **k):
+        shutil.rmtree(run / ckpt.name)  # pruned meanwhile
+        return real(*a, **k)
+    monkeypatch.setattr(ptune.models, "load_base", load_base)
+    common = [f"checkpoint={run}", f"data.eval_file={sample_file}", "limit=3", "generation.max_new_tokens=4"]
+    assert ev.evaluate(compose(*common, f"output_dir={tmp_path / 'scores'}"))
+    assert (tmp_path / "scores" / "metrics.json").is_file()
+    shutil.copytree(ckpt, run / ckpt.name)
+    with pytest.raises(CheckpointError, match="removed while it was being scored .* give output_dir= to keep"):
+        ev.evaluate(compose(*common))
+    assert not (run / ckpt.name).exists()
+
+
 def test_seeded_sampling_is_repeatable(ckpt, sample_file, tmp_path):
     def run(name: str, *extra: str) -> list[str]:
         ev.evaluate(compose(f"checkpoint={ckpt}", f"data.eval_file={sample_file}", "generation=reference_sampling",
