@@ -78,13 +78,13 @@ class Sampler:
     its own draw for the step (:func:`row_draws`). The settings may differ row by row, so requests with
     different ones share a batch.
 
-    The cumulative probabilities run in vocabulary order and in float64 (the probabilities themselves, and the top_p
-    cut, in float32: a float32 number keeps a small probability's own precision). Batched arithmetic changes a row's logits
-    in the last bits (left padding, another matrix shape); in vocabulary order that moves each token's interval
-    by as little, so a draw changes token about as rarely as a greedy pick flips at a near-tie. Sorted by
-    probability, near-equal tokens would swap places and move whole intervals (7 of 16 rows of 64 sampled tokens
-    differed alone and batched on a CPU). In float32 the tail of a large vocabulary (tokens below the last bit of
-    a sum near 1) could never be drawn."""
+    The cumulative probabilities run in vocabulary order and in float64 (the probabilities themselves, and the
+    top_p cut, in float32: a float32 number keeps a small probability's own precision). Batched arithmetic changes
+    a row's logits in the last bits (left padding, another matrix shape); in vocabulary order that moves each
+    token's interval by as little, so a draw changes token about as rarely as a greedy pick flips at a near-tie.
+    Sorted by probability, near-equal tokens would swap places and move whole intervals (7 of 16 rows of 64
+    sampled tokens differed alone and batched on a CPU). Summed in float32, the tail of a large vocabulary
+    (tokens below the last bit of a sum near 1) could never be drawn."""
 
     def __init__(self, rows: int, do_sample, temperature, top_p, keys, steps: int, device):
         def per_row(value, dtype):

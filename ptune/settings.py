@@ -182,8 +182,8 @@ def model_folder(model_cfg) -> Path:
     """`model_cfg.path`, checked to be a model folder before anything is loaded from it."""
     path = Path(str(model_cfg.path)).expanduser()
     if path.is_file():
-        raise ModelError(f"model.path={path}: a file, not a folder; point model.path at the model's folder (config.json "
-                         "+ weights + tokenizer)")
+        raise ModelError(f"model.path={path}: a file, not a folder; point model.path at the model's folder "
+                         "(config.json + weights + tokenizer)")
     if not path.is_dir():
         made_by = (" It is the built-in default model, a folder relative to where you run: "
                    "`python -m ptune.quickstart prepare-model` makes it here (`bash recipes/quickstart.sh` makes it "

@@ -529,7 +529,8 @@ def train_in(out: Path, cfg: DictConfig, accelerator: Accelerator) -> Path:
         nonlocal metrics
         if start >= t.max_steps:  # nothing to train: the run's config, log and plot stay the longer run's
             return
-        used = OmegaConf.merge(cfg, {"output_dir": str(out)})  # as used: a multirun job's folder is not the configured one
+        # output_dir as used: a multirun job's folder is not the configured one
+        used = OmegaConf.merge(cfg, {"output_dir": str(out)})
         with writing(out / "config.yaml"):  # written whole: a full disk leaves the previous one
             write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(used, resolve=True))
         if fitted is not None:

@@ -25,10 +25,13 @@ def test_the_wheel_carries_the_configs_and_its_commands_run_from_anywhere(tmp_pa
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
                     str(wheel)], check=True, capture_output=True, timeout=300)
     # ahead of the editable install, and of a checkout on the path
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path / "site"), os.environ.get("PYTHONPATH"))
-                                                       if p)}
-    run = lambda *args: subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True,  # noqa: E731
-                                       text=True, timeout=300)
+    paths = (str(tmp_path / "site"), os.environ.get("PYTHONPATH"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+
     where = run("-c", "import ptune.config as c; print(c.__file__); print(c.conf_dir())")
     installed = tmp_path / "site" / "ptune"
     assert where.stdout.split() == [str(installed / "config.py"), str(installed / "conf")]

@@ -680,7 +680,8 @@ def test_openai_fields_that_would_change_the_reply_are_refused_unless_off(served
     r = httpx.post(url + path, json={**body, **off}, timeout=60)
     assert r.status_code == 200, r.text
     for field, value in [("logprobs", True), ("top_logprobs", 2), ("logit_bias", {"5": 100}),
-                         ("frequency_penalty", 0.5), ("presence_penalty", -1), ("response_format", {"type": "json_object"}),
+                         ("frequency_penalty", 0.5), ("presence_penalty", -1),
+                         ("response_format", {"type": "json_object"}),
                          ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
                          ("functions", [{"name": "f"}]), ("function_call", {"name": "f"})]:
         r = httpx.post(url + path, json={**body, field: value}, timeout=60)

@@ -739,4 +739,5 @@ def test_a_quantized_cache_folder_that_cannot_be_used_is_reported_and_the_other_
     recorded_as(quantized, "model", "quantization_cache", str(tmp_path / "file" / "cache"))
     result = sw.sweep(compose(f"runs=[{quantized}]", f"data.eval_file={sample_file}"))
     assert not result["failed"] and len(read_csv(quantized / "sweep" / "sweep.csv")) == 3
-    assert f"could not cache the quantized base in model.quantization_cache={tmp_path / 'file' / 'cache'}" in caplog.text
+    cache = tmp_path / "file" / "cache"
+    assert f"could not cache the quantized base in model.quantization_cache={cache}" in caplog.text

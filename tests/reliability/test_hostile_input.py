@@ -71,8 +71,8 @@ BAD_DATA = [
     pytest.param("\n".join(good_lines(2) + ['{"summary": "y"}']) + "\n",
                  [":3: missing column 'content'; this row has ['summary']"], id="column-missing-in-a-row"),
     pytest.param("\n".join(good_lines(2)).replace('"content"', '"prompt"') + "\n",
-                 [": column 'content' not found; columns present: ['prompt', 'summary'] (set data.prompt_column= to the "
-                  "one that holds it)"], id="column-missing"),
+                 [": column 'content' not found; columns present: ['prompt', 'summary'] (set data.prompt_column= "
+                  "to the one that holds it)"], id="column-missing"),
     pytest.param("\n".join(good_lines(2)).encode() + b'\n{"content": "\xff\xfe", "summary": "y"}\n',
                  [":3: not UTF-8 (byte 0xff at offset", "save the file as UTF-8"], id="non-utf8-bytes"),
     pytest.param('"just a string"\n', [":1: expected a JSON object per row, got str"], id="not-an-object"),
