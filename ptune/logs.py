@@ -146,7 +146,10 @@ class MetricsLog:
             except ImportError:
                 logging.getLogger(__name__).warning("tensorboard is not installed; logging to %s only", self.path)
             else:
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+                try:
+                    self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+                except OSError as e:
+                    self._tensorboard_failed(e)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -157,12 +160,17 @@ class MetricsLog:
                     if key != "step" and isinstance(value, (int, float)):
                         self.writer.add_scalar(f"train/{key}", value, record["step"])
             except OSError as e:  # its event file, not train_log.jsonl (written above): the run goes on without it
-                logging.getLogger(__name__).warning(
-                    "could not write TensorBoard events under %s (%s); train_log.jsonl goes on, TensorBoard stops "
-                    "here for this run", self.path.with_name("tensorboard"), e.strerror or e)
-                writer, self.writer = self.writer, None
-                with contextlib.suppress(OSError):
-                    writer.close()
+                self._tensorboard_failed(e)
+
+    def _tensorboard_failed(self, error: OSError) -> None:
+        """TensorBoard's folder or event file cannot be written (a full disk): that costs TensorBoard, not the run."""
+        logging.getLogger(__name__).warning(
+            "could not write TensorBoard events under %s (%s); train_log.jsonl goes on, TensorBoard stops here for "
+            "this run", self.path.with_name("tensorboard"), error.strerror or error)
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                writer.close()
 
     def plot(self) -> None:
         """Redraw `train_loss.png` from the log so far (at every checkpoint, so a crashed run has one too).
@@ -175,7 +183,11 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:  # its thread writes behind add_scalar: a full disk may show only now
+                self.writer.close()
+            except OSError as e:
+                self.writer = None
+                self._tensorboard_failed(e)
         self.plot()
 
 

@@ -81,10 +81,11 @@ def run_folder_held(out: Path, accelerator: Accelerator):
     second) would take turns with it job by job, each grid's jobs among the other's."""
     with contextlib.ExitStack() as stack:
         busy = [None]
+        sweep = Path(HydraConfig.get().sweep.dir).resolve() if multirun() else None
         if accelerator.is_main_process:
             try:
-                if multirun():
-                    hold_for_this_process(Path(HydraConfig.get().sweep.dir))
+                if sweep is not None and sweep != out.resolve():  # (a job folder may be the sweep's own: subdir=.)
+                    hold_for_this_process(sweep)
                 stack.enter_context(held_folder(out))
             except FolderInUse as e:
                 busy = [str(e)]
@@ -92,7 +93,7 @@ def run_folder_held(out: Path, accelerator: Accelerator):
             torch.distributed.broadcast_object_list(busy, src=0)
         if busy[0] is not None:
             not_made_for_this_run(out)  # the other run's folder, even where this one made it a moment earlier
-            what = "multirun" if Path(busy[0]) != out else "training"
+            what = "multirun" if sweep is not None and Path(busy[0]).resolve() == sweep else "training"
             raise TrainingError(f"{busy[0]}: another {what} is writing to this folder now; wait for it to end, or "
                                 f"give another {folder_setting()}")
         yield

@@ -195,3 +195,18 @@ def test_a_log_file_that_can_no_longer_be_written_is_said_once_and_left_off(tmp_
     assert err.count("could not write") == 1 and "No space left on device" in err and "line 4" in err
     assert (tmp_path / "train.log").read_text().splitlines()[-1].endswith("first")
     setup_logging()
+
+
+def test_a_tensorboard_failure_that_shows_only_at_close_costs_tensorboard_not_the_finished_run(tmp_path, caplog):
+    """Its writer thread writes behind add_scalar: a disk that fills in the last interval showed at close()."""
+    from ptune.logs import MetricsLog
+
+    pytest.importorskip("torch.utils.tensorboard")
+    metrics = MetricsLog(tmp_path, tensorboard=True)
+    metrics.write({"step": 1, "loss": 2.5})
+
+    def full():
+        raise OSError(28, "No space left on device")
+    metrics.writer.close = full
+    metrics.close()
+    assert "could not write TensorBoard events" in caplog.text and (tmp_path / "train_loss.png").is_file()
