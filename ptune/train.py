@@ -409,6 +409,11 @@ def restore(resume_from: Path, state: dict, optim_state: dict, lm: PrefixLM, mod
                     "the data order from step %d on is not the one the original run would have seen",
                     resume_from, state["global_batch"], plan.global_batch, plan.micro_batch, plan.accumulation,
                     plan.world_size, start + 1)
+    was, now = state.get("next_lr"), lr_at(start, cfg.optim, cfg.trainer.max_steps)
+    if was is not None and not math.isclose(was, now, rel_tol=1e-9, abs_tol=1e-15):
+        log.warning("resume=%s: step %d's learning rate is %.6g under this run's schedule (trainer.max_steps=%d, "
+                    "optim.lr, warmup_steps and schedule), where the run that saved it would have used %.6g: the "
+                    "rate jumps there", resume_from, start + 1, now, cfg.trainer.max_steps, was)
     if state.get("train_sha256") not in (None, train_data["train_sha256"]):
         same = state.get("train_file") == train_data["train_file"]
         log.warning("resume=%s: it was trained on %s%s; from step %d on the rows are not the ones the original run "
@@ -557,7 +562,8 @@ def train_in(out: Path, cfg: DictConfig, accelerator: Accelerator) -> Path:
         def write() -> None:
             trainer_state = {"seed": cfg.seed, "world_size": world, "global_batch": plan.global_batch,
                              "skipped_steps": skipped, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                             "log_window": window.kept(), **train_data}
+                             "log_window": window.kept(), **train_data,
+                             "next_lr": lr_at(step, cfg.optim, t.max_steps)}  # its schedule, for a resume to compare
             try:
                 path = ckpt_io.save_checkpoint(out, step, lm.prefix.state_dict(), prefix_config, trainer_state,
                                                optimizer.state_dict())

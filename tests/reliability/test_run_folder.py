@@ -403,3 +403,19 @@ def test_a_resume_on_other_training_data_or_another_base_folder_says_so(setup, t
     res = cli("ptune.train", *train_args(moved, other, out, "resume=latest", "trainer.max_steps=5"))
     assert res.rc == 0 and f"it was trained on {other.resolve()} as it was then (the file has changed since)" in \
         res.stderr, str(res)
+
+
+def test_a_resume_whose_schedule_gives_another_learning_rate_says_so(setup, tmp_path):
+    """trainer.max_steps (or optim.lr, warm-up, schedule) changed on resume moves the linear schedule: the rate
+    jumps at the resumed step, which the log now says with both numbers."""
+    model, data, ref = setup
+    out = copy_of(ref, tmp_path / "run", keep=(2,))
+    same = cli("ptune.train", *train_args(model, data, out, "resume=latest", "trainer.max_steps=8",
+                                          "trainer.save_steps=4"))
+    assert same.rc == 0 and "learning rate" not in same.stderr, str(same)
+    out = copy_of(ref, tmp_path / "other", keep=(2,))
+    res = cli("ptune.train", *train_args(model, data, out, "resume=latest", "trainer.max_steps=4"))
+    assert res.rc == 0, str(res)
+    assert (f"resume={out / 'checkpoint-2'}: step 3's learning rate is 0.025 under this run's schedule "
+            "(trainer.max_steps=4, optim.lr, warmup_steps and schedule), where the run that saved it would have "
+            "used 0.0375: the rate jumps there") in res.stderr, res.stderr[-2000:]
