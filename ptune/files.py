@@ -85,55 +85,46 @@ class FolderInUse(Exception):
     """Another process holds the folder (:func:`held_folder`)."""
 
 
-@contextmanager
-def held_folder(folder: Path) -> Iterator[None]:
-    """An exclusive lock on `folder` for the block; raises FolderInUse at once where another process holds it. The
-    lock is the kernel's (flock on the folder itself, no file left behind), so a process that dies lets go of it.
-    Where the filesystem or the platform has no such locks the block runs unlocked."""
+def _lock(folder: Path) -> int | None:
+    """A descriptor of `folder` holding an exclusive flock on it (the kernel's: no file left behind, and a process
+    that dies lets go of it); FolderInUse at once where another holds it. None where no lock can be had: not a
+    POSIX system, a folder that can be written but not read. A filesystem without flock (some network mounts)
+    gives a descriptor without the lock."""
     try:
         import fcntl
-    except ImportError:  # not a POSIX system
-        yield
-        return
+    except ImportError:
+        return None
     try:
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a folder that can be written but not read: the block runs unlocked, as without flock
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FolderInUse(str(folder)) from None
-        except OSError:  # a filesystem without flock (some network mounts)
-            pass
-        yield
-    finally:
-        os.close(fd)
-
-
-_held_by_this_process: dict[Path, int] = {}
-
-
-def hold_for_this_process(folder: Path) -> None:
-    """An exclusive lock on `folder` until this process ends (held_folder's kind); FolderInUse where another process
-    holds it. Asked again in the same process, it is held already."""
-    try:
-        import fcntl
-    except ImportError:  # not a POSIX system
-        return
-    key = Path(folder).resolve()
-    if key in _held_by_this_process:
-        return
-    try:
-        fd = os.open(key, os.O_RDONLY)
-    except OSError:  # as held_folder: unlocked where the folder cannot be opened
-        return
+    except OSError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise FolderInUse(str(folder)) from None
-    except OSError:  # a filesystem without flock
+    except OSError:
         pass
-    _held_by_this_process[key] = fd
+    return fd
+
+
+@contextmanager
+def held_folder(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `folder` for the block (:func:`_lock`); the block runs unlocked where none can be had."""
+    fd = _lock(folder)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+_held_by_this_process: dict[Path, int | None] = {}
+
+
+def hold_for_this_process(folder: Path) -> None:
+    """An exclusive lock on `folder` until this process ends (:func:`_lock`). Asked again in the same process, it
+    is held already."""
+    key = Path(folder).resolve()
+    if key not in _held_by_this_process:
+        _held_by_this_process[key] = _lock(key)

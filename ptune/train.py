@@ -474,8 +474,8 @@ def train_in(out: Path, cfg: DictConfig, accelerator: Accelerator) -> Path:
         tokenizer = load_tokenizer(base_folder)
         rows = training_rows(cfg.data, cfg.model.template, tokenizer)
         # which rows the steps take: a resume on another file (or this one edited) takes others from here on
-        train_data = {"train_file": str(settings.data_file(cfg.data.train_file).resolve()),
-                      "train_sha256": sha256_file(settings.data_file(cfg.data.train_file))}
+        train_file = settings.data_file(cfg.data.train_file)
+        train_data = {"train_file": str(train_file.resolve()), "train_sha256": sha256_file(train_file)}
         lengths = [len(ids) for ids in rows["input_ids"]]
         targets = [sum(1 for x in lab[1:] if x != IGNORE) for lab in rows["labels"]]
         global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * world
